@@ -1,0 +1,292 @@
+"""
+The CallTalent application on the MQTT core: the envelope of seed section 2,
+chat with sent and received (section 4), notifications (section 5), and the
+offline push that stands in for a missing connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..failures import logged
+from ..metrics import Metrics
+from ..mqtt.broker import Broker, Plan
+from ..mqtt.interfaces import IApplication
+from ..push.interfaces import IPusher, PushNotice
+from ..store.interfaces import (
+    ChatRecord,
+    Device,
+    InsertChat,
+    IStore,
+    MarkReceived,
+    Message,
+    PutDevice,
+)
+from .auth import valid_user_id
+from .interfaces import ICallTalent, InvalidRequest
+from .notifications import validate_notification, validate_user_id
+from .rules import SERVER_TOPIC, client_topic
+
+log = Logger()
+
+_MSGID = re.compile(r"[0-9a-f]{24}\Z")
+
+# Push alerts for notifications the backend sends without one.
+_DEFAULT_ALERTS = {
+    "order": "您的订单状态有更新",
+    "note": "您的小纸条状态有更新",
+    "feedback": "您的意见反馈有了新回复",
+    "expert": "您的专家资格审核有了结果",
+}
+
+
+def new_msgid(now: float) -> str:
+    """A msgid of the ObjectId form clients use (seed section 2)."""
+    return (int(now) & 0xFFFFFFFF).to_bytes(4, "big").hex() + os.urandom(8).hex()
+
+
+class Refusal(Exception):
+    def __init__(self, code: str, message: str, msgid: str = "") -> None:
+        super().__init__(message)
+        self.code, self.msgid = code, msgid
+
+
+@attrs.frozen
+class AppLimits:
+    max_content: int = 4000
+    # Token bucket per sender: sustained messages per second and burst.
+    rate: float = 20.0
+    burst: float = 60.0
+
+
+@attrs.define(eq=False)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+def _text_field(payload: Mapping[str, Any], name: str, msgid: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise Refusal("bad_payload", f"payload.{name} must be a non-empty string", msgid)
+    return value
+
+
+@implementer(IApplication, ICallTalent)
+@attrs.define(eq=False)
+class CallTalent:
+    _broker: Broker
+    _store: IStore
+    _pusher: IPusher
+    _clock: IReactorTime
+    metrics: Metrics
+    _limits: AppLimits = AppLimits()
+    _buckets: dict[str, _Bucket] = attrs.Factory(dict)
+
+    # -- IApplication: what clients publish --------------------------------
+
+    def owns(self, topic: str) -> bool:
+        return topic == SERVER_TOPIC
+
+    def handle(self, client_id: str, message: Message, plan: Plan) -> None:
+        try:
+            envelope = self._parse(client_id, message.payload)
+            self._take_token(client_id, envelope["msgid"])
+        except Refusal as refusal:
+            self._refuse(plan, client_id, refusal)
+            return
+        kind = envelope["type"]
+        self.metrics.messages_in.labels(kind).inc()
+        if kind == "order_chat":
+            self._chat(plan, envelope)
+        else:
+            self._received(plan, envelope)
+
+    def _parse(self, client_id: str, raw: bytes) -> dict[str, Any]:
+        try:
+            envelope = json.loads(raw)
+        except ValueError:
+            raise Refusal("bad_json", "the message is not UTF-8 JSON") from None
+        if not isinstance(envelope, dict):
+            raise Refusal("bad_envelope", "the message must be a JSON object")
+        msgid = envelope.get("msgid")
+        if not isinstance(msgid, str) or not _MSGID.match(msgid):
+            raise Refusal(
+                "bad_msgid",
+                "msgid must be 24 lowercase hex characters",
+                msgid if isinstance(msgid, str) else "",
+            )
+        if envelope.get("from") != client_id:
+            raise Refusal("from_mismatch", "from must be your own userID", msgid)
+        kind = envelope.get("type")
+        if kind not in ("order_chat", "received"):
+            raise Refusal(
+                "unknown_type", "type must be order_chat or received", msgid
+            )
+        to = envelope.get("to")
+        if not isinstance(to, str) or not valid_user_id(to) or to == client_id:
+            raise Refusal("bad_envelope", "to must be another user's userID", msgid)
+        if kind == "order_chat":
+            payload = envelope.get("payload")
+            if not isinstance(payload, dict):
+                raise Refusal("bad_payload", "payload must be a JSON object", msgid)
+            _text_field(payload, "o_id", msgid)
+            if not isinstance(payload.get("expert"), bool):
+                raise Refusal("bad_payload", "payload.expert must be true or false", msgid)
+            content = _text_field(payload, "content", msgid)
+            if len(content) > self._limits.max_content:
+                raise Refusal(
+                    "too_large",
+                    f"payload.content is longer than {self._limits.max_content} characters",
+                    msgid,
+                )
+        return envelope
+
+    def _take_token(self, client_id: str, msgid: str) -> None:
+        now = self._clock.seconds()
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            bucket = self._buckets[client_id] = _Bucket(self._limits.burst, now)
+        bucket.tokens = min(
+            self._limits.burst, bucket.tokens + (now - bucket.at) * self._limits.rate
+        )
+        bucket.at = now
+        if bucket.tokens < 1:
+            raise Refusal("rate_limited", "too many messages; slow down", msgid)
+        bucket.tokens -= 1
+
+    def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any], kind: str) -> None:
+        """Queue frame durably for user_id's own topic."""
+        self._broker.ensure_session(plan, user_id)
+        body = json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+
+        def sent(_: object) -> None:
+            self.metrics.messages_out.labels(kind).inc()
+
+        self._broker.route(plan, Message(client_topic(user_id), body, 1))
+        plan.add(None, sent)
+
+    def _refuse(self, plan: Plan, client_id: str, refusal: Refusal) -> None:
+        self.metrics.refusals.labels(refusal.code).inc()
+        log.info(
+            "Refused a message from {client}: {code} ({why})",
+            client=client_id,
+            code=refusal.code,
+            why=str(refusal),
+        )
+        frame = {
+            "msgid": refusal.msgid,
+            "type": "error",
+            "error": refusal.code,
+            "message": str(refusal),
+        }
+        self._send(plan, client_id, frame, "error")
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _chat(self, plan: Plan, envelope: dict[str, Any]) -> None:
+        msgid, sender, to = envelope["msgid"], envelope["from"], envelope["to"]
+        payload = envelope["payload"]
+        received_at = self._now_ms()
+        delivered = dict(envelope, payload=dict(payload, t=str(received_at)))
+        text = json.dumps(delivered, ensure_ascii=False, separators=(",", ":"))
+        chat = ChatRecord(msgid, sender, to, payload["o_id"], text, received_at)
+        self._broker.ensure_session(plan, to)
+        inner = Plan()
+        self._send(inner, to, delivered, "order_chat")
+        notice = PushNotice("order_chat", payload["content"], o_id=payload["o_id"])
+        inner.add(None, lambda _: self._push_if_offline(to, notice))
+        plan.add(InsertChat(chat, inner.ops), inner.apply_if_true)
+        # Also for a retransmission: the sender did not see the first one.
+        self._send(plan, sender, {"msgid": msgid, "type": "sent"}, "sent")
+
+    def _received(self, plan: Plan, envelope: dict[str, Any]) -> None:
+        msgid, recipient, sender = envelope["msgid"], envelope["from"], envelope["to"]
+        inner = Plan()
+        self._send(inner, sender, {"msgid": msgid, "type": "received"}, "received")
+
+        def answered(known: object) -> None:
+            if known:
+                inner.apply_if_true(known)
+                return
+            refusal = Refusal(
+                "unknown_message", f"no message {msgid} from {sender} to you", msgid
+            )
+            later = Plan()
+            self._refuse(later, recipient, refusal)
+            self._broker.commit(later).addErrback(
+                logged(log, "Refusing {msgid} failed", msgid=msgid)
+            )
+
+        plan.add(
+            MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), answered
+        )
+
+    def _push_if_offline(self, user_id: str, notice: PushNotice) -> None:
+        if not self._broker.is_online(user_id):
+            self._pusher.push_to_users([user_id], notice)
+
+    # -- ICallTalent: what the backend asks --------------------------------
+
+    def notify(
+        self, to: str, type: str, payload: Mapping[str, object], alert: str | None
+    ) -> Deferred[str]:
+        validate_user_id(to)
+        validate_notification(type, payload)
+        msgid = new_msgid(self._clock.seconds())
+        plan = Plan()
+        frame = {"msgid": msgid, "from": "system", "to": to, "type": type,
+                 "payload": dict(payload)}
+        self._send(plan, to, frame, type)
+        notice = PushNotice(
+            type,
+            alert or str(payload.get("content") or _DEFAULT_ALERTS[type]),
+            o_id=_opt(payload, "o_id"),
+            note_id=_opt(payload, "note_id"),
+            status=_opt(payload, "status"),
+        )
+        plan.add(None, lambda _: self._push_if_offline(to, notice))
+        self.metrics.messages_in.labels(type).inc()
+        return self._broker.commit(plan).addCallback(lambda _: msgid)
+
+    def push_webview(
+        self, users: Sequence[str] | None, tag: str | None, url: str, alert: str
+    ) -> None:
+        notice = PushNotice("webview", alert, url=url)
+        if users is not None:
+            self._pusher.push_to_users(users, notice)
+        elif tag is not None:
+            self._pusher.push_to_tag(tag, notice)
+        else:
+            raise InvalidRequest("bad_request", "give either to or tag")
+
+    def register_device(self, device: Device) -> Deferred[None]:
+        plan = Plan()
+        plan.add(PutDevice(device))
+        return self._broker.commit(plan)
+
+    def is_online(self, user_id: str) -> bool:
+        return self._broker.is_online(user_id)
+
+    def history(self, o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
+        return self._store.chat_history(o_id, limit, before)
+
+    def health(self) -> Deferred[None]:
+        return self._store.ping()
+
+
+def _opt(payload: Mapping[str, object], name: str) -> str | None:
+    value = payload.get(name)
+    return value if isinstance(value, str) else None
+

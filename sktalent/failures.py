@@ -1,0 +1,19 @@
+"""
+Errbacks that log: Deferreds nobody waits on must still report failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+
+def logged(log: Logger, what: str, **fields: object) -> Callable[[Failure], None]:
+    """An errback that logs the failure as what (a format string over fields)."""
+
+    def errback(failure: Failure) -> None:
+        log.failure(what, failure, LogLevel.critical, **fields)
+
+    return errback

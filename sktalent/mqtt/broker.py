@@ -1,0 +1,464 @@
+"""
+Sessions, subscriptions and routing: the broker behind every connection.
+
+Live state is in memory.  Every change a client could rely on is described as
+store operations in a Plan; a Plan's in-memory effects run only after its
+operations are durable, and Plans complete in the order they were committed,
+so that acknowledgements go out in the order their packets arrived.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import Interface
+
+from ..failures import logged
+from ..metrics import Metrics
+from ..store.interfaces import (
+    AddInbound,
+    Dequeue,
+    DropSession,
+    Enqueue,
+    IStore,
+    Message,
+    Op,
+    PutSession,
+    Release,
+    RemoveInbound,
+    SetRetained,
+)
+from .interfaces import IAuthorizer
+from .packets import Packet, Publish, PubRel
+from .topics import SubscriptionTrie, topic_matches
+
+log = Logger()
+
+Effect = Callable[[Any], object]
+
+
+class IConnection(Interface):
+    """
+    What the broker needs of a client's live connection.
+    """
+
+    def send(packets: list[Packet]) -> None:
+        """Write packets to the client, in order, in one write."""
+
+    def take_over() -> None:
+        """Another connection claimed this client id: close this one."""
+
+
+@attrs.define(eq=False)
+class Outgoing:
+    seq: int
+    message: Message
+    sent: bool = False
+    # PUBREC received: only PUBREL/PUBCOMP remain.
+    released: bool = False
+
+    @property
+    def packet_id(self) -> int:
+        # Derived from seq so it survives a restart without being stored.
+        return self.seq % 0xFFFF + 1
+
+
+@attrs.define(eq=False)
+class Session:
+    client_id: str
+    persistent: bool
+    subscriptions: dict[str, int] = attrs.Factory(dict)
+    # Every message not yet acknowledged, in seq order.
+    queue: dict[int, Outgoing] = attrs.Factory(dict)
+    # Queued messages not yet sent on the current connection, in seq order.
+    unsent: deque[Outgoing] = attrs.Factory(deque)
+    # packet id -> message sent and awaiting acknowledgement.
+    inflight: dict[int, Outgoing] = attrs.Factory(dict)
+    # Inbound QoS 2 packet ids not yet released.
+    inbound: set[int] = attrs.Factory(set)
+    next_seq: int = 1
+    connection: IConnection | None = None
+
+    def subscription_record(self) -> PutSession:
+        return PutSession(self.client_id, tuple(sorted(self.subscriptions.items())))
+
+
+@attrs.define(eq=False)
+class Plan:
+    """
+    Store operations to commit together, each with what to do in memory once
+    it is durable.  An entry with no operation is an effect that only has to
+    wait its turn.
+    """
+
+    _entries: list[tuple[Op | None, Effect | None]] = attrs.Factory(list)
+
+    def add(self, op: Op | None, effect: Effect | None = None) -> None:
+        self._entries.append((op, effect))
+
+    @property
+    def ops(self) -> tuple[Op, ...]:
+        return tuple(op for op, _ in self._entries if op is not None)
+
+    def apply(self, results: Iterable[object]) -> None:
+        it = iter(results)
+        for op, effect in self._entries:
+            result = next(it) if op is not None else None
+            if effect is not None:
+                effect(result)
+
+    def apply_if_true(self, result: object) -> None:
+        """Effect for a guarded operation whose ``then`` are this plan's ops."""
+        if result:
+            self.apply([None] * len(self.ops))
+
+
+@attrs.define(eq=False)
+class _Pending:
+    plan: Plan
+    done: Deferred[None]
+    results: list[object] | None = None
+    failure: Any = None
+
+
+@attrs.define(eq=False)
+class Broker:
+    _store: IStore
+    _authorizer: IAuthorizer
+    _metrics: Metrics
+    max_inflight: int = 32
+    max_queued: int = 10_000
+    _sessions: dict[str, Session] = attrs.Factory(dict)
+    _trie: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
+    _retained: dict[str, Message] = attrs.Factory(dict)
+    _pending: deque[_Pending] = attrs.Factory(deque)
+
+    # -- start -------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Load every persistent session and retained message from the store."""
+        for record in await self._store.load_sessions():
+            session = Session(record.client_id, persistent=True)
+            session.inbound = set(record.inbound)
+            for filter_, qos in record.subscriptions:
+                self._subscribe(session, filter_, qos)
+            for queued in record.queue:
+                out = Outgoing(queued.seq, queued.message, released=queued.released)
+                session.queue[queued.seq] = out
+                session.next_seq = queued.seq + 1
+            self._sessions[session.client_id] = session
+        for message in await self._store.load_retained():
+            self._retained[message.topic] = message
+        self._metrics.sessions.set(len(self._sessions))
+        self._metrics.queued.set(sum(len(s.queue) for s in self._sessions.values()))
+        log.info(
+            "Restored {sessions} sessions and {retained} retained messages",
+            sessions=len(self._sessions),
+            retained=len(self._retained),
+        )
+
+    # -- plans -------------------------------------------------------------
+
+    def commit(self, plan: Plan) -> Deferred[None]:
+        """
+        Make plan's operations durable, then run its effects; plans complete
+        in the order committed.  Fails when the store failed the commit.
+        """
+        pending = _Pending(plan, Deferred())
+        self._pending.append(pending)
+        ops = plan.ops
+        if not ops:
+            pending.results = []
+            self._drain()
+        else:
+            started = perf_counter()
+
+            def landed(results: list[object]) -> None:
+                self._metrics.store_latency.observe(perf_counter() - started)
+                pending.results = results
+                self._drain()
+
+            def failed(failure: Any) -> None:
+                pending.failure = failure
+                self._drain()
+
+            self._store.submit(ops).addCallbacks(landed, failed)
+        return pending.done
+
+    def _drain(self) -> None:
+        while self._pending and (
+            self._pending[0].results is not None or self._pending[0].failure is not None
+        ):
+            head = self._pending.popleft()
+            if head.failure is not None:
+                head.done.errback(head.failure)
+                continue
+            assert head.results is not None
+            try:
+                head.plan.apply(head.results)
+            except Exception:  # noqa: BLE001 - one bad effect must not stall every later plan
+                log.failure("Applying a committed plan failed")
+            head.done.callback(None)
+
+    def barrier(self) -> Deferred[None]:
+        """Fire once everything committed before now has completed."""
+        return self.commit(Plan())
+
+    # -- sessions ----------------------------------------------------------
+
+    def session(self, client_id: str) -> Session | None:
+        return self._sessions.get(client_id)
+
+    def is_online(self, client_id: str) -> bool:
+        session = self._sessions.get(client_id)
+        return session is not None and session.connection is not None
+
+    def ensure_session(self, plan: Plan, client_id: str) -> Session:
+        """
+        The client's session, created persistent with the default
+        subscriptions when it has none.
+        """
+        session = self._sessions.get(client_id)
+        if session is None:
+            session = Session(client_id, persistent=True)
+            for filter_, qos in self._authorizer.default_subscriptions(client_id):
+                self._subscribe(session, filter_, qos)
+            self._sessions[client_id] = session
+            self._metrics.sessions.set(len(self._sessions))
+            plan.add(session.subscription_record())
+        return session
+
+    def connect(
+        self, client_id: str, clean: bool, connection: IConnection
+    ) -> tuple[Session, bool]:
+        """
+        Attach connection to the client's session, taking it over from any
+        other connection; answer the session and whether it was present.
+        Call resume() once the CONNACK is out.
+        """
+        plan = Plan()
+        old = self._sessions.get(client_id)
+        if old is not None and old.connection is not None:
+            old.connection.take_over()
+            old.connection = None
+        if old is not None and (clean or not old.persistent):
+            self._discard(plan, old)
+            old = None
+        if clean:
+            session = Session(client_id, persistent=False)
+            for filter_, qos in self._authorizer.default_subscriptions(client_id):
+                self._subscribe(session, filter_, qos)
+            self._sessions[client_id] = session
+            self._metrics.sessions.set(len(self._sessions))
+        else:
+            session = self.ensure_session(plan, client_id)
+        session.connection = connection
+        if plan.ops:
+            self.commit(plan).addErrback(logged(log, "Saving session {id} failed", id=client_id))
+        return session, old is not None
+
+    def disconnected(self, session: Session, connection: IConnection) -> None:
+        """The connection of session went away."""
+        if session.connection is not connection:
+            return  # Taken over already.
+        session.connection = None
+        if not session.persistent:
+            self._discard(None, session)
+
+    def _discard(self, plan: Plan | None, session: Session) -> None:
+        for filter_ in session.subscriptions:
+            self._trie.unsubscribe(filter_, session.client_id)
+        if self._sessions.get(session.client_id) is session:
+            del self._sessions[session.client_id]
+        self._metrics.sessions.set(len(self._sessions))
+        self._metrics.queued.dec(len(session.queue))
+        if session.persistent and plan is not None:
+            plan.add(DropSession(session.client_id))
+
+    # -- subscriptions -----------------------------------------------------
+
+    def _subscribe(self, session: Session, filter_: str, qos: int) -> None:
+        session.subscriptions[filter_] = qos
+        self._trie.subscribe(filter_, session.client_id, qos)
+
+    def subscribe(self, session: Session, granted: list[tuple[str, int]]) -> Deferred[None]:
+        """
+        Add granted (filter, QoS) subscriptions; fire once they are durable.
+        """
+        plan = Plan()
+        for filter_, qos in granted:
+            self._subscribe(session, filter_, qos)
+        if session.persistent:
+            plan.add(session.subscription_record())
+        return self.commit(plan)
+
+    def deliver_retained(self, session: Session, granted: list[tuple[str, int]]) -> Deferred[None]:
+        """Send the retained messages matching newly granted filters."""
+        plan = Plan()
+        for topic, retained in self._retained.items():
+            qos = max(
+                (q for f, q in granted if topic_matches(f, topic)), default=None
+            )
+            if qos is not None:
+                self._deliver(plan, session, attrs.evolve(retained, qos=min(qos, retained.qos)))
+        return self.commit(plan)
+
+    def unsubscribe(self, session: Session, filters: Iterable[str]) -> Deferred[None]:
+        plan = Plan()
+        for filter_ in filters:
+            if session.subscriptions.pop(filter_, None) is not None:
+                self._trie.unsubscribe(filter_, session.client_id)
+        if session.persistent:
+            plan.add(session.subscription_record())
+        return self.commit(plan)
+
+    # -- routing -----------------------------------------------------------
+
+    def route(self, plan: Plan, message: Message) -> None:
+        """
+        Deliver message (its QoS the publisher's) to every matching
+        subscription, and keep or clear it as retained.
+        """
+        if message.retain:
+            topic, kept = message.topic, message
+            if kept.payload:
+                plan.add(
+                    SetRetained(topic, kept),
+                    lambda _: self._retained.__setitem__(topic, kept),
+                )
+            else:
+                plan.add(SetRetained(topic, None), lambda _: self._retained.pop(topic, None))
+            message = attrs.evolve(message, retain=False)
+        for client_id, qos in self._trie.match(message.topic).items():
+            session = self._sessions[client_id]
+            self._deliver(plan, session, attrs.evolve(message, qos=min(qos, message.qos)))
+
+    def _deliver(self, plan: Plan, session: Session, message: Message) -> None:
+        if message.qos == 0:
+            plan.add(None, lambda _: self._send_at_most_once(session, message))
+            return
+        seq = session.next_seq
+        session.next_seq += 1
+        op = Enqueue(session.client_id, seq, message) if session.persistent else None
+        plan.add(op, lambda _: self._enqueue(session, Outgoing(seq, message)))
+
+    def _send_at_most_once(self, session: Session, message: Message) -> None:
+        if session.connection is None:
+            self._metrics.dropped.labels("qos0_offline").inc()
+            return
+        session.connection.send([Publish(message.topic, message.payload, 0, message.retain)])
+
+    def _enqueue(self, session: Session, out: Outgoing) -> None:
+        if self._sessions.get(session.client_id) is not session:
+            return  # Discarded while the commit was under way.
+        session.queue[out.seq] = out
+        session.unsent.append(out)
+        self._metrics.queued.inc()
+        if len(session.queue) > self.max_queued:
+            self._drop_oldest(session)
+        self._pump(session)
+
+    def _drop_oldest(self, session: Session) -> None:
+        # Oldest first, but never what the client may already hold.
+        victim = next((o for o in session.queue.values() if not o.sent), None)
+        if victim is None:
+            return
+        del session.queue[victim.seq]
+        session.unsent.remove(victim)
+        self._metrics.queued.dec()
+        self._metrics.dropped.labels("queue_full").inc()
+        log.warn(
+            "Queue of {client} is full; dropped its oldest message",
+            client=session.client_id,
+        )
+        if session.persistent:
+            self._fire_and_forget(Dequeue(session.client_id, victim.seq))
+
+    def _fire_and_forget(self, op: Op) -> None:
+        plan = Plan()
+        plan.add(op)
+        self.commit(plan).addErrback(logged(log, "Committing {op} failed", op=op))
+
+    # -- the outbound window ----------------------------------------------
+
+    def resume(self, session: Session) -> None:
+        """
+        A connection attached: resend what is unacknowledged, in order, then
+        continue with the queue.
+        """
+        session.inflight.clear()
+        session.unsent = deque(session.queue.values())
+        self._pump(session)
+
+    def _pump(self, session: Session) -> None:
+        connection = session.connection
+        if connection is None:
+            return
+        packets: list[Packet] = []
+        while session.unsent and len(session.inflight) < self.max_inflight:
+            out = session.unsent[0]
+            if out.packet_id in session.inflight:
+                break  # Wrapped around onto a message still unacknowledged.
+            session.unsent.popleft()
+            session.inflight[out.packet_id] = out
+            m = out.message
+            if out.released:
+                packets.append(PubRel(out.packet_id))
+            else:
+                packets.append(
+                    Publish(m.topic, m.payload, m.qos, m.retain, out.sent, out.packet_id)
+                )
+            out.sent = True
+        if packets:
+            connection.send(packets)
+
+    def acknowledged(self, session: Session, packet_id: int, qos: int) -> None:
+        """
+        PUBACK (qos 1) or PUBCOMP (qos 2) for packet_id: the message is done.
+        """
+        out = session.inflight.get(packet_id)
+        if out is None or out.message.qos != qos or (qos == 2 and not out.released):
+            log.debug("Ignoring acknowledgement of unknown packet {pid}", pid=packet_id)
+            return
+        del session.inflight[packet_id]
+        del session.queue[out.seq]
+        self._metrics.queued.dec()
+        if session.persistent:
+            self._fire_and_forget(Dequeue(session.client_id, out.seq))
+        self._pump(session)
+
+    def received(self, session: Session, packet_id: int) -> Deferred[bool]:
+        """
+        PUBREC for packet_id: fire with True once the release is durable and
+        PUBREL may go out, False for an unknown packet id.
+        """
+        out = session.inflight.get(packet_id)
+        if out is None or out.message.qos != 2:
+            return succeed(False)
+        plan = Plan()
+
+        def release(_: object) -> None:
+            out.released = True
+
+        plan.add(Release(session.client_id, out.seq) if session.persistent else None, release)
+        return self.commit(plan).addCallback(lambda _: True)
+
+    # -- inbound QoS 2 ------------------------------------------------------
+
+    def hold_inbound(self, plan: Plan, session: Session, packet_id: int) -> None:
+        """Remember an inbound QoS 2 packet id with the publish it carries."""
+        session.inbound.add(packet_id)
+        if session.persistent:
+            plan.add(AddInbound(session.client_id, packet_id))
+
+    def release_inbound(self, session: Session, packet_id: int) -> None:
+        if packet_id in session.inbound:
+            session.inbound.discard(packet_id)
+            if session.persistent:
+                self._fire_and_forget(RemoveInbound(session.client_id, packet_id))

@@ -1,0 +1,405 @@
+"""
+One MQTT 3.1.1 connection: the state machine between the codec and the
+broker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..failures import logged
+from ..metrics import Metrics
+from ..store.interfaces import Message
+from . import packets as p
+from .broker import Broker, IConnection, Plan, Session
+from .codec import Decoder, encode_all
+from .interfaces import IApplication, IAuthorizer, IMQTTUser, ServiceUnavailable
+
+log = Logger()
+
+_AWAIT_CONNECT, _AUTHENTICATING, _CONNECTED, _CLOSED = range(4)
+
+# Inbound publishes awaiting their commit before the transport is paused.
+_HIGH_WATER = 256
+_LOW_WATER = 64
+
+_SERVER_TO_CLIENT = (p.ConnAck, p.SubAck, p.UnsubAck, p.PingResp)
+
+
+@attrs.define(eq=False)
+class Limits:
+    max_packet_size: int = 65536
+    connect_timeout: float = 10.0
+
+
+@implementer(IConnection)
+@attrs.define(eq=False)
+class MQTTServerProtocol(Protocol):
+    _broker: Broker
+    _portal: Portal
+    _authorizer: IAuthorizer
+    _app: IApplication | None
+    _clock: IReactorTime
+    _metrics: Metrics
+    _limits: Limits
+    _decoder: Decoder = attrs.field(init=False)
+    _state: int = _AWAIT_CONNECT
+    _waiting: list[p.Packet] = attrs.Factory(list)
+    _timer: IDelayedCall | None = None
+    _keepalive: float = 0.0
+    _last_heard: float = 0.0
+    _user: IMQTTUser | None = None
+    _client_id: str = ""
+    _session: Session | None = None
+    _will: p.Will | None = None
+    _unacknowledged: int = 0
+    _paused: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self._decoder = Decoder(self._limits.max_packet_size)
+
+    # -- transport events ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._metrics.connections.inc()
+        if isinstance(self.factory, MQTTFactory):
+            self.factory.opened(self)
+        self._timer = self._clock.callLater(self._limits.connect_timeout, self._connect_timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == _CLOSED:
+            return
+        try:
+            received = self._decoder.feed(data)
+        except p.UnacceptableProtocolLevel as e:
+            if self._state == _AWAIT_CONNECT:
+                self._write([p.ConnAck(p.REFUSED_PROTOCOL_VERSION)])
+            self._close(f"unacceptable protocol level {e.level}")
+            return
+        except p.ProtocolError as e:
+            self._close(f"malformed packet: {e}")
+            return
+        if received:
+            self._last_heard = self._clock.seconds()
+        for packet in received:
+            if self._state == _CLOSED:
+                return
+            if self._state == _AUTHENTICATING:
+                self._waiting.append(packet)
+            else:
+                self._dispatch(packet)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._metrics.connections.dec()
+        if isinstance(self.factory, MQTTFactory):
+            self.factory.closed(self)
+        self._state = _CLOSED
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._will is not None:
+            # Only DISCONNECT clears the will: any other loss is abnormal.
+            self._publish_will(self._will)
+        if self._session is not None:
+            self._broker.disconnected(self._session, self)
+            self._session = None
+
+    # -- IConnection --------------------------------------------------------
+
+    def send(self, packets: list[p.Packet]) -> None:
+        if self._state == _CONNECTED:
+            self._write(packets)
+
+    def take_over(self) -> None:
+        log.info("Client {client} connected again; closing its old connection",
+                 client=self._client_id)
+        self._session = None
+        self._close(None)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _write(self, packets: list[p.Packet]) -> None:
+        if self.transport is not None:
+            self.transport.write(encode_all(packets))
+
+    def _close(self, why: str | None) -> None:
+        if why is not None:
+            log.info("Closing connection of {client!r}: {why}", client=self._client_id, why=why)
+        self._state = _CLOSED
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _connect_timed_out(self) -> None:
+        self._timer = None
+        self._close("no CONNECT in time")
+
+    def _check_keepalive(self) -> None:
+        deadline = self._last_heard + self._keepalive * 1.5
+        now = self._clock.seconds()
+        if now >= deadline:
+            self._timer = None
+            self._close("keepalive expired")
+        else:
+            self._timer = self._clock.callLater(deadline - now, self._check_keepalive)
+
+    def _dispatch(self, packet: p.Packet) -> None:
+        if self._state == _AWAIT_CONNECT:
+            if isinstance(packet, p.Connect):
+                self._on_connect(packet)
+            else:
+                self._close(f"{type(packet).__name__} before CONNECT")
+            return
+        handler = self._handlers.get(type(packet))
+        if handler is None:
+            self._close(f"unexpected {type(packet).__name__}")
+            return
+        handler(self, packet)
+
+    # -- CONNECT ------------------------------------------------------------
+
+    def _on_connect(self, connect: p.Connect) -> None:
+        self._state = _AUTHENTICATING
+        Deferred.fromCoroutine(self._login(connect)).addErrback(
+            self._unexpected, "CONNECT handling failed"
+        )
+
+    def _refuse(self, code: int, reason: str) -> None:
+        self._metrics.auth_failures.labels(reason).inc()
+        self._write([p.ConnAck(code)])
+        self._close(f"CONNECT refused ({reason})")
+
+    async def _login(self, connect: p.Connect) -> None:
+        client_id = connect.client_id
+        if not client_id:
+            if not connect.clean_session:
+                self._refuse(p.REFUSED_IDENTIFIER, "empty_client_id")
+                return
+            client_id = "auto-" + uuid.uuid4().hex
+        credentials: ICredentials = (
+            Anonymous()
+            if connect.username is None
+            else UsernamePassword(connect.username.encode(), connect.password or b"")
+        )
+        try:
+            _, avatar, _ = await self._portal.login(credentials, None, IMQTTUser)
+            user = IMQTTUser(avatar)
+        except UnauthorizedLogin:
+            self._refuse(p.REFUSED_BAD_CREDENTIALS, "bad_credentials")
+            return
+        except ServiceUnavailable:
+            self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "auth_unavailable")
+            return
+        if self._state == _CLOSED:
+            return
+        code = self._authorizer.check_client_id(user, client_id)
+        if code:
+            self._refuse(code, "client_id")
+            return
+        self._user, self._client_id, self._will = user, client_id, connect.will
+        self._session, present = self._broker.connect(
+            client_id, connect.clean_session, self
+        )
+        self._state = _CONNECTED
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if connect.keepalive:
+            self._keepalive = connect.keepalive
+            self._timer = self._clock.callLater(connect.keepalive * 1.5, self._check_keepalive)
+        # CONNACK must precede what the session resends.
+        self.send([p.ConnAck(p.ACCEPTED, present)])
+        self._broker.resume(self._session)
+        waiting, self._waiting = self._waiting, []
+        for packet in waiting:
+            if self._state != _CONNECTED:
+                break
+            self._dispatch(packet)
+
+    def _unexpected(self, failure: Failure, what: str) -> None:
+        log.failure(what, failure)
+        self._close(what)
+
+    # -- PUBLISH ------------------------------------------------------------
+
+    def _on_publish(self, publish: p.Publish) -> None:
+        session = self._session
+        assert session is not None and self._user is not None
+        plan = Plan()
+        pid = publish.packet_id
+        if publish.qos == 2 and pid in session.inbound:
+            pass  # A resent QoS 2 publish: answered, never delivered twice.
+        elif not self._authorizer.may_publish(self._user, self._client_id, publish.topic):
+            self._metrics.dropped.labels("publish_not_allowed").inc()
+            if publish.qos == 2:
+                assert pid is not None
+                self._broker.hold_inbound(plan, session, pid)
+        else:
+            message = Message(publish.topic, publish.payload, publish.qos, publish.retain)
+            if self._app is not None and self._app.owns(publish.topic):
+                self._app.handle(self._client_id, message, plan)
+            else:
+                self._broker.route(plan, message)
+            if publish.qos == 2:
+                assert pid is not None
+                self._broker.hold_inbound(plan, session, pid)
+        self._track(+1)
+        d = self._broker.commit(plan)
+        d.addCallback(lambda _: self._published(publish))
+        d.addErrback(self._unexpected, "Could not commit a publish")
+        d.addBoth(lambda _: self._track(-1))
+
+    def _published(self, publish: p.Publish) -> None:
+        if publish.qos == 1:
+            assert publish.packet_id is not None
+            self.send([p.PubAck(publish.packet_id)])
+        elif publish.qos == 2:
+            assert publish.packet_id is not None
+            self.send([p.PubRec(publish.packet_id)])
+
+    def _track(self, delta: int) -> None:
+        # Back-pressure: stop reading while too many publishes await the store.
+        self._unacknowledged += delta
+        if self.transport is None:
+            return
+        if not self._paused and self._unacknowledged >= _HIGH_WATER:
+            self._paused = True
+            IPushProducer(self.transport).pauseProducing()
+        elif self._paused and self._unacknowledged <= _LOW_WATER:
+            self._paused = False
+            IPushProducer(self.transport).resumeProducing()
+
+    def _on_pubrel(self, pubrel: p.PubRel) -> None:
+        assert self._session is not None
+        self._broker.release_inbound(self._session, pubrel.packet_id)
+        # Behind any commit still under way, so PUBCOMP never overtakes PUBREC.
+        self._broker.barrier().addCallback(lambda _: self.send([p.PubComp(pubrel.packet_id)]))
+
+    # -- acknowledgements of what the server sent ---------------------------
+
+    def _on_puback(self, puback: p.PubAck) -> None:
+        assert self._session is not None
+        self._broker.acknowledged(self._session, puback.packet_id, 1)
+
+    def _on_pubcomp(self, pubcomp: p.PubComp) -> None:
+        assert self._session is not None
+        self._broker.acknowledged(self._session, pubcomp.packet_id, 2)
+
+    def _on_pubrec(self, pubrec: p.PubRec) -> None:
+        assert self._session is not None
+
+        def answer(known: bool) -> None:
+            if known:
+                self.send([p.PubRel(pubrec.packet_id)])
+
+        self._broker.received(self._session, pubrec.packet_id).addCallback(answer).addErrback(
+            self._unexpected, "Could not record a PUBREC"
+        )
+
+    # -- subscriptions ------------------------------------------------------
+
+    def _on_subscribe(self, subscribe: p.Subscribe) -> None:
+        session, user = self._session, self._user
+        assert session is not None and user is not None
+        codes: list[int] = []
+        granted: list[tuple[str, int]] = []
+        for filter_, requested in subscribe.topics:
+            qos = self._authorizer.grant(user, self._client_id, filter_, requested)
+            codes.append(qos)
+            if qos != p.SUBSCRIBE_FAILURE:
+                granted.append((filter_, qos))
+
+        def subscribed(_: object) -> Deferred[None]:
+            self.send([p.SubAck(subscribe.packet_id, tuple(codes))])
+            return self._broker.deliver_retained(session, granted)
+
+        self._broker.subscribe(session, granted).addCallback(subscribed).addErrback(
+            self._unexpected, "Could not subscribe"
+        )
+
+    def _on_unsubscribe(self, unsubscribe: p.Unsubscribe) -> None:
+        assert self._session is not None
+        self._broker.unsubscribe(self._session, unsubscribe.filters).addCallback(
+            lambda _: self.send([p.UnsubAck(unsubscribe.packet_id)])
+        ).addErrback(self._unexpected, "Could not unsubscribe")
+
+    # -- the rest -----------------------------------------------------------
+
+    def _on_pingreq(self, _: p.PingReq) -> None:
+        self.send([p.PingResp()])
+
+    def _on_connect_again(self, _: p.Connect) -> None:
+        self._close("second CONNECT")
+
+    def _on_disconnect(self, _: p.Disconnect) -> None:
+        self._will = None
+        self._close("DISCONNECT")
+
+    def _publish_will(self, will: p.Will) -> None:
+        plan = Plan()
+        self._broker.route(plan, Message(will.topic, will.message, will.qos, will.retain))
+        self._broker.commit(plan).addErrback(logged(log, "Publishing a will failed"))
+
+    _handlers: ClassVar[dict[type, Callable[[Any, Any], None]]] = {
+        p.Publish: _on_publish,
+        p.PubAck: _on_puback,
+        p.PubRec: _on_pubrec,
+        p.PubRel: _on_pubrel,
+        p.PubComp: _on_pubcomp,
+        p.Subscribe: _on_subscribe,
+        p.Unsubscribe: _on_unsubscribe,
+        p.PingReq: _on_pingreq,
+        p.Connect: _on_connect_again,
+        p.Disconnect: _on_disconnect,
+    }
+
+
+@attrs.define(eq=False)
+class MQTTFactory(Factory):
+    """
+    Builds a protocol per connection and knows every live one, so that a
+    stopping server can close them.
+    """
+
+    _broker: Broker
+    _portal: Portal
+    _authorizer: IAuthorizer
+    _app: IApplication | None
+    _clock: IReactorTime
+    _metrics: Metrics
+    _limits: Limits = attrs.Factory(Limits)
+    _live: set[MQTTServerProtocol] = attrs.Factory(set)
+
+    def buildProtocol(self, addr: object) -> MQTTServerProtocol:
+        protocol = MQTTServerProtocol(
+            self._broker,
+            self._portal,
+            self._authorizer,
+            self._app,
+            self._clock,
+            self._metrics,
+            self._limits,
+        )
+        protocol.factory = self
+        return protocol
+
+    def opened(self, protocol: MQTTServerProtocol) -> None:
+        self._live.add(protocol)
+
+    def closed(self, protocol: MQTTServerProtocol) -> None:
+        self._live.discard(protocol)
+
+    def close_all(self) -> None:
+        for protocol in list(self._live):
+            protocol._close("the server is stopping")

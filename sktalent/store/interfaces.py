@@ -1,0 +1,228 @@
+"""
+What the server keeps, and the narrow asynchronous interface to keep it.
+
+The broker holds live state in memory and describes every change it must make
+durable as an operation value.  A store commits a list of operations
+atomically (as far as its back end allows) and in order; only then does the
+broker acknowledge anything to a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+@attrs.frozen
+class Message:
+    """
+    An application message as it is queued for one client: the QoS is the one
+    it is delivered at.
+    """
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+
+
+@attrs.frozen
+class QueuedMessage:
+    seq: int
+    message: Message
+    # True once the client answered PUBREC: only PUBREL/PUBCOMP remain.
+    released: bool = False
+
+
+@attrs.frozen
+class SessionRecord:
+    client_id: str
+    subscriptions: tuple[tuple[str, int], ...]
+    queue: tuple[QueuedMessage, ...] = ()
+    # Inbound QoS 2 packet ids received but not yet released by PUBREL.
+    inbound: frozenset[int] = frozenset()
+
+
+@attrs.frozen
+class ChatRecord:
+    msgid: str
+    sender: str
+    recipient: str
+    o_id: str
+    # The envelope exactly as delivered to the recipient (JSON text, with t).
+    envelope: str
+    # Server receive time, milliseconds since the epoch.
+    received_at: int
+
+
+@attrs.frozen
+class Device:
+    user_id: str
+    platform: str  # "ios" or "android"
+    token: str
+
+
+# Operations.  Each commits with the batch it is submitted in; the result list
+# of a submit() has one entry per operation (None unless stated).
+
+
+@attrs.frozen
+class PutSession:
+    """Create or update a persistent session, replacing its subscriptions."""
+
+    client_id: str
+    subscriptions: tuple[tuple[str, int], ...]
+
+
+@attrs.frozen
+class DropSession:
+    """Forget a session with its queue and inbound packet ids."""
+
+    client_id: str
+
+
+@attrs.frozen
+class Enqueue:
+    client_id: str
+    seq: int
+    message: Message
+
+
+@attrs.frozen
+class Release:
+    """The client answered PUBREC for the queued message."""
+
+    client_id: str
+    seq: int
+
+
+@attrs.frozen
+class Dequeue:
+    """Acknowledged (PUBACK/PUBCOMP), dropped by a limit, or discarded."""
+
+    client_id: str
+    seq: int
+
+
+@attrs.frozen
+class AddInbound:
+    client_id: str
+    packet_id: int
+
+
+@attrs.frozen
+class RemoveInbound:
+    client_id: str
+    packet_id: int
+
+
+@attrs.frozen
+class SetRetained:
+    """Retain message for topic; None deletes the retained message."""
+
+    topic: str
+    message: Message | None
+
+
+@attrs.frozen
+class InsertChat:
+    """
+    Store a chat message unless (sender, msgid) is stored already.  Result:
+    True when it was new; the operations in ``then`` are committed with it
+    only in that case.
+    """
+
+    chat: ChatRecord
+    then: tuple[Op, ...] = ()
+
+
+@attrs.frozen
+class MarkReceived:
+    """
+    Record that recipient received sender's msgid.  Result: True when that
+    chat message exists with that recipient; ``then`` is committed only then.
+    """
+
+    sender: str
+    msgid: str
+    recipient: str
+    at: int
+    then: tuple[Op, ...] = ()
+
+
+@attrs.frozen
+class PutDevice:
+    device: Device
+
+
+Op = (
+    PutSession
+    | DropSession
+    | Enqueue
+    | Release
+    | Dequeue
+    | AddInbound
+    | RemoveInbound
+    | SetRetained
+    | InsertChat
+    | MarkReceived
+    | PutDevice
+)
+
+
+class StoreUnavailable(Exception):
+    """
+    The back end could not be reached or refused to commit.
+    """
+
+
+class IStore(Interface):
+    """
+    Durable state.  Every method returns a Deferred and never blocks the
+    reactor.
+    """
+
+    name = Attribute("Short back-end name for logs and metrics, e.g. 'sqlite'.")
+
+    def start() -> Deferred[None]:
+        """Open connections, create schema and indexes; fire when ready."""
+
+    def stop() -> Deferred[None]:
+        """Finish pending commits and close."""
+
+    def submit(ops: Sequence[Op]) -> Deferred[list[object]]:
+        """
+        Commit ops in order, in one transaction where the back end has them.
+        Operations submitted close together are grouped into one commit; the
+        Deferred fires when the commit holding these ops is durable, and
+        fails with StoreUnavailable only if the caller should give up.
+        """
+
+    def load_sessions() -> Deferred[list[SessionRecord]]:
+        """Every persistent session with its queue in seq order."""
+
+    def load_retained() -> Deferred[list[Message]]:
+        """Every retained message."""
+
+    def chat_history(
+        o_id: str, limit: int, before: str | None
+    ) -> Deferred[list[ChatRecord]]:
+        """
+        Up to limit chat messages of the order, oldest first, all older than
+        the message with msgid ``before`` when given.
+        """
+
+    def get_device(user_id: str) -> Deferred[Device | None]:
+        """The user's registered device, if any."""
+
+    def ping() -> Deferred[None]:
+        """Fire when the back end answers a trivial query; fail otherwise."""
+
+    def purge(older_than: int) -> Deferred[int]:
+        """
+        Delete chat history (and its receipts) received before older_than,
+        in milliseconds since the epoch; fire with how many were removed.
+        """

@@ -1,0 +1,148 @@
+"""
+A store that keeps everything in this process: for tests and for running
+without durability.  It is the reference for what each operation means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from .interfaces import (
+    AddInbound,
+    ChatRecord,
+    Dequeue,
+    Device,
+    DropSession,
+    Enqueue,
+    InsertChat,
+    IStore,
+    MarkReceived,
+    Message,
+    Op,
+    PutDevice,
+    PutSession,
+    QueuedMessage,
+    Release,
+    RemoveInbound,
+    SessionRecord,
+    SetRetained,
+)
+
+
+@attrs.define
+class _Session:
+    subscriptions: tuple[tuple[str, int], ...]
+    queue: dict[int, QueuedMessage] = attrs.Factory(dict)
+    inbound: set[int] = attrs.Factory(set)
+
+
+@implementer(IStore)
+@attrs.define
+class MemoryStore:
+    name = "memory"
+    _sessions: dict[str, _Session] = attrs.Factory(dict)
+    _retained: dict[str, Message] = attrs.Factory(dict)
+    # (sender, msgid) -> chat, in insertion order.
+    _chats: dict[tuple[str, str], ChatRecord] = attrs.Factory(dict)
+    _receipts: dict[tuple[str, str], int] = attrs.Factory(dict)
+    _devices: dict[str, Device] = attrs.Factory(dict)
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        return succeed([self._apply(op) for op in ops])
+
+    def _session(self, client_id: str) -> _Session:
+        # Queue entries may precede the session's own record in a batch.
+        return self._sessions.setdefault(client_id, _Session(()))
+
+    def _apply(self, op: Op) -> object:
+        match op:
+            case PutSession(client_id, subscriptions):
+                self._session(client_id).subscriptions = subscriptions
+            case DropSession(client_id):
+                self._sessions.pop(client_id, None)
+            case Enqueue(client_id, seq, message):
+                self._session(client_id).queue[seq] = QueuedMessage(seq, message)
+            case Release(client_id, seq):
+                queue = self._session(client_id).queue
+                if seq in queue:
+                    queue[seq] = attrs.evolve(queue[seq], released=True)
+            case Dequeue(client_id, seq):
+                self._session(client_id).queue.pop(seq, None)
+            case AddInbound(client_id, packet_id):
+                self._session(client_id).inbound.add(packet_id)
+            case RemoveInbound(client_id, packet_id):
+                self._session(client_id).inbound.discard(packet_id)
+            case SetRetained(topic, None):
+                self._retained.pop(topic, None)
+            case SetRetained(topic, message) if message is not None:
+                self._retained[topic] = message
+            case InsertChat(chat, then):
+                key = (chat.sender, chat.msgid)
+                if key in self._chats:
+                    return False
+                self._chats[key] = chat
+                for inner in then:
+                    self._apply(inner)
+                return True
+            case MarkReceived(sender, msgid, recipient, at, then):
+                found = self._chats.get((sender, msgid))
+                if found is None or found.recipient != recipient:
+                    return False
+                self._receipts.setdefault((sender, msgid), at)
+                for inner in then:
+                    self._apply(inner)
+                return True
+            case PutDevice(device):
+                self._devices[device.user_id] = device
+        return None
+
+    def load_sessions(self) -> Deferred[list[SessionRecord]]:
+        return succeed(
+            [
+                SessionRecord(
+                    client_id,
+                    s.subscriptions,
+                    tuple(s.queue[k] for k in sorted(s.queue)),
+                    frozenset(s.inbound),
+                )
+                for client_id, s in self._sessions.items()
+            ]
+        )
+
+    def load_retained(self) -> Deferred[list[Message]]:
+        return succeed(list(self._retained.values()))
+
+    def chat_history(
+        self, o_id: str, limit: int, before: str | None
+    ) -> Deferred[list[ChatRecord]]:
+        chats = sorted(
+            (c for c in self._chats.values() if c.o_id == o_id),
+            key=lambda c: (c.received_at, c.msgid),
+        )
+        if before is not None:
+            cut = next((i for i, c in enumerate(chats) if c.msgid == before), None)
+            chats = [] if cut is None else chats[:cut]
+        return succeed(chats[-limit:] if limit > 0 else [])
+
+    def get_device(self, user_id: str) -> Deferred[Device | None]:
+        return succeed(self._devices.get(user_id))
+
+    def ping(self) -> Deferred[None]:
+        return succeed(None)
+
+    def purge(self, older_than: int) -> Deferred[int]:
+        old = [k for k, c in self._chats.items() if c.received_at < older_than]
+        for key in old:
+            del self._chats[key]
+            self._receipts.pop(key, None)
+        return succeed(len(old))

@@ -1,0 +1,87 @@
+"""
+In-memory MQTT test harness: a broker on a MemoryStore and Clock, and
+clients that speak to it over StringTransport.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from sktalent.metrics import Metrics
+from sktalent.mqtt import packets as p
+from sktalent.mqtt.auth import AllowEveryone, AllowEverything, portal_for
+from sktalent.mqtt.broker import Broker
+from sktalent.mqtt.codec import Decoder, encode_all
+from sktalent.mqtt.interfaces import IApplication, IAuthorizer
+from sktalent.mqtt.protocol import Limits, MQTTFactory, MQTTServerProtocol
+from sktalent.store.interfaces import IStore
+from sktalent.store.memory import MemoryStore
+
+
+@attrs.define(eq=False)
+class Client:
+    """
+    One connection: what the test sends, and the packets the server wrote.
+    """
+
+    protocol: MQTTServerProtocol
+    transport: StringTransport
+    _decoder: Decoder = attrs.Factory(lambda: Decoder(1 << 28))
+
+    def send(self, *packets: p.Packet) -> None:
+        self.protocol.dataReceived(encode_all(packets))
+
+    def received(self) -> list[p.Packet]:
+        """Packets written since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return self._decoder.feed(data)
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self) -> None:
+        """The network connection drops."""
+        self.protocol.connectionLost(None)
+
+    def connect(self, client_id: str, clean: bool = True, **kw: object) -> list[p.Packet]:
+        self.send(p.Connect(client_id, clean_session=clean, **kw))  # type: ignore[arg-type]
+        return self.received()
+
+
+@attrs.define(eq=False)
+class Harness:
+    store: IStore = attrs.Factory(MemoryStore)
+    authorizer: IAuthorizer = attrs.Factory(AllowEverything)
+    app: IApplication | None = None
+    clock: Clock = attrs.Factory(Clock)
+    metrics: Metrics = attrs.Factory(Metrics)
+    portal: object = attrs.Factory(lambda: portal_for(AllowEveryone()))
+    limits: Limits = attrs.Factory(Limits)
+    broker: Broker = attrs.field(init=False)
+    factory: MQTTFactory = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.broker = Broker(self.store, self.authorizer, self.metrics)
+        self.factory = self.make_factory()
+
+    def make_factory(self) -> MQTTFactory:
+        return MQTTFactory(
+            self.broker,
+            self.portal,
+            self.authorizer,
+            self.app,
+            self.clock,
+            self.metrics,
+            self.limits,
+        )
+
+    def client(self) -> Client:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return Client(protocol, transport)

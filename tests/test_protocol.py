@@ -1,0 +1,377 @@
+"""
+The MQTT 3.1.1 connection state machine and broker, in memory.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from sktalent.mqtt import packets as p
+from sktalent.store.memory import MemoryStore
+
+from .mqttclient import Client, Harness
+
+
+class ConnectTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_connack(self) -> None:
+        """A CONNECT is answered CONNACK 0 with no session present."""
+        c = self.h.client()
+        self.assertEqual(c.connect("a"), [p.ConnAck(0, False)])
+        self.assertFalse(c.closed)
+
+    def test_packet_before_connect(self) -> None:
+        """Anything but CONNECT first closes the connection unanswered."""
+        c = self.h.client()
+        c.send(p.PingReq())
+        self.assertEqual(c.received(), [])
+        self.assertTrue(c.closed)
+
+    def test_connect_timeout(self) -> None:
+        """A connection that sends no CONNECT in time is closed."""
+        c = self.h.client()
+        self.h.clock.advance(9.9)
+        self.assertFalse(c.closed)
+        self.h.clock.advance(0.2)
+        self.assertTrue(c.closed)
+
+    def test_keepalive_expiry(self) -> None:
+        """Silence for 1.5 times the keepalive closes; any packet resets it."""
+        c = self.h.client()
+        c.connect("a", keepalive=30)
+        self.h.clock.advance(40)
+        c.send(p.PingReq())
+        self.assertEqual(c.received(), [p.PingResp()])
+        self.h.clock.advance(44)
+        self.assertFalse(c.closed)
+        self.h.clock.advance(1.1)
+        self.assertTrue(c.closed)
+
+    def test_keepalive_zero(self) -> None:
+        """Keepalive 0 turns the timeout off."""
+        c = self.h.client()
+        c.connect("a", keepalive=0)
+        self.h.clock.advance(100000)
+        self.assertFalse(c.closed)
+
+    def test_protocol_level(self) -> None:
+        """A CONNECT for another protocol level gets CONNACK 1, then the close."""
+        c = self.h.client()
+        self.assertEqual(c.connect("a", protocol_level=3), [p.ConnAck(1)])
+        self.assertTrue(c.closed)
+
+    def test_second_connect(self) -> None:
+        """A second CONNECT on one connection is a protocol violation."""
+        c = self.h.client()
+        c.connect("a")
+        c.send(p.Connect("a"))
+        self.assertEqual(c.received(), [])
+        self.assertTrue(c.closed)
+
+    def test_empty_client_id_persistent(self) -> None:
+        """An empty client id with cleansession=0 is refused with CONNACK 2."""
+        c = self.h.client()
+        self.assertEqual(c.connect("", clean=False), [p.ConnAck(2)])
+        self.assertTrue(c.closed)
+
+    def test_empty_client_id_clean(self) -> None:
+        """An empty client id with cleansession=1 gets a server-chosen one."""
+        a, b = self.h.client(), self.h.client()
+        self.assertEqual(a.connect(""), [p.ConnAck(0)])
+        self.assertEqual(b.connect(""), [p.ConnAck(0)])
+        self.assertFalse(a.closed or b.closed)
+
+    def test_malformed(self) -> None:
+        """Malformed bytes close the connection without raising."""
+        c = self.h.client()
+        c.connect("a")
+        c.protocol.dataReceived(b"\xf0\x00")
+        self.assertTrue(c.closed)
+
+    def test_takeover(self) -> None:
+        """A second connection with the same client id closes the first."""
+        first, second = self.h.client(), self.h.client()
+        first.connect("a", clean=False)
+        self.assertEqual(second.connect("a", clean=False), [p.ConnAck(0, True)])
+        self.assertTrue(first.closed)
+        first.lose()
+        self.assertTrue(self.h.broker.is_online("a"))
+
+    def test_queued_before_connack(self) -> None:
+        """Packets sent right behind CONNECT are handled after the CONNACK."""
+        c = self.h.client()
+        c.send(p.Connect("a"), p.Subscribe(1, (("t", 1),)), p.PingReq())
+        self.assertEqual(
+            c.received(), [p.ConnAck(0), p.SubAck(1, (1,)), p.PingResp()]
+        )
+
+
+def _connected(h: Harness, client_id: str, clean: bool = True, **kw: object) -> Client:
+    c = h.client()
+    assert c.connect(client_id, clean=clean, **kw)[0].return_code == 0  # type: ignore[union-attr]
+    return c
+
+
+class PubSubTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_qos0(self) -> None:
+        """QoS 0 is delivered at QoS 0 with no acknowledgement."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("a/b", 2),)))
+        self.assertEqual(sub.received(), [p.SubAck(1, (2,))])
+        pub.send(p.Publish("a/b", b"x"))
+        self.assertEqual(pub.received(), [])
+        self.assertEqual(sub.received(), [p.Publish("a/b", b"x")])
+
+    def test_qos1(self) -> None:
+        """QoS 1: PUBACK to the publisher, a QoS 1 publish to the subscriber."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("a/+", 1),)))
+        sub.received()
+        pub.send(p.Publish("a/b", b"x", 1, packet_id=7))
+        self.assertEqual(pub.received(), [p.PubAck(7)])
+        [delivered] = sub.received()
+        assert isinstance(delivered, p.Publish)
+        self.assertEqual((delivered.topic, delivered.qos, delivered.dup), ("a/b", 1, False))
+        sub.send(p.PubAck(delivered.packet_id))  # type: ignore[arg-type]
+        self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+
+    def test_qos_downgrade(self) -> None:
+        """A publish is delivered at the lower of its QoS and the granted one."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("t", 0),)))
+        sub.received()
+        pub.send(p.Publish("t", b"x", 2, packet_id=1))
+        self.assertEqual(sub.received(), [p.Publish("t", b"x", 0)])
+
+    def test_qos2_both_ways(self) -> None:
+        """QoS 2 runs PUBREC/PUBREL/PUBCOMP on both sides, delivering once."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("t", 2),)))
+        sub.received()
+        pub.send(p.Publish("t", b"x", 2, packet_id=3))
+        self.assertEqual(pub.received(), [p.PubRec(3)])
+        # The publisher resends before PUBREL: not delivered again.
+        pub.send(p.Publish("t", b"x", 2, dup=True, packet_id=3))
+        self.assertEqual(pub.received(), [p.PubRec(3)])
+        pub.send(p.PubRel(3))
+        self.assertEqual(pub.received(), [p.PubComp(3)])
+        [delivered] = sub.received()
+        assert isinstance(delivered, p.Publish) and delivered.packet_id is not None
+        self.assertEqual(delivered.qos, 2)
+        sub.send(p.PubRec(delivered.packet_id))
+        self.assertEqual(sub.received(), [p.PubRel(delivered.packet_id)])
+        sub.send(p.PubComp(delivered.packet_id))
+        self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+        # The packet id is free again for a new message.
+        pub.send(p.Publish("t", b"y", 2, packet_id=3))
+        self.assertEqual(pub.received(), [p.PubRec(3)])
+        self.assertEqual(len(sub.received()), 1)
+
+    def test_overlapping(self) -> None:
+        """Overlapping subscriptions deliver one copy at the highest QoS."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("a/#", 0), ("a/+", 1), ("a/b", 0))))
+        sub.received()
+        pub.send(p.Publish("a/b", b"x", 2, packet_id=1))
+        [delivered] = sub.received()
+        self.assertEqual(delivered.qos, 1)  # type: ignore[union-attr]
+
+    def test_dollar_topics(self) -> None:
+        """Filters starting with a wildcard do not match $ topics."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("#", 0), ("+/x", 0))))
+        sub.received()
+        pub.send(p.Publish("$SYS/x", b"x"))
+        self.assertEqual(sub.received(), [])
+        sub.send(p.Subscribe(2, (("$SYS/#", 0),)))
+        sub.received()
+        pub.send(p.Publish("$SYS/x", b"x"))
+        self.assertEqual(sub.received(), [p.Publish("$SYS/x", b"x")])
+
+    def test_unsubscribe(self) -> None:
+        """After UNSUBACK nothing more arrives for that filter."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("t", 0),)))
+        sub.send(p.Unsubscribe(2, ("t",)))
+        self.assertEqual(sub.received(), [p.SubAck(1, (0,)), p.UnsubAck(2)])
+        pub.send(p.Publish("t", b"x"))
+        self.assertEqual(sub.received(), [])
+
+    def test_order_kept(self) -> None:
+        """Messages from one publisher arrive in order, past the window."""
+        self.h.broker.max_inflight = 3
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("t", 1),)))
+        sub.received()
+        for i in range(10):
+            pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
+        got: list[bytes] = []
+        for _ in range(10):
+            batch = sub.received()
+            self.assertLessEqual(len(batch), 3)
+            for packet in batch:
+                assert isinstance(packet, p.Publish) and packet.packet_id is not None
+                got.append(packet.payload)
+                sub.send(p.PubAck(packet.packet_id))
+        self.assertEqual(got, [b"%d" % i for i in range(10)])
+
+
+class RetainedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_retained_lifecycle(self) -> None:
+        """Retained messages are set, replaced, delivered with the flag, deleted."""
+        pub = _connected(self.h, "p")
+        pub.send(p.Publish("r/1", b"one", 1, retain=True, packet_id=1))
+        pub.send(p.Publish("r/1", b"two", 1, retain=True, packet_id=2))
+        pub.send(p.Publish("r/2", b"x", 0, retain=True))
+        sub = _connected(self.h, "s")
+        sub.send(p.Subscribe(1, (("r/#", 1),)))
+        packets = sub.received()
+        self.assertEqual(packets[0], p.SubAck(1, (1,)))
+        got = {(x.topic, x.payload, x.retain, x.qos) for x in packets[1:]}  # type: ignore[union-attr]
+        self.assertEqual(got, {("r/1", b"two", True, 1), ("r/2", b"x", True, 0)})
+        pub.send(p.Publish("r/1", b"", 0, retain=True))
+        # Live subscribers get the deletion as a normal message.
+        self.assertEqual(sub.received(), [p.Publish("r/1", b"", 0, False)])
+        later = _connected(self.h, "l")
+        later.send(p.Subscribe(1, (("r/#", 1),)))
+        packets = later.received()
+        self.assertEqual([x.topic for x in packets[1:]], ["r/2"])  # type: ignore[union-attr]
+
+    def test_live_delivery_not_retained(self) -> None:
+        """A retained publish reaches existing subscribers without the flag."""
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("t", 0),)))
+        sub.received()
+        pub.send(p.Publish("t", b"x", 0, retain=True))
+        self.assertEqual(sub.received(), [p.Publish("t", b"x", 0, False)])
+
+
+class WillTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.sub = _connected(self.h, "s")
+        self.sub.send(p.Subscribe(1, (("will", 0),)))
+        self.sub.received()
+
+    def test_abnormal_loss(self) -> None:
+        """Losing the connection without DISCONNECT publishes the will."""
+        c = _connected(self.h, "w", will=p.Will("will", b"gone"))
+        c.lose()
+        self.assertEqual(self.sub.received(), [p.Publish("will", b"gone")])
+
+    def test_disconnect(self) -> None:
+        """DISCONNECT discards the will."""
+        c = _connected(self.h, "w", will=p.Will("will", b"gone"))
+        c.send(p.Disconnect())
+        self.assertTrue(c.closed)
+        c.lose()
+        self.assertEqual(self.sub.received(), [])
+
+    def test_keepalive_publishes_will(self) -> None:
+        """A keepalive timeout is an abnormal loss."""
+        c = _connected(self.h, "w", keepalive=2, will=p.Will("will", b"gone"))
+        self.h.clock.advance(3)
+        self.assertTrue(c.closed)
+        c.lose()
+        self.assertEqual(self.sub.received(), [p.Publish("will", b"gone")])
+
+
+class SessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def _offline_subscriber(self) -> Client:
+        sub = _connected(self.h, "s", clean=False)
+        sub.send(p.Subscribe(1, (("t", 2),)))
+        sub.received()
+        sub.send(p.Disconnect())
+        sub.lose()
+        return sub
+
+    def test_offline_queue(self) -> None:
+        """QoS 1 and 2 wait for an offline persistent session; QoS 0 does not."""
+        self._offline_subscriber()
+        pub = _connected(self.h, "p")
+        for qos in (0, 1, 2):
+            pub.send(p.Publish("t", b"%d" % qos, qos, packet_id=qos or None))
+        sub = self.h.client()
+        packets = sub.connect("s", clean=False)
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual([x.payload for x in packets[1:]], [b"1", b"2"])  # type: ignore[union-attr]
+
+    def test_redelivery_with_dup(self) -> None:
+        """Unacknowledged messages are resent with DUP and the same packet id."""
+        sub = _connected(self.h, "s", clean=False)
+        sub.send(p.Subscribe(1, (("t", 1),)))
+        sub.received()
+        pub = _connected(self.h, "p")
+        pub.send(p.Publish("t", b"x", 1, packet_id=1))
+        [first] = sub.received()
+        sub.lose()
+        again = self.h.client()
+        packets = again.connect("s", clean=False)
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual(packets[1], attrs.evolve(first, dup=True))
+
+    def test_pubrel_resent(self) -> None:
+        """After PUBREC, a reconnect resends PUBREL rather than the PUBLISH."""
+        sub = _connected(self.h, "s", clean=False)
+        sub.send(p.Subscribe(1, (("t", 2),)))
+        sub.received()
+        _connected(self.h, "p").send(p.Publish("t", b"x", 2, packet_id=1))
+        [first] = sub.received()
+        sub.send(p.PubRec(first.packet_id))  # type: ignore[union-attr]
+        sub.received()
+        sub.lose()
+        again = self.h.client()
+        self.assertEqual(again.connect("s", clean=False)[1:], [p.PubRel(first.packet_id)])  # type: ignore[union-attr]
+
+    def test_clean_session_discards(self) -> None:
+        """cleansession=1 discards the stored session and its queue."""
+        self._offline_subscriber()
+        _connected(self.h, "p").send(p.Publish("t", b"x", 1, packet_id=1))
+        c = self.h.client()
+        self.assertEqual(c.connect("s", clean=True), [p.ConnAck(0, False)])
+        c.send(p.Disconnect())
+        c.lose()
+        again = self.h.client()
+        self.assertEqual(again.connect("s", clean=False), [p.ConnAck(0, False)])
+
+    def test_restore(self) -> None:
+        """A new broker on the same store restores sessions and their queues."""
+        store = MemoryStore()
+        first = Harness(store=store)
+        sub = _connected(first, "s", clean=False)
+        sub.send(p.Subscribe(1, (("t", 1),)))
+        sub.lose()
+        _connected(first, "p").send(p.Publish("t", b"kept", 1, packet_id=1))
+        second = Harness(store=store)
+        self.successResultOf(Deferred.fromCoroutine(second.broker.restore()))
+        c = second.client()
+        packets = c.connect("s", clean=False)
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual(packets[1].payload, b"kept")  # type: ignore[union-attr]
+
+    def test_queue_limit(self) -> None:
+        """A full queue drops its oldest message, counted."""
+        self.h.broker.max_queued = 3
+        self._offline_subscriber()
+        pub = _connected(self.h, "p")
+        for i in range(5):
+            pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
+        packets = self.h.client().connect("s", clean=False)
+        self.assertEqual([x.payload for x in packets[1:]], [b"2", b"3", b"4"])  # type: ignore[union-attr]
+        dropped = self.h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "queue_full"}
+        )
+        self.assertEqual(dropped, 2)
