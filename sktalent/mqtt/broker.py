@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from time import perf_counter
 from typing import Any
 
 import attrs
@@ -177,10 +176,8 @@ class Broker:
             pending.results = []
             self._drain()
         else:
-            started = perf_counter()
 
             def landed(results: list[object]) -> None:
-                self._metrics.store_latency.observe(perf_counter() - started)
                 pending.results = results
                 self._drain()
 

@@ -46,7 +46,7 @@ class Limits:
 
 
 @implementer(IConnection)
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class MQTTServerProtocol(Protocol):
     _broker: Broker
     _portal: Portal
@@ -365,7 +365,7 @@ class MQTTServerProtocol(Protocol):
     }
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class MQTTFactory(Factory):
     """
     Builds a protocol per connection and knows every live one, so that a

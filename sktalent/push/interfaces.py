@@ -34,3 +34,6 @@ class IPusher(Interface):
 
     def push_to_tag(tag: str, notice: PushNotice) -> None:
         """Queue a push to every device carrying tag (groupcast)."""
+
+    def stop() -> None:
+        """Drop what is queued and cancel retries."""

@@ -1,0 +1,271 @@
+"""
+twistd plugin: options and the service tree of the server.
+
+    twistd -n sktalent [options]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+
+from .api.resource import api_site, load_tokens
+from .authsign import load_or_create_secret
+from .calltalent.app import AppLimits, CallTalent
+from .calltalent.auth import AuthSignChecker, HookChecker
+from .calltalent.rules import CallTalentRules
+from .failures import logged
+from .metrics import Metrics
+from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
+from .mqtt.broker import Broker
+from .mqtt.interfaces import IApplication, IAuthorizer
+from .mqtt.protocol import Limits, MQTTFactory
+from .push.config import UmengConfig, load_config
+from .push.disabled import DisabledPusher
+from .push.interfaces import IPusher
+from .push.umeng import UmengPusher
+from .store import open_store
+from .store.interfaces import IStore
+
+log = Logger()
+
+_DAY = 86400.0
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"{value} is not a positive whole number")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "CallTalent messaging server: MQTT 3.1.1 for the app, an HTTP API for the "
+        "backend, offline push through Umeng. Every option can also be given in the "
+        "environment as SKTALENT_<NAME> (--store: SKTALENT_STORE); the command line wins."
+    )
+    optFlags = [
+        ["anonymous", None, "Development only: no authSign check, any topic: a plain broker."],
+    ]
+    optParameters: list[list[Any]] = [
+        ["api", None, "tcp:8076:interface=127.0.0.1", "HTTP API listener (endpoint description)."],
+        ["store", None, "sqlite:sktalent.sqlite3", "sqlite:PATH or mongodb://HOST:PORT/DB."],
+        ["auth-secret-file", None, "sktalent.secret",
+         "Shared secret for authSign; created (0600) if absent."],
+        ["auth-url", None, None, "Verify authSign with this HTTP hook instead of the secret."],
+        ["api-token-file", None, None, "Bearer tokens for /v1/*, one per line."],
+        ["umeng-config", None, None, "Umeng push configuration (JSON)."],
+        ["max-packet", None, 65536, "Largest MQTT packet accepted, in bytes.", _positive_int],
+        ["max-content", None, 4000, "Longest chat content, in characters.", _positive_int],
+        ["max-queued", None, 10000, "Messages queued per offline user.", _positive_int],
+        ["retention-days", None, 30, "Days chat history is kept.", _positive_int],
+    ]
+    compData = usage.Completions(
+        optActions={"store": usage.CompleteFiles(), "auth-secret-file": usage.CompleteFiles()}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self._listen_from_command_line = False
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # The environment first, so that the command line wins.
+        for name, _, _, _, *coerce in self.optParameters:
+            value = os.environ.get(_env_name(name))
+            if value is not None:
+                try:
+                    self[name] = coerce[0](value) if coerce else value
+                except ValueError as e:
+                    raise usage.UsageError(f"{_env_name(name)}: {e}") from None
+        if os.environ.get("SKTALENT_LISTEN"):
+            self["listen"] = os.environ["SKTALENT_LISTEN"].split()
+        if os.environ.get("SKTALENT_ANONYMOUS", "").lower() in ("1", "true", "yes", "on"):
+            self["anonymous"] = 1
+        super().parseOptions(options)
+
+    def opt_listen(self, description: str) -> None:
+        """MQTT listener (endpoint description), repeatable [default: tcp:8075]."""
+        if not self._listen_from_command_line:
+            self["listen"], self._listen_from_command_line = [], True
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = ["tcp:8075"]
+        # Endpoint strings are parsed here so that a typo stops the start.
+        from twisted.internet import reactor
+
+        for description in [*self["listen"], self["api"]]:
+            try:
+                endpoints.serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"bad listener {description!r}: {e}") from None
+        try:
+            self["store-uri"] = _check_store(self["store"])
+            self["secret"] = (
+                None if self["anonymous"] else load_or_create_secret(self["auth-secret-file"])
+            )
+            self["tokens"] = (
+                load_tokens(self["api-token-file"]) if self["api-token-file"] else None
+            )
+            self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+        if self["auth-url"] and not self["auth-url"].startswith(("http://", "https://")):
+            raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
+
+
+def _env_name(option: str) -> str:
+    return "SKTALENT_" + option.upper().replace("-", "_")
+
+
+def _check_store(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        directory = os.path.dirname(os.path.abspath(uri[len("sqlite:"):]))
+        if not os.access(directory, os.W_OK):
+            raise ValueError(f"--store {uri}: directory {directory} is not writable")
+    elif not uri.startswith(("mongodb://", "memory:")):
+        raise ValueError(f"--store must be sqlite:PATH or mongodb://HOST:PORT/DB, not {uri!r}")
+    return uri
+
+
+@attrs.define(eq=False, repr=False)
+class Core(service.MultiService):
+    """
+    The store, the broker and the MQTT listeners: the listeners start only
+    once every session is restored, so no client sees a half-loaded server.
+    """
+
+    _reactor: Any
+    _store: IStore
+    _broker: Broker
+    _factory: MQTTFactory
+    _listen: Sequence[str]
+    _pusher: IPusher
+    _retention_days: int
+    _starting: Deferred[None] | None = None
+    _purging: LoopingCall | None = None
+
+    def __attrs_post_init__(self) -> None:
+        service.MultiService.__init__(self)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._failed)
+
+    async def _start(self) -> None:
+        await self._store.start()
+        await self._broker.restore()
+        for description in self._listen:
+            listener = StreamServerEndpointService(
+                endpoints.serverFromString(self._reactor, description), self._factory
+            )
+            listener.setServiceParent(self)
+            await listener._waitingForPort  # type: ignore[misc]
+            log.info("MQTT listening on {where}", where=description)
+        self._purging = LoopingCall(self._purge)
+        self._purging.clock = self._reactor
+        self._purging.start(_DAY / 4).addErrback(logged(log, "Purging stopped"))
+
+    def _purge(self) -> Deferred[None]:
+        older = int((self._reactor.seconds() - self._retention_days * _DAY) * 1000)
+        return self._store.purge(older).addCallbacks(
+            lambda n: log.info("Purged {n} chat messages past retention", n=n),
+            logged(log, "Purging old chat failed"),
+        )
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("The server could not start", failure)
+        log.critical("Stopping: {why}", why=failure.getErrorMessage())
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.stop()
+
+    async def _stop(self) -> None:
+        if self._starting is not None:
+            self._starting.cancel()
+        if self._purging is not None and self._purging.running:
+            self._purging.stop()
+        await service.MultiService.stopService(self)
+        self._factory.close_all()
+        self._pusher.stop()
+        await self._store.stop()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+
+def _checker(options: Options, reactor: Any, http: Any) -> ICredentialsChecker:
+    if options["anonymous"]:
+        return AllowEveryone()
+    if options["auth-url"]:
+        return HookChecker(options["auth-url"], http, reactor)
+    return AuthSignChecker(options["secret"], reactor)
+
+
+def _pusher(config: UmengConfig | None, reactor: IReactorTime, http: Any,
+            store: IStore, metrics: Metrics) -> IPusher:
+    if config is None:
+        log.warn("No --umeng-config: offline push is off")
+        return DisabledPusher(metrics)
+    return UmengPusher(reactor, http, store, config, metrics)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    import treq.client
+    from twisted.web.client import Agent
+
+    http = treq.client.HTTPClient(Agent(reactor))
+    metrics = Metrics()
+    store = open_store(
+        options["store-uri"],
+        reactor,
+        latency=metrics.store_latency,
+        retention_days=options["retention-days"],
+    )
+    authorizer: IAuthorizer = AllowEverything() if options["anonymous"] else CallTalentRules()
+    broker = Broker(store, authorizer, metrics, max_queued=options["max-queued"])
+    pusher = _pusher(options["umeng"], reactor, http, store, metrics)
+    calltalent = CallTalent(
+        broker, store, pusher, reactor, metrics, AppLimits(max_content=options["max-content"])
+    )
+    app: IApplication | None = None if options["anonymous"] else calltalent
+    if options["anonymous"]:
+        log.critical(
+            "ANONYMOUS MODE: no authentication, every topic open. Development only!"
+        )
+    factory = MQTTFactory(
+        broker,
+        portal_for(_checker(options, reactor, http)),
+        authorizer,
+        app,
+        reactor,
+        metrics,
+        Limits(max_packet_size=options["max-packet"]),
+    )
+    root = service.MultiService()
+    Core(
+        reactor, store, broker, factory, options["listen"], pusher, options["retention-days"]
+    ).setServiceParent(root)
+    StreamServerEndpointService(
+        endpoints.serverFromString(reactor, options["api"]),
+        api_site(calltalent, options["tokens"]),
+    ).setServiceParent(root)
+    return root
