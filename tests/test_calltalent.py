@@ -1,0 +1,364 @@
+"""
+CallTalent over the MQTT core, in memory: authentication, topic rules, chat
+with sent and received, refusals, and notifications.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from sktalent.authsign import sign
+from sktalent.calltalent.app import AppLimits, CallTalent
+from sktalent.calltalent.auth import AuthSignChecker
+from sktalent.calltalent.interfaces import InvalidRequest
+from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
+from sktalent.mqtt import packets as p
+from sktalent.mqtt.auth import portal_for
+from sktalent.push.interfaces import IPusher, PushNotice
+from sktalent.store.interfaces import Op
+from sktalent.store.memory import MemoryStore
+
+from .mqttclient import Client, Harness
+
+SECRET = b"test secret"
+
+
+@implementer(IPusher)
+@attrs.define
+class RecordingPusher:
+    """Keeps what would have been pushed."""
+
+    pushed: list[tuple[tuple[str, ...], PushNotice]] = attrs.Factory(list)
+
+    def push_to_users(self, user_ids: Sequence[str], notice: PushNotice) -> None:
+        self.pushed.append((tuple(user_ids), notice))
+
+    def push_to_tag(self, tag: str, notice: PushNotice) -> None:
+        self.pushed.append((("tag:" + tag,), notice))
+
+    def stop(self) -> None:
+        pass
+
+
+@attrs.define
+class HeldStore(MemoryStore):
+    """A MemoryStore whose commits land only when the test says so."""
+
+    held: list[tuple[Deferred[list[object]], Sequence[Op]]] = attrs.Factory(list)
+
+    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        d: Deferred[list[object]] = Deferred()
+        self.held.append((d, ops))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, ops in held:
+            MemoryStore.submit(self, ops).chainDeferred(d)
+
+
+def msgid(n: int) -> str:
+    return f"{n:024x}"
+
+
+def chat(sender: str, to: str, n: int, content: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {
+        "msgid": msgid(n),
+        "from": sender,
+        "to": to,
+        "type": "order_chat",
+        "payload": {"o_id": "o1", "expert": True, "content": content, **extra},
+    }
+
+
+class CallTalentCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = MemoryStore()
+        self.pusher = RecordingPusher()
+        self.h = self.harness(self.store)
+        self.h.clock.advance(1_700_000_000)
+
+    def harness(self, store: MemoryStore, limits: AppLimits = AppLimits()) -> Harness:
+        h = Harness(store=store, authorizer=CallTalentRules())
+        h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
+        self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
+        h.app = self.app
+        h.factory = h.make_factory()
+        return h
+
+    def login(self, user: str, clean: bool = False) -> tuple[Client, list[p.Packet]]:
+        c = self.h.client()
+        packets = c.connect(
+            user, clean=clean, username=user, password=sign(SECRET, user).encode(), keepalive=30
+        )
+        return c, packets
+
+    def user(self, name: str) -> Client:
+        c, packets = self.login(name)
+        self.assertEqual(packets[0].return_code, 0)  # type: ignore[union-attr]
+        return c
+
+    def publish(self, c: Client, frame: Any, pid: int = 1) -> None:
+        body = frame if isinstance(frame, bytes) else json.dumps(frame).encode()
+        c.send(p.Publish(SERVER_TOPIC, body, 1, packet_id=pid))
+
+    def frames(self, c: Client, ack: bool = True) -> list[dict[str, Any]]:
+        """Frames delivered to c's topic since last asked, acknowledged."""
+        out = []
+        for packet in c.received():
+            if isinstance(packet, p.Publish):
+                self.assertEqual(packet.qos, 1)
+                out.append(json.loads(packet.payload))
+                if ack:
+                    c.send(p.PubAck(packet.packet_id))  # type: ignore[arg-type]
+        return out
+
+
+class ConnectTests(CallTalentCase):
+    def test_valid(self) -> None:
+        """A valid authSign is accepted; the session is persistent."""
+        _, packets = self.login("alice")
+        self.assertEqual(packets, [p.ConnAck(0, False)])
+        self.assertEqual(self.login("alice")[1], [p.ConnAck(0, True)])
+
+    def test_wrong_sign(self) -> None:
+        """A wrong authSign gets CONNACK 4."""
+        c = self.h.client()
+        packets = c.connect("alice", username="alice", password=sign(b"other", "alice").encode())
+        self.assertEqual(packets, [p.ConnAck(4)])
+        self.assertTrue(c.closed)
+
+    def test_expired_sign(self) -> None:
+        """An expired authSign gets CONNACK 4; one still valid is accepted."""
+        now = int(self.h.clock.seconds())
+        c = self.h.client()
+        old = sign(SECRET, "alice", now - 1).encode()
+        self.assertEqual(c.connect("alice", username="alice", password=old), [p.ConnAck(4)])
+        c = self.h.client()
+        fresh = sign(SECRET, "alice", now + 60).encode()
+        self.assertEqual(c.connect("alice", username="alice", password=fresh), [p.ConnAck(0)])
+
+    def test_missing_password(self) -> None:
+        """No password gets CONNACK 4."""
+        c = self.h.client()
+        self.assertEqual(c.connect("alice", username="alice"), [p.ConnAck(4)])
+
+    def test_client_id_mismatch(self) -> None:
+        """clientid != username gets CONNACK 2."""
+        c = self.h.client()
+        packets = c.connect("bob", username="alice", password=sign(SECRET, "alice").encode())
+        self.assertEqual(packets, [p.ConnAck(2)])
+
+    def test_bad_user_id(self) -> None:
+        """A userID that would break topics is refused."""
+        for bad in ("a/b", "a+", "#", "x" * 129):
+            c = self.h.client()
+            packets = c.connect(bad, username=bad, password=sign(SECRET, bad).encode())
+            self.assertNotEqual(packets[0].return_code, 0, bad)  # type: ignore[union-attr]
+
+
+class TopicRuleTests(CallTalentCase):
+    def test_own_topic_only(self) -> None:
+        """Only the own topic may be subscribed, at QoS 1 at most."""
+        a = self.user("alice")
+        a.send(p.Subscribe(5, ((client_topic("alice"), 2), (client_topic("bob"), 1), ("#", 0))))
+        self.assertEqual(a.received(), [p.SubAck(5, (1, 0x80, 0x80))])
+
+    def test_publish_elsewhere_dropped(self) -> None:
+        """A publish to another topic is acknowledged, dropped and counted."""
+        a, b = self.user("alice"), self.user("bob")
+        a.send(p.Publish(client_topic("bob"), b"x", 1, packet_id=9))
+        self.assertEqual(a.received(), [p.PubAck(9)])
+        self.assertEqual(b.received(), [])
+        value = self.h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "publish_not_allowed"}
+        )
+        self.assertEqual(value, 1)
+
+
+class ChatTests(CallTalentCase):
+    def test_chat_sent_received(self) -> None:
+        """A chat reaches B with t added; A gets sent; B's received reaches A."""
+        a, b = self.user("alice"), self.user("bob")
+        frame = chat("alice", "bob", 1, "你好", extra_field=1)
+        self.publish(a, frame)
+        self.assertEqual(self.frames(a), [{"msgid": msgid(1), "type": "sent"}])
+        [delivered] = self.frames(b)
+        t = delivered["payload"].pop("t")
+        self.assertEqual(t, str(int(self.h.clock.seconds() * 1000)))
+        self.assertEqual(delivered, frame)
+        self.publish(
+            b, {"msgid": msgid(1), "from": "bob", "to": "alice", "type": "received"}, 2
+        )
+        self.assertEqual(self.frames(a), [{"msgid": msgid(1), "type": "received"}])
+        self.assertEqual(self.pusher.pushed, [])
+
+    def test_nothing_before_commit(self) -> None:
+        """Neither PUBACK nor sent nor delivery happens before the store commits."""
+        store = HeldStore()
+        self.h = self.harness(store)
+        a, b = self.user("alice"), self.user("bob")
+        self.publish(a, chat("alice", "bob", 1))
+        self.assertEqual((a.received(), b.received()), ([], []))
+        store.release()
+        self.assertIn(p.PubAck(1), a.received())
+        self.assertEqual(len(self.frames(b)), 1)
+
+    def test_retransmission(self) -> None:
+        """The same msgid again is not delivered twice; sent comes again."""
+        a, b = self.user("alice"), self.user("bob")
+        self.publish(a, chat("alice", "bob", 1))
+        self.publish(a, chat("alice", "bob", 1), 2)
+        self.assertEqual([f["type"] for f in self.frames(a)], ["sent", "sent"])
+        self.assertEqual(len(self.frames(b)), 1)
+
+    def test_offline_in_order_and_pushed(self) -> None:
+        """Chat to an offline user waits, in order, and each is pushed once."""
+        a = self.user("alice")
+        for n in range(1, 6):
+            self.publish(a, chat("alice", "bob", n, f"m{n}"), n)
+        self.assertEqual(len(self.frames(a)), 5)
+        self.assertEqual(
+            [(users, n.kind, n.alert, n.o_id) for users, n in self.pusher.pushed],
+            [(("bob",), "order_chat", f"m{n}", "o1") for n in range(1, 6)],
+        )
+        b, packets = self.login("bob")
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        contents = [json.loads(x.payload)["payload"]["content"] for x in packets[1:]]  # type: ignore[union-attr]
+        self.assertEqual(contents, [f"m{n}" for n in range(1, 6)])
+
+    def test_order_across_reconnects(self) -> None:
+        """Unacknowledged chat comes again first after a reconnect, in order."""
+        a, b = self.user("alice"), self.user("bob")
+        self.publish(a, chat("alice", "bob", 1, "one"))
+        b.received()  # Not acknowledged.
+        b.lose()
+        self.publish(a, chat("alice", "bob", 2, "two"), 2)
+        _, packets = self.login("bob")
+        contents = [json.loads(x.payload)["payload"]["content"] for x in packets[1:]]  # type: ignore[union-attr]
+        self.assertEqual(contents, ["one", "two"])
+
+    def test_takeover(self) -> None:
+        """A second login takes the session over."""
+        first = self.user("bob")
+        second, packets = self.login("bob")
+        self.assertEqual(packets, [p.ConnAck(0, True)])
+        self.assertTrue(first.closed)
+        first.lose()
+        self.publish(self.user("alice"), chat("alice", "bob", 1))
+        self.assertEqual(len(self.frames(second)), 1)
+
+
+class RefusalTests(CallTalentCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.a, self.b = self.user("alice"), self.user("bob")
+
+    def refused(self, frame: Any) -> dict[str, Any]:
+        self.publish(self.a, frame)
+        [error] = self.frames(self.a)
+        self.assertEqual(self.frames(self.b), [])
+        self.assertEqual(error["type"], "error")
+        return error
+
+    def test_bad_json(self) -> None:
+        """Bad JSON gets bad_json with an empty msgid."""
+        error = self.refused(b"{nope")
+        self.assertEqual((error["error"], error["msgid"]), ("bad_json", ""))
+
+    def test_not_object(self) -> None:
+        """JSON that is not an object gets bad_envelope."""
+        self.assertEqual(self.refused([1, 2])["error"], "bad_envelope")
+
+    def test_bad_msgid(self) -> None:
+        """A msgid not of the ObjectId form gets bad_msgid."""
+        frame = chat("alice", "bob", 1)
+        frame["msgid"] = "ABC"
+        error = self.refused(frame)
+        self.assertEqual((error["error"], error["msgid"]), ("bad_msgid", "ABC"))
+
+    def test_spoofed_from(self) -> None:
+        """A from other than the connection's user gets from_mismatch."""
+        error = self.refused(chat("mallory", "bob", 1))
+        self.assertEqual((error["error"], error["msgid"]), ("from_mismatch", msgid(1)))
+
+    def test_client_sent_order(self) -> None:
+        """A client may not send system types."""
+        frame = chat("alice", "bob", 1)
+        frame["type"] = "order"
+        self.assertEqual(self.refused(frame)["error"], "unknown_type")
+
+    def test_payload_fields(self) -> None:
+        """Missing or mistyped payload fields get bad_payload."""
+        for change in ({"o_id": 5}, {"expert": "yes"}, {"content": ""}):
+            frame = chat("alice", "bob", 1)
+            frame["payload"].update(change)
+            self.assertEqual(self.refused(frame)["error"], "bad_payload", change)
+        frame = chat("alice", "bob", 1)
+        del frame["payload"]
+        self.assertEqual(self.refused(frame)["error"], "bad_payload")
+
+    def test_too_large(self) -> None:
+        """Content over the limit gets too_large."""
+        self.assertEqual(self.refused(chat("alice", "bob", 1, "x" * 4001))["error"], "too_large")
+
+    def test_unknown_received(self) -> None:
+        """received for a message never sent to the user gets unknown_message."""
+        error = self.refused(
+            {"msgid": msgid(7), "from": "alice", "to": "bob", "type": "received"}
+        )
+        self.assertEqual(error["error"], "unknown_message")
+
+    def test_rate_limited(self) -> None:
+        """A sender over its rate gets rate_limited, and later may send again."""
+        self.h = self.harness(self.store, AppLimits(rate=1, burst=2))
+        a, b = self.user("alice"), self.user("bob")
+        for n in range(1, 4):
+            self.publish(a, chat("alice", "bob", n), n)
+        kinds = [f.get("error", f["type"]) for f in self.frames(a)]
+        self.assertEqual(kinds, ["sent", "sent", "rate_limited"])
+        self.assertEqual(len(self.frames(b)), 2)
+        self.h.clock.advance(1)
+        self.publish(a, chat("alice", "bob", 4), 4)
+        self.assertEqual(self.frames(a), [{"msgid": msgid(4), "type": "sent"}])
+
+
+class NotificationTests(CallTalentCase):
+    def test_online(self) -> None:
+        """An online user gets the notification over MQTT and no push."""
+        b = self.user("bob")
+        payload = {"status": "paid", "o_id": "o9"}
+        sent_id = self.successResultOf(self.app.notify("bob", "order", payload, None))
+        [frame] = self.frames(b)
+        self.assertEqual(
+            frame, {"msgid": sent_id, "from": "system", "to": "bob", "type": "order",
+                    "payload": payload}
+        )
+        self.assertEqual(self.pusher.pushed, [])
+
+    def test_offline(self) -> None:
+        """An offline user is pushed, and gets it at the next connect."""
+        self.successResultOf(
+            self.app.notify("carol", "note", {"status": "replied", "note_id": "n1"}, "看看")
+        )
+        [(users, notice)] = self.pusher.pushed
+        self.assertEqual(
+            (users, notice), (("carol",), PushNotice("note", "看看", note_id="n1", status="replied"))
+        )
+        _, packets = self.login("carol")
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual(json.loads(packets[1].payload)["type"], "note")  # type: ignore[union-attr]
+
+    def test_invalid(self) -> None:
+        """An unknown status is refused before anything is stored."""
+        self.assertRaises(
+            InvalidRequest, self.app.notify, "bob", "order", {"status": "x", "o_id": "1"}, None
+        )
+        self.assertEqual(self.successResultOf(self.store.load_sessions()), [])
