@@ -1,0 +1,92 @@
+"""
+A paho-mqtt client driven synchronously, for end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .server import wait_for
+
+
+# paho reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes.
+_CONNACK_CODES = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
+class PahoUser:
+    """
+    One connected client that records what it receives, acknowledging it as
+    paho does.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        clean: bool = False,
+    ) -> None:
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.connack: queue.Queue[tuple[int, bool]] = queue.Queue()
+        self.subacks: queue.Queue[list[int]] = queue.Queue()
+        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.client.on_connect = lambda c, u, flags, rc, p: self.connack.put(
+            (_CONNACK_CODES[rc.value], flags.session_present)
+        )
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subacks.put(
+            [code.value for code in codes]
+        )
+        self.client.reconnect_delay_set(60, 120)
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        self.rc, self.session_present = self.connack.get(timeout=10)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
+        info = self.client.publish(topic, payload, qos)
+        info.wait_for_publish(10)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.publish("$sktalent/server/mqttserver", json.dumps(frame, ensure_ascii=False))
+
+    def subscribe(self, topic_filter: str, qos: int) -> list[int]:
+        self.client.subscribe(topic_filter, qos)
+        return self.subacks.get(timeout=10)
+
+    def frames(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The next count JSON frames received."""
+        return [json.loads(self.messages.get(timeout=timeout).payload) for _ in range(count)]
+
+    def nothing_more(self, wait: float = 0.5) -> bool:
+        try:
+            self.messages.get(timeout=wait)
+        except queue.Empty:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def drop(self) -> None:
+        """Lose the connection without DISCONNECT."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+    def wait_closed(self) -> None:
+        wait_for(lambda: not self.client.is_connected(), 10, "the connection to close")

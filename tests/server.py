@@ -1,0 +1,125 @@
+"""
+A real server process for end-to-end tests: `twistd -n sktalent` on free
+ports of 127.0.0.1, in a directory of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+MONGO_URI = os.environ.get("SKTALENT_TEST_MONGO_URI")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll predicate until it returns something true; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@attrs.define(eq=False)
+class ServerProcess:
+    """
+    One server.  ``args`` are extra sktalent options; the store, listeners
+    and secret are chosen here unless given.
+    """
+
+    args: Sequence[str] = ()
+    store: str | None = None
+    directory: Path = attrs.Factory(lambda: Path(tempfile.mkdtemp(prefix="sktalent-")))
+    mqtt_port: int = attrs.Factory(free_port)
+    api_port: int = attrs.Factory(free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def secret(self) -> bytes:
+        return (self.directory / "sktalent.secret").read_bytes().rstrip(b"\n")
+
+    @property
+    def log(self) -> str:
+        path = self.directory / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> ServerProcess:
+        command = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "sktalent",
+            "--listen", f"tcp:{self.mqtt_port}:interface=127.0.0.1",
+            "--api", f"tcp:{self.api_port}:interface=127.0.0.1",
+            "--store", self.store or f"sqlite:{self.directory / 'store.sqlite3'}",
+            *self.args,
+        ]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        for name in list(env):
+            if name.startswith("SKTALENT_") and not name.startswith("SKTALENT_TEST_"):
+                del env[name]
+        with open(self.directory / "server.log", "ab") as out:
+            self.process = subprocess.Popen(
+                command, cwd=self.directory, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        wait_for(self._ready, what=f"the server to listen\n{self.log}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the server exited {self.process.returncode}:\n{self.log}")
+        try:
+            socket.create_connection(("127.0.0.1", self.mqtt_port), 0.5).close()
+        except OSError:
+            return False
+        return True
+
+    def api(self, path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.api_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush anything."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, and the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            raise AssertionError(f"the server ignored SIGTERM:\n{self.log}") from None
+
+    def restarted(self) -> ServerProcess:
+        """The same server, started again on the same store and ports."""
+        return ServerProcess(
+            self.args, self.store, self.directory, self.mqtt_port, self.api_port
+        ).start()
