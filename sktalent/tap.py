@@ -73,6 +73,8 @@ class Options(usage.Options):
         ["max-content", None, 4000, "Longest chat content, in characters.", _positive_int],
         ["max-queued", None, 10000, "Messages queued per offline user.", _positive_int],
         ["retention-days", None, 30, "Days chat history is kept.", _positive_int],
+        ["chat-rate", None, 20, "Messages a user may send per second (bursts of 3x).",
+         _positive_int],
     ]
     compData = usage.Completions(
         optActions={"store": usage.CompleteFiles(), "auth-secret-file": usage.CompleteFiles()}
@@ -197,6 +199,10 @@ class Core(service.MultiService):
         self._reactor.stop()
 
     async def _stop(self) -> None:
+        # twistd re-raises the stopping signal at exit; an orderly stop on
+        # SIGTERM is a success, and operators expect status 0 for it.
+        if hasattr(self._reactor, "_exitSignal"):
+            self._reactor._exitSignal = None
         if self._starting is not None:
             self._starting.cancel()
         if self._purging is not None and self._purging.running:
@@ -244,7 +250,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     broker = Broker(store, authorizer, metrics, max_queued=options["max-queued"])
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
     calltalent = CallTalent(
-        broker, store, pusher, reactor, metrics, AppLimits(max_content=options["max-content"])
+        broker, store, pusher, reactor, metrics, AppLimits(
+            max_content=options["max-content"],
+            rate=options["chat-rate"],
+            burst=options["chat-rate"] * 3,
+        ),
     )
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:

@@ -1,0 +1,313 @@
+"""
+Tests for sktalent.authsign: the authSign HMAC, the secret file and the
+command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+import subprocess
+import sys
+import time
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+import sktalent
+from sktalent.authsign import load_or_create_secret, read_secret, sign, verify
+
+SECRET = b"correct horse battery staple"
+EXP = 1_700_000_000
+
+
+def reference(secret: bytes, message: str) -> str:
+    """The HMAC-SHA256 of message, computed here independently of the module."""
+    return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class SignTests(SynchronousTestCase):
+    def test_plain(self) -> None:
+        """
+        Without an expiry the sign is the lowercase hex HMAC-SHA256 of the
+        userID under the secret.
+        """
+        expected = reference(SECRET, "alice")
+        self.assertEqual(sign(SECRET, "alice"), expected)
+        self.assertEqual(len(expected), 64)
+
+    def test_expiring(self) -> None:
+        """
+        With an expiry the sign is "<exp>:" and the HMAC of "userID:exp".
+        """
+        self.assertEqual(sign(SECRET, "alice", EXP), f"{EXP}:{reference(SECRET, f'alice:{EXP}')}")
+
+    def test_utf8_user_id(self) -> None:
+        """
+        A userID outside ASCII is signed as its UTF-8 bytes.
+        """
+        self.assertEqual(sign(SECRET, "用户"), reference(SECRET, "用户"))
+
+
+class VerifyTests(SynchronousTestCase):
+    def test_plain_accepted(self) -> None:
+        """
+        A sign without expiry is accepted at any time.
+        """
+        auth_sign = reference(SECRET, "alice")
+        self.assertTrue(verify(SECRET, "alice", auth_sign, now=0))
+        self.assertTrue(verify(SECRET, "alice", auth_sign, now=4e9))
+
+    def test_expiry_boundary(self) -> None:
+        """
+        An expiring sign is accepted until and including its exp second and
+        refused as soon as that second has passed.
+        """
+        auth_sign = f"{EXP}:{reference(SECRET, f'alice:{EXP}')}"
+        self.assertTrue(verify(SECRET, "alice", auth_sign, now=EXP - 1000))
+        self.assertTrue(verify(SECRET, "alice", auth_sign, now=EXP))
+        self.assertFalse(verify(SECRET, "alice", auth_sign, now=EXP + 0.001))
+        self.assertFalse(verify(SECRET, "alice", auth_sign, now=EXP + 1))
+
+    def test_tampered(self) -> None:
+        """
+        A sign for another user, under another secret, with one digit
+        changed, or with its expiry moved is refused.
+        """
+        plain = reference(SECRET, "alice")
+        flipped = ("0" if plain[0] != "0" else "1") + plain[1:]
+        digest = reference(SECRET, f"alice:{EXP}")
+        for user_id, auth_sign in [
+            ("bob", plain),
+            ("alice", reference(b"other secret", "alice")),
+            ("alice", flipped),
+            ("alice", f"{EXP + 1000}:{digest}"),
+            # A plain sign does not become valid with an expiry prefixed.
+            ("alice", f"{EXP}:{plain}"),
+            # Nor an expiring digest without its expiry.
+            ("alice", digest),
+        ]:
+            with self.subTest(user_id=user_id, auth_sign=auth_sign):
+                self.assertFalse(verify(SECRET, user_id, auth_sign, now=EXP))
+
+    def test_malformed(self) -> None:
+        """
+        Malformed signs are refused without raising.
+        """
+        digest = reference(SECRET, f"alice:{EXP}")
+        plain = reference(SECRET, "alice")
+        for auth_sign in [
+            "",
+            ":",
+            plain[:-1],
+            plain + "0",
+            plain.upper(),
+            "g" * 64,
+            "é" * 64,
+            f":{digest}",
+            f"x{EXP}:{digest}",
+            f"-{EXP}:{digest}",
+            f"+{EXP}:{digest}",
+            f" {EXP}:{digest}",
+            f"{EXP}.5:{digest}",
+            # Arabic-Indic digits pass str.isdigit but are no unix time.
+            f"١٧٠٠٠٠٠٠٠٠:{digest}",
+            "9" * 5000 + f":{digest}",
+            f"{EXP}:{digest}:",
+        ]:
+            with self.subTest(auth_sign=auth_sign[:80]):
+                self.assertFalse(verify(SECRET, "alice", auth_sign, now=0))
+
+    def test_unencodable_user_id(self) -> None:
+        """
+        A userID that has no UTF-8 form (a lone surrogate) is refused
+        without raising.
+        """
+        self.assertFalse(verify(SECRET, "\udc80", "0" * 64, now=0))
+
+    @given(
+        st.binary(min_size=1),
+        # Surrogates have no UTF-8 form, so no sign.
+        st.text(st.characters(exclude_categories=["Cs"])),
+        st.none() | st.integers(0, 2**40),
+    )
+    def test_round_trip(self, secret: bytes, user_id: str, expires: int | None) -> None:
+        """
+        Every sign made is verified before its expiry.
+        """
+        self.assertTrue(verify(secret, user_id, sign(secret, user_id, expires), 0))
+
+    @given(st.text(), st.text(), st.floats(allow_nan=False))
+    def test_never_raises(self, user_id: str, auth_sign: str, now: float) -> None:
+        """
+        verify answers a bool for any text, and a random text is refused.
+        """
+        self.assertFalse(verify(SECRET, user_id, auth_sign, now))
+
+
+class SecretFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = FilePath(self.mktemp())
+        self.dir.makedirs()
+        self.path = self.dir.child("sktalent.secret")
+
+    def test_created_private_and_random(self) -> None:
+        """
+        A missing secret file is created with mode 0600 holding 64 random hex
+        digits and a newline; the secret is the digits.
+        """
+        secret = load_or_create_secret(self.path)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path.path).st_mode), 0o600)
+        content = self.path.getContent()
+        self.assertEqual(content, secret + b"\n")
+        self.assertRegex(secret.decode("ascii"), r"\A[0-9a-f]{64}\Z")
+        other = self.dir.child("other.secret")
+        self.assertNotEqual(load_or_create_secret(other.path), secret)
+
+    def test_created_despite_permissive_umask(self) -> None:
+        """
+        The mode is 0600 even when the umask would allow more.
+        """
+        previous = os.umask(0)
+        self.addCleanup(os.umask, previous)
+        load_or_create_secret(self.path.path)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path.path).st_mode), 0o600)
+
+    def test_reused(self) -> None:
+        """
+        An existing secret is read back unchanged, from a FilePath or a str.
+        """
+        first = load_or_create_secret(self.path)
+        self.assertEqual(load_or_create_secret(self.path.path), first)
+        self.assertEqual(self.path.getContent(), first + b"\n")
+
+    def test_one_trailing_newline_stripped(self) -> None:
+        """
+        Exactly one trailing LF or CRLF is left out of the secret.
+        """
+        for content, secret in [
+            (b"s3cret", b"s3cret"),
+            (b"s3cret\n", b"s3cret"),
+            (b"s3cret\r\n", b"s3cret"),
+            (b"s3cret\n\n", b"s3cret\n"),
+            (b" s3cret \r", b" s3cret \r"),
+        ]:
+            with self.subTest(content=content):
+                self.path.setContent(content)
+                self.assertEqual(load_or_create_secret(self.path), secret)
+                self.assertEqual(read_secret(self.path), secret)
+
+    def test_empty(self) -> None:
+        """
+        An empty secret is refused with a message naming the file.
+        """
+        for content in [b"", b"\n", b"\r\n"]:
+            with self.subTest(content=content):
+                self.path.setContent(content)
+                e = self.assertRaises(ValueError, load_or_create_secret, self.path)
+                self.assertIn(self.path.path, str(e))
+                self.assertIn("empty", str(e))
+
+    def test_unreadable(self) -> None:
+        """
+        A path that cannot be read as a file is refused with a ValueError.
+        """
+        self.path.makedirs()
+        e = self.assertRaises(ValueError, load_or_create_secret, self.path)
+        self.assertIn(f"cannot read the auth secret file {self.path.path}", str(e))
+
+    def test_uncreatable(self) -> None:
+        """
+        A missing file that cannot be created is refused with a ValueError.
+        """
+        path = self.dir.child("missing").child("sktalent.secret")
+        e = self.assertRaises(ValueError, load_or_create_secret, path)
+        self.assertIn(f"cannot create the auth secret file {path.path}", str(e))
+        self.assertFalse(path.exists())
+
+    def test_read_secret_never_creates(self) -> None:
+        """
+        read_secret refuses a missing file and leaves it missing.
+        """
+        e = self.assertRaises(ValueError, read_secret, self.path)
+        self.assertIn("No such file", str(e))
+        self.assertFalse(self.path.exists())
+
+
+class CommandLineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.secret_file = FilePath(self.mktemp())
+        self.secret_file.setContent(SECRET + b"\n")
+
+    def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run python -m sktalent.authsign with args, this checkout first on the path."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(sktalent.__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        return subprocess.run(
+            [sys.executable, "-m", "sktalent.authsign", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    def test_plain(self) -> None:
+        """
+        The command prints the userID's plain authSign and exits 0.
+        """
+        done = self.run_cli("--secret-file", self.secret_file.path, "alice")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, reference(SECRET, "alice") + "\n")
+
+    def test_ttl(self) -> None:
+        """
+        With --ttl (after the userID, as documented) the sign expires ttl
+        seconds from now.
+        """
+        before = int(time.time())
+        done = self.run_cli("--secret-file", self.secret_file.path, "alice", "--ttl", "600")
+        after = int(time.time())
+        self.assertEqual(done.returncode, 0, done.stderr)
+        exp_text, _, digest = done.stdout.strip().partition(":")
+        exp = int(exp_text)
+        self.assertGreaterEqual(exp, before + 600)
+        self.assertLessEqual(exp, after + 600)
+        self.assertEqual(digest, reference(SECRET, f"alice:{exp}"))
+
+    def test_missing_secret_file(self) -> None:
+        """
+        A missing secret file is an error, exit status 1, and is not created.
+        """
+        missing = FilePath(self.mktemp())
+        done = self.run_cli("--secret-file", missing.path, "alice")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stdout, "")
+        self.assertIn(missing.path, done.stderr)
+        self.assertFalse(missing.exists())
+
+    def test_bad_arguments(self) -> None:
+        """
+        Bad arguments print the usage and an error and exit with status 2.
+        """
+        secret = self.secret_file.path
+        for args, message in [
+            ((), "Wrong number of arguments"),
+            (("alice",), "--secret-file is required"),
+            (("--secret-file", secret), "Wrong number of arguments"),
+            (("--secret-file", secret, "alice", "bob"), "Wrong number of arguments"),
+            (("--secret-file", secret, "alice", "--ttl", "soon"), "ttl"),
+            (("--secret-file", secret, "alice", "--ttl", "0"), "--ttl must be from 1"),
+            (("--secret-file", secret, "alice", "--ttl", "9" * 20), "--ttl must be from 1"),
+            (("--secret-file", secret, "alice", "--bogus"), "--bogus"),
+            (("--secret-file", secret, "a/b"), "not a valid userID"),
+        ]:
+            with self.subTest(args=args):
+                done = self.run_cli(*args)
+                self.assertEqual(done.returncode, 2)
+                self.assertEqual(done.stdout, "")
+                self.assertIn("Usage: python -m sktalent.authsign", done.stderr)
+                self.assertIn(message, done.stderr)

@@ -1,0 +1,78 @@
+"""
+Crash safety with a real process: what the server acknowledged survives a
+SIGKILL, for each durable back end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from sktalent.authsign import sign
+
+from .pahoclient import PahoUser
+from .server import MONGO_URI, ServerProcess
+
+COUNT = 300
+
+
+def mongo_store() -> str:
+    """A fresh database on the test MongoDB server."""
+    if MONGO_URI is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("CI must provide SKTALENT_TEST_MONGO_URI")
+        raise SkipTest("SKTALENT_TEST_MONGO_URI is not set")
+    base = MONGO_URI.rsplit("/", 1)[0]
+    return f"{base}/crash_{uuid.uuid4().hex[:12]}"
+
+
+class CrashMixin:
+    def store(self) -> str | None:
+        raise NotImplementedError
+
+    def test_acknowledged_chat_survives_sigkill(self) -> None:
+        """
+        Every chat acknowledged with sent before a SIGKILL reaches the
+        offline recipient after the restart, in order, with its session.
+        """
+        case: SynchronousTestCase = self  # type: ignore[assignment]
+        server = ServerProcess(args=["--chat-rate", "10000"], store=self.store()).start()
+        case.addCleanup(lambda: server.stop())
+        alice = PahoUser(server.mqtt_port, "alice", "alice", sign(server.secret, "alice"))
+        case.addCleanup(alice.drop)
+        for n in range(COUNT):
+            alice.send(
+                {
+                    "msgid": f"{n:024x}",
+                    "from": "alice",
+                    "to": "bob",
+                    "type": "order_chat",
+                    "payload": {"o_id": "o-9", "expert": True, "content": f"m{n}"},
+                }
+            )
+        acknowledged = [f["msgid"] for f in alice.frames(COUNT, timeout=60)]
+        case.assertEqual(acknowledged, [f"{n:024x}" for n in range(COUNT)])
+        server.kill()
+        alice.drop()
+
+        again = server.restarted()
+        case.addCleanup(again.stop)
+        bob = PahoUser(again.mqtt_port, "bob", "bob", sign(again.secret, "bob"))
+        case.addCleanup(bob.close)
+        case.assertEqual((bob.rc, bob.session_present), (0, True))
+        contents = [f["payload"]["content"] for f in bob.frames(COUNT, timeout=60)]
+        case.assertEqual(contents, [f"m{n}" for n in range(COUNT)])
+        case.assertTrue(bob.nothing_more())
+        case.assertEqual(again.stop(), 0)
+
+
+class SQLiteCrashTests(CrashMixin, SynchronousTestCase):
+    def store(self) -> str | None:
+        return None  # The embedded default.
+
+
+class MongoCrashTests(CrashMixin, SynchronousTestCase):
+    def store(self) -> str | None:
+        return mongo_store()
