@@ -1,0 +1,492 @@
+"""
+The HTTP API the business backend calls: one leaf resource that dispatches on
+a small route table, JSON in and JSON out.  Every ``/v1/*`` call needs a
+bearer token; ``/healthz`` and ``/metrics`` are open to the operator's probes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import NoReturn
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from ..calltalent.interfaces import ICallTalent, InvalidRequest
+from ..calltalent.notifications import (
+    nonempty_text,
+    validate_notification,
+    validate_user_id,
+)
+from ..store.interfaces import Device, StoreUnavailable
+
+JSON_TYPE = b"application/json; charset=utf-8"
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_MAX_BODY = 65536
+MAX_WEBVIEW_USERS = 1000
+DEFAULT_HISTORY = 50
+MAX_HISTORY = 500
+PLATFORMS = ("ios", "android")
+
+_MSGID = re.compile(r"[0-9a-f]{24}")
+_LIMIT = re.compile(r"[0-9]{1,4}")
+# RFC 6750 b64token: what may follow "Bearer " in the header.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+log = Logger()
+
+
+@attrs.define
+class _Refusal(Exception):
+    """An error answer: ``{"error": code, "message": message}``."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _bad_request(message: str) -> NoReturn:
+    raise _Refusal(400, "bad_request", message)
+
+
+@attrs.frozen
+class _Answer:
+    status: int
+    body: bytes = b""
+    content_type: bytes | None = JSON_TYPE
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _json_bytes(value: object) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _json(status: int, value: object) -> _Answer:
+    return _Answer(status, _json_bytes(value))
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return _json_bytes({"error": code, "message": message})
+
+
+@attrs.frozen
+class _Call:
+    """What a handler gets: the path parameters, query and JSON body."""
+
+    params: tuple[str, ...]
+    query: Mapping[bytes, list[bytes]]
+    body: Mapping[str, object]
+
+
+_Handler = Callable[[_Call], Awaitable[_Answer]]
+
+
+@attrs.frozen
+class _Route:
+    method: bytes
+    # Path segments after the leading "/"; None matches any non-empty segment
+    # and passes it, percent-decoded, to the handler.
+    pattern: tuple[bytes | None, ...]
+    handler: _Handler
+    json_body: bool = False
+
+
+def _match(pattern: tuple[bytes | None, ...], segments: list[bytes]) -> tuple[str, ...] | None:
+    if len(pattern) != len(segments):
+        return None
+    raw = []
+    for want, got in zip(pattern, segments, strict=True):
+        if want is None and got:
+            raw.append(unquote_to_bytes(got))
+        elif want != got:
+            return None
+    try:
+        return tuple(param.decode("utf-8") for param in raw)
+    except UnicodeDecodeError:
+        _bad_request("The path is not UTF-8.")
+
+
+def _fields(
+    body: Mapping[str, object], required: Sequence[str], optional: Sequence[str] = ()
+) -> None:
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        _bad_request(f"Unknown field(s): {', '.join(unknown)}.")
+    missing = [name for name in required if name not in body]
+    if missing:
+        _bad_request(f"Missing field(s): {', '.join(missing)}.")
+
+
+def _text(body: Mapping[str, object], name: str) -> str:
+    value = nonempty_text(body[name])
+    if value is None:
+        _bad_request(f"{name} must be a non-empty string.")
+    return value
+
+
+def _choice(body: Mapping[str, object], name: str, choices: Sequence[str]) -> str:
+    for choice in choices:
+        if body[name] == choice:
+            return choice
+    _bad_request(f"{name} must be one of {', '.join(choices)}.")
+
+
+def _web_url(body: Mapping[str, object], name: str) -> str:
+    url = _text(body, name)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if (
+        host is None
+        or parts.scheme not in ("http", "https")
+        or any(c.isspace() or not c.isprintable() for c in url)
+    ):
+        _bad_request(f"{name} must be an http or https URL.")
+    return url
+
+
+def _json_body(request: Request) -> dict[str, object]:
+    media = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip()
+    if media.lower() != b"application/json":
+        raise _Refusal(415, "unsupported_media_type", "Send the body as application/json.")
+    raw = b"" if request.content is None else request.content.read()
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise _Refusal(400, "bad_json", f"The body is not UTF-8 JSON: {e}.") from None
+    if not isinstance(body, dict):
+        _bad_request("The body must be a JSON object.")
+    return body
+
+
+def _no_constant(name: str) -> NoReturn:
+    # NaN and Infinity are not JSON, whatever Python's parser accepts.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _query(query: Mapping[bytes, list[bytes]], names: Sequence[str]) -> dict[str, str]:
+    found = {}
+    for key, values in query.items():
+        name = key.decode("utf-8", "replace")
+        if name not in names:
+            _bad_request(f"Unknown query parameter {name}.")
+        if len(values) != 1:
+            _bad_request(f"Give {name} once.")
+        try:
+            found[name] = values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            _bad_request(f"{name} is not UTF-8.")
+    return found
+
+
+def _described(request: Request) -> str:
+    return f"{request.method.decode('latin-1')} {request.uri.decode('latin-1')}"
+
+
+def _gone(request: Request) -> bool:
+    # The connection drops its channel when the client hangs up; this is
+    # only asked before the request is finished, while the channel is set.
+    return request.channel is None
+
+
+def _send(request: Request, answer: _Answer) -> None:
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers:
+        request.setHeader(name, value)
+    if answer.content_type is not None:
+        request.setHeader(b"Content-Type", answer.content_type)
+        request.setHeader(b"Content-Length", b"%d" % len(answer.body))
+    request.setHeader(b"Cache-Control", b"no-store")
+    if answer.body:
+        request.write(answer.body)
+    request.finish()
+
+
+@attrs.define(slots=False, eq=False)
+class ApiResource(Resource):
+    """
+    The whole API as one leaf resource.  tokens None turns ``/v1/*`` off.
+    """
+
+    isLeaf = True
+    _app: ICallTalent
+    _tokens: tuple[bytes, ...] | None = attrs.field(
+        repr=False, converter=lambda ts: None if ts is None else tuple(t.encode() for t in ts)
+    )
+    _routes: tuple[_Route, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+        self._routes = (
+            _Route(b"POST", (b"v1", b"notifications"), self._notify, True),
+            _Route(b"POST", (b"v1", b"push", b"webview"), self._push_webview, True),
+            _Route(b"PUT", (b"v1", b"users", None, b"device"), self._device, True),
+            _Route(b"GET", (b"v1", b"users", None, b"presence"), self._presence),
+            _Route(b"GET", (b"v1", b"orders", None, b"messages"), self._history),
+            _Route(b"GET", (b"healthz",), self._health),
+            _Route(b"GET", (b"metrics",), self._metrics),
+        )
+
+    def render(self, request: Request) -> int:
+        finished = request.notifyFinish()
+        answering = Deferred.fromCoroutine(self._answer(request))
+        # A client that hangs up cancels the work done for it.
+        finished.addErrback(lambda _: answering.cancel())
+        answering.addErrback(
+            lambda f: log.failure("Could not answer {call}", f, call=_described(request))
+        )
+        return NOT_DONE_YET
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            answer = await self._dispatch(request)
+        except _Refusal as e:
+            answer = _Answer(e.status, _error_body(e.code, e.message), headers=e.headers)
+        except InvalidRequest as e:
+            answer = _Answer(400, _error_body(e.code, str(e)))
+        except StoreUnavailable as e:
+            log.warn("{call}: the store is unavailable: {e}", call=_described(request), e=e)
+            answer = _Answer(
+                503, _error_body("unavailable", "The store is unavailable; try again.")
+            )
+        except Exception:  # noqa: BLE001 - any other failure is answered 500 and logged
+            if _gone(request):
+                return
+            log.failure("{call} failed", call=_described(request))
+            answer = _Answer(500, _error_body("internal_error", "The server failed; see its log."))
+        if not _gone(request):
+            _send(request, answer)
+
+    async def _dispatch(self, request: Request) -> _Answer:
+        segments = request.path.split(b"/")[1:]
+        if segments[0] == b"v1":
+            self._authorize(request)
+        allowed = []
+        for route in self._routes:
+            params = _match(route.pattern, segments)
+            if params is None:
+                continue
+            if route.method == request.method:
+                body = _json_body(request) if route.json_body else {}
+                return await route.handler(_Call(params, request.args, body))
+            allowed.append(route.method)
+        if allowed:
+            raise _Refusal(
+                405,
+                "method_not_allowed",
+                f"Use {b', '.join(allowed).decode()} here.",
+                ((b"Allow", b", ".join(allowed)),),
+            )
+        raise _Refusal(404, "not_found", "There is nothing at this path.")
+
+    def _authorize(self, request: Request) -> None:
+        if self._tokens is None:
+            raise _Refusal(
+                503,
+                "unavailable",
+                "The API is off: the server was started without an API token file.",
+            )
+        scheme, _, presented = (request.getHeader(b"Authorization") or b"").partition(b" ")
+        presented = presented.strip()
+        # Compare with every token, so the time taken tells nothing of which
+        # one (if any) matched.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(token, presented)
+        if scheme.lower() != b"bearer" or not matched:
+            raise _Refusal(
+                401,
+                "unauthorized",
+                "Send Authorization: Bearer with a valid API token.",
+                ((b"WWW-Authenticate", b"Bearer"),),
+            )
+
+    async def _notify(self, call: _Call) -> _Answer:
+        body = call.body
+        _fields(body, ("to", "type", "payload"), ("alert",))
+        to = validate_user_id(body["to"], "to")
+        type, payload = validate_notification(body["type"], body["payload"])
+        alert = None if body.get("alert") is None else _text(body, "alert")
+        msgid = await self._app.notify(to, type, payload, alert)
+        return _json(202, {"msgid": msgid})
+
+    async def _push_webview(self, call: _Call) -> _Answer:
+        body = call.body
+        _fields(body, ("url", "alert"), ("to", "tag"))
+        if ("to" in body) == ("tag" in body):
+            _bad_request("Give exactly one of to (a list of userIDs) and tag.")
+        users = None
+        tag = None
+        if "to" in body:
+            to = body["to"]
+            if not isinstance(to, list) or not 1 <= len(to) <= MAX_WEBVIEW_USERS:
+                _bad_request(f"to must be a list of 1 to {MAX_WEBVIEW_USERS} userIDs.")
+            users = [validate_user_id(user_id, "every userID in to") for user_id in to]
+        else:
+            tag = _text(body, "tag")
+        url = _web_url(body, "url")
+        alert = _text(body, "alert")
+        self._app.push_webview(users, tag, url, alert)
+        return _json(202, {})
+
+    async def _device(self, call: _Call) -> _Answer:
+        user_id = validate_user_id(call.params[0], "userID")
+        body = call.body
+        _fields(body, ("platform", "device_token"))
+        device = Device(user_id, _choice(body, "platform", PLATFORMS), _text(body, "device_token"))
+        await self._app.register_device(device)
+        return _Answer(204, content_type=None)
+
+    async def _presence(self, call: _Call) -> _Answer:
+        user_id = validate_user_id(call.params[0], "userID")
+        return _json(200, {"online": bool(self._app.is_online(user_id))})
+
+    async def _history(self, call: _Call) -> _Answer:
+        o_id = call.params[0]
+        query = _query(call.query, ("limit", "before"))
+        limit = query.get("limit", str(DEFAULT_HISTORY))
+        if not _LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_HISTORY:
+            _bad_request(f"limit must be a whole number from 1 to {MAX_HISTORY}.")
+        before = query.get("before")
+        if before is not None and not _MSGID.fullmatch(before):
+            _bad_request("before must be a msgid: 24 lowercase hex digits.")
+        records = await self._app.history(o_id, int(limit), before)
+        # Stored as the JSON text delivered; answered as objects.
+        return _json(200, {"messages": [json.loads(r.envelope) for r in records]})
+
+    async def _health(self, call: _Call) -> _Answer:
+        try:
+            await self._app.health()
+        except Exception as e:  # noqa: BLE001 - whatever the failure, not healthy
+            log.info("Health check failed: {error!r}", error=e)
+            return _json(503, {"status": "unavailable"})
+        return _json(200, {"status": "ok"})
+
+    async def _metrics(self, call: _Call) -> _Answer:
+        return _Answer(200, self._app.metrics.exposition(), METRICS_TYPE)
+
+
+class _BoundedRequest(Request):
+    """
+    A request whose body may not exceed its site's max_body: the declared
+    length is checked as soon as the headers are in, the bytes as they come
+    (chunked bodies declare none), and an oversized request is answered 413
+    at once and its connection closed, without keeping any of the body.
+    """
+
+    _refused = False
+
+    def __init__(self, channel: HTTPChannel, max_body: int) -> None:
+        super().__init__(channel)
+        self._max_body = max_body
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._max_body:
+            self._refuse()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.content is None or self.content.tell() + len(data) > self._max_body:
+            self._refuse()
+        else:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self.content = None
+        # The channel sends "100 Continue" after gotLength when asked to:
+        # that would invite the body being refused.
+        self.requestHeaders.removeHeader(b"Expect")
+        body = _error_body("too_large", f"The request body exceeds {self._max_body} bytes.")
+        head = (
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: " + JSON_TYPE + b"\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n"
+        ) % len(body)
+        log.info(
+            "Refused a request body over {max_body} bytes from {peer}",
+            max_body=self._max_body,
+            peer=self.client,
+        )
+        self.channel.write(head + body)
+        self.channel.loseConnection()
+
+
+@implementer(INonQueuedRequestFactory)
+@attrs.frozen
+class _BoundedRequestFactory:
+    max_body: int
+
+    # HTTP/1.1 channels call this with the channel only; queued is accepted
+    # for the callers that still pass it, and has long been meaningless.
+    def __call__(self, channel: HTTPChannel, queued: object = None) -> _BoundedRequest:
+        return _BoundedRequest(channel, self.max_body)
+
+
+def api_site(
+    app: ICallTalent, tokens: Sequence[str] | None, *, max_body: int = DEFAULT_MAX_BODY
+) -> Site:
+    """
+    The API as a Site to listen with.  tokens are the accepted bearer tokens;
+    None turns every ``/v1/*`` call into 503.  Request bodies over max_body
+    bytes are refused with 413.
+    """
+    if isinstance(tokens, str):
+        raise TypeError("tokens is a sequence of tokens, not one string.")
+    if tokens is not None and not tokens:
+        raise ValueError("api_site needs at least one token, or None for no API.")
+    if max_body < 1:
+        raise ValueError("max_body must be at least 1 byte.")
+    # Bodies are JSON only: never parse them as HTML forms.
+    return Site(
+        ApiResource(app, tokens),
+        requestFactory=_BoundedRequestFactory(max_body),
+        parsePOSTFormSubmission=False,
+    )
+
+
+def load_tokens(path: str | os.PathLike[str]) -> list[str]:
+    """
+    The bearer tokens in a file, one a line; blank lines and lines starting
+    with '#' are ignored.  Raise ValueError for a file without a token or
+    with something that cannot be a bearer token.
+    """
+    tokens = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            if not _TOKEN.fullmatch(token):
+                raise ValueError(
+                    f"Line {number} of the API token file {os.fspath(path)} is not"
+                    " a bearer token (letters, digits and -._~+/ then any '=')."
+                )
+            tokens.append(token)
+    if not tokens:
+        raise ValueError(
+            f"The API token file {os.fspath(path)} holds no token: put one token on a line."
+        )
+    return tokens
