@@ -6,6 +6,7 @@ clients that speak to it over StringTransport.
 from __future__ import annotations
 
 import attrs
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -60,7 +61,7 @@ class Harness:
     app: IApplication | None = None
     clock: Clock = attrs.Factory(Clock)
     metrics: Metrics = attrs.Factory(Metrics)
-    portal: object = attrs.Factory(lambda: portal_for(AllowEveryone()))
+    portal: Portal = attrs.Factory(lambda: portal_for(AllowEveryone()))
     limits: Limits = attrs.Factory(Limits)
     broker: Broker = attrs.field(init=False)
     factory: MQTTFactory = attrs.field(init=False)

@@ -13,11 +13,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 MONGO_URI = os.environ.get("SKTALENT_TEST_MONGO_URI")
 
@@ -28,7 +30,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
     """Poll predicate until it returns something true; bounded in time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

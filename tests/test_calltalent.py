@@ -28,6 +28,7 @@ from sktalent.store.memory import MemoryStore
 from .mqttclient import Client, Harness
 
 SECRET = b"test secret"
+DEFAULT_LIMITS = AppLimits()
 
 
 @implementer(IPusher)
@@ -85,7 +86,7 @@ class CallTalentCase(SynchronousTestCase):
         self.h = self.harness(self.store)
         self.h.clock.advance(1_700_000_000)
 
-    def harness(self, store: MemoryStore, limits: AppLimits = AppLimits()) -> Harness:
+    def harness(self, store: MemoryStore, limits: AppLimits = DEFAULT_LIMITS) -> Harness:
         h = Harness(store=store, authorizer=CallTalentRules())
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
         self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
@@ -349,9 +350,8 @@ class NotificationTests(CallTalentCase):
             self.app.notify("carol", "note", {"status": "replied", "note_id": "n1"}, "看看")
         )
         [(users, notice)] = self.pusher.pushed
-        self.assertEqual(
-            (users, notice), (("carol",), PushNotice("note", "看看", note_id="n1", status="replied"))
-        )
+        expected = PushNotice("note", "看看", note_id="n1", status="replied")
+        self.assertEqual((users, notice), (("carol",), expected))
         _, packets = self.login("carol")
         self.assertEqual(packets[0], p.ConnAck(0, True))
         self.assertEqual(json.loads(packets[1].payload)["type"], "note")  # type: ignore[union-attr]

@@ -317,6 +317,7 @@ class SessionTests(SynchronousTestCase):
         pub = _connected(self.h, "p")
         pub.send(p.Publish("t", b"x", 1, packet_id=1))
         [first] = sub.received()
+        assert isinstance(first, p.Publish)
         sub.lose()
         again = self.h.client()
         packets = again.connect("s", clean=False)
@@ -330,11 +331,12 @@ class SessionTests(SynchronousTestCase):
         sub.received()
         _connected(self.h, "p").send(p.Publish("t", b"x", 2, packet_id=1))
         [first] = sub.received()
-        sub.send(p.PubRec(first.packet_id))  # type: ignore[union-attr]
+        assert isinstance(first, p.Publish) and first.packet_id is not None
+        sub.send(p.PubRec(first.packet_id))
         sub.received()
         sub.lose()
         again = self.h.client()
-        self.assertEqual(again.connect("s", clean=False)[1:], [p.PubRel(first.packet_id)])  # type: ignore[union-attr]
+        self.assertEqual(again.connect("s", clean=False)[1:], [p.PubRel(first.packet_id)])
 
     def test_clean_session_discards(self) -> None:
         """cleansession=1 discards the stored session and its queue."""
