@@ -5,13 +5,27 @@ The MQTT 3.1.1 connection state machine and broker, in memory.
 from __future__ import annotations
 
 import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IAnonymous
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
+from sktalent.mqtt.auth import portal_for
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness
+
+
+@implementer(ICredentialsChecker)
+class NeverAnswers:
+    """A credentials checker whose answer never comes."""
+
+    credentialInterfaces = (IAnonymous,)
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
+        return Deferred()
 
 
 class ConnectTests(SynchronousTestCase):
@@ -100,6 +114,14 @@ class ConnectTests(SynchronousTestCase):
         self.assertTrue(first.closed)
         first.lose()
         self.assertTrue(self.h.broker.is_online("a"))
+
+    def test_flood_before_connack(self) -> None:
+        """A client flooding packets while its login is pending is closed."""
+        h = Harness(portal=portal_for(NeverAnswers()))
+        c = h.client()
+        c.send(p.Connect("a"), *[p.PingReq()] * 300)
+        self.assertTrue(c.closed)
+        self.assertEqual(c.received(), [])
 
     def test_queued_before_connack(self) -> None:
         """Packets sent right behind CONNECT are handled after the CONNACK."""

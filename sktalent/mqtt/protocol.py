@@ -98,6 +98,9 @@ class MQTTServerProtocol(Protocol):
             if self._state == _CLOSED:
                 return
             if self._state == _AUTHENTICATING:
+                if len(self._waiting) >= _HIGH_WATER:
+                    self._close("too many packets before CONNACK")
+                    return
                 self._waiting.append(packet)
             else:
                 self._dispatch(packet)
