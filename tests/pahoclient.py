@@ -54,9 +54,12 @@ class PahoUser:
         self.client.loop_start()
         self.rc, self.session_present = self.connack.get(timeout=10)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
-        info = self.client.publish(topic, payload, qos)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        """Publish and wait for the publish flow to complete."""
+        info = self.client.publish(topic, payload, qos, retain)
         info.wait_for_publish(10)
+        if not info.is_published():
+            raise AssertionError(f"publish to {topic} at QoS {qos} did not complete")
 
     def send(self, frame: dict[str, Any]) -> None:
         self.publish("$sktalent/server/mqttserver", json.dumps(frame, ensure_ascii=False))
@@ -65,9 +68,16 @@ class PahoUser:
         self.client.subscribe(topic_filter, qos)
         return self.subacks.get(timeout=10)
 
+    def take(self, count: int, timeout: float = 10.0) -> list[mqtt.MQTTMessage]:
+        """The next count messages received, each waited for at most timeout."""
+        try:
+            return [self.messages.get(timeout=timeout) for _ in range(count)]
+        except queue.Empty:
+            raise AssertionError(f"fewer than {count} messages arrived") from None
+
     def frames(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """The next count JSON frames received."""
-        return [json.loads(self.messages.get(timeout=timeout).payload) for _ in range(count)]
+        return [json.loads(m.payload) for m in self.take(count, timeout)]
 
     def nothing_more(self, wait: float = 0.5) -> bool:
         try:
@@ -77,7 +87,12 @@ class PahoUser:
         return False
 
     def close(self) -> None:
+        """
+        DISCONNECT, and wait until paho has written it: paho closes its socket
+        only then, so the server has it before anything the test does next.
+        """
         self.client.disconnect()
+        wait_for(lambda: self.client.socket() is None, 10, "paho to send DISCONNECT")
         self.client.loop_stop()
 
     def drop(self) -> None:

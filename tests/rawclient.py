@@ -1,0 +1,120 @@
+"""
+A blocking MQTT 3.1.1 connection that sends exactly what a test tells it to:
+for what a well-behaved client library will not do (stay silent past its
+keepalive, withhold acknowledgements, send malformed bytes).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from typing import TypeVar
+
+from sktalent.mqtt import packets as p
+from sktalent.mqtt.codec import MAX_REMAINING_LENGTH, Decoder, encode_all
+
+P = TypeVar("P", bound=p.Packet)
+
+
+class RawClient:
+    """
+    One TCP connection to 127.0.0.1:port.  Every wait is bounded by
+    ``timeout`` seconds unless a call says otherwise.
+    """
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout)
+        # No limit of its own: the server decides what it sends.
+        self._decoder = Decoder(MAX_REMAINING_LENGTH)
+        self._received: deque[p.Packet] = deque()
+        self._eof = False
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, *packets: p.Packet) -> None:
+        self._sock.sendall(encode_all(packets))
+
+    def send_bytes(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def connect(
+        self,
+        client_id: str,
+        clean: bool = True,
+        keepalive: int = 0,
+        will: p.Will | None = None,
+    ) -> p.ConnAck:
+        """Send CONNECT and answer the CONNACK."""
+        self.send(p.Connect(client_id, clean_session=clean, keepalive=keepalive, will=will))
+        return self.expect(p.ConnAck)
+
+    def subscribe(self, packet_id: int, *topics: tuple[str, int]) -> p.SubAck:
+        """Send SUBSCRIBE and answer the SUBACK, checking its packet id."""
+        self.send(p.Subscribe(packet_id, topics))
+        suback = self.expect(p.SubAck)
+        if suback.packet_id != packet_id:
+            raise AssertionError(f"SUBACK for {suback.packet_id}, not {packet_id}")
+        return suback
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT and wait until the server has closed the connection."""
+        self.send(p.Disconnect())
+        if not self.closed_by_server():
+            raise AssertionError("the server kept the connection open after DISCONNECT")
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection, with no DISCONNECT."""
+        self._sock.close()
+
+    # -- receiving ------------------------------------------------------------
+
+    def receive(self, timeout: float | None = None) -> p.Packet | None:
+        """
+        The next packet from the server; None when none came within timeout
+        or the server closed the connection first.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self._received:
+            remaining = deadline - time.monotonic()
+            if self._eof or remaining <= 0 or not self._read(remaining):
+                return None
+        return self._received.popleft()
+
+    def expect(self, kind: type[P], timeout: float | None = None) -> P:
+        """The next packet, which must be of the given kind."""
+        packet = self.receive(timeout)
+        if not isinstance(packet, kind):
+            raise AssertionError(f"expected {kind.__name__}, got {packet!r}")
+        return packet
+
+    def closed_by_server(self, timeout: float | None = None) -> bool:
+        """
+        Whether the server closes the connection within timeout; packets that
+        arrive meanwhile are kept for receive().
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self._eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._read(remaining)
+        return True
+
+    def _read(self, timeout: float) -> bool:
+        """Read once; whether anything (data or the end) came in time."""
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(1 << 16)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            # A server closing with our bytes unread resets instead of FIN.
+            data = b""
+        if not data:
+            self._eof = True
+        else:
+            self._received.extend(self._decoder.feed(data))
+        return True
