@@ -247,7 +247,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         retention_days=options["retention-days"],
     )
     authorizer: IAuthorizer = AllowEverything() if options["anonymous"] else CallTalentRules()
-    broker = Broker(store, authorizer, metrics, max_queued=options["max-queued"])
+    broker = Broker(store, authorizer, metrics, reactor, max_queued=options["max-queued"])
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
     calltalent = CallTalent(
         broker, store, pusher, reactor, metrics, AppLimits(

@@ -67,7 +67,7 @@ class Harness:
     factory: MQTTFactory = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.broker = Broker(self.store, self.authorizer, self.metrics)
+        self.broker = Broker(self.store, self.authorizer, self.metrics, self.clock)
         self.factory = self.make_factory()
 
     def make_factory(self) -> MQTTFactory:

@@ -40,6 +40,8 @@ from .rules import SERVER_TOPIC, client_topic
 log = Logger()
 
 _MSGID = re.compile(r"[0-9a-f]{24}\Z")
+# Compact UTF-8 JSON, as the apps send it.
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # Push alerts for notifications the backend sends without one.
 _DEFAULT_ALERTS = {
@@ -92,6 +94,7 @@ class CallTalent:
     metrics: Metrics
     _limits: AppLimits = AppLimits()
     _buckets: dict[str, _Bucket] = attrs.Factory(dict)
+    _counters: dict[str, Any] = attrs.Factory(dict)
 
     # -- IApplication: what clients publish --------------------------------
 
@@ -165,16 +168,17 @@ class CallTalent:
             raise Refusal("rate_limited", "too many messages; slow down", msgid)
         bucket.tokens -= 1
 
-    def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any], kind: str) -> None:
-        """Queue frame durably for user_id's own topic."""
+    def _send(
+        self, plan: Plan, user_id: str, frame: Mapping[str, Any] | str, kind: str
+    ) -> None:
+        """Queue frame (or its JSON text) durably for user_id's own topic."""
         self._broker.ensure_session(plan, user_id)
-        body = json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
-
-        def sent(_: object) -> None:
-            self.metrics.messages_out.labels(kind).inc()
-
+        body = (frame if isinstance(frame, str) else _json(frame)).encode()
+        counter = self._counters.get(kind)
+        if counter is None:
+            counter = self._counters[kind] = self.metrics.messages_out.labels(kind)
         self._broker.route(plan, Message(client_topic(user_id), body, 1))
-        plan.add(None, sent)
+        plan.add(None, lambda _: counter.inc())
 
     def _refuse(self, plan: Plan, client_id: str, refusal: Refusal) -> None:
         self.metrics.refusals.labels(refusal.code).inc()
@@ -200,11 +204,11 @@ class CallTalent:
         payload = envelope["payload"]
         received_at = self._now_ms()
         delivered = dict(envelope, payload=dict(payload, t=str(received_at)))
-        text = json.dumps(delivered, ensure_ascii=False, separators=(",", ":"))
+        text = _json(delivered)
         chat = ChatRecord(msgid, sender, to, payload["o_id"], text, received_at)
         self._broker.ensure_session(plan, to)
         inner = Plan()
-        self._send(inner, to, delivered, "order_chat")
+        self._send(inner, to, text, "order_chat")
         notice = PushNotice("order_chat", payload["content"], o_id=payload["o_id"])
         inner.add(None, lambda _: self._push_if_offline(to, notice))
         plan.add(InsertChat(chat, inner.ops), inner.apply_if_true)

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface
 
@@ -97,9 +98,17 @@ class Plan:
     """
 
     _entries: list[tuple[Op | None, Effect | None]] = attrs.Factory(list)
+    _op_count: int = 0
 
     def add(self, op: Op | None, effect: Effect | None = None) -> None:
         self._entries.append((op, effect))
+        if op is not None:
+            self._op_count += 1
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing in it needs the store."""
+        return not self._op_count
 
     @property
     def ops(self) -> tuple[Op, ...]:
@@ -115,7 +124,7 @@ class Plan:
     def apply_if_true(self, result: object) -> None:
         """Effect for a guarded operation whose ``then`` are this plan's ops."""
         if result:
-            self.apply([None] * len(self.ops))
+            self.apply([None] * self._op_count)
 
 
 @attrs.define(eq=False)
@@ -131,12 +140,17 @@ class Broker:
     _store: IStore
     _authorizer: IAuthorizer
     _metrics: Metrics
+    _clock: IReactorTime
     max_inflight: int = 32
     max_queued: int = 10_000
     _sessions: dict[str, Session] = attrs.Factory(dict)
     _trie: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
     _retained: dict[str, Message] = attrs.Factory(dict)
     _pending: deque[_Pending] = attrs.Factory(deque)
+    # Bookkeeping that nobody waits for (acknowledged messages leaving a
+    # queue), committed once per reactor turn rather than once each.
+    _loose: list[Op] = attrs.Factory(list)
+    _loose_flush: IDelayedCall | None = None
 
     # -- start -------------------------------------------------------------
 
@@ -171,8 +185,7 @@ class Broker:
         """
         pending = _Pending(plan, Deferred())
         self._pending.append(pending)
-        ops = plan.ops
-        if not ops:
+        if plan.empty:
             pending.results = []
             self._drain()
         else:
@@ -185,8 +198,19 @@ class Broker:
                 pending.failure = failure
                 self._drain()
 
-            self._store.submit(ops).addCallbacks(landed, failed)
+            self._store.submit(plan.ops).addCallbacks(landed, failed)
         return pending.done
+
+    def apply_now(self, plan: Plan) -> bool:
+        """
+        Apply a plan that needs no store at once, when no commit is under way
+        for it to wait behind: the hot path of a plain broker.  False when it
+        must go through commit().
+        """
+        if self._pending or not plan.empty:
+            return False
+        plan.apply(())
+        return True
 
     def _drain(self) -> None:
         while self._pending and (
@@ -332,9 +356,14 @@ class Broker:
             else:
                 plan.add(SetRetained(topic, None), lambda _: self._retained.pop(topic, None))
             message = attrs.evolve(message, retain=False)
-        for client_id, qos in self._trie.match(message.topic).items():
-            session = self._sessions[client_id]
-            self._deliver(plan, session, attrs.evolve(message, qos=min(qos, message.qos)))
+        # One copy per delivered QoS, shared by every subscriber at that QoS.
+        copies = {message.qos: message}
+        for client_id, granted in self._trie.match(message.topic).items():
+            qos = min(granted, message.qos)
+            copy = copies.get(qos)
+            if copy is None:
+                copy = copies[qos] = attrs.evolve(message, qos=qos)
+            self._deliver(plan, self._sessions[client_id], copy)
 
     def _deliver(self, plan: Plan, session: Session, message: Message) -> None:
         if message.qos == 0:
@@ -378,9 +407,17 @@ class Broker:
             self._fire_and_forget(Dequeue(session.client_id, victim.seq))
 
     def _fire_and_forget(self, op: Op) -> None:
+        self._loose.append(op)
+        if self._loose_flush is None:
+            self._loose_flush = self._clock.callLater(0, self._flush_loose)
+
+    def _flush_loose(self) -> None:
+        self._loose_flush = None
         plan = Plan()
-        plan.add(op)
-        self.commit(plan).addErrback(logged(log, "Committing {op} failed", op=op))
+        for op in self._loose:
+            plan.add(op)
+        self._loose = []
+        self.commit(plan).addErrback(logged(log, "Committing queue bookkeeping failed"))
 
     # -- the outbound window ----------------------------------------------
 

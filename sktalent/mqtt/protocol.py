@@ -232,7 +232,8 @@ class MQTTServerProtocol(Protocol):
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         log.failure(what, failure)
-        self._close(what)
+        if self._state != _CLOSED:
+            self._close(what)
 
     # -- PUBLISH ------------------------------------------------------------
 
@@ -257,13 +258,21 @@ class MQTTServerProtocol(Protocol):
             if publish.qos == 2:
                 assert pid is not None
                 self._broker.hold_inbound(plan, session, pid)
+        if self._broker.apply_now(plan):
+            self._published(publish)
+            return
         self._track(+1)
-        d = self._broker.commit(plan)
-        d.addCallback(lambda _: self._published(publish))
-        d.addErrback(self._unexpected, "Could not commit a publish")
-        d.addBoth(lambda _: self._track(-1))
 
-    def _published(self, publish: p.Publish) -> None:
+        def failed(failure: Failure) -> None:
+            self._unexpected(failure, "Could not commit a publish")
+
+        self._broker.commit(plan).addCallbacks(
+            lambda _: self._published(publish, committed=True), failed
+        )
+
+    def _published(self, publish: p.Publish, committed: bool = False) -> None:
+        if committed:
+            self._track(-1)
         if publish.qos == 1:
             assert publish.packet_id is not None
             self.send([p.PubAck(publish.packet_id)])

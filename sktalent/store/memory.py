@@ -72,16 +72,16 @@ class MemoryStore:
                 self._sessions.pop(client_id, None)
             case Enqueue(client_id, seq, message):
                 self._session(client_id).queue[seq] = QueuedMessage(seq, message)
-            case Release(client_id, seq):
-                queue = self._session(client_id).queue
+            case Release(client_id, seq) if client_id in self._sessions:
+                queue = self._sessions[client_id].queue
                 if seq in queue:
                     queue[seq] = attrs.evolve(queue[seq], released=True)
-            case Dequeue(client_id, seq):
-                self._session(client_id).queue.pop(seq, None)
+            case Dequeue(client_id, seq) if client_id in self._sessions:
+                self._sessions[client_id].queue.pop(seq, None)
             case AddInbound(client_id, packet_id):
                 self._session(client_id).inbound.add(packet_id)
-            case RemoveInbound(client_id, packet_id):
-                self._session(client_id).inbound.discard(packet_id)
+            case RemoveInbound(client_id, packet_id) if client_id in self._sessions:
+                self._sessions[client_id].inbound.discard(packet_id)
             case SetRetained(topic, None):
                 self._retained.pop(topic, None)
             case SetRetained(topic, message) if message is not None:

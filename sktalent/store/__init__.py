@@ -1,0 +1,39 @@
+"""
+Durable state: choose a back end by URI.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Histogram
+from twisted.internet.interfaces import IReactorTime
+
+from .interfaces import IStore
+from .memory import MemoryStore
+from .mongo import MongoStore
+from .sqlite import SQLiteStore
+
+
+def open_store(
+    uri: str,
+    reactor: IReactorTime,
+    *,
+    latency: Histogram | None = None,
+    retention_days: int = 30,
+) -> IStore:
+    """
+    A store for ``memory:``, ``sqlite:PATH`` or ``mongodb://HOST:PORT/DB``,
+    not yet started.  ``latency`` receives each submit's time to durability;
+    ``retention_days`` sets MongoDB's TTL index (purge() is the caller's).
+    """
+    if uri == "memory:":
+        return MemoryStore()
+    if uri.startswith("sqlite:"):
+        path = uri.removeprefix("sqlite:")
+        if not path:
+            raise ValueError(f"store URI {uri!r} has no file name: use sqlite:PATH")
+        return SQLiteStore(reactor, path, latency)
+    if uri.startswith("mongodb://"):
+        return MongoStore(reactor, uri, latency, retention_days)
+    raise ValueError(
+        f"unknown store URI {uri!r}: use memory:, sqlite:PATH or mongodb://HOST:PORT/DB"
+    )

@@ -1,0 +1,453 @@
+"""
+The embedded store: one SQLite file in WAL mode with synchronous=FULL, so a
+commit is on disk when it returns.  All SQLite calls run on one worker thread
+that owns the connection; the reactor only sees Deferreds.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar, cast
+
+import attrs
+from prometheus_client import Histogram
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .group import GroupCommitter
+from .interfaces import (
+    AddInbound,
+    ChatRecord,
+    Dequeue,
+    Device,
+    DropSession,
+    Enqueue,
+    InsertChat,
+    IStore,
+    MarkReceived,
+    Message,
+    Op,
+    PutDevice,
+    PutSession,
+    QueuedMessage,
+    Release,
+    RemoveInbound,
+    SessionRecord,
+    SetRetained,
+    StoreUnavailable,
+)
+
+_T = TypeVar("_T")
+
+# Schema versions, oldest first; version N is MIGRATIONS[N - 1].  Only ever
+# append: a file records the versions applied to it in schema_migrations.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        client_id TEXT PRIMARY KEY,
+        subscriptions TEXT NOT NULL  -- JSON [[filter, qos], ...]
+    );
+    CREATE TABLE queue (
+        client_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        released INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (client_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE inbound (
+        client_id TEXT NOT NULL,
+        packet_id INTEGER NOT NULL,
+        PRIMARY KEY (client_id, packet_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE retained (
+        topic TEXT PRIMARY KEY,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL
+    );
+    CREATE TABLE chats (
+        id INTEGER PRIMARY KEY,
+        sender TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        o_id TEXT NOT NULL,
+        envelope TEXT NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX chats_by_sender_msgid ON chats (sender, msgid);
+    CREATE INDEX chats_by_order ON chats (o_id, received_at, msgid);
+    CREATE INDEX chats_by_age ON chats (received_at);
+    CREATE TABLE receipts (
+        sender TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (sender, msgid)
+    ) WITHOUT ROWID;
+    CREATE TABLE devices (
+        user_id TEXT PRIMARY KEY,
+        platform TEXT NOT NULL,
+        token TEXT NOT NULL
+    );
+    """,
+)
+
+# Errors that say "the file cannot be used right now", not "this batch is bad".
+_UNAVAILABLE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+
+class SchemaTooNew(Exception):
+    """The file was written by a newer server than this one."""
+
+
+def connect(path: str, busy_timeout: float = 5.0) -> sqlite3.Connection:
+    """
+    Open path with the durability settings the store relies on; transactions
+    are left to the caller (autocommit mode, explicit BEGIN/COMMIT).
+    """
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+    if mode != "wal":
+        conn.close()
+        raise ValueError(f"SQLite store {path!r} cannot use WAL journaling (got {mode!r})")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, path: str, migrations: Sequence[str]) -> None:
+    """Bring the schema up to len(migrations), one transaction per version."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+    )
+    (current,) = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    if current > len(migrations):
+        raise SchemaTooNew(
+            f"SQLite store {path!r} has schema version {current}, newer than"
+            f" version {len(migrations)} that this server knows: run a newer"
+            " server or use another file"
+        )
+    for version, script in enumerate(migrations[current:], start=current + 1):
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\n"
+                "INSERT INTO schema_migrations (version, applied_at)"
+                f" VALUES ({version}, CAST(strftime('%s', 'now') AS INTEGER));\n"
+                "COMMIT;"
+            )
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, mode: str) -> Iterator[None]:
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _unavailable(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:
+        # No code: the connection was closed underneath us.
+        return isinstance(error, sqlite3.ProgrammingError)
+    return code & 0xFF in _UNAVAILABLE
+
+
+def _touch(conn: sqlite3.Connection, client_id: str) -> None:
+    # A message or packet id may arrive before the session's own record.
+    conn.execute(
+        "INSERT OR IGNORE INTO sessions (client_id, subscriptions) VALUES (?, '[]')",
+        (client_id,),
+    )
+
+
+def _apply(conn: sqlite3.Connection, op: Op) -> object:
+    match op:
+        case PutSession(client_id, subscriptions):
+            conn.execute(
+                "INSERT INTO sessions (client_id, subscriptions) VALUES (?, ?)"
+                " ON CONFLICT (client_id) DO UPDATE SET subscriptions = excluded.subscriptions",
+                (client_id, json.dumps(subscriptions)),
+            )
+        case DropSession(client_id):
+            for table in ("sessions", "queue", "inbound"):
+                conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
+        case Enqueue(client_id, seq, message):
+            _touch(conn, client_id)
+            conn.execute(
+                "INSERT OR REPLACE INTO queue"
+                " (client_id, seq, topic, payload, qos, retain, released)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0)",
+                (client_id, seq, message.topic, message.payload, message.qos, message.retain),
+            )
+        case Release(client_id, seq):
+            conn.execute(
+                "UPDATE queue SET released = 1 WHERE client_id = ? AND seq = ?",
+                (client_id, seq),
+            )
+        case Dequeue(client_id, seq):
+            conn.execute("DELETE FROM queue WHERE client_id = ? AND seq = ?", (client_id, seq))
+        case AddInbound(client_id, packet_id):
+            _touch(conn, client_id)
+            conn.execute(
+                "INSERT OR IGNORE INTO inbound (client_id, packet_id) VALUES (?, ?)",
+                (client_id, packet_id),
+            )
+        case RemoveInbound(client_id, packet_id):
+            conn.execute(
+                "DELETE FROM inbound WHERE client_id = ? AND packet_id = ?",
+                (client_id, packet_id),
+            )
+        case SetRetained(topic, None):
+            conn.execute("DELETE FROM retained WHERE topic = ?", (topic,))
+        case SetRetained(topic, message) if message is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO retained (topic, payload, qos, retain) VALUES (?, ?, ?, ?)",
+                (topic, message.payload, message.qos, message.retain),
+            )
+        case InsertChat(chat, then):
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO chats"
+                " (sender, msgid, recipient, o_id, envelope, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    chat.sender,
+                    chat.msgid,
+                    chat.recipient,
+                    chat.o_id,
+                    chat.envelope,
+                    chat.received_at,
+                ),
+            )
+            if cursor.rowcount == 0:
+                return False
+            for inner in then:
+                _apply(conn, inner)
+            return True
+        case MarkReceived(sender, msgid, recipient, at, then):
+            found = conn.execute(
+                "SELECT 1 FROM chats WHERE sender = ? AND msgid = ? AND recipient = ?",
+                (sender, msgid, recipient),
+            ).fetchone()
+            if found is None:
+                return False
+            conn.execute(
+                "INSERT OR IGNORE INTO receipts (sender, msgid, at) VALUES (?, ?, ?)",
+                (sender, msgid, at),
+            )
+            for inner in then:
+                _apply(conn, inner)
+            return True
+        case PutDevice(device):
+            conn.execute(
+                "INSERT OR REPLACE INTO devices (user_id, platform, token) VALUES (?, ?, ?)",
+                (device.user_id, device.platform, device.token),
+            )
+    return None
+
+
+def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
+    with _transaction(conn, "IMMEDIATE"):
+        return [_apply(conn, op) for op in ops]
+
+
+def _load_sessions(conn: sqlite3.Connection) -> list[SessionRecord]:
+    with _transaction(conn, "DEFERRED"):
+        sessions = conn.execute(
+            "SELECT client_id, subscriptions FROM sessions ORDER BY client_id"
+        ).fetchall()
+        queues: dict[str, list[QueuedMessage]] = {}
+        for client_id, seq, topic, payload, qos, retain, released in conn.execute(
+            "SELECT client_id, seq, topic, payload, qos, retain, released"
+            " FROM queue ORDER BY client_id, seq"
+        ):
+            queues.setdefault(client_id, []).append(
+                QueuedMessage(seq, Message(topic, payload, qos, bool(retain)), bool(released))
+            )
+        inbound: dict[str, set[int]] = {}
+        for client_id, packet_id in conn.execute("SELECT client_id, packet_id FROM inbound"):
+            inbound.setdefault(client_id, set()).add(packet_id)
+    return [
+        SessionRecord(
+            client_id,
+            tuple((f, q) for f, q in json.loads(subscriptions)),
+            tuple(queues.get(client_id, ())),
+            frozenset(inbound.get(client_id, ())),
+        )
+        for client_id, subscriptions in sessions
+    ]
+
+
+def _load_retained(conn: sqlite3.Connection) -> list[Message]:
+    return [
+        Message(topic, payload, qos, bool(retain))
+        for topic, payload, qos, retain in conn.execute(
+            "SELECT topic, payload, qos, retain FROM retained"
+        )
+    ]
+
+
+def _chat_history(
+    conn: sqlite3.Connection, o_id: str, limit: int, before: str | None
+) -> list[ChatRecord]:
+    columns = "msgid, sender, recipient, o_id, envelope, received_at"
+    if before is None:
+        rows = conn.execute(
+            f"SELECT {columns} FROM chats WHERE o_id = ?"
+            " ORDER BY received_at DESC, msgid DESC LIMIT ?",
+            (o_id, limit),
+        ).fetchall()
+    else:
+        # An unknown `before` compares with NULL and so selects nothing.
+        rows = conn.execute(
+            f"SELECT {columns} FROM chats WHERE o_id = ? AND (received_at, msgid) < ("
+            "  SELECT received_at, msgid FROM chats WHERE o_id = ? AND msgid = ?"
+            "  ORDER BY received_at, msgid LIMIT 1)"
+            " ORDER BY received_at DESC, msgid DESC LIMIT ?",
+            (o_id, o_id, before, limit),
+        ).fetchall()
+    return [ChatRecord(*row) for row in reversed(rows)]
+
+
+def _get_device(conn: sqlite3.Connection, user_id: str) -> Device | None:
+    row = conn.execute(
+        "SELECT user_id, platform, token FROM devices WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return None if row is None else Device(*row)
+
+
+def _ping(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT 1").fetchone()
+
+
+def _purge(conn: sqlite3.Connection, older_than: int) -> int:
+    with _transaction(conn, "IMMEDIATE"):
+        conn.execute(
+            "DELETE FROM receipts WHERE (sender, msgid) IN"
+            " (SELECT sender, msgid FROM chats WHERE received_at < ?)",
+            (older_than,),
+        )
+        return conn.execute("DELETE FROM chats WHERE received_at < ?", (older_than,)).rowcount
+
+
+@implementer(IStore)
+@attrs.define
+class SQLiteStore:
+    name = "sqlite"
+    # Used as a clock and to hand results back from the worker thread.
+    _reactor: IReactorTime
+    _path: str
+    _latency: Histogram | None = None
+    _busy_timeout: float = 5.0
+    _migrations: Sequence[str] = MIGRATIONS
+    _pool: ThreadPool = attrs.field(init=False)
+    _committer: GroupCommitter = attrs.field(init=False)
+    # Touched only on the worker thread; None until (re)opened there.
+    _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sktalent-sqlite")
+        self._committer = GroupCommitter(
+            lambda ops: self._call(_commit, ops), self._reactor, self.name, self._latency
+        )
+
+    @property
+    def committer(self) -> GroupCommitter:
+        return self._committer
+
+    def start(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        self._pool.start()
+        try:
+            await self._in_thread(self._open)
+        except BaseException:
+            self._pool.stop()
+            raise
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self._committer.stop()
+        if not self._pool.started:
+            return
+        await self._in_thread(self._close)
+        self._pool.stop()
+
+    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        return self._committer.submit(ops)
+
+    def load_sessions(self) -> Deferred[list[SessionRecord]]:
+        return self._call(_load_sessions)
+
+    def load_retained(self) -> Deferred[list[Message]]:
+        return self._call(_load_retained)
+
+    def chat_history(self, o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
+        return self._call(_chat_history, o_id, max(limit, 0), before)
+
+    def get_device(self, user_id: str) -> Deferred[Device | None]:
+        return self._call(_get_device, user_id)
+
+    def ping(self) -> Deferred[None]:
+        return self._call(_ping)
+
+    def purge(self, older_than: int) -> Deferred[int]:
+        return self._call(_purge, older_than)
+
+    def _open(self) -> None:
+        self._conn = connect(self._path, self._busy_timeout)
+        migrate(self._conn, self._path, self._migrations)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _call(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
+        return self._in_thread(self._guarded, f, *args)
+
+    def _in_thread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
+        # The reactor provides IReactorFromThreads as well as IReactorTime.
+        return deferToThreadPool(cast(IReactorFromThreads, self._reactor), self._pool, f, *args)
+
+    def _guarded(self, f: Callable[..., _T], *args: object) -> _T:
+        """Run f with the connection, on the worker thread."""
+        try:
+            if self._conn is None:
+                self._conn = connect(self._path, self._busy_timeout)
+            return f(self._conn, *args)
+        except sqlite3.Error as e:
+            if not _unavailable(e):
+                raise
+            # Start afresh next time: the old connection may be wedged.
+            self._close()
+            raise StoreUnavailable(f"SQLite store {self._path!r}: {e}") from e

@@ -1,0 +1,195 @@
+"""
+What only the SQLite store has: durability settings, schema migrations, and
+surviving a process that dies without closing the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import TestCase
+
+import sktalent
+from sktalent.store.interfaces import (
+    Device,
+    Enqueue,
+    Message,
+    PutDevice,
+    QueuedMessage,
+    SessionRecord,
+)
+from sktalent.store.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore, connect
+
+UPGRADE = "ALTER TABLE devices ADD COLUMN registered_at INTEGER;"
+
+# Commits through the store, then dies the hard way: no stop(), no close,
+# the WAL not checkpointed.
+CRASHER = """
+import os, sys
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from sktalent.store.interfaces import Device, PutDevice
+from sktalent.store.sqlite import SQLiteStore
+
+store = SQLiteStore(reactor, sys.argv[1])
+
+async def main():
+    await store.start()
+    await store.submit([PutDevice(Device("u", "ios", "durable"))])
+
+def crash(result):
+    if isinstance(result, Failure):
+        result.printTraceback()
+    os._exit(1 if isinstance(result, Failure) else 0)
+
+reactor.callWhenRunning(lambda: Deferred.fromCoroutine(main()).addBoth(crash))
+reactor.run()
+"""
+
+
+class SQLiteStoreTests(TestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+
+    async def started(
+        self, migrations: Sequence[str] = MIGRATIONS, busy_timeout: float = 5.0
+    ) -> SQLiteStore:
+        store = SQLiteStore(reactor, self.path, migrations=migrations, busy_timeout=busy_timeout)
+        await store.start()
+        self.addCleanup(store.stop)
+        return store
+
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        """Read the file with a connection of the test's own."""
+        conn = sqlite3.connect(self.path)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+
+    def test_connect_is_durable(self) -> None:
+        """connect() puts the file in WAL mode with synchronous=FULL."""
+        conn = connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+        self.assertEqual(conn.execute("PRAGMA synchronous").fetchone(), (2,))
+
+    async def test_schema_and_indexes(self) -> None:
+        """start() applies every migration, records it, and makes the indexes."""
+        await self.started()
+        self.assertEqual(
+            [v for (v,) in self.query("SELECT version FROM schema_migrations")],
+            list(range(1, len(MIGRATIONS) + 1)),
+        )
+        self.assertEqual(self.query("PRAGMA journal_mode"), [("wal",)])
+        indexes = {
+            (table, tuple(r[2] for r in self.query(f"PRAGMA index_info({name!r})")), unique)
+            for table in ("queue", "chats", "receipts")
+            for _, name, unique, *_ in self.query(f"PRAGMA index_list({table!r})")
+        }
+        self.assertTrue(
+            {
+                ("queue", ("client_id", "seq"), 1),
+                ("chats", ("sender", "msgid"), 1),
+                ("chats", ("o_id", "received_at", "msgid"), 0),
+                ("receipts", ("sender", "msgid"), 1),
+            }
+            <= indexes,
+            indexes,
+        )
+
+    async def test_upgrade_in_place(self) -> None:
+        """A newer migration list upgrades an existing file and keeps its data."""
+        store = await self.started()
+        await store.submit([PutDevice(Device("u", "ios", "t"))])
+        await store.stop()
+        upgraded = await self.started(migrations=(*MIGRATIONS, UPGRADE))
+        self.assertEqual(await upgraded.get_device("u"), Device("u", "ios", "t"))
+        self.assertEqual(
+            [v for (v,) in self.query("SELECT version FROM schema_migrations")],
+            list(range(1, len(MIGRATIONS) + 2)),
+        )
+        self.assertIn("registered_at", [r[1] for r in self.query("PRAGMA table_info(devices)")])
+
+    async def test_refuses_newer_schema(self) -> None:
+        """A file from a newer server is refused with a clear error."""
+        store = await self.started(migrations=(*MIGRATIONS, UPGRADE))
+        await store.stop()
+        newest = len(MIGRATIONS) + 1
+        with self.assertRaises(SchemaTooNew) as raised:
+            await SQLiteStore(reactor, self.path).start()
+        self.assertIn(
+            f"version {newest}, newer than version {len(MIGRATIONS)}", str(raised.exception)
+        )
+
+    async def test_failed_migration_leaves_no_trace(self) -> None:
+        """A migration that fails is rolled back whole and not recorded."""
+        with self.assertRaises(sqlite3.OperationalError):
+            await self.started(migrations=(*MIGRATIONS, "CREATE TABLE t (x); SELECT nonsense;"))
+        self.assertEqual(len(self.query("SELECT version FROM schema_migrations")), len(MIGRATIONS))
+        self.assertEqual(self.query("SELECT name FROM sqlite_master WHERE name = 't'"), [])
+
+    async def test_commit_survives_crash(self) -> None:
+        """What a submit acknowledged is there after the process died without closing."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(sktalent.__file__)))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", CRASHER, self.path],
+            env={**os.environ, "PYTHONPATH": root},
+            path=os.getcwd(),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.exists(self.path + "-wal"))
+        store = await self.started()
+        self.assertEqual(await store.get_device("u"), Device("u", "ios", "durable"))
+
+    async def test_locked_file_is_waited_for(self) -> None:
+        """
+        While another process holds the write lock a submit is held and retried,
+        logged once as unavailable and once as back, then lands.
+        """
+        store = await self.started(busy_timeout=0.05)
+        holder = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        m = Message("t", b"p", 1)
+        with capturedLogs() as events:
+            landed = store.submit([Enqueue("c", 1, m)])
+            for _ in range(100):
+                if not store.committer.available:
+                    break
+                await deferLater(reactor, 0.02)
+            self.assertFalse(store.committer.available)
+            # Long enough for several retries at 0.1, 0.2, 0.4 s.
+            await deferLater(reactor, 1.0)
+            self.assertNoResult(landed)
+            holder.execute("ROLLBACK")
+            self.assertEqual(await landed, [None])
+        self.assertTrue(store.committer.available)
+        self.assertEqual(
+            await store.load_sessions(), [SessionRecord("c", (), (QueuedMessage(1, m),))]
+        )
+        formats = [e.get("log_format", "") for e in events]
+        self.assertEqual(len([f for f in formats if "unavailable" in f]), 1)
+        self.assertEqual(len([f for f in formats if "is back" in f]), 1)
+
+    async def test_bad_batch_fails_alone(self) -> None:
+        """A batch the database rejects fails its submitters; the next one commits."""
+        store = await self.started()
+        bad = store.submit([Enqueue("c", 1, Message(None, b"", 1))])  # type: ignore[arg-type]
+        await deferLater(reactor, 0)
+        good = store.submit([PutDevice(Device("u", "ios", "t"))])
+        with self.assertRaises(sqlite3.IntegrityError):
+            await bad
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.IntegrityError)), 1)
+        self.assertEqual(await good, [None])
+        self.assertEqual(await store.load_sessions(), [])
+        self.assertTrue(store.committer.available)

@@ -1,0 +1,765 @@
+"""
+One contract for every store: the same tests run against the memory store,
+SQLite (a temporary file) and MongoDB (SKTALENT_TEST_MONGO_URI, for example
+FerretDB started by .ci/ferretdb).  Also the group committer on its own, and
+open_store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+from prometheus_client import CollectorRegistry, Histogram
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, capturedLogs
+from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.portforward import ProxyFactory
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from txmongo.connection import ConnectionPool
+
+from sktalent.store import open_store
+from sktalent.store.group import GroupCommitter
+from sktalent.store.interfaces import (
+    AddInbound,
+    ChatRecord,
+    Dequeue,
+    Device,
+    DropSession,
+    Enqueue,
+    InsertChat,
+    IStore,
+    MarkReceived,
+    Message,
+    Op,
+    PutDevice,
+    PutSession,
+    QueuedMessage,
+    Release,
+    RemoveInbound,
+    SessionRecord,
+    SetRetained,
+    StoreUnavailable,
+)
+from sktalent.store.memory import MemoryStore
+from sktalent.store.mongo import MongoStore
+from sktalent.store.sqlite import SQLiteStore
+
+EVERY_BYTE = bytes(range(256))
+
+
+def chat(
+    msgid: str,
+    at: int,
+    o_id: str = "o1",
+    sender: str = "alice",
+    recipient: str = "bob",
+) -> ChatRecord:
+    envelope = f'{{"msgid": "{msgid}", "payload": {{"t": "{at}"}}}}'
+    return ChatRecord(msgid, sender, recipient, o_id, envelope, at)
+
+
+def msgid(n: int) -> str:
+    return f"{n:024x}"
+
+
+def by_client(sessions: Sequence[SessionRecord]) -> list[SessionRecord]:
+    return sorted(sessions, key=lambda s: s.client_id)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+if TYPE_CHECKING:
+    _Mixin = TestCase
+else:
+    _Mixin = object
+
+
+class StoreContract(_Mixin):
+    """
+    The tests every store passes.  A subclass (also a trial TestCase) says how
+    to make a store on this test's own file or database.
+    """
+
+    store: IStore
+
+    def prepare(self) -> None:
+        """Set up what make_store needs, before the first store is made."""
+
+    def make_store(self) -> IStore:
+        raise NotImplementedError
+
+    async def started(self) -> IStore:
+        store = self.make_store()
+        await store.start()
+        self.addCleanup(store.stop)
+        return store
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        self.prepare()
+
+        async def start() -> None:
+            self.store = await self.started()
+
+        return Deferred.fromCoroutine(start())
+
+    async def test_sessions_round_trip(self) -> None:
+        """A session comes back with its subscriptions, queue and inbound ids."""
+        m1 = Message("$sktalent/clients/bob", b"one", 1)
+        m2 = Message("$sktalent/clients/bob", b"two", 2, retain=True)
+        results = await self.store.submit(
+            [
+                PutSession("bob", (("$sktalent/clients/bob", 1), ("x/#", 0))),
+                Enqueue("bob", 7, m2),
+                Enqueue("bob", 3, m1),
+                Release("bob", 7),
+                AddInbound("bob", 42),
+                AddInbound("bob", 43),
+                RemoveInbound("bob", 43),
+            ]
+        )
+        self.assertEqual(results, [None] * 7)
+        self.assertEqual(
+            await self.store.load_sessions(),
+            [
+                SessionRecord(
+                    "bob",
+                    (("$sktalent/clients/bob", 1), ("x/#", 0)),
+                    (QueuedMessage(3, m1), QueuedMessage(7, m2, released=True)),
+                    frozenset({42}),
+                )
+            ],
+        )
+
+    async def test_put_session_replaces_subscriptions(self) -> None:
+        """PutSession replaces the subscriptions but keeps the queue."""
+        m = Message("t", b"p", 1)
+        await self.store.submit([PutSession("c", (("a", 1),)), Enqueue("c", 1, m)])
+        await self.store.submit([PutSession("c", (("b", 0),))])
+        self.assertEqual(
+            await self.store.load_sessions(),
+            [SessionRecord("c", (("b", 0),), (QueuedMessage(1, m),))],
+        )
+
+    async def test_enqueue_and_add_inbound_create_the_session(self) -> None:
+        """Enqueue and AddInbound make a session; removals on an unknown one do not."""
+        m = Message("t", b"p", 1)
+        await self.store.submit(
+            [
+                Enqueue("new", 1, m),
+                AddInbound("in", 9),
+                Dequeue("gone", 5),
+                Release("r", 1),
+                RemoveInbound("x", 3),
+            ]
+        )
+        self.assertEqual(
+            by_client(await self.store.load_sessions()),
+            [
+                SessionRecord("in", (), (), frozenset({9})),
+                SessionRecord("new", (), (QueuedMessage(1, m),)),
+            ],
+        )
+
+    async def test_queue_in_seq_order(self) -> None:
+        """The queue loads in seq order whatever order it was filled in."""
+        seqs = [5, 1, 9, 3, 7]
+        await self.store.submit([Enqueue("c", s, Message("t", str(s).encode(), 1)) for s in seqs])
+        await self.store.submit([Dequeue("c", 9)])
+        (session,) = await self.store.load_sessions()
+        self.assertEqual([q.seq for q in session.queue], [1, 3, 5, 7])
+        self.assertEqual([q.message.payload for q in session.queue], [b"1", b"3", b"5", b"7"])
+
+    async def test_enqueue_again_replaces_and_unreleases(self) -> None:
+        """Enqueue on a used seq replaces the entry, released or not."""
+        await self.store.submit(
+            [Enqueue("c", 1, Message("t", b"old", 2)), Release("c", 1), Release("c", 99)]
+        )
+        await self.store.submit([Enqueue("c", 1, Message("t", b"new", 1))])
+        (session,) = await self.store.load_sessions()
+        self.assertEqual(session.queue, (QueuedMessage(1, Message("t", b"new", 1)),))
+
+    async def test_drop_session(self) -> None:
+        """DropSession forgets the session, its queue and inbound ids only."""
+        m = Message("t", b"p", 1)
+        await self.store.submit(
+            [
+                PutSession("a", (("t", 1),)),
+                Enqueue("a", 1, m),
+                AddInbound("a", 2),
+                PutSession("b", (("t", 1),)),
+                Enqueue("b", 1, m),
+            ]
+        )
+        await self.store.submit([DropSession("a"), DropSession("never")])
+        self.assertEqual(
+            await self.store.load_sessions(),
+            [SessionRecord("b", (("t", 1),), (QueuedMessage(1, m),))],
+        )
+
+    async def test_drop_then_enqueue_in_one_batch(self) -> None:
+        """Operations after DropSession in the same batch start a fresh session."""
+        m = Message("t", b"p", 1)
+        await self.store.submit([PutSession("a", (("t", 1),)), Enqueue("a", 1, m)])
+        await self.store.submit([DropSession("a"), Enqueue("a", 2, m)])
+        self.assertEqual(
+            await self.store.load_sessions(), [SessionRecord("a", (), (QueuedMessage(2, m),))]
+        )
+
+    async def test_retained(self) -> None:
+        """Retained messages are set, replaced and deleted per topic."""
+        await self.store.submit(
+            [
+                SetRetained("a", Message("a", b"1", 1, True)),
+                SetRetained("b", Message("b", b"2", 0, True)),
+                SetRetained("a", Message("a", b"3", 2, True)),
+                SetRetained("b", None),
+                SetRetained("never", None),
+            ]
+        )
+        self.assertEqual(await self.store.load_retained(), [Message("a", b"3", 2, True)])
+
+    async def test_bytes_round_trip(self) -> None:
+        """Every byte value, and the empty payload, come back exactly."""
+        await self.store.submit(
+            [
+                Enqueue("c", 1, Message("t", EVERY_BYTE, 1)),
+                Enqueue("c", 2, Message("t", b"", 1)),
+                SetRetained("r", Message("r", EVERY_BYTE[::-1], 1, True)),
+            ]
+        )
+        (session,) = await self.store.load_sessions()
+        self.assertEqual([q.message.payload for q in session.queue], [EVERY_BYTE, b""])
+        self.assertEqual([m.payload for m in await self.store.load_retained()], [EVERY_BYTE[::-1]])
+
+    async def test_insert_chat(self) -> None:
+        """A new chat commits its `then`; the same (sender, msgid) again does not."""
+        first = chat(msgid(1), 1000)
+        m = Message("$sktalent/clients/bob", b"hi", 1)
+        self.assertEqual(
+            await self.store.submit([InsertChat(first, (Enqueue("bob", 1, m),))]), [True]
+        )
+        again = attrs.evolve(first, envelope="{}", received_at=2000)
+        self.assertEqual(
+            await self.store.submit(
+                [InsertChat(again, (Enqueue("bob", 2, m), PutSession("x", ())))]
+            ),
+            [False],
+        )
+        self.assertEqual(
+            await self.store.load_sessions(), [SessionRecord("bob", (), (QueuedMessage(1, m),))]
+        )
+        self.assertEqual(await self.store.chat_history("o1", 10, None), [first])
+
+    async def test_same_msgid_other_sender(self) -> None:
+        """The msgid is unique per sender only."""
+        a = chat(msgid(1), 1000, sender="alice")
+        b = chat(msgid(1), 1001, sender="carol")
+        self.assertEqual(await self.store.submit([InsertChat(a), InsertChat(b)]), [True, True])
+        self.assertEqual(await self.store.chat_history("o1", 10, None), [a, b])
+
+    async def test_insert_chat_twice_in_one_batch(self) -> None:
+        """Within one batch the second InsertChat sees the first."""
+        c = chat(msgid(1), 1000)
+        m = Message("t", b"p", 1)
+        results = await self.store.submit(
+            [
+                InsertChat(c, (Enqueue("bob", 1, m),)),
+                InsertChat(c, (Enqueue("bob", 2, m),)),
+                MarkReceived("alice", msgid(1), "bob", 1500, (Enqueue("alice", 1, m),)),
+            ]
+        )
+        self.assertEqual(results, [True, False, True])
+        self.assertEqual(
+            by_client(await self.store.load_sessions()),
+            [
+                SessionRecord("alice", (), (QueuedMessage(1, m),)),
+                SessionRecord("bob", (), (QueuedMessage(1, m),)),
+            ],
+        )
+
+    async def test_mark_received(self) -> None:
+        """MarkReceived is True, and commits `then`, only for the chat's recipient."""
+        await self.store.submit([InsertChat(chat(msgid(1), 1000))])
+        m = Message("$sktalent/clients/alice", b"received", 1)
+        results = await self.store.submit(
+            [
+                MarkReceived("alice", msgid(2), "bob", 2000, (Enqueue("alice", 1, m),)),
+                MarkReceived("alice", msgid(1), "mallory", 2000, (Enqueue("alice", 2, m),)),
+                MarkReceived("bob", msgid(1), "bob", 2000, (Enqueue("alice", 3, m),)),
+                MarkReceived("alice", msgid(1), "bob", 2000, (Enqueue("alice", 4, m),)),
+                MarkReceived("alice", msgid(1), "bob", 3000, (Enqueue("alice", 5, m),)),
+            ]
+        )
+        self.assertEqual(results, [False, False, False, True, True])
+        (session,) = await self.store.load_sessions()
+        self.assertEqual([q.seq for q in session.queue], [4, 5])
+
+    async def test_nested_then(self) -> None:
+        """A `then` may itself hold InsertChat, with its own result unreported."""
+        m = Message("t", b"p", 1)
+        inner = InsertChat(chat(msgid(2), 2000), (Enqueue("bob", 2, m),))
+        outer = InsertChat(chat(msgid(1), 1000), (Enqueue("bob", 1, m), inner))
+        self.assertEqual(
+            await self.store.submit([outer, PutDevice(Device("u", "ios", "t"))]),
+            [
+                True,
+                None,
+            ],
+        )
+        self.assertEqual(
+            [c.msgid for c in await self.store.chat_history("o1", 10, None)],
+            [msgid(1), msgid(2)],
+        )
+        (session,) = await self.store.load_sessions()
+        self.assertEqual([q.seq for q in session.queue], [1, 2])
+
+    async def test_history_paging(self) -> None:
+        """History is oldest first, the newest `limit`, before a msgid if given."""
+        mine = [chat(msgid(n), 1000 + 10 * n) for n in range(1, 8)]
+        other = [chat(msgid(100 + n), 1000 + 10 * n, o_id="o2") for n in range(1, 4)]
+        # Stored out of time order on purpose.
+        await self.store.submit([InsertChat(c) for c in reversed(mine + other)])
+        history = self.store.chat_history
+        self.assertEqual(await history("o1", 100, None), mine)
+        self.assertEqual(await history("o1", 3, None), mine[-3:])
+        self.assertEqual(await history("o1", 3, msgid(5)), mine[1:4])
+        self.assertEqual(await history("o1", 10, msgid(2)), mine[:1])
+        self.assertEqual(await history("o1", 10, msgid(1)), [])
+        self.assertEqual(await history("o1", 10, msgid(999)), [])
+        self.assertEqual(await history("o1", 10, msgid(101)), [])
+        self.assertEqual(await history("o1", 0, None), [])
+        self.assertEqual(await history("o2", 2, None), other[-2:])
+        self.assertEqual(await history("nope", 10, None), [])
+
+    async def test_history_same_time_by_msgid(self) -> None:
+        """Messages received in the same millisecond are ordered by msgid."""
+        chats = [chat(msgid(n), 5000) for n in (3, 1, 2)]
+        await self.store.submit([InsertChat(c) for c in chats])
+        ordered = sorted(chats, key=lambda c: c.msgid)
+        self.assertEqual(await self.store.chat_history("o1", 10, None), ordered)
+        self.assertEqual(await self.store.chat_history("o1", 10, msgid(3)), ordered[:2])
+
+    async def test_devices(self) -> None:
+        """A device is stored per user and replaced by the next PutDevice."""
+        self.assertIsNone(await self.store.get_device("u"))
+        await self.store.submit(
+            [PutDevice(Device("u", "ios", "tok1")), PutDevice(Device("v", "android", "tok2"))]
+        )
+        await self.store.submit([PutDevice(Device("u", "android", "tok3"))])
+        self.assertEqual(await self.store.get_device("u"), Device("u", "android", "tok3"))
+        self.assertEqual(await self.store.get_device("v"), Device("v", "android", "tok2"))
+
+    async def test_purge(self) -> None:
+        """purge removes the chats (and receipts) received before the cut."""
+        chats = [chat(msgid(n), 1000 * n) for n in range(1, 6)]
+        await self.store.submit([InsertChat(c) for c in chats])
+        await self.store.submit([MarkReceived("alice", msgid(1), "bob", 1500)])
+        self.assertEqual(await self.store.purge(3000), 2)
+        self.assertEqual(await self.store.chat_history("o1", 10, None), chats[2:])
+        self.assertEqual(await self.store.purge(3000), 0)
+        # Gone means gone: the msgid may be used again and cannot be received.
+        self.assertEqual(
+            await self.store.submit(
+                [MarkReceived("alice", msgid(1), "bob", 9000), InsertChat(chats[0])]
+            ),
+            [False, True],
+        )
+
+    async def test_ping(self) -> None:
+        """A started store answers ping."""
+        await self.store.ping()
+
+    async def test_empty_submit(self) -> None:
+        """An empty submit commits nothing and fires with no results."""
+        self.assertEqual(await self.store.submit([]), [])
+
+    async def test_concurrent_submits_get_their_own_results(self) -> None:
+        """Submits made together each fire with the results of their own ops, in order."""
+        submits = [
+            self.store.submit(
+                [InsertChat(chat(msgid(n % 7), n)), PutDevice(Device(f"u{n}", "ios", "t"))]
+            )
+            for n in range(20)
+        ]
+        results = [await d for d in submits]
+        self.assertEqual(results, [[n < 7, None] for n in range(20)])
+
+
+class DurableContract(StoreContract):
+    """What a store that keeps data across restarts adds to the contract."""
+
+    store: SQLiteStore | MongoStore
+
+    def make_store(self) -> SQLiteStore | MongoStore:
+        raise NotImplementedError
+
+    async def test_reopen_keeps_everything(self) -> None:
+        """After stop, a new store on the same file or database sees every commit."""
+        m = Message("$sktalent/clients/bob", EVERY_BYTE, 1)
+        c = chat(msgid(1), 1000)
+        await self.store.submit(
+            [
+                PutSession("bob", (("$sktalent/clients/bob", 1),)),
+                InsertChat(c, (Enqueue("bob", 1, m), Enqueue("bob", 2, m))),
+                Release("bob", 2),
+                AddInbound("bob", 5),
+                SetRetained("r", Message("r", b"kept", 1, True)),
+                PutDevice(Device("bob", "ios", "tok")),
+            ]
+        )
+        sessions = await self.store.load_sessions()
+        await self.store.stop()
+        again = await self.started()
+        self.assertEqual(await again.load_sessions(), sessions)
+        self.assertEqual(
+            sessions,
+            [
+                SessionRecord(
+                    "bob",
+                    (("$sktalent/clients/bob", 1),),
+                    (QueuedMessage(1, m), QueuedMessage(2, m, released=True)),
+                    frozenset({5}),
+                )
+            ],
+        )
+        self.assertEqual(await again.load_retained(), [Message("r", b"kept", 1, True)])
+        self.assertEqual(await again.chat_history("o1", 10, None), [c])
+        self.assertEqual(await again.get_device("bob"), Device("bob", "ios", "tok"))
+        self.assertEqual(await again.submit([InsertChat(c)]), [False])
+
+    async def test_stop_flushes_pending(self) -> None:
+        """Submits not yet committed when stop() is called are committed by it."""
+        pending = [self.store.submit([PutDevice(Device(f"u{n}", "ios", "t"))]) for n in range(5)]
+        await self.store.stop()
+        self.assertEqual([await d for d in pending], [[None]] * 5)
+        again = await self.started()
+        self.assertEqual(await again.get_device("u4"), Device("u4", "ios", "t"))
+
+    async def test_group_commit_merges_submits(self) -> None:
+        """Submits made in one reactor turn land in a single commit."""
+        committer = self.store.committer
+        commits, submits = committer.commits, committer.submits
+        n = 200
+        pending = [
+            self.store.submit([Enqueue("c", i, Message("t", b"%d" % i, 1))]) for i in range(n)
+        ]
+        self.assertEqual([await d for d in pending], [[None]] * n)
+        self.assertEqual(committer.submits - submits, n)
+        self.assertEqual(committer.commits - commits, 1)
+        (session,) = await self.store.load_sessions()
+        self.assertEqual(len(session.queue), n)
+
+
+class MemoryStoreTests(StoreContract, TestCase):
+    def make_store(self) -> IStore:
+        return MemoryStore()
+
+
+class SQLiteStoreTests(DurableContract, TestCase):
+    def prepare(self) -> None:
+        self.path = self.mktemp()
+
+    def make_store(self) -> SQLiteStore:
+        return SQLiteStore(reactor, self.path)
+
+
+def mongo_uri() -> str:
+    """The test server's URI; skip without one, except in CI where it must run."""
+    uri = os.environ.get("SKTALENT_TEST_MONGO_URI")
+    if uri:
+        return uri
+    if os.environ.get("CI") == "true":
+        raise AssertionError("CI=true but SKTALENT_TEST_MONGO_URI is unset: run .ci/ferretdb")
+    raise SkipTest('SKTALENT_TEST_MONGO_URI is unset (eval "$(.ci/ferretdb)" to set it)')
+
+
+def with_database(uri: str, database: str) -> str:
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+async def drop_database(uri: str) -> None:
+    pool = ConnectionPool(uri)
+    try:
+        await pool.drop_database(urlsplit(uri).path.lstrip("/"))
+    finally:
+        await pool.disconnect()
+
+
+class MongoStoreTests(DurableContract, TestCase):
+    def prepare(self) -> None:
+        # A database of its own per test, dropped after.
+        self.uri = with_database(mongo_uri(), f"sktalent_test_{uuid.uuid4().hex[:12]}")
+        self.addCleanup(lambda: Deferred.fromCoroutine(drop_database(self.uri)))
+
+    def make_store(self) -> MongoStore:
+        return MongoStore(reactor, self.uri)
+
+    async def test_outage_held_and_retried(self) -> None:
+        """
+        While the server cannot be reached a submit waits, the outage is logged
+        once, and the submit lands when the server is back.
+        """
+        target = urlsplit(self.uri)
+        assert target.hostname is not None and target.port is not None
+        relay = WrappingFactory(ProxyFactory(target.hostname, target.port))
+        port = free_port()
+
+        def listen() -> IListeningPort:
+            # WrappingFactory is a ServerFactory in all but its annotations.
+            listening: IListeningPort = reactor.listenTCP(
+                port,
+                relay,  # type: ignore[arg-type]
+                interface="127.0.0.1",
+            )
+            return listening
+
+        listening = listen()
+        uri = with_database(f"mongodb://127.0.0.1:{port}", urlsplit(self.uri).path.lstrip("/"))
+        store = MongoStore(reactor, uri, timeout=0.5)
+        await store.start()
+        self.addCleanup(store.stop)
+        await store.submit([PutDevice(Device("u", "ios", "before"))])
+
+        await maybeDeferred(listening.stopListening)
+        for p in list(relay.protocols):
+            p.transport.abortConnection()
+        with capturedLogs() as events:
+            landed = store.submit([PutDevice(Device("u", "ios", "during"))])
+            for _ in range(100):
+                if not store.committer.available:
+                    break
+                await deferLater(reactor, 0.05)
+            self.assertFalse(store.committer.available)
+            await deferLater(reactor, 1.5)
+            self.assertNoResult(landed)
+            listening = listen()
+            self.addCleanup(lambda: listening.stopListening())
+            self.assertEqual(await landed, [None])
+        self.assertTrue(store.committer.available)
+        self.assertEqual(await store.get_device("u"), Device("u", "ios", "during"))
+        outages = [e for e in events if "unavailable" in e.get("log_format", "")]
+        backs = [e for e in events if "is back" in e.get("log_format", "")]
+        self.assertEqual((len(outages), len(backs)), (1, 1))
+
+
+class MongoUnreachableTests(TestCase):
+    async def test_start_fails_unavailable(self) -> None:
+        """With nothing listening, start() fails with StoreUnavailable, not a hang."""
+        store = MongoStore(reactor, f"mongodb://127.0.0.1:{free_port()}/x", timeout=0.3)
+        self.addCleanup(store.stop)
+        with self.assertRaises(StoreUnavailable):
+            await store.start()
+        with self.assertRaises(StoreUnavailable):
+            await store.ping()
+
+
+@attrs.define
+class HandBackend:
+    """
+    A back end that applies batches to a MemoryStore when the test says so,
+    or fails them as told: commit timing is the test's to choose.
+    """
+
+    store: MemoryStore = attrs.Factory(MemoryStore)
+    calls: list[tuple[list[Op], Deferred[list[object]]]] = attrs.Factory(list)
+
+    def commit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        d: Deferred[list[object]] = Deferred()
+        self.calls.append((list(ops), d))
+        return d
+
+    def land(self) -> list[Op]:
+        ops, d = self.calls.pop(0)
+        self.store.submit(ops).chainDeferred(d)
+        return ops
+
+    def fail(self, error: Exception) -> list[Op]:
+        ops, d = self.calls.pop(0)
+        d.errback(error)
+        return ops
+
+
+def device(n: int) -> PutDevice:
+    return PutDevice(Device(f"u{n}", "ios", f"t{n}"))
+
+
+class GroupCommitterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = HandBackend()
+        self.committer = GroupCommitter(self.backend.commit, self.clock, "hand")
+
+    def test_same_turn_is_one_batch(self) -> None:
+        """Submits of one reactor turn become one commit, in order, after the turn."""
+        ds = [self.committer.submit([device(n), device(n + 10)]) for n in range(3)]
+        self.assertEqual(self.backend.calls, [])
+        self.clock.advance(0)
+        self.assertEqual(
+            self.backend.land(),
+            [device(0), device(10), device(1), device(11), device(2), device(12)],
+        )
+        self.assertEqual([self.successResultOf(d) for d in ds], [[None, None]] * 3)
+        self.assertEqual((self.committer.submits, self.committer.commits), (3, 1))
+
+    def test_submits_during_commit_join_next(self) -> None:
+        """What arrives while a commit runs goes in the next commit, together."""
+        first = self.committer.submit([device(0)])
+        self.clock.advance(0)
+        later = [self.committer.submit([device(n)]) for n in range(1, 4)]
+        self.clock.advance(0)
+        self.assertEqual(len(self.backend.calls), 1)
+        self.backend.land()
+        self.assertEqual(self.successResultOf(first), [None])
+        self.assertNoResult(later[0])
+        self.assertEqual(self.backend.land(), [device(1), device(2), device(3)])
+        self.assertEqual([self.successResultOf(d) for d in later], [[None]] * 3)
+
+    def test_results_sliced_per_submit(self) -> None:
+        """Each submit gets the results of its own operations only."""
+        c = chat(msgid(1), 1)
+        a = self.committer.submit([InsertChat(c), device(1)])
+        b = self.committer.submit([InsertChat(c)])
+        e = self.committer.submit([])
+        self.clock.advance(0)
+        self.backend.land()
+        self.assertEqual(self.successResultOf(a), [True, None])
+        self.assertEqual(self.successResultOf(b), [False])
+        self.assertEqual(self.successResultOf(e), [])
+
+    def test_batch_size_bounded(self) -> None:
+        """A batch stops at max_batch operations but never splits a submit."""
+        committer = GroupCommitter(self.backend.commit, self.clock, "hand", max_batch=3)
+        for n in range(4):
+            committer.submit([device(n)])
+        big = committer.submit([device(n) for n in range(10, 15)])
+        committer.submit([device(20)])
+        self.clock.advance(0)
+        self.assertEqual(len(self.backend.land()), 3)
+        self.assertEqual(len(self.backend.land()), 1)
+        self.assertEqual(len(self.backend.land()), 5)
+        self.assertEqual(self.successResultOf(big), [None] * 5)
+        self.assertEqual(len(self.backend.land()), 1)
+
+    def test_unavailable_is_retried_with_capped_backoff(self) -> None:
+        """StoreUnavailable keeps the batch and retries it after 0.1, 0.2, 0.4, 0.4 s."""
+        committer = GroupCommitter(self.backend.commit, self.clock, "hand", max_retry=0.4)
+        d = committer.submit([device(1)])
+        self.clock.advance(0)
+        with capturedLogs() as events:
+            for delay in (0.1, 0.2, 0.4, 0.4):
+                self.backend.fail(StoreUnavailable("down"))
+                self.assertFalse(committer.available)
+                self.clock.advance(delay - 0.01)
+                self.assertEqual(self.backend.calls, [])
+                self.clock.advance(0.01)
+                self.assertEqual(len(self.backend.calls), 1)
+            self.assertNoResult(d)
+            self.assertEqual(self.backend.land(), [device(1)])
+        self.assertEqual(self.successResultOf(d), [None])
+        self.assertTrue(committer.available)
+        levels = [(e["log_level"], e["log_format"].split(" is ")[1][:4]) for e in events]
+        self.assertEqual(levels, [(LogLevel.error, "unav"), (LogLevel.info, "back")])
+
+    def test_later_submits_wait_behind_outage(self) -> None:
+        """Submits made during an outage stay queued and keep their order."""
+        first = self.committer.submit([device(1)])
+        self.clock.advance(0)
+        self.backend.fail(StoreUnavailable("down"))
+        second = self.committer.submit([device(2)])
+        self.clock.advance(0.1)
+        self.assertEqual(self.backend.land(), [device(1)])
+        self.assertEqual(self.backend.land(), [device(2)])
+        self.assertEqual(self.successResultOf(first), [None])
+        self.assertEqual(self.successResultOf(second), [None])
+
+    def test_other_errors_fail_only_their_batch(self) -> None:
+        """A batch failing with a bug is failed and logged; the next one still commits."""
+        bad = [self.committer.submit([device(1)]), self.committer.submit([device(2)])]
+        self.clock.advance(0)
+        good = self.committer.submit([device(3)])
+        self.backend.fail(ValueError("bug"))
+        for d in bad:
+            self.failureResultOf(d, ValueError)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertTrue(self.committer.available)
+        self.assertEqual(self.backend.land(), [device(3)])
+        self.assertEqual(self.successResultOf(good), [None])
+
+    def test_stop_flushes(self) -> None:
+        """stop() commits what is pending and fires after it landed."""
+        d = self.committer.submit([device(1)])
+        stopped = self.committer.stop()
+        self.assertEqual(len(self.backend.calls), 1)
+        self.assertNoResult(stopped)
+        self.backend.land()
+        self.assertEqual(self.successResultOf(d), [None])
+        self.successResultOf(stopped)
+        self.failureResultOf(self.committer.submit([device(2)]), StoreUnavailable)
+
+    def test_stop_during_outage_gives_up_after_one_try(self) -> None:
+        """stop() during an outage tries once more, then fails what is left."""
+        d = self.committer.submit([device(1)])
+        self.clock.advance(0)
+        self.backend.fail(StoreUnavailable("down"))
+        stopped = self.committer.stop()
+        self.backend.fail(StoreUnavailable("still down"))
+        self.failureResultOf(d, StoreUnavailable)
+        self.successResultOf(stopped)
+
+    def test_stop_when_idle(self) -> None:
+        """stop() with nothing pending fires at once."""
+        self.successResultOf(self.committer.stop())
+
+    def test_latency_recorded_per_submit(self) -> None:
+        """The histogram gets each submit's time from submit to durable."""
+        registry = CollectorRegistry()
+        histogram = Histogram("commit_seconds", "test", registry=registry)
+        committer = GroupCommitter(self.backend.commit, self.clock, "hand", histogram)
+        committer.submit([device(1)])
+        self.clock.advance(0.5)
+        committer.submit([device(2)])
+        self.backend.land()
+        self.clock.advance(0.25)
+        self.backend.land()
+        self.assertEqual(registry.get_sample_value("commit_seconds_count"), 2)
+        self.assertEqual(registry.get_sample_value("commit_seconds_sum"), 0.5 + 0.25)
+
+
+class OpenStoreTests(SynchronousTestCase):
+    def test_memory(self) -> None:
+        """memory: is the in-process store."""
+        self.assertIsInstance(open_store("memory:", Clock()), MemoryStore)
+
+    def test_sqlite(self) -> None:
+        """sqlite:PATH is the SQLite store on PATH."""
+        store = open_store("sqlite:some/file.sqlite3", Clock())
+        self.assertIsInstance(store, SQLiteStore)
+        self.assertEqual(store.name, "sqlite")
+
+    def test_mongodb(self) -> None:
+        """mongodb://HOST:PORT/DB is the MongoDB store, not connected yet."""
+        self.assertIsInstance(open_store("mongodb://127.0.0.1:1/db", Clock()), MongoStore)
+
+    def test_bad_uris(self) -> None:
+        """A URI that names no usable store is a ValueError in one sentence."""
+        for uri in ("", "sqlite:", "mysql://x/db", "mongodb://127.0.0.1:1", "mongodb://"):
+            with self.assertRaises(ValueError) as raised:
+                open_store(uri, Clock())
+            message = str(raised.exception)
+            self.assertIn(repr(uri), message)
+            self.assertNotIn("\n", message)
