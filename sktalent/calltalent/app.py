@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -31,6 +31,7 @@ from ..store.interfaces import (
     MarkReceived,
     Message,
     PutDevice,
+    StoreUnavailable,
 )
 from .auth import valid_user_id
 from .interfaces import ICallTalent, InvalidRequest
@@ -42,6 +43,8 @@ log = Logger()
 _MSGID = re.compile(r"[0-9a-f]{24}\Z")
 # Compact UTF-8 JSON, as the apps send it.
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+_HEALTH_TIMEOUT = 2.0
 
 # Push alerts for notifications the backend sends without one.
 _DEFAULT_ALERTS = {
@@ -287,7 +290,10 @@ class CallTalent:
         return self._store.chat_history(o_id, limit, before)
 
     def health(self) -> Deferred[None]:
-        return self._store.ping()
+        if not self._store.available:
+            return fail(StoreUnavailable(f"the {self._store.name} store is unavailable"))
+        # A health check must answer quickly even when the store does not.
+        return self._store.ping().addTimeout(_HEALTH_TIMEOUT, self._clock)
 
 
 def _opt(payload: Mapping[str, object], name: str) -> str | None:

@@ -186,6 +186,7 @@ class IStore(Interface):
     """
 
     name = Attribute("Short back-end name for logs and metrics, e.g. 'sqlite'.")
+    available = Attribute("False while commits fail because the back end is unreachable.")
 
     def start() -> Deferred[None]:
         """Open connections, create schema and indexes; fire when ready."""

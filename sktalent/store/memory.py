@@ -44,6 +44,7 @@ class _Session:
 @attrs.define
 class MemoryStore:
     name = "memory"
+    available = True
     _sessions: dict[str, _Session] = attrs.Factory(dict)
     _retained: dict[str, Message] = attrs.Factory(dict)
     # (sender, msgid) -> chat, in insertion order.

@@ -279,6 +279,10 @@ class MongoStore:
         return self._committer
 
     @property
+    def available(self) -> bool:
+        return self._committer.available
+
+    @property
     def _db(self) -> Database:
         assert self._pool is not None, "MongoStore used before start()"
         return self._pool[self._database]

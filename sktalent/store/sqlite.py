@@ -381,6 +381,10 @@ class SQLiteStore:
     def committer(self) -> GroupCommitter:
         return self._committer
 
+    @property
+    def available(self) -> bool:
+        return self._committer.available
+
     def start(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._start())
 
