@@ -86,7 +86,16 @@ class Options(usage.Options):
         self._listen_from_command_line = False
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        # The environment first, so that the command line wins.
+        """
+        Parse the environment, then the command line.  A bad value stops the
+        start with one line naming it (twistd would bury it under the usage).
+        """
+        try:
+            self._parse(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"sktalent: {e}") from None
+
+    def _parse(self, options: Sequence[str] | None) -> None:
         for name, _, _, _, *coerce in self.optParameters:
             value = os.environ.get(_env_name(name))
             if value is not None:

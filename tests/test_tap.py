@@ -1,0 +1,77 @@
+"""
+The twistd plugin's options: defaults, the environment, and bad values.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from unittest import mock
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sktalent.tap import Options
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = Path(tempfile.mkdtemp())
+        self.secret = str(self.directory / "secret")
+
+    def parse(self, argv: list[str], env: Mapping[str, str] | None = None) -> Options:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("SKTALENT_")}
+        with mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True):
+            options = Options()
+            options.parseOptions(["--auth-secret-file", self.secret, *argv])
+        return options
+
+    def refused(self, argv: list[str], env: Mapping[str, str] | None = None) -> str:
+        with self.assertRaises(SystemExit) as caught:
+            self.parse(argv, env)
+        return str(caught.exception.code)
+
+    def test_defaults(self) -> None:
+        """Without options the server uses INTERFACE defaults and creates the secret."""
+        options = self.parse([])
+        self.assertEqual(options["listen"], ["tcp:8075"])
+        self.assertEqual(options["api"], "tcp:8076:interface=127.0.0.1")
+        self.assertEqual(options["store"], "sqlite:sktalent.sqlite3")
+        self.assertEqual(options["max-packet"], 65536)
+        self.assertIsNone(options["tokens"])
+        self.assertEqual(os.stat(self.secret).st_mode & 0o777, 0o600)
+
+    def test_environment(self) -> None:
+        """SKTALENT_<NAME> sets an option; the command line wins over it."""
+        env = {
+            "SKTALENT_STORE": f"sqlite:{self.directory}/x.sqlite3",
+            "SKTALENT_LISTEN": "tcp:1883 tcp:1884",
+            "SKTALENT_MAX_QUEUED": "5",
+            "SKTALENT_ANONYMOUS": "true",
+        }
+        options = self.parse([], env)
+        self.assertEqual(options["store"], env["SKTALENT_STORE"])
+        self.assertEqual(options["listen"], ["tcp:1883", "tcp:1884"])
+        self.assertEqual(options["max-queued"], 5)
+        self.assertTrue(options["anonymous"])
+        options = self.parse(["--listen", "tcp:9", "--max-queued", "7"], env)
+        self.assertEqual((options["listen"], options["max-queued"]), (["tcp:9"], 7))
+
+    def test_bad_values_one_line(self) -> None:
+        """Each bad value stops the start with one line that names it."""
+        cases = [
+            (["--store", "foo:bar"], "--store"),
+            (["--max-packet", "abc"], "abc"),
+            (["--max-packet", "0"], "positive"),
+            (["--listen", "nonsense:1"], "nonsense:1"),
+            (["--api-token-file", str(self.directory / "none")], "none"),
+            (["--auth-url", "ftp://x"], "--auth-url"),
+            (["--no-such-option"], "no-such-option"),
+        ]
+        for argv, named in cases:
+            message = self.refused(argv)
+            self.assertTrue(message.startswith("sktalent: "), message)
+            self.assertNotIn("\n", message)
+            self.assertIn(named, message)
+        self.assertIn("SKTALENT_MAX_PACKET", self.refused([], {"SKTALENT_MAX_PACKET": "zz"}))
