@@ -241,6 +241,9 @@ class MQTTServerProtocol(Protocol):
         session = self._session
         assert session is not None and self._user is not None
         plan = Plan()
+        # First among the effects: the publisher hears PUBACK/PUBREC before
+        # anything its publish causes (such as a `sent` frame).
+        plan.add(None, lambda _: self._acknowledge(publish))
         pid = publish.packet_id
         if publish.qos == 2 and pid in session.inbound:
             pass  # A resent QoS 2 publish: answered, never delivered twice.
@@ -259,20 +262,15 @@ class MQTTServerProtocol(Protocol):
                 assert pid is not None
                 self._broker.hold_inbound(plan, session, pid)
         if self._broker.apply_now(plan):
-            self._published(publish)
             return
         self._track(+1)
 
         def failed(failure: Failure) -> None:
             self._unexpected(failure, "Could not commit a publish")
 
-        self._broker.commit(plan).addCallbacks(
-            lambda _: self._published(publish, committed=True), failed
-        )
+        self._broker.commit(plan).addCallbacks(lambda _: self._track(-1), failed)
 
-    def _published(self, publish: p.Publish, committed: bool = False) -> None:
-        if committed:
-            self._track(-1)
+    def _acknowledge(self, publish: p.Publish) -> None:
         if publish.qos == 1:
             assert publish.packet_id is not None
             self.send([p.PubAck(publish.packet_id)])
