@@ -40,6 +40,7 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 # Not the per-user limit under test here: the bench measures the data path.
 SKTALENT_ARGS = ("--chat-rate", "1000000")
 
+
 @attrs.frozen
 class Sizes:
     fanin: int
@@ -239,7 +240,7 @@ def main(argv: Sequence[str]) -> int:
     )
     print("ratio = sktalent / mosquitto; msg/s: higher is better, the rest: lower is better")
     print(
-        "4: sktalent CallTalent order_chat on SQLite (ack = \"sent\"); "
+        '4: sktalent CallTalent order_chat on SQLite (ack = "sent"); '
         "mosquitto: QoS 1 pairs, persistence true, cleansession false"
     )
     print()

@@ -48,15 +48,11 @@ class Metrics:
         self.refusals = _counter(
             r, "sktalent_refusals", "Client messages refused, by error code.", "code"
         )
-        self.dropped = _counter(
-            r, "sktalent_dropped", "Messages dropped, by reason.", "reason"
-        )
+        self.dropped = _counter(r, "sktalent_dropped", "Messages dropped, by reason.", "reason")
         self.auth_failures = _counter(
             r, "sktalent_auth_failures", "Refused CONNECTs, by reason.", "reason"
         )
-        self.pushes = _counter(
-            r, "sktalent_pushes", "Offline pushes, by outcome.", "outcome"
-        )
+        self.pushes = _counter(r, "sktalent_pushes", "Offline pushes, by outcome.", "outcome")
         self.store_latency = Histogram(
             "sktalent_store_commit_seconds",
             "Time from submit to durable commit.",

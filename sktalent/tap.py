@@ -64,8 +64,12 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["api", None, "tcp:8076:interface=127.0.0.1", "HTTP API listener (endpoint description)."],
         ["store", None, "sqlite:sktalent.sqlite3", "sqlite:PATH or mongodb://HOST:PORT/DB."],
-        ["auth-secret-file", None, "sktalent.secret",
-         "Shared secret for authSign; created (0600) if absent."],
+        [
+            "auth-secret-file",
+            None,
+            "sktalent.secret",
+            "Shared secret for authSign; created (0600) if absent.",
+        ],
         ["auth-url", None, None, "Verify authSign with this HTTP hook instead of the secret."],
         ["api-token-file", None, None, "Bearer tokens for /v1/*, one per line."],
         ["umeng-config", None, None, "Umeng push configuration (JSON)."],
@@ -73,8 +77,13 @@ class Options(usage.Options):
         ["max-content", None, 4000, "Longest chat content, in characters.", _positive_int],
         ["max-queued", None, 10000, "Messages queued per offline user.", _positive_int],
         ["retention-days", None, 30, "Days chat history is kept.", _positive_int],
-        ["chat-rate", None, 20, "Messages a user may send per second (bursts of 3x).",
-         _positive_int],
+        [
+            "chat-rate",
+            None,
+            20,
+            "Messages a user may send per second (bursts of 3x).",
+            _positive_int,
+        ],
     ]
     compData = usage.Completions(
         optActions={"store": usage.CompleteFiles(), "auth-secret-file": usage.CompleteFiles()}
@@ -131,9 +140,7 @@ class Options(usage.Options):
             self["secret"] = (
                 None if self["anonymous"] else load_or_create_secret(self["auth-secret-file"])
             )
-            self["tokens"] = (
-                load_tokens(self["api-token-file"]) if self["api-token-file"] else None
-            )
+            self["tokens"] = load_tokens(self["api-token-file"]) if self["api-token-file"] else None
             self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
@@ -147,7 +154,7 @@ def _env_name(option: str) -> str:
 
 def _check_store(uri: str) -> str:
     if uri.startswith("sqlite:"):
-        directory = os.path.dirname(os.path.abspath(uri[len("sqlite:"):]))
+        directory = os.path.dirname(os.path.abspath(uri[len("sqlite:") :]))
         if not os.access(directory, os.W_OK):
             raise ValueError(f"--store {uri}: directory {directory} is not writable")
     elif not uri.startswith(("mongodb://", "memory:")):
@@ -233,8 +240,9 @@ def _checker(options: Options, reactor: Any, http: Any) -> ICredentialsChecker:
     return AuthSignChecker(options["secret"], reactor)
 
 
-def _pusher(config: UmengConfig | None, reactor: IReactorTime, http: Any,
-            store: IStore, metrics: Metrics) -> IPusher:
+def _pusher(
+    config: UmengConfig | None, reactor: IReactorTime, http: Any, store: IStore, metrics: Metrics
+) -> IPusher:
     if config is None:
         log.warn("No --umeng-config: offline push is off")
         return DisabledPusher(metrics)
@@ -259,7 +267,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     broker = Broker(store, authorizer, metrics, reactor, max_queued=options["max-queued"])
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
     calltalent = CallTalent(
-        broker, store, pusher, reactor, metrics, AppLimits(
+        broker,
+        store,
+        pusher,
+        reactor,
+        metrics,
+        AppLimits(
             max_content=options["max-content"],
             rate=options["chat-rate"],
             burst=options["chat-rate"] * 3,
@@ -267,9 +280,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:
-        log.critical(
-            "ANONYMOUS MODE: no authentication, every topic open. Development only!"
-        )
+        log.critical("ANONYMOUS MODE: no authentication, every topic open. Development only!")
     factory = MQTTFactory(
         broker,
         portal_for(_checker(options, reactor, http)),

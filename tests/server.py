@@ -66,11 +66,18 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         command = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "sktalent",
-            "--listen", f"tcp:{self.mqtt_port}:interface=127.0.0.1",
-            "--api", f"tcp:{self.api_port}:interface=127.0.0.1",
-            "--store", self.store or f"sqlite:{self.directory / 'store.sqlite3'}",
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "sktalent",
+            "--listen",
+            f"tcp:{self.mqtt_port}:interface=127.0.0.1",
+            "--api",
+            f"tcp:{self.api_port}:interface=127.0.0.1",
+            "--store",
+            self.store or f"sqlite:{self.directory / 'store.sqlite3'}",
             *self.args,
         ]
         env = dict(os.environ, PYTHONPATH=str(ROOT))

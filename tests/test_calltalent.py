@@ -195,9 +195,7 @@ class ChatTests(CallTalentCase):
         t = delivered["payload"].pop("t")
         self.assertEqual(t, str(int(self.h.clock.seconds() * 1000)))
         self.assertEqual(delivered, frame)
-        self.publish(
-            b, {"msgid": msgid(1), "from": "bob", "to": "alice", "type": "received"}, 2
-        )
+        self.publish(b, {"msgid": msgid(1), "from": "bob", "to": "alice", "type": "received"}, 2)
         self.assertEqual(self.frames(a), [{"msgid": msgid(1), "type": "received"}])
         self.assertEqual(self.pusher.pushed, [])
 
@@ -312,9 +310,7 @@ class RefusalTests(CallTalentCase):
 
     def test_unknown_received(self) -> None:
         """received for a message never sent to the user gets unknown_message."""
-        error = self.refused(
-            {"msgid": msgid(7), "from": "alice", "to": "bob", "type": "received"}
-        )
+        error = self.refused({"msgid": msgid(7), "from": "alice", "to": "bob", "type": "received"})
         self.assertEqual(error["error"], "unknown_message")
 
     def test_rate_limited(self) -> None:
@@ -339,8 +335,8 @@ class NotificationTests(CallTalentCase):
         sent_id = self.successResultOf(self.app.notify("bob", "order", payload, None))
         [frame] = self.frames(b)
         self.assertEqual(
-            frame, {"msgid": sent_id, "from": "system", "to": "bob", "type": "order",
-                    "payload": payload}
+            frame,
+            {"msgid": sent_id, "from": "system", "to": "bob", "type": "order", "payload": payload},
         )
         self.assertEqual(self.pusher.pushed, [])
 

@@ -64,9 +64,7 @@ class PublishTests(ServerTestCase):
         for qos in (0, 1, 2):
             user.publish("conformance/basic", f"qos {qos}".encode(), qos)
         got = sorted((m.qos, m.payload, m.retain) for m in user.take(3))
-        self.assertEqual(
-            got, [(0, b"qos 0", False), (1, b"qos 1", False), (2, b"qos 2", False)]
-        )
+        self.assertEqual(got, [(0, b"qos 0", False), (1, b"qos 1", False), (2, b"qos 2", False)])
 
     def test_overlapping_subscriptions(self) -> None:
         """
@@ -78,8 +76,9 @@ class PublishTests(ServerTestCase):
         self.assertEqual(user.subscribe("conformance/overlap/+", 1), [1])
         user.publish("conformance/overlap/x", b"both", 2)
         [message] = user.take(1)
-        self.assertEqual((message.topic, message.payload, message.qos),
-                         ("conformance/overlap/x", b"both", 2))
+        self.assertEqual(
+            (message.topic, message.payload, message.qos), ("conformance/overlap/x", b"both", 2)
+        )
 
     def test_dollar_topics(self) -> None:
         """
@@ -273,15 +272,17 @@ class SessionTests(ServerTestCase):
         """
         client = self.raw()
         self.assertEqual(client.connect("redeliver", clean=False), p.ConnAck(0))
-        subscribed = client.subscribe(1, ("conformance/redeliver/1", 1),
-                                      ("conformance/redeliver/2", 2))
+        subscribed = client.subscribe(
+            1, ("conformance/redeliver/1", 1), ("conformance/redeliver/2", 2)
+        )
         self.assertEqual(subscribed.return_codes, (1, 2))
         publisher = self.paho("redeliver-publisher")
         publisher.publish("conformance/redeliver/1", b"one", 1)
         publisher.publish("conformance/redeliver/2", b"two", 2)
         first = [client.expect(p.Publish), client.expect(p.Publish)]
-        self.assertEqual([(m.payload, m.qos, m.dup) for m in first],
-                         [(b"one", 1, False), (b"two", 2, False)])
+        self.assertEqual(
+            [(m.payload, m.qos, m.dup) for m in first], [(b"one", 1, False), (b"two", 2, False)]
+        )
         client.disconnect()
 
         client = self.raw()
@@ -347,8 +348,9 @@ class KeepaliveTests(ServerTestCase):
         # 1.5 times the keepalive, and slack for a busy machine.
         self.assertLess(closed_after, 5.0)
         [message] = watcher.take(1)
-        self.assertEqual((message.topic, message.payload), ("conformance/keepalive/silent",
-                                                            b"silent"))
+        self.assertEqual(
+            (message.topic, message.payload), ("conformance/keepalive/silent", b"silent")
+        )
         pinging.send(p.PingReq())
         self.assertEqual(pinging.receive(), p.PingResp())
 

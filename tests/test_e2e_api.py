@@ -97,9 +97,7 @@ class APIEndToEnd(SynchronousTestCase):
         self.server = ServerProcess(args, directory=directory).start()
         self.addCleanup(self.server.stop)
 
-    def call(
-        self, method: str, path: str, body: object = None, token: str | None = TOKEN
-    ) -> Reply:
+    def call(self, method: str, path: str, body: object = None, token: str | None = TOKEN) -> Reply:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.server.api_port}{path}", method=method
         )
@@ -122,7 +120,8 @@ class APIEndToEnd(SynchronousTestCase):
 
     def register(self, user_id: str, platform: str) -> None:
         reply = self.call(
-            "PUT", f"/v1/users/{user_id}/device",
+            "PUT",
+            f"/v1/users/{user_id}/device",
             {"platform": platform, "device_token": "t"},
         )
         self.assertEqual((reply.status, reply.body), (204, b""))
@@ -252,8 +251,7 @@ class APIEndToEnd(SynchronousTestCase):
         self.assertTrue(carol.session_present)
         self.assertEqual(
             carol.frames(1),
-            [{"msgid": sent, "from": "system", "to": "carol", "type": "order",
-              "payload": payload}],
+            [{"msgid": sent, "from": "system", "to": "carol", "type": "order", "payload": payload}],
         )
 
     def test_online_user_not_pushed(self) -> None:
@@ -327,8 +325,12 @@ class APIEndToEnd(SynchronousTestCase):
         another order's chat is not in it.
         """
         alice = self.user("alice")
-        chats = [chat(1, "你好，在吗？"), chat(2, "second"), chat(3, "other", "o-2"),
-                 chat(4, "third")]
+        chats = [
+            chat(1, "你好，在吗？"),
+            chat(2, "second"),
+            chat(3, "other", "o-2"),
+            chat(4, "third"),
+        ]
         self.send_chats(alice, chats)
         wanted = [chats[0], chats[1], chats[3]]
 
@@ -375,18 +377,14 @@ class APIEndToEnd(SynchronousTestCase):
 
         samples = wait_for(counted, 10, "two pushes counted")
         self.assertEqual(samples[("sktalent_connections", ())], 1)
-        self.assertEqual(
-            samples[("sktalent_messages_in_total", (("type", "order_chat"),))], 1
-        )
+        self.assertEqual(samples[("sktalent_messages_in_total", (("type", "order_chat"),))], 1)
         self.assertEqual(len(self.stub.received(to("bob"))), 2)
 
     def metrics(self) -> Samples:
         """The samples of /metrics, checked to be Prometheus text."""
         reply = self.call("GET", "/metrics", token=None)
         self.assertEqual(reply.status, 200)
-        self.assertEqual(
-            reply.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8"
-        )
+        self.assertEqual(reply.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(reply.body.decode())

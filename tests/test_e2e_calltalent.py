@@ -36,8 +36,9 @@ class CallTalentEndToEnd(SynchronousTestCase):
         self.server = ServerProcess().start()
         self.addCleanup(self.server.stop)
 
-    def user(self, name: str, auth: str | None = None, client_id: str | None = None,
-             clean: bool = False) -> PahoUser:
+    def user(
+        self, name: str, auth: str | None = None, client_id: str | None = None, clean: bool = False
+    ) -> PahoUser:
         password = auth if auth is not None else sign(self.server.secret, name)
         u = PahoUser(self.server.mqtt_port, client_id or name, name, password, clean)
         self.addCleanup(u.close)
@@ -55,9 +56,20 @@ class CallTalentEndToEnd(SynchronousTestCase):
     def test_cli_mints_valid_sign(self) -> None:
         """The authsign command prints a sign the server accepts."""
         out = subprocess.run(
-            [sys.executable, "-m", "sktalent.authsign", "--secret-file",
-             str(self.server.directory / "sktalent.secret"), "carol", "--ttl", "60"],
-            capture_output=True, check=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            [
+                sys.executable,
+                "-m",
+                "sktalent.authsign",
+                "--secret-file",
+                str(self.server.directory / "sktalent.secret"),
+                "carol",
+                "--ttl",
+                "60",
+            ],
+            capture_output=True,
+            check=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
         ).stdout.strip()
         self.assertEqual(self.user("carol", auth=out).rc, 0)
 

@@ -51,8 +51,23 @@ class MosquittoClientTests(ServerTestCase):
         mosquitto_sub for one message within 10 s, printing it in fmt.
         """
         process = subprocess.Popen(
-            ["stdbuf", "-oL", "mosquitto_sub", *self.common(), "-t", topic, "-q", str(qos),
-             "-C", "1", "-W", "10", "-F", fmt, *extra],
+            [
+                "stdbuf",
+                "-oL",
+                "mosquitto_sub",
+                *self.common(),
+                "-t",
+                topic,
+                "-q",
+                str(qos),
+                "-C",
+                "1",
+                "-W",
+                "10",
+                "-F",
+                fmt,
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -104,8 +119,7 @@ class MosquittoClientTests(ServerTestCase):
             seen = self.wait_subscribed(sub)
             payload = PAYLOAD + bytes([qos])
             self.pub(topic, payload, qos)
-            self.assertEqual(self.messages(sub, seen), [f"MESSAGE {payload.hex()}"],
-                             f"QoS {qos}")
+            self.assertEqual(self.messages(sub, seen), [f"MESSAGE {payload.hex()}"], f"QoS {qos}")
 
     def test_retained(self) -> None:
         """
@@ -123,8 +137,7 @@ class MosquittoClientTests(ServerTestCase):
         """
         session = ["-c", "-i", "mosquitto-persistent"]
         subprocess.run(
-            ["mosquitto_sub", *self.common(), "-t", "mosquitto/offline", "-q", "1",
-             *session, "-E"],
+            ["mosquitto_sub", *self.common(), "-t", "mosquitto/offline", "-q", "1", *session, "-E"],
             check=True,
             timeout=15,
         )

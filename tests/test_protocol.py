@@ -127,9 +127,7 @@ class ConnectTests(SynchronousTestCase):
         """Packets sent right behind CONNECT are handled after the CONNACK."""
         c = self.h.client()
         c.send(p.Connect("a"), p.Subscribe(1, (("t", 1),)), p.PingReq())
-        self.assertEqual(
-            c.received(), [p.ConnAck(0), p.SubAck(1, (1,)), p.PingResp()]
-        )
+        self.assertEqual(c.received(), [p.ConnAck(0), p.SubAck(1, (1,)), p.PingResp()])
 
 
 def _connected(h: Harness, client_id: str, clean: bool = True, **kw: object) -> Client:

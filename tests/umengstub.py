@@ -128,10 +128,14 @@ class UmengStub:
         if not isinstance(body, dict):
             body = None
         app = None if body is None else self._apps.get(body.get("appkey"))
-        signed = app is not None and sign == hashlib.md5(
-            b"POST" + self.endpoint.encode() + raw + app.app_master_secret.encode(),
-            usedforsecurity=False,
-        ).hexdigest()
+        signed = (
+            app is not None
+            and sign
+            == hashlib.md5(
+                b"POST" + self.endpoint.encode() + raw + app.app_master_secret.encode(),
+                usedforsecurity=False,
+            ).hexdigest()
+        )
         with self._lock:
             if self._unavailable > 0:
                 self._unavailable -= 1

@@ -136,9 +136,7 @@ class CallTalent:
             raise Refusal("from_mismatch", "from must be your own userID", msgid)
         kind = envelope.get("type")
         if kind not in ("order_chat", "received"):
-            raise Refusal(
-                "unknown_type", "type must be order_chat or received", msgid
-            )
+            raise Refusal("unknown_type", "type must be order_chat or received", msgid)
         to = envelope.get("to")
         if not isinstance(to, str) or not valid_user_id(to) or to == client_id:
             raise Refusal("bad_envelope", "to must be another user's userID", msgid)
@@ -171,9 +169,7 @@ class CallTalent:
             raise Refusal("rate_limited", "too many messages; slow down", msgid)
         bucket.tokens -= 1
 
-    def _send(
-        self, plan: Plan, user_id: str, frame: Mapping[str, Any] | str, kind: str
-    ) -> None:
+    def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any] | str, kind: str) -> None:
         """Queue frame (or its JSON text) durably for user_id's own topic."""
         self._broker.ensure_session(plan, user_id)
         body = (frame if isinstance(frame, str) else _json(frame)).encode()
@@ -227,18 +223,14 @@ class CallTalent:
             if known:
                 inner.apply_if_true(known)
                 return
-            refusal = Refusal(
-                "unknown_message", f"no message {msgid} from {sender} to you", msgid
-            )
+            refusal = Refusal("unknown_message", f"no message {msgid} from {sender} to you", msgid)
             later = Plan()
             self._refuse(later, recipient, refusal)
             self._broker.commit(later).addErrback(
                 logged(log, "Refusing {msgid} failed", msgid=msgid)
             )
 
-        plan.add(
-            MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), answered
-        )
+        plan.add(MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), answered)
 
     def _push_if_offline(self, user_id: str, notice: PushNotice) -> None:
         if not self._broker.is_online(user_id):
@@ -253,8 +245,7 @@ class CallTalent:
         validate_notification(type, payload)
         msgid = new_msgid(self._clock.seconds())
         plan = Plan()
-        frame = {"msgid": msgid, "from": "system", "to": to, "type": type,
-                 "payload": dict(payload)}
+        frame = {"msgid": msgid, "from": "system", "to": to, "type": type, "payload": dict(payload)}
         self._send(plan, to, frame, type)
         notice = PushNotice(
             type,
@@ -299,4 +290,3 @@ class CallTalent:
 def _opt(payload: Mapping[str, object], name: str) -> str | None:
     value = payload.get(name)
     return value if isinstance(value, str) else None
-

@@ -37,9 +37,7 @@ class ICallTalent(Interface):
         also pushed.
         """
 
-    def push_webview(
-        users: Sequence[str] | None, tag: str | None, url: str, alert: str
-    ) -> None:
+    def push_webview(users: Sequence[str] | None, tag: str | None, url: str, alert: str) -> None:
         """Queue a webview push to the users or to the tag (exactly one given)."""
 
     def register_device(device: Device) -> Deferred[None]:

@@ -255,9 +255,7 @@ class Broker:
             plan.add(session.subscription_record())
         return session
 
-    def connect(
-        self, client_id: str, clean: bool, connection: IConnection
-    ) -> tuple[Session, bool]:
+    def connect(self, client_id: str, clean: bool, connection: IConnection) -> tuple[Session, bool]:
         """
         Attach connection to the client's session, taking it over from any
         other connection; answer the session and whether it was present.
@@ -323,9 +321,7 @@ class Broker:
         """Send the retained messages matching newly granted filters."""
         plan = Plan()
         for topic, retained in self._retained.items():
-            qos = max(
-                (q for f, q in granted if topic_matches(f, topic)), default=None
-            )
+            qos = max((q for f, q in granted if topic_matches(f, topic)), default=None)
             if qos is not None:
                 self._deliver(plan, session, attrs.evolve(retained, qos=min(qos, retained.qos)))
         return self.commit(plan)

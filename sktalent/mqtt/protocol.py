@@ -126,8 +126,9 @@ class MQTTServerProtocol(Protocol):
             self._write(packets)
 
     def take_over(self) -> None:
-        log.info("Client {client} connected again; closing its old connection",
-                 client=self._client_id)
+        log.info(
+            "Client {client} connected again; closing its old connection", client=self._client_id
+        )
         self._session = None
         self._close(None)
 
@@ -211,9 +212,7 @@ class MQTTServerProtocol(Protocol):
             self._refuse(code, "client_id")
             return
         self._user, self._client_id, self._will = user, client_id, connect.will
-        self._session, present = self._broker.connect(
-            client_id, connect.clean_session, self
-        )
+        self._session, present = self._broker.connect(client_id, connect.clean_session, self)
         self._state = _CONNECTED
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

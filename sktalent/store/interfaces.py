@@ -208,9 +208,7 @@ class IStore(Interface):
     def load_retained() -> Deferred[list[Message]]:
         """Every retained message."""
 
-    def chat_history(
-        o_id: str, limit: int, before: str | None
-    ) -> Deferred[list[ChatRecord]]:
+    def chat_history(o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         """
         Up to limit chat messages of the order, oldest first, all older than
         the message with msgid ``before`` when given.

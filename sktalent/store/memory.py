@@ -123,9 +123,7 @@ class MemoryStore:
     def load_retained(self) -> Deferred[list[Message]]:
         return succeed(list(self._retained.values()))
 
-    def chat_history(
-        self, o_id: str, limit: int, before: str | None
-    ) -> Deferred[list[ChatRecord]]:
+    def chat_history(self, o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         chats = sorted(
             (c for c in self._chats.values() if c.o_id == o_id),
             key=lambda c: (c.received_at, c.msgid),
