@@ -9,8 +9,6 @@ from twisted.internet.interfaces import IReactorTime
 
 from .interfaces import IStore
 from .memory import MemoryStore
-from .mongo import MongoStore
-from .sqlite import SQLiteStore
 
 
 def open_store(
@@ -31,8 +29,13 @@ def open_store(
         path = uri.removeprefix("sqlite:")
         if not path:
             raise ValueError(f"store URI {uri!r} has no file name: use sqlite:PATH")
+        from .sqlite import SQLiteStore
+
         return SQLiteStore(reactor, path, latency)
     if uri.startswith("mongodb://"):
+        # pymongo costs tens of MiB: only a server that uses MongoDB pays.
+        from .mongo import MongoStore
+
         return MongoStore(reactor, uri, latency, retention_days)
     raise ValueError(
         f"unknown store URI {uri!r}: use memory:, sqlite:PATH or mongodb://HOST:PORT/DB"
