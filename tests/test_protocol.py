@@ -161,6 +161,10 @@ class PubSubTests(SynchronousTestCase):
         self.assertEqual((delivered.topic, delivered.qos, delivered.dup), ("a/b", 1, False))
         sub.send(p.PubAck(delivered.packet_id))  # type: ignore[arg-type]
         self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+        counted = self.h.metrics.registry.get_sample_value(
+            "sktalent_messages_in_total", {"type": "mqtt_publish"}
+        )
+        self.assertEqual(counted, 1)
 
     def test_qos_downgrade(self) -> None:
         """A publish is delivered at the lower of its QoS and the granted one."""

@@ -56,6 +56,8 @@ class MQTTServerProtocol(Protocol):
     _metrics: Metrics
     _limits: Limits
     _decoder: Decoder = attrs.field(init=False)
+    # Publishes routed to subscribers (the application counts its own).
+    _routed: Any = attrs.field(init=False)
     _state: int = _AWAIT_CONNECT
     _waiting: list[p.Packet] = attrs.Factory(list)
     _timer: IDelayedCall | None = None
@@ -70,6 +72,7 @@ class MQTTServerProtocol(Protocol):
 
     def __attrs_post_init__(self) -> None:
         self._decoder = Decoder(self._limits.max_packet_size)
+        self._routed = self._metrics.messages_in.labels("mqtt_publish")
 
     # -- transport events ---------------------------------------------------
 
@@ -256,6 +259,7 @@ class MQTTServerProtocol(Protocol):
             if self._app is not None and self._app.owns(publish.topic):
                 self._app.handle(self._client_id, message, plan)
             else:
+                self._routed.inc()
                 self._broker.route(plan, message)
             if publish.qos == 2:
                 assert pid is not None
