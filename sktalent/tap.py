@@ -92,6 +92,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["refuse-subscribe"] = []
         self._listen_from_command_line = False
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -112,11 +113,17 @@ class Options(usage.Options):
                     self[name] = coerce[0](value) if coerce else value
                 except ValueError as e:
                     raise usage.UsageError(f"{_env_name(name)}: {e}") from None
+        # Repeatable options: whitespace-separated in the environment.
         if os.environ.get("SKTALENT_LISTEN"):
             self["listen"] = os.environ["SKTALENT_LISTEN"].split()
+        self["refuse-subscribe"] = os.environ.get("SKTALENT_REFUSE_SUBSCRIBE", "").split()
         if os.environ.get("SKTALENT_ANONYMOUS", "").lower() in ("1", "true", "yes", "on"):
             self["anonymous"] = 1
         super().parseOptions(options)
+
+    def opt_refuse_subscribe(self, topic_filter: str) -> None:
+        """With --anonymous: answer SUBSCRIBE to this filter with 0x80, repeatable."""
+        self["refuse-subscribe"].append(topic_filter)
 
     def opt_listen(self, description: str) -> None:
         """MQTT listener (endpoint description), repeatable [default: tcp:8075]."""
@@ -144,6 +151,8 @@ class Options(usage.Options):
             self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
+        if self["refuse-subscribe"] and not self["anonymous"]:
+            raise usage.UsageError("--refuse-subscribe goes with --anonymous only")
         if self["auth-url"] and not self["auth-url"].startswith(("http://", "https://")):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
 
@@ -263,7 +272,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         latency=metrics.store_latency,
         retention_days=options["retention-days"],
     )
-    authorizer: IAuthorizer = AllowEverything() if options["anonymous"] else CallTalentRules()
+    authorizer: IAuthorizer = (
+        AllowEverything(frozenset(options["refuse-subscribe"]))
+        if options["anonymous"]
+        else CallTalentRules()
+    )
     broker = Broker(store, authorizer, metrics, reactor, max_queued=options["max-queued"])
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
     calltalent = CallTalent(

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
-from sktalent.mqtt.auth import portal_for
+from sktalent.mqtt.auth import AllowEverything, portal_for
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness
@@ -218,6 +218,13 @@ class PubSubTests(SynchronousTestCase):
         sub.received()
         pub.send(p.Publish("$SYS/x", b"x"))
         self.assertEqual(sub.received(), [p.Publish("$SYS/x", b"x")])
+
+    def test_refused_filter(self) -> None:
+        """A filter the operator refuses is answered 0x80; the others granted."""
+        h = Harness(authorizer=AllowEverything(frozenset({"test/nosubscribe"})))
+        sub = _connected(h, "s")
+        sub.send(p.Subscribe(1, (("test/nosubscribe", 2), ("test/ok", 2))))
+        self.assertEqual(sub.received(), [p.SubAck(1, (0x80, 2))])
 
     def test_unsubscribe(self) -> None:
         """After UNSUBACK nothing more arrives for that filter."""

@@ -49,12 +49,14 @@ class OptionsTests(SynchronousTestCase):
             "SKTALENT_LISTEN": "tcp:1883 tcp:1884",
             "SKTALENT_MAX_QUEUED": "5",
             "SKTALENT_ANONYMOUS": "true",
+            "SKTALENT_REFUSE_SUBSCRIBE": "test/nosubscribe a/#",
         }
         options = self.parse([], env)
         self.assertEqual(options["store"], env["SKTALENT_STORE"])
         self.assertEqual(options["listen"], ["tcp:1883", "tcp:1884"])
         self.assertEqual(options["max-queued"], 5)
         self.assertTrue(options["anonymous"])
+        self.assertEqual(options["refuse-subscribe"], ["test/nosubscribe", "a/#"])
         options = self.parse(["--listen", "tcp:9", "--max-queued", "7"], env)
         self.assertEqual((options["listen"], options["max-queued"]), (["tcp:9"], 7))
 
@@ -68,6 +70,7 @@ class OptionsTests(SynchronousTestCase):
             (["--api-token-file", str(self.directory / "none")], "none"),
             (["--auth-url", "ftp://x"], "--auth-url"),
             (["--no-such-option"], "no-such-option"),
+            (["--refuse-subscribe", "x"], "--anonymous"),
         ]
         for argv, named in cases:
             message = self.refused(argv)

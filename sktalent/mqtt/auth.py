@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from .interfaces import IAuthorizer, IMQTTUser
+from .packets import SUBSCRIBE_FAILURE
 
 
 @implementer(IMQTTUser)
@@ -46,10 +47,14 @@ def portal_for(*checkers: ICredentialsChecker) -> Portal:
 
 
 @implementer(IAuthorizer)
+@attrs.frozen
 class AllowEverything:
     """
-    A plain MQTT 3.1.1 broker: every client id, topic and filter is allowed.
+    A plain MQTT 3.1.1 broker: every client id, topic and filter is allowed,
+    but for the filters an operator refuses by name.
     """
+
+    refused: frozenset[str] = frozenset()
 
     def check_client_id(self, user: IMQTTUser, client_id: str) -> int:
         return 0
@@ -58,7 +63,7 @@ class AllowEverything:
         return ()
 
     def grant(self, user: IMQTTUser, client_id: str, topic_filter: str, qos: int) -> int:
-        return qos
+        return SUBSCRIBE_FAILURE if topic_filter in self.refused else qos
 
     def may_publish(self, user: IMQTTUser, client_id: str, topic: str) -> bool:
         return True
