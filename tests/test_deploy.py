@@ -14,6 +14,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import sktalent
+from sktalent.tap import Options
 
 DEPLOY = FilePath(os.path.abspath(sktalent.__file__)).parent().parent().child("deploy")
 UNIT = DEPLOY.child("sktalent.service")
@@ -90,21 +91,18 @@ class ServiceUnitTests(SynchronousTestCase):
 
     def test_environment_example(self) -> None:
         """
-        The environment example names every variable the unit's options
-        use, each commented out (the defaults).
+        The environment example names the variable of every server option,
+        each commented out (the defaults).
         """
         example = DEPLOY.child("sktalent.env.example").getContent().decode("utf-8")
         names = re.findall(r"^#(SKTALENT_[A-Z_]+)=", example, re.MULTILINE)
-        for name in (
-            "SKTALENT_LISTEN",
-            "SKTALENT_API",
-            "SKTALENT_STORE",
-            "SKTALENT_AUTH_SECRET_FILE",
-            "SKTALENT_AUTH_URL",
-            "SKTALENT_API_TOKEN_FILE",
-            "SKTALENT_UMENG_CONFIG",
-            "SKTALENT_ANONYMOUS",
-        ):
+        options = (
+            [flag[0] for flag in Options.optFlags]
+            + [parameter[0] for parameter in Options.optParameters]
+            + ["listen", "refuse-subscribe"]
+        )
+        for option in options:
+            name = "SKTALENT_" + option.upper().replace("-", "_")
             with self.subTest(name=name):
                 self.assertIn(name, names)
         self.assertEqual(len(names), len(set(names)))
