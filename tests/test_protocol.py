@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEverything, portal_for
+from sktalent.mqtt.protocol import Limits
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness
@@ -105,6 +106,18 @@ class ConnectTests(SynchronousTestCase):
         c.connect("a")
         c.protocol.dataReceived(b"\xf0\x00")
         self.assertTrue(c.closed)
+
+    def test_packet_too_large(self) -> None:
+        """A packet over the limit closes the connection, counted."""
+        h = Harness(limits=Limits(max_packet_size=100))
+        c = h.client()
+        c.connect("a")
+        c.send(p.Publish("t", b"x" * 200))
+        self.assertTrue(c.closed)
+        dropped = h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "packet_too_large"}
+        )
+        self.assertEqual(dropped, 1)
 
     def test_takeover(self) -> None:
         """A second connection with the same client id closes the first."""

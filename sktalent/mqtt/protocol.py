@@ -92,6 +92,10 @@ class MQTTServerProtocol(Protocol):
                 self._write([p.ConnAck(p.REFUSED_PROTOCOL_VERSION)])
             self._close(f"unacceptable protocol level {e.level}")
             return
+        except p.PacketTooLarge as e:
+            self._metrics.dropped.labels("packet_too_large").inc()
+            self._close(str(e))
+            return
         except p.ProtocolError as e:
             self._close(f"malformed packet: {e}")
             return
