@@ -5,6 +5,9 @@ clients that speak to it over StringTransport.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import attrs
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
@@ -20,6 +23,15 @@ from sktalent.mqtt.interfaces import IApplication, IAuthorizer
 from sktalent.mqtt.protocol import Limits, MQTTFactory, MQTTServerProtocol
 from sktalent.store.interfaces import IStore
 from sktalent.store.memory import MemoryStore
+
+P = TypeVar("P", bound=p.Packet)
+
+
+def only(kind: type[P], packets: Sequence[p.Packet]) -> list[P]:
+    """packets, each checked to be a kind."""
+    for packet in packets:
+        assert isinstance(packet, kind), packet
+    return list(packets)  # type: ignore[arg-type]
 
 
 @attrs.define(eq=False)

@@ -16,7 +16,7 @@ from sktalent.mqtt.auth import AllowEverything, portal_for
 from sktalent.mqtt.protocol import Limits
 from sktalent.store.memory import MemoryStore
 
-from .mqttclient import Client, Harness
+from .mqttclient import Client, Harness, only
 
 
 @implementer(ICredentialsChecker)
@@ -145,13 +145,19 @@ class ConnectTests(SynchronousTestCase):
 
 def _connected(h: Harness, client_id: str, clean: bool = True, **kw: object) -> Client:
     c = h.client()
-    assert c.connect(client_id, clean=clean, **kw)[0].return_code == 0  # type: ignore[union-attr]
+    [connack] = only(p.ConnAck, c.connect(client_id, clean=clean, **kw))
+    assert connack.return_code == 0
     return c
 
 
 class PubSubTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.h = Harness()
+
+    def queue(self, client_id: str) -> dict[int, object]:
+        session = self.h.broker.session(client_id)
+        assert session is not None
+        return dict(session.queue)
 
     def test_qos0(self) -> None:
         """QoS 0 is delivered at QoS 0 with no acknowledgement."""
@@ -172,8 +178,9 @@ class PubSubTests(SynchronousTestCase):
         [delivered] = sub.received()
         assert isinstance(delivered, p.Publish)
         self.assertEqual((delivered.topic, delivered.qos, delivered.dup), ("a/b", 1, False))
-        sub.send(p.PubAck(delivered.packet_id))  # type: ignore[arg-type]
-        self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+        assert delivered.packet_id is not None
+        sub.send(p.PubAck(delivered.packet_id))
+        self.assertEqual(self.queue("s"), {})
         counted = self.h.metrics.registry.get_sample_value(
             "sktalent_messages_in_total", {"type": "mqtt_publish"}
         )
@@ -205,7 +212,7 @@ class PubSubTests(SynchronousTestCase):
         sub.send(p.PubRec(delivered.packet_id))
         self.assertEqual(sub.received(), [p.PubRel(delivered.packet_id)])
         sub.send(p.PubComp(delivered.packet_id))
-        self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+        self.assertEqual(self.queue("s"), {})
         # The packet id is free again for a new message.
         pub.send(p.Publish("t", b"y", 2, packet_id=3))
         self.assertEqual(pub.received(), [p.PubRec(3)])
@@ -217,8 +224,8 @@ class PubSubTests(SynchronousTestCase):
         sub.send(p.Subscribe(1, (("a/#", 0), ("a/+", 1), ("a/b", 0))))
         sub.received()
         pub.send(p.Publish("a/b", b"x", 2, packet_id=1))
-        [delivered] = sub.received()
-        self.assertEqual(delivered.qos, 1)  # type: ignore[union-attr]
+        [delivered] = only(p.Publish, sub.received())
+        self.assertEqual(delivered.qos, 1)
 
     def test_dollar_topics(self) -> None:
         """Filters starting with a wildcard do not match $ topics."""
@@ -281,7 +288,7 @@ class RetainedTests(SynchronousTestCase):
         sub.send(p.Subscribe(1, (("r/#", 1),)))
         packets = sub.received()
         self.assertEqual(packets[0], p.SubAck(1, (1,)))
-        got = {(x.topic, x.payload, x.retain, x.qos) for x in packets[1:]}  # type: ignore[union-attr]
+        got = {(x.topic, x.payload, x.retain, x.qos) for x in only(p.Publish, packets[1:])}
         self.assertEqual(got, {("r/1", b"two", True, 1), ("r/2", b"x", True, 0)})
         pub.send(p.Publish("r/1", b"", 0, retain=True))
         # Live subscribers get the deletion as a normal message.
@@ -289,7 +296,7 @@ class RetainedTests(SynchronousTestCase):
         later = _connected(self.h, "l")
         later.send(p.Subscribe(1, (("r/#", 1),)))
         packets = later.received()
-        self.assertEqual([x.topic for x in packets[1:]], ["r/2"])  # type: ignore[union-attr]
+        self.assertEqual([x.topic for x in only(p.Publish, packets[1:])], ["r/2"])
 
     def test_live_delivery_not_retained(self) -> None:
         """A retained publish reaches existing subscribers without the flag."""
@@ -351,7 +358,7 @@ class SessionTests(SynchronousTestCase):
         sub = self.h.client()
         packets = sub.connect("s", clean=False)
         self.assertEqual(packets[0], p.ConnAck(0, True))
-        self.assertEqual([x.payload for x in packets[1:]], [b"1", b"2"])  # type: ignore[union-attr]
+        self.assertEqual([x.payload for x in only(p.Publish, packets[1:])], [b"1", b"2"])
 
     def test_redelivery_with_dup(self) -> None:
         """Unacknowledged messages are resent with DUP and the same packet id."""
@@ -406,7 +413,7 @@ class SessionTests(SynchronousTestCase):
         c = second.client()
         packets = c.connect("s", clean=False)
         self.assertEqual(packets[0], p.ConnAck(0, True))
-        self.assertEqual(packets[1].payload, b"kept")  # type: ignore[union-attr]
+        self.assertEqual(only(p.Publish, packets[1:])[0].payload, b"kept")
 
     def test_queue_limit(self) -> None:
         """A full queue drops its oldest message, counted."""
@@ -416,7 +423,8 @@ class SessionTests(SynchronousTestCase):
         for i in range(5):
             pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
         packets = self.h.client().connect("s", clean=False)
-        self.assertEqual([x.payload for x in packets[1:]], [b"2", b"3", b"4"])  # type: ignore[union-attr]
+        payloads = [x.payload for x in only(p.Publish, packets[1:])]
+        self.assertEqual(payloads, [b"2", b"3", b"4"])
         dropped = self.h.metrics.registry.get_sample_value(
             "sktalent_dropped_total", {"reason": "queue_full"}
         )
