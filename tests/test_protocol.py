@@ -328,6 +328,14 @@ class WillTests(SynchronousTestCase):
         c.lose()
         self.assertEqual(self.sub.received(), [])
 
+    def test_server_stopping(self) -> None:
+        """Connections closed because the server stops publish no will."""
+        c = _connected(self.h, "w", will=p.Will("will", b"gone", retain=True))
+        self.h.factory.close_all()
+        self.assertTrue(c.closed)
+        c.lose()
+        self.assertEqual(self.successResultOf(self.h.store.load_retained()), [])
+
     def test_keepalive_publishes_will(self) -> None:
         """A keepalive timeout is an abnormal loss."""
         c = _connected(self.h, "w", keepalive=2, will=p.Will("will", b"gone"))

@@ -36,10 +36,7 @@ _AWAIT_CONNECT, _AUTHENTICATING, _CONNECTED, _CLOSED = range(4)
 _HIGH_WATER = 256
 _LOW_WATER = 64
 
-_SERVER_TO_CLIENT = (p.ConnAck, p.SubAck, p.UnsubAck, p.PingResp)
-
-
-@attrs.define(eq=False)
+@attrs.frozen
 class Limits:
     max_packet_size: int = 65536
     connect_timeout: float = 10.0
@@ -131,6 +128,12 @@ class MQTTServerProtocol(Protocol):
     def send(self, packets: list[p.Packet]) -> None:
         if self._state == _CONNECTED:
             self._write(packets)
+
+    def server_stopping(self) -> None:
+        # Wills announce a client's failure; a server going down is not one,
+        # and the store is closing behind it.
+        self._will = None
+        self._close("the server is stopping")
 
     def take_over(self) -> None:
         log.info(
@@ -418,5 +421,6 @@ class MQTTFactory(Factory):
         self._live.discard(protocol)
 
     def close_all(self) -> None:
+        """Close every connection: the server is stopping, not the clients failing."""
         for protocol in list(self._live):
-            protocol._close("the server is stopping")
+            protocol.server_stopping()
