@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,6 +31,7 @@ class PahoUser:
         username: str | None = None,
         password: str | None = None,
         clean: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -39,6 +41,8 @@ class PahoUser:
         )
         if username is not None:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connack: queue.Queue[tuple[int, bool]] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
