@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
     """Poll predicate until it returns something true; bounded in time."""
     deadline = time.monotonic() + timeout
@@ -95,11 +104,7 @@ class ServerProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"the server exited {self.process.returncode}:\n{self.log}")
-        try:
-            socket.create_connection(("127.0.0.1", self.mqtt_port), 0.5).close()
-        except OSError:
-            return False
-        return True
+        return listening(self.mqtt_port)
 
     def api(self, path: str) -> tuple[int, bytes]:
         url = f"http://127.0.0.1:{self.api_port}{path}"

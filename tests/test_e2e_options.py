@@ -9,7 +9,6 @@ import datetime
 import ipaddress
 import json
 import shutil
-import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, wait_for
+from .server import ServerProcess, free_port, listening, wait_for
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -56,14 +55,6 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-    except OSError:
-        return False
-    return True
-
-
 class TLSTests(SynchronousTestCase):
     def test_mqtt_over_tls(self) -> None:
         """
@@ -81,7 +72,7 @@ class TLSTests(SynchronousTestCase):
         ]
         server.start()
         self.addCleanup(server.stop)
-        wait_for(lambda: _listening(tls_port), what="the TLS listener")
+        wait_for(lambda: listening(tls_port), what="the TLS listener")
         plain = PahoUser(server.mqtt_port, "plain", clean=True)
         self.addCleanup(plain.close)
         self.assertEqual(plain.subscribe("tls/#", 1), [1])
