@@ -19,8 +19,10 @@ from sktalent.calltalent.app import AppLimits, CallTalent
 from sktalent.calltalent.auth import AuthSignChecker
 from sktalent.calltalent.interfaces import InvalidRequest
 from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
+from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
+from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
 from sktalent.store.interfaces import Op
 from sktalent.store.memory import MemoryStore
@@ -356,6 +358,17 @@ class NotificationTests(CallTalentCase):
         _, packets = self.login("carol")
         self.assertEqual(packets[0], p.ConnAck(0, True))
         self.assertEqual(json.loads(only(p.Publish, packets[1:])[0].payload)["type"], "note")
+
+    def test_push_off(self) -> None:
+        """Without a push service, a push that was due is counted as disabled."""
+        metrics = Metrics()
+        self.pusher = DisabledPusher(metrics)  # type: ignore[assignment]
+        self.h = self.harness(self.store)
+        self.successResultOf(self.app.notify("carol", "feedback", {"content": "谢谢"}, None))
+        counted = metrics.registry.get_sample_value(
+            "sktalent_pushes_total", {"outcome": "disabled"}
+        )
+        self.assertEqual(counted, 1)
 
     def test_invalid(self) -> None:
         """An unknown status is refused before anything is stored."""
