@@ -36,6 +36,7 @@ _AWAIT_CONNECT, _AUTHENTICATING, _CONNECTED, _CLOSED = range(4)
 _HIGH_WATER = 256
 _LOW_WATER = 64
 
+
 @attrs.frozen
 class Limits:
     max_packet_size: int = 65536
