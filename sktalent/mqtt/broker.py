@@ -84,6 +84,8 @@ class Session:
     inbound: set[int] = attrs.Factory(set)
     next_seq: int = 1
     connection: IConnection | None = None
+    # Dropping for a full queue since the client last connected.
+    overflowing: bool = False
 
     def subscription_record(self) -> PutSession:
         return PutSession(self.client_id, tuple(sorted(self.subscriptions.items())))
@@ -395,10 +397,13 @@ class Broker:
         session.unsent.remove(victim)
         self._metrics.queued.dec()
         self._metrics.dropped.labels("queue_full").inc()
-        log.warn(
-            "Queue of {client} is full; dropped its oldest message",
-            client=session.client_id,
-        )
+        if not session.overflowing:
+            # Once per episode: a full queue drops at every new message.
+            session.overflowing = True
+            log.warn(
+                "Queue of {client} is full; dropping its oldest messages",
+                client=session.client_id,
+            )
         if session.persistent:
             self._fire_and_forget(Dequeue(session.client_id, victim.seq))
 
@@ -424,6 +429,7 @@ class Broker:
         """
         session.inflight.clear()
         session.unsent = deque(session.queue.values())
+        session.overflowing = False
         self._pump(session)
 
     def _pump(self, session: Session) -> None:
