@@ -279,6 +279,12 @@ class RefusalTests(CallTalentCase):
         error = self.refused(b"{nope")
         self.assertEqual((error["error"], error["msgid"]), ("bad_json", ""))
 
+    def test_deeply_nested(self) -> None:
+        """JSON nested past what the parser takes is bad_json, not a crash."""
+        error = self.refused(b"[" * 60000)
+        self.assertEqual(error["error"], "bad_json")
+        self.assertFalse(self.a.closed)
+
     def test_not_object(self) -> None:
         """JSON that is not an object gets bad_envelope."""
         self.assertEqual(self.refused([1, 2])["error"], "bad_envelope")

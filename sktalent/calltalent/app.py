@@ -121,7 +121,7 @@ class CallTalent:
     def _parse(self, client_id: str, raw: bytes) -> dict[str, Any]:
         try:
             envelope = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurd nesting
             raise Refusal("bad_json", "the message is not UTF-8 JSON") from None
         if not isinstance(envelope, dict):
             raise Refusal("bad_envelope", "the message must be a JSON object")
