@@ -24,7 +24,7 @@ from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
-from sktalent.store.interfaces import Op
+from sktalent.store.interfaces import Device, Op, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness, only
@@ -375,6 +375,19 @@ class NotificationTests(CallTalentCase):
             "sktalent_pushes_total", {"outcome": "disabled"}
         )
         self.assertEqual(counted, 1)
+
+    def test_store_down(self) -> None:
+        """While the store is down, notifications and devices are refused at once."""
+
+        class DownStore(MemoryStore):
+            available = False
+
+        self.h = self.harness(DownStore())
+        self.assertRaises(
+            StoreUnavailable, self.app.notify, "bob", "feedback", {"content": "x"}, None
+        )
+        self.assertRaises(StoreUnavailable, self.app.register_device, Device("bob", "ios", "t"))
+        self.failureResultOf(self.app.health(), StoreUnavailable)
 
     def test_invalid(self) -> None:
         """An unknown status is refused before anything is stored."""

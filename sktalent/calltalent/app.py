@@ -243,6 +243,7 @@ class CallTalent:
     ) -> Deferred[str]:
         validate_user_id(to)
         validate_notification(type, payload)
+        self._check_store()
         msgid = new_msgid(self._clock.seconds())
         plan = Plan()
         frame = {"msgid": msgid, "from": "system", "to": to, "type": type, "payload": dict(payload)}
@@ -270,6 +271,7 @@ class CallTalent:
             raise InvalidRequest("bad_request", "give either to or tag")
 
     def register_device(self, device: Device) -> Deferred[None]:
+        self._check_store()
         plan = Plan()
         plan.add(PutDevice(device))
         return self._broker.commit(plan)
@@ -280,9 +282,19 @@ class CallTalent:
     def history(self, o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         return self._store.chat_history(o_id, limit, before)
 
-    def health(self) -> Deferred[None]:
+    def _check_store(self) -> None:
+        """
+        Refuse backend calls at once while the store is down, rather than
+        leave them waiting for it.
+        """
         if not self._store.available:
-            return fail(StoreUnavailable(f"the {self._store.name} store is unavailable"))
+            raise StoreUnavailable(f"the {self._store.name} store is unavailable")
+
+    def health(self) -> Deferred[None]:
+        try:
+            self._check_store()
+        except StoreUnavailable as e:
+            return fail(e)
         # A health check must answer quickly even when the store does not.
         return self._store.ping().addTimeout(_HEALTH_TIMEOUT, self._clock)
 
