@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+from prometheus_client import Counter
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -97,7 +98,7 @@ class CallTalent:
     metrics: Metrics
     _limits: AppLimits = AppLimits()
     _buckets: dict[str, _Bucket] = attrs.Factory(dict)
-    _counters: dict[str, Any] = attrs.Factory(dict)
+    _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
 
     # -- IApplication: what clients publish --------------------------------
 
@@ -112,7 +113,7 @@ class CallTalent:
             self._refuse(plan, client_id, refusal)
             return
         kind = envelope["type"]
-        self.metrics.messages_in.labels(kind).inc()
+        self._counter(self.metrics.messages_in, kind).inc()
         if kind == "order_chat":
             self._chat(plan, envelope)
         else:
@@ -173,14 +174,20 @@ class CallTalent:
         """Queue frame (or its JSON text) durably for user_id's own topic."""
         self._broker.ensure_session(plan, user_id)
         body = (frame if isinstance(frame, str) else _json(frame)).encode()
-        counter = self._counters.get(kind)
-        if counter is None:
-            counter = self._counters[kind] = self.metrics.messages_out.labels(kind)
+        counter = self._counter(self.metrics.messages_out, kind)
         self._broker.route(plan, Message(client_topic(user_id), body, 1))
         plan.add(None, lambda _: counter.inc())
 
+    def _counter(self, family: Counter, label: str) -> Counter:
+        # Looking a label up costs more than counting: keep what was found.
+        key = (family, label)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = family.labels(label)
+        return counter
+
     def _refuse(self, plan: Plan, client_id: str, refusal: Refusal) -> None:
-        self.metrics.refusals.labels(refusal.code).inc()
+        self._counter(self.metrics.refusals, refusal.code).inc()
         log.info(
             "Refused a message from {client}: {code} ({why})",
             client=client_id,
@@ -256,7 +263,7 @@ class CallTalent:
             status=_opt(payload, "status"),
         )
         plan.add(None, lambda _: self._push_if_offline(to, notice))
-        self.metrics.messages_in.labels(type).inc()
+        self._counter(self.metrics.messages_in, type).inc()
         return self._broker.commit(plan).addCallback(lambda _: msgid)
 
     def push_webview(

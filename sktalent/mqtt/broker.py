@@ -100,21 +100,21 @@ class Plan:
     """
 
     _entries: list[tuple[Op | None, Effect | None]] = attrs.Factory(list)
-    _op_count: int = 0
+    _ops: list[Op] = attrs.Factory(list)
 
     def add(self, op: Op | None, effect: Effect | None = None) -> None:
         self._entries.append((op, effect))
         if op is not None:
-            self._op_count += 1
+            self._ops.append(op)
 
     @property
     def empty(self) -> bool:
         """True when nothing in it needs the store."""
-        return not self._op_count
+        return not self._ops
 
     @property
     def ops(self) -> tuple[Op, ...]:
-        return tuple(op for op, _ in self._entries if op is not None)
+        return tuple(self._ops)
 
     def apply(self, results: Iterable[object]) -> None:
         it = iter(results)
@@ -126,7 +126,7 @@ class Plan:
     def apply_if_true(self, result: object) -> None:
         """Effect for a guarded operation whose ``then`` are this plan's ops."""
         if result:
-            self.apply([None] * self._op_count)
+            self.apply([None] * len(self._ops))
 
 
 @attrs.define(eq=False)
