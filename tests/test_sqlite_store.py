@@ -18,8 +18,10 @@ from twisted.trial.unittest import TestCase
 
 import sktalent
 from sktalent.store.interfaces import (
+    ChatRecord,
     Device,
     Enqueue,
+    InsertChat,
     Message,
     PutDevice,
     QueuedMessage,
@@ -118,6 +120,25 @@ class SQLiteStoreTests(TestCase):
             list(range(1, len(MIGRATIONS) + 2)),
         )
         self.assertIn("registered_at", [r[1] for r in self.query("PRAGMA table_info(devices)")])
+
+    async def test_first_schema_upgrades(self) -> None:
+        """
+        A file of the first schema, chats without InsertChat tokens, upgrades
+        in place: its chats stay, and a retransmission of one is refused.
+        """
+        first = await self.started(migrations=MIGRATIONS[:1])
+        conn = sqlite3.connect(self.path)
+        conn.execute(
+            "INSERT INTO chats (sender, msgid, recipient, o_id, envelope, received_at)"
+            " VALUES ('a', 'm1', 'b', 'o1', '{}', 5)"
+        )
+        conn.commit()
+        conn.close()
+        await first.stop()
+        store = await self.started()
+        record = ChatRecord("m1", "a", "b", "o1", "{}", 5)
+        self.assertEqual(await store.chat_history("o1", 10, None), [record])
+        self.assertEqual(await store.submit([InsertChat(record)]), [False])
 
     async def test_refuses_newer_schema(self) -> None:
         """A file from a newer server is refused with a clear error."""

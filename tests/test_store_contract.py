@@ -264,6 +264,23 @@ class StoreContract(_Mixin):
         )
         self.assertEqual(await self.store.chat_history("o1", 10, None), [first])
 
+    async def test_insert_chat_retried(self) -> None:
+        """
+        The same InsertChat committed again (a retry whose first attempt
+        landed unanswered) is still True and its `then` lands once; a
+        retransmission of the chat, another operation, is False.
+        """
+        m = Message("$sktalent/clients/bob", b"hi", 1)
+        op = InsertChat(chat(msgid(1), 1000), (Enqueue("bob", 1, m),))
+        self.assertEqual(await self.store.submit([op]), [True])
+        self.assertEqual(await self.store.submit([op]), [True])
+        self.assertEqual(
+            await self.store.load_sessions(), [SessionRecord("bob", (), (QueuedMessage(1, m),))]
+        )
+        retransmitted = InsertChat(chat(msgid(1), 1000), (Enqueue("bob", 2, m),))
+        self.assertEqual(await self.store.submit([retransmitted]), [False])
+        self.assertEqual(len((await self.store.load_sessions())[0].queue), 1)
+
     async def test_same_msgid_other_sender(self) -> None:
         """The msgid is unique per sender only."""
         a = chat(msgid(1), 1000, sender="alice")

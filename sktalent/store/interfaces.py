@@ -9,6 +9,7 @@ broker acknowledge anything to a client.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import attrs
@@ -132,11 +133,15 @@ class InsertChat:
     """
     Store a chat message unless (sender, msgid) is stored already.  Result:
     True when it was new; the operations in ``then`` are committed with it
-    only in that case.
+    only in that case.  A commit retried after its first attempt landed
+    unanswered finds the chat stored with this operation's token: that is
+    still True (and ``then`` is written again, harmlessly), where a client's
+    retransmission, another operation, is False.
     """
 
     chat: ChatRecord
     then: tuple[Op, ...] = ()
+    token: str = attrs.Factory(lambda: secrets.token_hex(8))
 
 
 @attrs.frozen

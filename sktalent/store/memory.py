@@ -49,6 +49,7 @@ class MemoryStore:
     _retained: dict[str, Message] = attrs.Factory(dict)
     # (sender, msgid) -> chat, in insertion order.
     _chats: dict[tuple[str, str], ChatRecord] = attrs.Factory(dict)
+    _tokens: dict[tuple[str, str], str] = attrs.Factory(dict)
     _receipts: dict[tuple[str, str], int] = attrs.Factory(dict)
     _devices: dict[str, Device] = attrs.Factory(dict)
 
@@ -87,11 +88,12 @@ class MemoryStore:
                 self._retained.pop(topic, None)
             case SetRetained(topic, message) if message is not None:
                 self._retained[topic] = message
-            case InsertChat(chat, then):
+            case InsertChat(chat, then, token):
                 key = (chat.sender, chat.msgid)
-                if key in self._chats:
+                if key in self._chats and self._tokens[key] != token:
                     return False
                 self._chats[key] = chat
+                self._tokens[key] = token
                 for inner in then:
                     self._apply(inner)
                 return True
@@ -143,5 +145,6 @@ class MemoryStore:
         old = [k for k, c in self._chats.items() if c.received_at < older_than]
         for key in old:
             del self._chats[key]
+            del self._tokens[key]
             self._receipts.pop(key, None)
         return succeed(len(old))

@@ -134,8 +134,10 @@ class _Plan:
     in any order; ``late`` runs follow them strictly in order.
     """
 
-    # (sender, msgid) -> recipient of every chat that exists at this point.
+    # (sender, msgid) -> recipient, and InsertChat token, of every chat that
+    # exists at this point.
     _chats: dict[_Key, str]
+    _tokens: dict[_Key, str | None]
     early: dict[str, list[_Write]] = attrs.Factory(dict)
     late: list[tuple[str, list[_Write]]] = attrs.Factory(list)
     _touched: set[str] = attrs.Factory(set)
@@ -199,14 +201,14 @@ class _Plan:
                 self._write(
                     "retained", ReplaceOne({"_id": topic}, _message_doc(message), upsert=True)
                 )
-            case InsertChat(chat, then):
+            case InsertChat(chat, then, token):
                 key = (chat.sender, chat.msgid)
-                if key in self._chats:
+                if key in self._chats and self._tokens.get(key) != token:
                     return False
-                self._chats[key] = chat.recipient
+                self._chats[key], self._tokens[key] = chat.recipient, token
                 for inner in then:
                     self.add(inner)
-                doc = attrs.asdict(chat) | {"time": _date(chat.received_at)}
+                doc = attrs.asdict(chat) | {"time": _date(chat.received_at), "token": token}
                 self._write_late(
                     "chats",
                     UpdateOne(
@@ -380,12 +382,14 @@ class MongoStore:
     async def _commit(self, ops: Sequence[Op]) -> list[object]:
         db = self._db
         known: dict[_Key, str] = {}
+        tokens: dict[_Key, str | None] = {}
         for chunk in _chunks(list(dict.fromkeys(_chat_keys(ops)))):
             for doc in await self._q(
-                db.chats.find(_ids_in(chunk), {"sender": 1, "msgid": 1, "recipient": 1})
+                db.chats.find(_ids_in(chunk), {"sender": 1, "msgid": 1, "recipient": 1, "token": 1})
             ):
-                known[(doc["sender"], doc["msgid"])] = doc["recipient"]
-        plan = _Plan(known)
+                key = (doc["sender"], doc["msgid"])
+                known[key], tokens[key] = doc["recipient"], doc.get("token")
+        plan = _Plan(known, tokens)
         results = [plan.add(op) for op in ops]
         try:
             await gatherResults(

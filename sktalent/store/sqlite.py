@@ -98,6 +98,10 @@ MIGRATIONS: tuple[str, ...] = (
         token TEXT NOT NULL
     );
     """,
+    # The InsertChat token: a retried commit recognises its own chat.
+    """
+    ALTER TABLE chats ADD COLUMN token TEXT;
+    """,
 )
 
 # Errors that say "the file cannot be used right now", not "this batch is bad".
@@ -231,11 +235,11 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                 "INSERT OR REPLACE INTO retained (topic, payload, qos, retain) VALUES (?, ?, ?, ?)",
                 (topic, message.payload, message.qos, message.retain),
             )
-        case InsertChat(chat, then):
+        case InsertChat(chat, then, token):
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO chats"
-                " (sender, msgid, recipient, o_id, envelope, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " (sender, msgid, recipient, o_id, envelope, received_at, token)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     chat.sender,
                     chat.msgid,
@@ -243,9 +247,10 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                     chat.o_id,
                     chat.envelope,
                     chat.received_at,
+                    token,
                 ),
             )
-            if cursor.rowcount == 0:
+            if cursor.rowcount == 0 and not _stored_with(conn, chat, token):
                 return False
             for inner in then:
                 _apply(conn, inner)
@@ -270,6 +275,13 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                 (device.user_id, device.platform, device.token),
             )
     return None
+
+
+def _stored_with(conn: sqlite3.Connection, chat: ChatRecord, token: str) -> bool:
+    row = conn.execute(
+        "SELECT token FROM chats WHERE sender = ? AND msgid = ?", (chat.sender, chat.msgid)
+    ).fetchone()
+    return row is not None and row[0] == token
 
 
 def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
