@@ -15,7 +15,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -218,6 +218,8 @@ class Core(service.MultiService):
         )
 
     def _failed(self, failure: Any) -> None:
+        if failure.check(CancelledError):
+            return  # Stopped while starting: nothing failed.
         log.failure("The server could not start", failure)
         log.critical("Stopping: {why}", why=failure.getErrorMessage())
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)

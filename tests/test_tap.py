@@ -10,9 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from unittest import mock
 
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sktalent.tap import Options
+from sktalent.push.disabled import DisabledPusher
+from sktalent.store.interfaces import StoreUnavailable
+from sktalent.store.memory import MemoryStore
+from sktalent.tap import Core, Options
+
+from .mqttclient import Harness
 
 
 class OptionsTests(SynchronousTestCase):
@@ -78,3 +85,41 @@ class OptionsTests(SynchronousTestCase):
             self.assertNotIn("\n", message)
             self.assertIn(named, message)
         self.assertIn("SKTALENT_MAX_PACKET", self.refused([], {"SKTALENT_MAX_PACKET": "zz"}))
+
+
+class NeverStarts(MemoryStore):
+    """A store whose start never answers."""
+
+    def start(self) -> Deferred[None]:
+        return Deferred()
+
+
+class BrokenStart(MemoryStore):
+    """A store that cannot start."""
+
+    def start(self) -> Deferred[None]:
+        return fail(StoreUnavailable("no database here"))
+
+
+class CoreTests(SynchronousTestCase):
+    def core(self, store: MemoryStore) -> tuple[Core, MemoryReactorClock]:
+        reactor = MemoryReactorClock()
+        h = Harness(store=store)
+        core = Core(reactor, store, h.broker, h.factory, ["tcp:0"], DisabledPusher(h.metrics), 30)
+        return core, reactor
+
+    def test_stopped_while_starting(self) -> None:
+        """A stop before the store answered is a clean stop, not a failure."""
+        core, reactor = self.core(NeverStarts())
+        core.startService()
+        self.successResultOf(core.stopService())
+        self.assertEqual(reactor.triggers, {})
+        self.assertFalse(reactor.hasStopped)
+
+    def test_start_fails(self) -> None:
+        """A store that cannot start stops the server with a failing status."""
+        core, reactor = self.core(BrokenStart())
+        core.startService()
+        self.assertTrue(reactor.hasStopped)
+        self.assertIn("shutdown", reactor.triggers["after"])
+        self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
