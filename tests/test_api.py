@@ -43,7 +43,8 @@ from sktalent.store.interfaces import (
     StoreUnavailable,
 )
 from sktalent.store.memory import MemoryStore
-from tests.test_auth_checkers import _ConnectionTracker
+
+from .tracking import ConnectionTracker
 
 TOKEN = "s3cret-Token_1"
 OTHER_TOKEN = "another.token~2=="
@@ -194,7 +195,7 @@ class ApiTestCase(TestCase):
 
     def setUp(self) -> None:
         self.app = RecordingApp()
-        self.tracker = _ConnectionTracker(api_site(self.app, self.tokens, max_body=MAX_BODY))
+        self.tracker = ConnectionTracker(api_site(self.app, self.tokens, max_body=MAX_BODY))
         # Twisted types WrappingFactory a client factory; it serves as well.
         self.port, self.base = listen(self.tracker)  # type: ignore[arg-type]
         # Cleanups run last first: client connections, then the server's, then the port.

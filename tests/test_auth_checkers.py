@@ -17,12 +17,11 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -31,6 +30,8 @@ from zope.interface.verify import verifyObject
 
 from sktalent.calltalent.auth import AuthSignChecker, HookChecker, valid_user_id
 from sktalent.mqtt.interfaces import ServiceUnavailable
+
+from .tracking import ConnectionTracker
 
 SECRET = b"s3cret"
 
@@ -131,30 +132,6 @@ def _port_number(port: IListeningPort) -> int:
     return address.port
 
 
-class _ConnectionTracker(WrappingFactory):
-    """
-    Counts the server's connections and tells when all have closed, so
-    that tests end with a clean reactor.
-    """
-
-    def __init__(self, site: Site) -> None:
-        super().__init__(site)
-        self.accepted = 0
-        self._open: dict[ProtocolWrapper, Deferred[None]] = {}
-
-    def registerProtocol(self, p: ProtocolWrapper) -> None:
-        super().registerProtocol(p)
-        self.accepted += 1
-        self._open[p] = Deferred()
-
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        super().unregisterProtocol(p)
-        self._open.pop(p).callback(None)
-
-    def all_closed(self) -> Deferred[list[None]]:
-        return gatherResults(list(self._open.values()))
-
-
 class _Hook(Resource):
     """
     An auth hook answering every POST with ``code``, or never when
@@ -193,7 +170,7 @@ class HookCheckerTests(TestCase):
 
     def setUp(self) -> None:
         self.hook = _Hook()
-        self.tracker = _ConnectionTracker(Site(self.hook))
+        self.tracker = ConnectionTracker(Site(self.hook))
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         # Listening on TCP happens at once; the Deferred has fired already.
         port = self.successResultOf(endpoint.listen(self.tracker))
