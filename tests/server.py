@@ -6,6 +6,7 @@ ports of 127.0.0.1, in a directory of its own.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+from twisted.trial.unittest import SynchronousTestCase
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +50,13 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "con
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def running(case: SynchronousTestCase, server: ServerProcess) -> ServerProcess:
+    """Start server for case: stopped, and its directory removed, at the end."""
+    case.addCleanup(shutil.rmtree, server.directory, True)
+    case.addCleanup(server.stop)
+    return server.start()
 
 
 @attrs.define(eq=False)

@@ -11,7 +11,6 @@ inbound QoS 2 and the packet size limit.
 from __future__ import annotations
 
 import queue
-import shutil
 import time
 
 import attrs
@@ -21,7 +20,7 @@ from sktalent.mqtt import packets as p
 
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .server import ServerProcess
+from .server import ServerProcess, running
 
 # The contract's default limit on a packet's remaining length: 64 KiB.
 MAX_PACKET = 64 * 1024
@@ -37,9 +36,7 @@ class ServerTestCase(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.server = ServerProcess(args=["--anonymous"]).start()
-        self.addCleanup(shutil.rmtree, self.server.directory, True)
-        self.addCleanup(self.server.stop)
+        self.server = running(self, ServerProcess(args=["--anonymous"]))
 
     def paho(self, client_id: str, clean: bool = True) -> PahoUser:
         user = PahoUser(self.server.mqtt_port, client_id, clean=clean)

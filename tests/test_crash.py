@@ -13,7 +13,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from sktalent.authsign import sign
 
 from .pahoclient import PahoUser
-from .server import MONGO_URI, ServerProcess
+from .server import MONGO_URI, ServerProcess, running
 
 COUNT = 300
 
@@ -38,8 +38,7 @@ class CrashMixin:
         offline recipient after the restart, in order, with its session.
         """
         case: SynchronousTestCase = self  # type: ignore[assignment]
-        server = ServerProcess(args=["--chat-rate", "10000"], store=self.store()).start()
-        case.addCleanup(lambda: server.stop())
+        server = running(case, ServerProcess(args=["--chat-rate", "10000"], store=self.store()))
         alice = PahoUser(server.mqtt_port, "alice", "alice", sign(server.secret, "alice"))
         case.addCleanup(alice.drop)
         for n in range(COUNT):

@@ -7,7 +7,6 @@ send API, called over HTTP, with real paho-mqtt clients.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, wait_for
+from .server import ServerProcess, running, wait_for
 from .umengstub import ANDROID, IOS, Received, UmengStub
 
 TOKEN = "backend-Token.1"
@@ -71,7 +70,6 @@ def for_app(app: str) -> Callable[[Received], bool]:
 class APIEndToEnd(SynchronousTestCase):
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="sktalent-api-"))
-        self.addCleanup(shutil.rmtree, directory, True)
         self.stub = UmengStub()
         self.addCleanup(self.stub.close)
         tokens = directory / "tokens"
@@ -94,8 +92,7 @@ class APIEndToEnd(SynchronousTestCase):
             )
         )
         args = ["--api-token-file", str(tokens), "--umeng-config", str(umeng)]
-        self.server = ServerProcess(args, directory=directory).start()
-        self.addCleanup(self.server.stop)
+        self.server = running(self, ServerProcess(args, directory=directory))
 
     def call(self, method: str, path: str, body: object = None, token: str | None = TOKEN) -> Reply:
         request = urllib.request.Request(

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 
 from .pahoclient import PahoUser
-from .server import ROOT, ServerProcess
+from .server import ROOT, ServerProcess, running
 
 
 def msgid(n: int) -> str:
@@ -33,8 +33,7 @@ def chat(sender: str, to: str, n: int, content: str = "hi") -> dict[str, object]
 
 class CallTalentEndToEnd(SynchronousTestCase):
     def setUp(self) -> None:
-        self.server = ServerProcess().start()
-        self.addCleanup(self.server.stop)
+        self.server = running(self, ServerProcess())
 
     def user(
         self, name: str, auth: str | None = None, client_id: str | None = None, clean: bool = False

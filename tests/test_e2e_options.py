@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import shutil
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, listening, wait_for
+from .server import ServerProcess, free_port, listening, running, wait_for
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -61,8 +60,7 @@ class TLSTests(SynchronousTestCase):
         A second listener given as ssl:PORT:... serves MQTT over TLS with the
         operator's certificate, next to the plain one.
         """
-        server = ServerProcess(args=["--anonymous"])
-        self.addCleanup(shutil.rmtree, server.directory, True)
+        server = ServerProcess()
         key, cert = self_signed(server.directory)
         tls_port = free_port()
         server.args = [
@@ -70,8 +68,7 @@ class TLSTests(SynchronousTestCase):
             "--listen",
             f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
         ]
-        server.start()
-        self.addCleanup(server.stop)
+        running(self, server)
         wait_for(lambda: listening(tls_port), what="the TLS listener")
         plain = PahoUser(server.mqtt_port, "plain", clean=True)
         self.addCleanup(plain.close)
@@ -115,9 +112,7 @@ class AuthHookTests(SynchronousTestCase):
         self.addCleanup(self.hook.server_close)
         self.addCleanup(self.hook.shutdown)
         url = f"http://127.0.0.1:{self.hook.server_address[1]}/mqtt-auth"
-        self.server = ServerProcess(args=["--auth-url", url]).start()
-        self.addCleanup(shutil.rmtree, self.server.directory, True)
-        self.addCleanup(self.server.stop)
+        self.server = running(self, ServerProcess(args=["--auth-url", url]))
 
     def rc(self, user: str, auth_sign: str) -> int:
         client = PahoUser(self.server.mqtt_port, user, user, auth_sign)

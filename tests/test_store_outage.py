@@ -6,7 +6,6 @@ says so, clients stay connected, and everything resumes when it is back.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import sqlite3
 import threading
@@ -18,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, wait_for
+from .server import ServerProcess, free_port, running, wait_for
 from .test_crash import mongo_store
 
 BEFORE, DURING = 20, 30
@@ -116,9 +115,9 @@ class OutageMixin:
         503; afterwards every chat is acknowledged and delivered in order.
         """
         case: SynchronousTestCase = self  # type: ignore[assignment]
-        self.server = ServerProcess(args=["--chat-rate", "10000"], store=self.store()).start()
-        case.addCleanup(shutil.rmtree, self.server.directory, True)
-        case.addCleanup(self.server.stop)
+        self.server = running(
+            case, ServerProcess(args=["--chat-rate", "10000"], store=self.store())
+        )
         alice = PahoUser(self.server.mqtt_port, "alice", "alice", sign(self.server.secret, "alice"))
         case.addCleanup(alice.close)
         for n in range(BEFORE):
