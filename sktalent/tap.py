@@ -36,7 +36,7 @@ from .push.config import UmengConfig, load_config
 from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
 from .push.umeng import UmengPusher
-from .store import open_store
+from .store import check_store_uri, open_store
 from .store.interfaces import IStore
 
 log = Logger()
@@ -63,7 +63,12 @@ class Options(usage.Options):
     ]
     optParameters: list[list[Any]] = [
         ["api", None, "tcp:8076:interface=127.0.0.1", "HTTP API listener (endpoint description)."],
-        ["store", None, "sqlite:sktalent.sqlite3", "sqlite:PATH or mongodb://HOST:PORT/DB."],
+        [
+            "store",
+            None,
+            "sqlite:sktalent.sqlite3",
+            "sqlite:PATH or mongodb://HOST:PORT/DB (memory: keeps nothing, for development).",
+        ],
         [
             "auth-secret-file",
             None,
@@ -143,7 +148,11 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"bad listener {description!r}: {e}") from None
         try:
-            self["store-uri"] = _check_store(self["store"])
+            check_store_uri(self["store"])
+            _check_writable(self["store"])
+        except ValueError as e:
+            raise usage.UsageError(f"--store: {e}") from None
+        try:
             self["secret"] = (
                 None if self["anonymous"] else load_or_create_secret(self["auth-secret-file"])
             )
@@ -157,18 +166,16 @@ class Options(usage.Options):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
 
 
+def _check_writable(store: str) -> None:
+    # An embedded store must be able to create its file and journal.
+    if store.startswith("sqlite:"):
+        directory = os.path.dirname(os.path.abspath(store.removeprefix("sqlite:")))
+        if not os.access(directory, os.W_OK):
+            raise ValueError(f"directory {directory} is not writable")
+
+
 def _env_name(option: str) -> str:
     return "SKTALENT_" + option.upper().replace("-", "_")
-
-
-def _check_store(uri: str) -> str:
-    if uri.startswith("sqlite:"):
-        directory = os.path.dirname(os.path.abspath(uri[len("sqlite:") :]))
-        if not os.access(directory, os.W_OK):
-            raise ValueError(f"--store {uri}: directory {directory} is not writable")
-    elif not uri.startswith(("mongodb://", "memory:")):
-        raise ValueError(f"--store must be sqlite:PATH or mongodb://HOST:PORT/DB, not {uri!r}")
-    return uri
 
 
 @attrs.define(eq=False, repr=False)
@@ -269,7 +276,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     http = treq.client.HTTPClient(Agent(reactor))
     metrics = Metrics()
     store = open_store(
-        options["store-uri"],
+        options["store"],
         reactor,
         latency=metrics.store_latency,
         retention_days=options["retention-days"],

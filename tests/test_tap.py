@@ -71,6 +71,10 @@ class OptionsTests(SynchronousTestCase):
         """Each bad value stops the start with one line that names it."""
         cases = [
             (["--store", "foo:bar"], "--store"),
+            (["--store", "sqlite:"], "sqlite:"),
+            (["--store", f"sqlite:{self.directory}/none/x.sqlite3"], "not writable"),
+            (["--store", "mongodb://127.0.0.1:1"], "names no database"),
+            (["--store", "memory:x"], "memory:x"),
             (["--max-packet", "abc"], "abc"),
             (["--max-packet", "0"], "positive"),
             (["--listen", "nonsense:1"], "nonsense:1"),

@@ -11,6 +11,27 @@ from .interfaces import IStore
 from .memory import MemoryStore
 
 
+def check_store_uri(uri: str) -> None:
+    """
+    Raise ValueError, in one sentence, unless uri is of a form a store can
+    be opened from: ``memory:``, ``sqlite:PATH`` or ``mongodb://HOST:PORT/DB``.
+    """
+    if uri == "memory:":
+        return
+    if uri.startswith("sqlite:"):
+        if not uri.removeprefix("sqlite:"):
+            raise ValueError(f"store URI {uri!r} has no file name: use sqlite:PATH")
+        return
+    if uri.startswith("mongodb://"):
+        from .mongo import database_name
+
+        database_name(uri)
+        return
+    raise ValueError(
+        f"unknown store URI {uri!r}: use memory:, sqlite:PATH or mongodb://HOST:PORT/DB"
+    )
+
+
 def open_store(
     uri: str,
     reactor: IReactorTime,
@@ -23,20 +44,14 @@ def open_store(
     not yet started.  ``latency`` receives each submit's time to durability;
     ``retention_days`` sets MongoDB's TTL index (purge() is the caller's).
     """
-    if uri == "memory:":
-        return MemoryStore()
+    check_store_uri(uri)
     if uri.startswith("sqlite:"):
-        path = uri.removeprefix("sqlite:")
-        if not path:
-            raise ValueError(f"store URI {uri!r} has no file name: use sqlite:PATH")
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(reactor, path, latency)
+        return SQLiteStore(reactor, uri.removeprefix("sqlite:"), latency)
     if uri.startswith("mongodb://"):
         # pymongo costs tens of MiB: only a server that uses MongoDB pays.
         from .mongo import MongoStore
 
         return MongoStore(reactor, uri, latency, retention_days)
-    raise ValueError(
-        f"unknown store URI {uri!r}: use memory:, sqlite:PATH or mongodb://HOST:PORT/DB"
-    )
+    return MemoryStore()
