@@ -15,8 +15,8 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import endpoints
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -145,7 +145,7 @@ class Options(usage.Options):
         for description in [*self["listen"], self["api"]]:
             try:
                 endpoints.serverFromString(reactor, description)
-            except (ValueError, TypeError, KeyError) as e:
+            except Exception as e:  # noqa: BLE001 - parsers raise all kinds; each is a bad value
                 raise usage.UsageError(f"bad listener {description!r}: {e}") from None
         try:
             check_store_uri(self["store"])
@@ -179,7 +179,7 @@ def _env_name(option: str) -> str:
 
 
 @attrs.define(eq=False, repr=False)
-class Core(service.MultiService):
+class Core(service.Service):
     """
     The store, the broker and the MQTT listeners: the listeners start only
     once every session is restored, so no client sees a half-loaded server.
@@ -194,9 +194,7 @@ class Core(service.MultiService):
     _retention_days: int
     _starting: Deferred[None] | None = None
     _purging: LoopingCall | None = None
-
-    def __attrs_post_init__(self) -> None:
-        service.MultiService.__init__(self)
+    _ports: list[IListeningPort] = attrs.Factory(list)
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -207,11 +205,9 @@ class Core(service.MultiService):
         await self._store.start()
         await self._broker.restore()
         for description in self._listen:
-            listener = StreamServerEndpointService(
-                endpoints.serverFromString(self._reactor, description), self._factory
-            )
-            listener.setServiceParent(self)
-            await listener._waitingForPort  # type: ignore[misc]
+            endpoint = endpoints.serverFromString(self._reactor, description)
+            # A listener that cannot listen fails the start: no silent half-server.
+            self._ports.append(await endpoint.listen(self._factory))
             log.info("MQTT listening on {where}", where=description)
         self._purging = LoopingCall(self._purge)
         self._purging.clock = self._reactor
@@ -241,7 +237,10 @@ class Core(service.MultiService):
             self._starting.cancel()
         if self._purging is not None and self._purging.running:
             self._purging.stop()
-        await service.MultiService.stopService(self)
+        service.Service.stopService(self)
+        ports, self._ports = self._ports, []
+        for port in ports:
+            await maybeDeferred(port.stopListening)
         self._factory.close_all()
         self._pusher.stop()
         await self._store.stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import shutil
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -81,6 +83,21 @@ class TLSTests(SynchronousTestCase):
         secure.publish("tls/hello", b"over TLS", 1)
         [message] = plain.take(1)
         self.assertEqual((message.topic, message.payload), ("tls/hello", b"over TLS"))
+
+
+class ListenTests(SynchronousTestCase):
+    def test_port_taken(self) -> None:
+        """A listener that cannot listen stops the start with status 1."""
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        server = ServerProcess(mqtt_port=taken.getsockname()[1])
+        self.addCleanup(shutil.rmtree, server.directory, True)
+        server.start()  # The taken port answers, so this returns at once.
+        assert server.process is not None
+        self.assertEqual(server.process.wait(20), 1)
+        self.assertIn("Address already in use", server.log)
 
 
 class Hook(BaseHTTPRequestHandler):

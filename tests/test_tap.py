@@ -78,6 +78,7 @@ class OptionsTests(SynchronousTestCase):
             (["--max-packet", "abc"], "abc"),
             (["--max-packet", "0"], "positive"),
             (["--listen", "nonsense:1"], "nonsense:1"),
+            (["--listen", "ssl:0:privateKey=/no/such.pem"], "/no/such.pem"),
             (["--api-token-file", str(self.directory / "none")], "none"),
             (["--auth-url", "ftp://x"], "--auth-url"),
             (["--no-such-option"], "no-such-option"),
