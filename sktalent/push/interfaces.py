@@ -12,6 +12,9 @@ from zope.interface import Interface
 # What a push is about; each has its body shape in seed section 6.
 KINDS = ("order_chat", "order", "note", "feedback", "expert", "webview")
 
+# Why a message is pushed (INTERFACE section 8), a label of the push metrics.
+REASONS = ("offline", "unacknowledged", "connection_lost")
+
 
 @attrs.frozen
 class PushNotice:
@@ -21,6 +24,11 @@ class PushNotice:
     note_id: str | None = None
     status: str | None = None
     url: str | None = None
+    # The message pushed, so that the app can drop a push for one it has.
+    msgid: str | None = None
+    # The user's unacknowledged messages (iOS aps.badge); None: not counted.
+    badge: int | None = None
+    reason: str = "offline"
 
 
 class IPusher(Interface):
