@@ -31,6 +31,7 @@ from sktalent.store.group import GroupCommitter
 from sktalent.store.interfaces import (
     AddInbound,
     ChatRecord,
+    ChatStored,
     Dequeue,
     Device,
     DropSession,
@@ -307,6 +308,20 @@ class StoreContract(_Mixin):
                 SessionRecord("bob", (), (QueuedMessage(1, m),)),
             ],
         )
+
+    async def test_chat_stored(self) -> None:
+        """ChatStored tells whether the sender's msgid is stored, seeing its own batch."""
+        await self.store.submit([InsertChat(chat(msgid(1), 1000))])
+        results = await self.store.submit(
+            [
+                ChatStored("alice", msgid(1)),
+                ChatStored("carol", msgid(1)),
+                ChatStored("alice", msgid(2)),
+                InsertChat(chat(msgid(2), 2000)),
+                ChatStored("alice", msgid(2)),
+            ]
+        )
+        self.assertEqual(results, [True, False, False, True, True])
 
     async def test_mark_received(self) -> None:
         """MarkReceived is True, and commits `then`, only for the chat's recipient."""

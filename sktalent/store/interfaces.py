@@ -145,6 +145,17 @@ class InsertChat:
 
 
 @attrs.frozen
+class ChatStored:
+    """
+    Result: True when the sender's chat msgid is stored.  Changes nothing: it
+    tells a retransmission from a new chat when the chat cannot be kept.
+    """
+
+    sender: str
+    msgid: str
+
+
+@attrs.frozen
 class MarkReceived:
     """
     Record that recipient received sender's msgid.  Result: True when that
@@ -173,6 +184,7 @@ Op = (
     | RemoveInbound
     | SetRetained
     | InsertChat
+    | ChatStored
     | MarkReceived
     | PutDevice
 )

@@ -14,6 +14,7 @@ from zope.interface import implementer
 from .interfaces import (
     AddInbound,
     ChatRecord,
+    ChatStored,
     Dequeue,
     Device,
     DropSession,
@@ -97,6 +98,8 @@ class MemoryStore:
                 for inner in then:
                     self._apply(inner)
                 return True
+            case ChatStored(sender, msgid):
+                return (sender, msgid) in self._chats
             case MarkReceived(sender, msgid, recipient, at, then):
                 found = self._chats.get((sender, msgid))
                 if found is None or found.recipient != recipient:

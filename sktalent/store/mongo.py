@@ -35,6 +35,7 @@ from .group import GroupCommitter
 from .interfaces import (
     AddInbound,
     ChatRecord,
+    ChatStored,
     Dequeue,
     Device,
     DropSession,
@@ -106,6 +107,8 @@ def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
             case MarkReceived(sender, msgid, _, _, then):
                 yield (sender, msgid)
                 yield from _chat_keys(then)
+            case ChatStored(sender, msgid):
+                yield (sender, msgid)
 
 
 def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
@@ -218,6 +221,8 @@ class _Plan:
                     ),
                 )
                 return True
+            case ChatStored(sender, msgid):
+                return (sender, msgid) in self._chats
             case MarkReceived(sender, msgid, recipient, at, then):
                 if self._chats.get((sender, msgid)) != recipient:
                     return False

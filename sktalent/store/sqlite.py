@@ -24,6 +24,7 @@ from .group import GroupCommitter
 from .interfaces import (
     AddInbound,
     ChatRecord,
+    ChatStored,
     Dequeue,
     Device,
     DropSession,
@@ -255,6 +256,11 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
             for inner in then:
                 _apply(conn, inner)
             return True
+        case ChatStored(sender, msgid):
+            found = conn.execute(
+                "SELECT 1 FROM chats WHERE sender = ? AND msgid = ?", (sender, msgid)
+            ).fetchone()
+            return found is not None
         case MarkReceived(sender, msgid, recipient, at, then):
             found = conn.execute(
                 "SELECT 1 FROM chats WHERE sender = ? AND msgid = ? AND recipient = ?",
