@@ -24,6 +24,7 @@ class Metrics:
     connections: Gauge = attrs.field(init=False)
     sessions: Gauge = attrs.field(init=False)
     queued: Gauge = attrs.field(init=False)
+    queued_bytes: Gauge = attrs.field(init=False)
     messages_in: Counter = attrs.field(init=False)
     messages_out: Counter = attrs.field(init=False)
     refusals: Counter = attrs.field(init=False)
@@ -38,6 +39,9 @@ class Metrics:
         self.sessions = _gauge(r, "sktalent_sessions", "Sessions held, online or not.")
         self.queued = _gauge(
             r, "sktalent_queued_messages", "Messages queued or in flight to clients."
+        )
+        self.queued_bytes = _gauge(
+            r, "sktalent_queued_bytes", "Payload bytes of the messages queued or in flight."
         )
         self.messages_in = _counter(
             r, "sktalent_messages_in", "Messages received, by type.", "type"

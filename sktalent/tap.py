@@ -29,7 +29,7 @@ from .calltalent.rules import CallTalentRules
 from .failures import logged
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
-from .mqtt.broker import Broker
+from .mqtt.broker import Broker, QueueLimits
 from .mqtt.interfaces import IApplication, IAuthorizer
 from .mqtt.protocol import Limits, MQTTFactory
 from .push.config import UmengConfig, load_config
@@ -80,7 +80,20 @@ class Options(usage.Options):
         ["umeng-config", None, None, "Umeng push configuration (JSON)."],
         ["max-packet", None, 65536, "Largest MQTT packet accepted, in bytes.", _positive_int],
         ["max-content", None, 4000, "Longest chat content, in characters.", _positive_int],
-        ["max-queued", None, 10000, "Messages queued per offline user.", _positive_int],
+        [
+            "max-queued",
+            None,
+            10000,
+            "Messages queued per user; past it chat and notifications are refused.",
+            _positive_int,
+        ],
+        [
+            "max-queued-bytes",
+            None,
+            16 * 1024 * 1024,
+            "Payload bytes queued per user, at least --max-packet; past it likewise.",
+            _positive_int,
+        ],
         ["retention-days", None, 30, "Days chat history is kept.", _positive_int],
         [
             "chat-rate",
@@ -160,6 +173,12 @@ class Options(usage.Options):
             self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
+        if self["max-queued-bytes"] < self["max-packet"]:
+            # Else a message as large as a packet could never be queued.
+            raise usage.UsageError(
+                f"--max-queued-bytes ({self['max-queued-bytes']}) must be at least"
+                f" --max-packet ({self['max-packet']})"
+            )
         if self["refuse-subscribe"] and not self["anonymous"]:
             raise usage.UsageError("--refuse-subscribe goes with --anonymous only")
         if self["auth-url"] and not self["auth-url"].startswith(("http://", "https://")):
@@ -285,7 +304,13 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if options["anonymous"]
         else CallTalentRules()
     )
-    broker = Broker(store, authorizer, metrics, reactor, max_queued=options["max-queued"])
+    broker = Broker(
+        store,
+        authorizer,
+        metrics,
+        reactor,
+        limits=QueueLimits(options["max-queued"], options["max-queued-bytes"]),
+    )
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
     calltalent = CallTalent(
         broker,

@@ -11,6 +11,7 @@ from typing import TypeVar
 import attrs
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -21,7 +22,7 @@ from sktalent.mqtt.broker import Broker
 from sktalent.mqtt.codec import Decoder, encode_all
 from sktalent.mqtt.interfaces import IApplication, IAuthorizer
 from sktalent.mqtt.protocol import Limits, MQTTFactory, MQTTServerProtocol
-from sktalent.store.interfaces import IStore
+from sktalent.store.interfaces import IStore, Op, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 P = TypeVar("P", bound=p.Packet)
@@ -32,6 +33,29 @@ def only(kind: type[P], packets: Sequence[p.Packet]) -> list[P]:
     for packet in packets:
         assert isinstance(packet, kind), packet
     return list(packets)  # type: ignore[arg-type]
+
+
+@attrs.define
+class HeldStore(MemoryStore):
+    """A MemoryStore whose commits land, or fail, only when the test says so."""
+
+    held: list[tuple[Deferred[list[object]], Sequence[Op]]] = attrs.Factory(list)
+
+    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        d: Deferred[list[object]] = Deferred()
+        self.held.append((d, ops))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, ops in held:
+            MemoryStore.submit(self, ops).chainDeferred(d)
+
+    def fail(self) -> None:
+        """The held commits fail: the store is unavailable."""
+        held, self.held = self.held, []
+        for d, _ in held:
+            fail(StoreUnavailable("the test failed this commit")).chainDeferred(d)
 
 
 @attrs.define(eq=False)

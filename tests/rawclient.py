@@ -45,9 +45,23 @@ class RawClient:
         clean: bool = True,
         keepalive: int = 0,
         will: p.Will | None = None,
+        password: bytes | None = None,
     ) -> p.ConnAck:
-        """Send CONNECT and answer the CONNACK."""
-        self.send(p.Connect(client_id, clean_session=clean, keepalive=keepalive, will=will))
+        """
+        Send CONNECT and answer the CONNACK; with a password, the client id
+        is also the username.
+        """
+        username = None if password is None else client_id
+        self.send(
+            p.Connect(
+                client_id,
+                clean_session=clean,
+                keepalive=keepalive,
+                will=will,
+                username=username,
+                password=password,
+            )
+        )
         return self.expect(p.ConnAck)
 
     def subscribe(self, packet_id: int, *topics: tuple[str, int]) -> p.SubAck:

@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from sktalent.api.resource import api_site, load_tokens
-from sktalent.calltalent.interfaces import ICallTalent, InvalidRequest
+from sktalent.calltalent.interfaces import ICallTalent, InvalidRequest, QueueFull
 from sktalent.calltalent.notifications import (
     EXPERT_STATUSES,
     NOTE_STATUSES,
@@ -73,7 +73,7 @@ class RecordingApp:
     store: MemoryStore = attrs.Factory(MemoryStore)
     online: set[str] = attrs.Factory(set)
     failure: Exception | None = None
-    refuse: InvalidRequest | None = None
+    refuse: InvalidRequest | QueueFull | None = None
     hold: bool = False
     notified: list[tuple[str, str, dict[str, object], str | None]] = attrs.Factory(list)
     webviews: list[tuple[list[str] | None, str | None, str, str]] = attrs.Factory(list)
@@ -365,6 +365,15 @@ class NotificationTests(ApiTestCase):
         reply = await self.call("POST", "/v1/notifications", notification())
         self.assertError(reply, 400, "too_large")
         self.assertEqual(reply.json()["message"], "The content is too long.")
+
+    async def test_queue_full(self) -> None:
+        """A recipient's full queue is answered 429 queue_full."""
+        self.app.refuse = QueueFull("the queue of u1 is full; send the notification again later")
+        reply = await self.call("POST", "/v1/notifications", notification())
+        self.assertError(reply, 429, "queue_full")
+        self.assertEqual(
+            reply.json()["message"], "the queue of u1 is full; send the notification again later"
+        )
 
     async def test_hang_up(self) -> None:
         """A caller that hangs up cancels the application's work for it."""

@@ -17,17 +17,18 @@ from zope.interface import implementer
 from sktalent.authsign import sign
 from sktalent.calltalent.app import AppLimits, CallTalent
 from sktalent.calltalent.auth import AuthSignChecker
-from sktalent.calltalent.interfaces import InvalidRequest
+from sktalent.calltalent.interfaces import InvalidRequest, QueueFull
 from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
+from sktalent.mqtt.broker import QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
-from sktalent.store.interfaces import Device, Op, StoreUnavailable
+from sktalent.store.interfaces import Device, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
-from .mqttclient import Client, Harness, only
+from .mqttclient import Client, Harness, HeldStore, only
 
 SECRET = b"test secret"
 DEFAULT_LIMITS = AppLimits()
@@ -48,23 +49,6 @@ class RecordingPusher:
 
     def stop(self) -> None:
         pass
-
-
-@attrs.define
-class HeldStore(MemoryStore):
-    """A MemoryStore whose commits land only when the test says so."""
-
-    held: list[tuple[Deferred[list[object]], Sequence[Op]]] = attrs.Factory(list)
-
-    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
-        d: Deferred[list[object]] = Deferred()
-        self.held.append((d, ops))
-        return d
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d, ops in held:
-            MemoryStore.submit(self, ops).chainDeferred(d)
 
 
 def msgid(n: int) -> str:
@@ -395,3 +379,218 @@ class NotificationTests(CallTalentCase):
             InvalidRequest, self.app.notify, "bob", "order", {"status": "x", "o_id": "1"}, None
         )
         self.assertEqual(self.successResultOf(self.store.load_sessions()), [])
+
+
+class QueueFullTests(CallTalentCase):
+    """
+    A chat or notification is refused when the recipient's queue is full;
+    nothing acknowledged is ever dropped to make room.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.limit(3)
+
+    def limit(self, messages: int, nbytes: int = 65536) -> None:
+        self.h.broker.limits = QueueLimits(messages, nbytes)
+
+    def answers(self, c: Client) -> dict[str, str]:
+        """msgid -> sent or the error code, of the frames c got, acknowledged."""
+        answers: dict[str, str] = {}
+        for frame in self.frames(c):
+            self.assertNotIn(frame["msgid"], answers)
+            answers[frame["msgid"]] = frame.get("error", frame["type"])
+        return answers
+
+    def send_chats(self, c: Client, sender: str, to: str, numbers: range) -> list[str]:
+        """Each chat's answer (sent or the error), read before the next is sent."""
+        answers = []
+        for n in numbers:
+            self.publish(c, chat(sender, to, n, f"m{n}"), n)
+            answers.append(self.answers(c)[msgid(n)])
+        return answers
+
+    def contents(self, c: Client) -> list[str]:
+        return [f["payload"]["content"] for f in self.frames(c)]
+
+    def arrive(self, name: str) -> tuple[Client, list[dict[str, Any]]]:
+        """name connects: the client, and the frames queued for it, acknowledged."""
+        c, packets = self.login(name)
+        frames = []
+        for packet in only(p.Publish, packets[1:]):
+            frames.append(json.loads(packet.payload))
+            assert packet.packet_id is not None
+            c.send(p.PubAck(packet.packet_id))
+        return c, frames
+
+    def test_chat_refused_when_full(self) -> None:
+        """
+        Past the limit a chat gets queue_full and no sent, is neither stored
+        nor pushed, and what got sent is all delivered in order; once the
+        recipient has read, the refused chat sent again is taken.
+        """
+        a = self.user("alice")
+        self.assertEqual(
+            self.send_chats(a, "alice", "bob", range(1, 6)), ["sent"] * 3 + ["queue_full"] * 2
+        )
+        history = self.successResultOf(self.store.chat_history("o1", 10, None))
+        self.assertEqual([c.msgid for c in history], [msgid(1), msgid(2), msgid(3)])
+        self.assertEqual(len(self.pusher.pushed), 3)
+        self.assertEqual(
+            self.h.metrics.registry.get_sample_value(
+                "sktalent_refusals_total", {"code": "queue_full"}
+            ),
+            2,
+        )
+        b, frames = self.arrive("bob")
+        self.assertEqual([f["payload"]["content"] for f in frames], ["m1", "m2", "m3"])
+        self.publish(a, chat("alice", "bob", 4, "m4"), 6)
+        self.assertEqual(self.answers(a), {msgid(4): "sent"})
+        self.assertEqual(self.contents(b), ["m4"])
+
+    def test_connected_reader_that_does_not_read(self) -> None:
+        """A connected recipient who does not acknowledge fills its queue the same way."""
+        a, b = self.user("alice"), self.user("bob")
+        self.assertEqual(
+            self.send_chats(a, "alice", "bob", range(1, 6)), ["sent"] * 3 + ["queue_full"] * 2
+        )
+        self.assertEqual(self.contents(b), ["m1", "m2", "m3"])
+        self.publish(a, chat("alice", "bob", 5, "m5"), 6)
+        self.assertEqual(self.answers(a), {msgid(5): "sent"})
+        self.assertEqual(self.contents(b), ["m5"])
+
+    def test_race_for_the_last_place(self) -> None:
+        """
+        Room reserved by a chat whose commit is under way counts: of two chats
+        racing for the last place, one gets sent and the other queue_full.
+        """
+        store = HeldStore()
+        self.h = self.harness(store)
+        self.limit(3)
+        a, c = self.user("alice"), self.user("carol")
+        store.release()
+        for n in (1, 2):
+            self.publish(a, chat("alice", "bob", n), n)
+        store.release()
+        self.frames(a)
+        self.publish(a, chat("alice", "bob", 3), 3)
+        self.publish(c, chat("carol", "bob", 4), 1)
+        self.assertEqual((a.received(), c.received()), ([], []))
+        store.release()
+        store.release()
+        self.assertEqual(self.answers(a), {msgid(3): "sent"})
+        self.assertEqual(self.answers(c), {msgid(4): "queue_full"})
+        self.assertEqual(len(self.arrive("bob")[1]), 3)
+
+    def test_retransmission_when_full(self) -> None:
+        """A chat already kept, sent again while the queue is full, gets sent again, once."""
+        a = self.user("alice")
+        for n in range(1, 4):
+            self.publish(a, chat("alice", "bob", n), n)
+        self.frames(a)
+        self.publish(a, chat("alice", "bob", 3), 4)
+        self.assertEqual(self.frames(a), [{"msgid": msgid(3), "type": "sent"}])
+        self.assertEqual(len(self.arrive("bob")[1]), 3)
+
+    def test_byte_limit(self) -> None:
+        """The payload bytes queued are bounded as well as their number."""
+        self.limit(100, 3000)
+        a = self.user("alice")
+        for n in range(1, 4):
+            self.publish(a, chat("alice", "bob", n, "x" * 1000), n)
+        self.publish(a, chat("alice", "bob", 4, "short"), 4)
+        self.assertEqual(
+            self.answers(a),
+            {msgid(1): "sent", msgid(2): "sent", msgid(3): "queue_full", msgid(4): "sent"},
+        )
+        self.assertEqual(len(self.arrive("bob")[1]), 3)
+
+    def test_restart_keeps_the_limit(self) -> None:
+        """A queue restored at start counts: a full one stays full."""
+        a = self.user("alice")
+        for n in range(1, 4):
+            self.publish(a, chat("alice", "bob", n), n)
+        self.h = self.harness(self.store)
+        self.limit(3)
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.restore()))
+        a = self.user("alice")
+        self.frames(a)
+        self.publish(a, chat("alice", "bob", 4), 4)
+        self.assertEqual(self.answers(a), {msgid(4): "queue_full"})
+
+    def test_failed_commit_gives_room_back(self) -> None:
+        """A chat whose commit fails was never sent; its room is free again."""
+        store = HeldStore()
+        self.h = self.harness(store)
+        self.limit(1)
+        a = self.user("alice")
+        store.release()
+        self.publish(a, chat("alice", "bob", 1), 1)
+        store.fail()
+        self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
+        self.assertEqual(self.answers(a), {})
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1), 1)
+        store.release()
+        store.release()
+        self.assertEqual(self.answers(a), {msgid(1): "sent"})
+
+    def test_own_frames_use_headroom(self) -> None:
+        """
+        sent frames to a sender who does not read its own queue may pass the
+        limit by a tenth (at least one); past that they are dropped and
+        counted, never the chats, which all reach the recipient.  The sender
+        that reads again and resends learns its chat was sent.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        for n in range(1, 7):
+            self.publish(a, chat("alice", "bob", n), n)
+            self.assertEqual(len(self.frames(b)), 1)
+        frames = [x for x in a.received() if isinstance(x, p.Publish)]
+        self.assertEqual(
+            [json.loads(x.payload)["msgid"] for x in frames], [msgid(n) for n in range(1, 5)]
+        )
+        self.assertEqual(
+            self.h.metrics.registry.get_sample_value(
+                "sktalent_dropped_total", {"reason": "queue_full"}
+            ),
+            2,
+        )
+        for x in frames:
+            assert x.packet_id is not None
+            a.send(p.PubAck(x.packet_id))
+        self.publish(a, chat("alice", "bob", 6), 7)
+        self.assertEqual(self.frames(a), [{"msgid": msgid(6), "type": "sent"}])
+        self.assertEqual(self.frames(b), [])
+
+    def test_receipt_to_a_full_queue(self) -> None:
+        """A receipt for a chat the sender made reaches it even when its queue is full."""
+        a, b = self.user("alice"), self.user("bob")
+        self.publish(a, chat("alice", "bob", 1), 1)
+        self.frames(a)
+        self.frames(b)
+        a.lose()
+        c = self.user("carol")
+        for n in range(2, 5):
+            self.publish(c, chat("carol", "alice", n, f"c{n}"), n)
+        self.assertEqual(len(self.answers(c)), 3)
+        self.publish(b, {"msgid": msgid(1), "from": "bob", "to": "alice", "type": "received"})
+        self.assertEqual(self.frames(b), [])
+        _, frames = self.arrive("alice")
+        self.assertEqual(
+            [f["payload"]["content"] for f in frames[:3]] + [frames[3]["type"]],
+            ["c2", "c3", "c4", "received"],
+        )
+
+    def test_notification_refused_when_full(self) -> None:
+        """A notification to a full queue raises QueueFull; nothing is stored or pushed."""
+        for n in range(3):
+            self.successResultOf(self.app.notify("bob", "feedback", {"content": f"{n}"}, None))
+        self.pusher.pushed.clear()
+        self.assertRaises(
+            QueueFull, self.app.notify, "bob", "feedback", {"content": "one too many"}, None
+        )
+        self.assertEqual(self.pusher.pushed, [])
+        _, frames = self.arrive("bob")
+        self.assertEqual([f["payload"]["content"] for f in frames], ["0", "1", "2"])
+        self.successResultOf(self.app.notify("bob", "feedback", {"content": "now"}, None))

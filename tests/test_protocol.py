@@ -8,15 +8,18 @@ import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IAnonymous
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEverything, portal_for
+from sktalent.mqtt.broker import QueueLimits
 from sktalent.mqtt.protocol import Limits
+from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
-from .mqttclient import Client, Harness, only
+from .mqttclient import Client, Harness, HeldStore, only
 
 
 @implementer(ICredentialsChecker)
@@ -423,17 +426,109 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(packets[0], p.ConnAck(0, True))
         self.assertEqual(only(p.Publish, packets[1:])[0].payload, b"kept")
 
-    def test_queue_limit(self) -> None:
-        """A full queue drops its oldest message, counted."""
-        self.h.broker.max_queued = 3
-        self._offline_subscriber()
-        pub = _connected(self.h, "p")
-        for i in range(5):
-            pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
+    def queued_payloads(self) -> list[bytes]:
+        """What the offline subscriber gets when it connects again."""
         packets = self.h.client().connect("s", clean=False)
-        payloads = [x.payload for x in only(p.Publish, packets[1:])]
-        self.assertEqual(payloads, [b"2", b"3", b"4"])
-        dropped = self.h.metrics.registry.get_sample_value(
+        return [x.payload for x in only(p.Publish, packets[1:])]
+
+    def dropped(self) -> float | None:
+        return self.h.metrics.registry.get_sample_value(
             "sktalent_dropped_total", {"reason": "queue_full"}
         )
-        self.assertEqual(dropped, 2)
+
+    def test_queue_limit(self) -> None:
+        """
+        A full queue drops each new message, counted and logged once; never
+        one it holds, which may have been promised to someone.
+        """
+        self.h.broker.limits = QueueLimits(messages=3)
+        self._offline_subscriber()
+        pub = _connected(self.h, "p")
+        with capturedLogs() as events:
+            for i in range(5):
+                pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
+        self.assertEqual(self.queued_payloads(), [b"0", b"1", b"2"])
+        self.assertEqual(self.dropped(), 2)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["client"] for e in warnings], ["s"])
+
+    def test_queue_byte_limit(self) -> None:
+        """
+        The payload bytes a queue holds are bounded too: a message that would
+        pass the bound is dropped, a smaller one that fits is still queued.
+        """
+        self.h.broker.limits = QueueLimits(messages=100, bytes=10)
+        self._offline_subscriber()
+        pub = _connected(self.h, "p")
+        for i, payload in enumerate((b"aaaa", b"bbbb", b"cccc", b"dd", b"e")):
+            pub.send(p.Publish("t", payload, 1, packet_id=i + 1))
+        self.assertEqual(self.queued_payloads(), [b"aaaa", b"bbbb", b"dd"])
+        self.assertEqual(self.dropped(), 2)
+        gauge = self.h.metrics.registry.get_sample_value("sktalent_queued_bytes")
+        self.assertEqual(gauge, 10)
+
+    def test_room_reserved_before_commit(self) -> None:
+        """
+        Room taken by a publish whose commit is still under way counts: of two
+        publishes racing for the last place, the second is dropped.
+        """
+        store = HeldStore()
+        self.h = Harness(store=store)
+        self.h.broker.limits = QueueLimits(messages=1)
+        self._offline_subscriber()
+        store.release()
+        first, second = _connected(self.h, "p1"), _connected(self.h, "p2")
+        first.send(p.Publish("t", b"first", 1, packet_id=1))
+        second.send(p.Publish("t", b"second", 1, packet_id=1))
+        store.release()
+        self.assertEqual((first.received(), second.received()), ([p.PubAck(1)], [p.PubAck(1)]))
+        self.assertEqual(self.queued_payloads(), [b"first"])
+        self.assertEqual(self.dropped(), 1)
+
+    def test_failed_commit_gives_room_back(self) -> None:
+        """Room reserved by a commit that fails is free again."""
+        store = HeldStore()
+        self.h = Harness(store=store)
+        self.h.broker.limits = QueueLimits(messages=1)
+        self._offline_subscriber()
+        store.release()
+        _connected(self.h, "p1").send(p.Publish("t", b"lost", 1, packet_id=1))
+        store.fail()
+        self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
+        _connected(self.h, "p2").send(p.Publish("t", b"kept", 1, packet_id=1))
+        store.release()
+        self.assertEqual(self.queued_payloads(), [b"kept"])
+        self.assertEqual(self.dropped(), None)
+
+    def test_room_after_acknowledgement(self) -> None:
+        """What the client acknowledges leaves the queue and frees its room."""
+        self.h.broker.limits = QueueLimits(messages=2, bytes=65536)
+        sub = _connected(self.h, "s", clean=False)
+        sub.send(p.Subscribe(1, (("t", 1),)))
+        pub = _connected(self.h, "p")
+        for i in range(3):
+            pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
+        sent = only(p.Publish, sub.received()[1:])
+        self.assertEqual([x.payload for x in sent], [b"0", b"1"])
+        assert sent[0].packet_id is not None
+        sub.send(p.PubAck(sent[0].packet_id))
+        pub.send(p.Publish("t", b"3", 1, packet_id=4))
+        self.assertEqual([x.payload for x in only(p.Publish, sub.received())], [b"3"])
+        self.assertEqual(self.dropped(), 1)
+
+    def test_restored_queue_counts(self) -> None:
+        """After a restart the restored queue counts against the limits."""
+        store = MemoryStore()
+        first = Harness(store=store)
+        first.broker.limits = QueueLimits(messages=2)
+        self.h = first
+        self._offline_subscriber()
+        pub = _connected(first, "p")
+        for i in range(2):
+            pub.send(p.Publish("t", b"%d" % i, 1, packet_id=i + 1))
+        self.h = Harness(store=store)
+        self.h.broker.limits = QueueLimits(messages=2)
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.restore()))
+        _connected(self.h, "p").send(p.Publish("t", b"late", 1, packet_id=1))
+        self.assertEqual(self.queued_payloads(), [b"0", b"1"])
+        self.assertEqual(self.dropped(), 1)

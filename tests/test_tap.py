@@ -46,6 +46,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["api"], "tcp:8076:interface=127.0.0.1")
         self.assertEqual(options["store"], "sqlite:sktalent.sqlite3")
         self.assertEqual(options["max-packet"], 65536)
+        self.assertEqual((options["max-queued"], options["max-queued-bytes"]), (10000, 16 << 20))
         self.assertIsNone(options["tokens"])
         self.assertEqual(os.stat(self.secret).st_mode & 0o777, 0o600)
 
@@ -83,6 +84,8 @@ class OptionsTests(SynchronousTestCase):
             (["--auth-url", "ftp://x"], "--auth-url"),
             (["--no-such-option"], "no-such-option"),
             (["--refuse-subscribe", "x"], "--anonymous"),
+            (["--max-queued-bytes", "65535"], "--max-queued-bytes (65535) must be at least"),
+            (["--max-queued-bytes", "9999", "--max-packet", "10000"], "--max-packet (10000)"),
         ]
         for argv, named in cases:
             message = self.refused(argv)

@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from ..calltalent.interfaces import ICallTalent, InvalidRequest
+from ..calltalent.interfaces import ICallTalent, InvalidRequest, QueueFull
 from ..calltalent.notifications import (
     nonempty_text,
     validate_notification,
@@ -258,6 +258,8 @@ class ApiResource(Resource):
             answer = _Answer(e.status, _error_body(e.code, e.message), headers=e.headers)
         except InvalidRequest as e:
             answer = _Answer(400, _error_body(e.code, str(e)))
+        except QueueFull as e:
+            answer = _Answer(429, _error_body("queue_full", str(e)))
         except StoreUnavailable as e:
             log.warn("{call}: the store is unavailable: {e}", call=_described(request), e=e)
             answer = _Answer(

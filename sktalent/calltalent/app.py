@@ -26,6 +26,7 @@ from ..mqtt.interfaces import IApplication
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import (
     ChatRecord,
+    ChatStored,
     Device,
     InsertChat,
     IStore,
@@ -35,7 +36,7 @@ from ..store.interfaces import (
     StoreUnavailable,
 )
 from .auth import valid_user_id
-from .interfaces import ICallTalent, InvalidRequest
+from .interfaces import ICallTalent, InvalidRequest, QueueFull
 from .notifications import validate_notification, validate_user_id
 from .rules import SERVER_TOPIC, client_topic
 
@@ -46,6 +47,11 @@ _MSGID = re.compile(r"[0-9a-f]{24}\Z")
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 _HEALTH_TIMEOUT = 2.0
+
+# Frames about the recipient's own actions.  They may use the queue's
+# headroom: refusing them would refuse what another user was promised
+# (a receipt) or answer a refusal with a refusal.
+_OWN_FRAMES = frozenset({"sent", "received", "error"})
 
 # Push alerts for notifications the backend sends without one.
 _DEFAULT_ALERTS = {
@@ -170,13 +176,18 @@ class CallTalent:
             raise Refusal("rate_limited", "too many messages; slow down", msgid)
         bucket.tokens -= 1
 
-    def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any] | str, kind: str) -> None:
-        """Queue frame (or its JSON text) durably for user_id's own topic."""
-        self._broker.ensure_session(plan, user_id)
-        body = (frame if isinstance(frame, str) else _json(frame)).encode()
-        counter = self._counter(self.metrics.messages_out, kind)
-        self._broker.route(plan, Message(client_topic(user_id), body, 1))
-        plan.add(None, lambda _: counter.inc())
+    def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any] | bytes, kind: str) -> None:
+        """
+        Queue frame (or its JSON bytes) durably for user_id's own topic.  A
+        chat or notification must be known to fit (has_room); a frame of
+        _OWN_FRAMES past the headroom is dropped and counted.
+        """
+        session = self._broker.ensure_session(plan, user_id)
+        body = frame if isinstance(frame, bytes) else _json(frame).encode()
+        message = Message(client_topic(user_id), body, 1)
+        if self._broker.queue(plan, session, message, headroom=kind in _OWN_FRAMES):
+            counter = self._counter(self.metrics.messages_out, kind)
+            plan.add(None, lambda _: counter.inc())
 
     def _counter(self, family: Counter, label: str) -> Counter:
         # Looking a label up costs more than counting: keep what was found.
@@ -211,25 +222,48 @@ class CallTalent:
         received_at = self._now_ms()
         delivered = dict(envelope, payload=dict(payload, t=str(received_at)))
         text = _json(delivered)
+        body = text.encode()
+        sent = {"msgid": msgid, "type": "sent"}
+        if not self._broker.has_room(to, len(body)):
+            self._cannot_keep(plan, sender, msgid, sent)
+            return
         chat = ChatRecord(msgid, sender, to, payload["o_id"], text, received_at)
-        self._broker.ensure_session(plan, to)
         inner = Plan()
-        self._send(inner, to, text, "order_chat")
+        self._send(inner, to, body, "order_chat")
         notice = PushNotice("order_chat", payload["content"], o_id=payload["o_id"])
         inner.add(None, lambda _: self._push_if_offline(to, notice))
-        plan.add(InsertChat(chat, inner.ops), inner.apply_if_true)
+        plan.add_guarded(InsertChat(chat, inner.ops), inner)
         # Also for a retransmission: the sender did not see the first one.
-        self._send(plan, sender, {"msgid": msgid, "type": "sent"}, "sent")
+        self._send(plan, sender, sent, "sent")
+
+    def _cannot_keep(self, plan: Plan, sender: str, msgid: str, sent: Mapping[str, str]) -> None:
+        """
+        The recipient's queue is full: store nothing, so that the chat is
+        taken when sent again later, and refuse it with queue_full; unless
+        it is a retransmission of a chat already kept, which gets its sent.
+        """
+
+        def answered(stored: object) -> None:
+            later = Plan()
+            if stored:
+                self._send(later, sender, sent, "sent")
+            else:
+                refusal = Refusal(
+                    "queue_full", "the recipient's queue is full; send it again later", msgid
+                )
+                self._refuse(later, sender, refusal)
+            self._broker.commit(later).addErrback(
+                logged(log, "Answering {msgid} failed", msgid=msgid)
+            )
+
+        plan.add(ChatStored(sender, msgid), answered)
 
     def _received(self, plan: Plan, envelope: dict[str, Any]) -> None:
         msgid, recipient, sender = envelope["msgid"], envelope["from"], envelope["to"]
         inner = Plan()
         self._send(inner, sender, {"msgid": msgid, "type": "received"}, "received")
 
-        def answered(known: object) -> None:
-            if known:
-                inner.apply_if_true(known)
-                return
+        def unknown() -> None:
             refusal = Refusal("unknown_message", f"no message {msgid} from {sender} to you", msgid)
             later = Plan()
             self._refuse(later, recipient, refusal)
@@ -237,7 +271,9 @@ class CallTalent:
                 logged(log, "Refusing {msgid} failed", msgid=msgid)
             )
 
-        plan.add(MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), answered)
+        plan.add_guarded(
+            MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), inner, unknown
+        )
 
     def _push_if_offline(self, user_id: str, notice: PushNotice) -> None:
         if not self._broker.is_online(user_id):
@@ -254,7 +290,11 @@ class CallTalent:
         msgid = new_msgid(self._clock.seconds())
         plan = Plan()
         frame = {"msgid": msgid, "from": "system", "to": to, "type": type, "payload": dict(payload)}
-        self._send(plan, to, frame, type)
+        body = _json(frame).encode()
+        if not self._broker.has_room(to, len(body)):
+            self._counter(self.metrics.refusals, "queue_full").inc()
+            raise QueueFull(f"the queue of {to} is full; send the notification again later")
+        self._send(plan, to, body, type)
         notice = PushNotice(
             type,
             alert or str(payload.get("content") or _DEFAULT_ALERTS[type]),

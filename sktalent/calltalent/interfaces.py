@@ -25,6 +25,13 @@ class InvalidRequest(ValueError):
         self.code = code
 
 
+class QueueFull(Exception):
+    """
+    The recipient's queue is full: nothing was stored or pushed; the message
+    may be sent again once the recipient has read its queue.
+    """
+
+
 class ICallTalent(Interface):
     metrics = Attribute("The server's Metrics.")
 
@@ -34,7 +41,7 @@ class ICallTalent(Interface):
         """
         Validate (raising InvalidRequest), store and deliver a notification
         from "system"; fire with its msgid once durable.  An offline user is
-        also pushed.
+        also pushed.  Raise QueueFull when the user's queue has no room.
         """
 
     def push_webview(users: Sequence[str] | None, tag: str | None, url: str, alert: str) -> None:

@@ -84,6 +84,10 @@ class Session:
     inbound: set[int] = attrs.Factory(set)
     next_seq: int = 1
     connection: IConnection | None = None
+    # Messages, and their payload bytes, that the queue limits count: those
+    # queued and those reserved by plans not yet committed.
+    held: int = 0
+    held_bytes: int = 0
     # Dropping for a full queue since the client last connected.
     overflowing: bool = False
 
@@ -91,21 +95,75 @@ class Session:
         return PutSession(self.client_id, tuple(sorted(self.subscriptions.items())))
 
 
+@attrs.frozen
+class QueueLimits:
+    """
+    What one client's queue may hold: messages, and bytes of their payloads.
+    Frames about the client's own actions may use a tenth more of each (at
+    least one message); see Broker.queue.
+    """
+
+    messages: int = 10_000
+    bytes: int = 16 * 1024 * 1024
+
+    def admit(self, held: int, held_bytes: int, size: int, headroom: bool) -> bool:
+        """
+        Whether a message of size payload bytes fits in a queue that holds
+        held messages of held_bytes.
+        """
+        messages, limit = self.messages, self.bytes
+        if headroom:
+            messages += max(1, messages // 10)
+            limit += max(1, limit // 10)
+        return held < messages and held_bytes + size <= limit
+
+
 @attrs.define(eq=False)
 class Plan:
     """
     Store operations to commit together, each with what to do in memory once
     it is durable.  An entry with no operation is an effect that only has to
-    wait its turn.
+    wait its turn.  What a plan reserves up front (room in a queue) is given
+    back by its abandon callbacks when its effects will never run.
     """
 
     _entries: list[tuple[Op | None, Effect | None]] = attrs.Factory(list)
     _ops: list[Op] = attrs.Factory(list)
+    _abandon: list[Callable[[], object]] = attrs.Factory(list)
 
     def add(self, op: Op | None, effect: Effect | None = None) -> None:
         self._entries.append((op, effect))
         if op is not None:
             self._ops.append(op)
+
+    def add_guarded(
+        self, op: Op, inner: Plan, otherwise: Callable[[], object] | None = None
+    ) -> None:
+        """
+        Add a guarded operation whose ``then`` are inner's operations: inner's
+        effects run when its result is true; otherwise inner is abandoned and
+        ``otherwise`` called.
+        """
+
+        def decided(result: object) -> None:
+            if result:
+                inner.apply([None] * len(inner.ops))
+                return
+            inner.abandon()
+            if otherwise is not None:
+                otherwise()
+
+        self.add(op, decided)
+        self.on_abandon(inner.abandon)
+
+    def on_abandon(self, undo: Callable[[], object]) -> None:
+        """Call undo if this plan's effects will never run."""
+        self._abandon.append(undo)
+
+    def abandon(self) -> None:
+        undo, self._abandon = self._abandon, []
+        for callback in undo:
+            callback()
 
     @property
     def empty(self) -> bool:
@@ -123,11 +181,6 @@ class Plan:
             if effect is not None:
                 effect(result)
 
-    def apply_if_true(self, result: object) -> None:
-        """Effect for a guarded operation whose ``then`` are this plan's ops."""
-        if result:
-            self.apply([None] * len(self._ops))
-
 
 @attrs.define(eq=False)
 class _Pending:
@@ -144,7 +197,7 @@ class Broker:
     _metrics: Metrics
     _clock: IReactorTime
     max_inflight: int = 32
-    max_queued: int = 10_000
+    limits: QueueLimits = QueueLimits()
     _sessions: dict[str, Session] = attrs.Factory(dict)
     _trie: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
     _retained: dict[str, Message] = attrs.Factory(dict)
@@ -167,11 +220,15 @@ class Broker:
                 out = Outgoing(queued.seq, queued.message, released=queued.released)
                 session.queue[queued.seq] = out
                 session.next_seq = queued.seq + 1
+                # What is queued counts against the limits after a restart too.
+                session.held += 1
+                session.held_bytes += len(queued.message.payload)
             self._sessions[session.client_id] = session
         for message in await self._store.load_retained():
             self._retained[message.topic] = message
         self._metrics.sessions.set(len(self._sessions))
-        self._metrics.queued.set(sum(len(s.queue) for s in self._sessions.values()))
+        self._metrics.queued.set(sum(s.held for s in self._sessions.values()))
+        self._metrics.queued_bytes.set(sum(s.held_bytes for s in self._sessions.values()))
         log.info(
             "Restored {sessions} sessions and {retained} retained messages",
             sessions=len(self._sessions),
@@ -220,6 +277,7 @@ class Broker:
         ):
             head = self._pending.popleft()
             if head.failure is not None:
+                head.plan.abandon()
                 head.done.errback(head.failure)
                 continue
             assert head.results is not None
@@ -299,6 +357,7 @@ class Broker:
             del self._sessions[session.client_id]
         self._metrics.sessions.set(len(self._sessions))
         self._metrics.queued.dec(len(session.queue))
+        self._metrics.queued_bytes.dec(sum(len(o.message.payload) for o in session.queue.values()))
         if session.persistent and plan is not None:
             plan.add(DropSession(session.client_id))
 
@@ -366,11 +425,8 @@ class Broker:
     def _deliver(self, plan: Plan, session: Session, message: Message) -> None:
         if message.qos == 0:
             plan.add(None, lambda _: self._send_at_most_once(session, message))
-            return
-        seq = session.next_seq
-        session.next_seq += 1
-        op = Enqueue(session.client_id, seq, message) if session.persistent else None
-        plan.add(op, lambda _: self._enqueue(session, Outgoing(seq, message)))
+        else:
+            self.queue(plan, session, message)
 
     def _send_at_most_once(self, session: Session, message: Message) -> None:
         if session.connection is None:
@@ -378,34 +434,62 @@ class Broker:
             return
         session.connection.send([Publish(message.topic, message.payload, 0, message.retain)])
 
+    def has_room(self, client_id: str, size: int) -> bool:
+        """
+        Whether client_id's queue (empty if it has no session yet) has room
+        for a message of size payload bytes, counting what plans not yet
+        committed have reserved.
+        """
+        session = self._sessions.get(client_id)
+        held, held_bytes = (0, 0) if session is None else (session.held, session.held_bytes)
+        return self.limits.admit(held, held_bytes, size, headroom=False)
+
+    def queue(
+        self, plan: Plan, session: Session, message: Message, *, headroom: bool = False
+    ) -> bool:
+        """
+        Queue message (QoS 1 or 2) for session once plan is durable, reserving
+        its room now so that no later plan can take it.  Without room the
+        message is dropped, counted, and False answered: never what is queued
+        already, which may have been promised to someone.  headroom lets the
+        queue exceed its limits by a tenth, for frames about the client's own
+        actions.
+        """
+        size = len(message.payload)
+        if not self.limits.admit(session.held, session.held_bytes, size, headroom):
+            plan.add(None, lambda _: self._overflowed(session))
+            return False
+        session.held += 1
+        session.held_bytes += size
+        plan.on_abandon(lambda: self._unhold(session, size))
+        seq = session.next_seq
+        session.next_seq += 1
+        op = Enqueue(session.client_id, seq, message) if session.persistent else None
+        plan.add(op, lambda _: self._enqueue(session, Outgoing(seq, message)))
+        return True
+
+    def _unhold(self, session: Session, size: int) -> None:
+        session.held -= 1
+        session.held_bytes -= size
+
+    def _overflowed(self, session: Session) -> None:
+        self._metrics.dropped.labels("queue_full").inc()
+        if not session.overflowing:
+            # Once per episode: a full queue drops at every new message.
+            session.overflowing = True
+            log.warn(
+                "Queue of {client} is full; dropping new messages to it",
+                client=session.client_id,
+            )
+
     def _enqueue(self, session: Session, out: Outgoing) -> None:
         if self._sessions.get(session.client_id) is not session:
             return  # Discarded while the commit was under way.
         session.queue[out.seq] = out
         session.unsent.append(out)
         self._metrics.queued.inc()
-        if len(session.queue) > self.max_queued:
-            self._drop_oldest(session)
+        self._metrics.queued_bytes.inc(len(out.message.payload))
         self._pump(session)
-
-    def _drop_oldest(self, session: Session) -> None:
-        # Oldest first, but never what the client may already hold.
-        victim = next((o for o in session.queue.values() if not o.sent), None)
-        if victim is None:
-            return
-        del session.queue[victim.seq]
-        session.unsent.remove(victim)
-        self._metrics.queued.dec()
-        self._metrics.dropped.labels("queue_full").inc()
-        if not session.overflowing:
-            # Once per episode: a full queue drops at every new message.
-            session.overflowing = True
-            log.warn(
-                "Queue of {client} is full; dropping its oldest messages",
-                client=session.client_id,
-            )
-        if session.persistent:
-            self._fire_and_forget(Dequeue(session.client_id, victim.seq))
 
     def _fire_and_forget(self, op: Op) -> None:
         self._loose.append(op)
@@ -464,7 +548,10 @@ class Broker:
             return
         del session.inflight[packet_id]
         del session.queue[out.seq]
+        size = len(out.message.payload)
+        self._unhold(session, size)
         self._metrics.queued.dec()
+        self._metrics.queued_bytes.dec(size)
         if session.persistent:
             self._fire_and_forget(Dequeue(session.client_id, out.seq))
         self._pump(session)
