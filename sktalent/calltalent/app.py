@@ -48,9 +48,11 @@ _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 _HEALTH_TIMEOUT = 2.0
 
-# Frames about the recipient's own actions.  They may use the queue's
-# headroom: refusing them would refuse what another user was promised
-# (a receipt) or answer a refusal with a refusal.
+# Frames that answer a user's own actions (its chat kept or read, its
+# message refused) may use its queue's headroom, then are dropped and
+# counted: the chat they are about is kept either way, and a refusal
+# cannot be refused in turn.  Chats and notifications are refused at the
+# limit instead (has_room), before anything is promised.
 _OWN_FRAMES = frozenset({"sent", "received", "error"})
 
 # Push alerts for notifications the backend sends without one.
