@@ -7,6 +7,7 @@ open_store.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -569,6 +570,27 @@ class MongoStoreTests(DurableContract, TestCase):
 
     def make_store(self) -> MongoStore:
         return MongoStore(reactor, self.uri)
+
+    async def test_chat_of_an_older_server(self) -> None:
+        """
+        A chat stored without token or digest (by an older server) is a
+        retransmission for the same recipient, whatever the digest, and a
+        conflict for another.
+        """
+        record = chat(msgid(1), 1000)
+        pool = ConnectionPool(self.uri)
+        try:
+            database = pool[urlsplit(self.uri).path.lstrip("/")]
+            await database.chats.insert_one(
+                attrs.asdict(record) | {"_id": json.dumps([record.sender, record.msgid])}
+            )
+        finally:
+            await pool.disconnect()
+        other = attrs.evolve(record, recipient="carol")
+        results = await self.store.submit(
+            [InsertChat(record, digest="d"), InsertChat(other, digest="d")]
+        )
+        self.assertEqual(results, [REPEATED, CONFLICT])
 
     async def test_outage_held_and_retried(self) -> None:
         """
