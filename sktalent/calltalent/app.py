@@ -362,12 +362,11 @@ class CallTalent:
         self._send(inner, sender, sent, "sent")
 
         def answered(result: Inserted) -> None:
-            if result is Inserted.NEW:
-                inner.apply_if_true(True)
-            elif result is Inserted.REPEATED:
+            inner.apply_if_true(result is Inserted.NEW)
+            if result is Inserted.REPEATED:
                 # A retransmission: the sender did not see the first `sent`.
                 self._send_later(sender, sent, "sent")
-            else:
+            elif result is Inserted.CONFLICT:
                 refusal = Refusal(
                     "duplicate_msgid",
                     "you sent another message with this msgid; use a new msgid",
