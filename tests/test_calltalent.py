@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -22,10 +23,10 @@ from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topi
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
-from sktalent.mqtt.broker import QueueLimits
+from sktalent.mqtt.broker import Plan, QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
-from sktalent.store.interfaces import Device, StoreUnavailable
+from sktalent.store.interfaces import Device, Message, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness, HeldStore, only
@@ -97,15 +98,21 @@ class CallTalentCase(SynchronousTestCase):
         c.send(p.Publish(SERVER_TOPIC, body, 1, packet_id=pid))
 
     def frames(self, c: Client, ack: bool = True) -> list[dict[str, Any]]:
-        """Frames delivered to c's topic since last asked, acknowledged."""
-        out = []
-        for packet in c.received():
-            if isinstance(packet, p.Publish):
-                self.assertEqual(packet.qos, 1)
-                out.append(json.loads(packet.payload))
-                if ack:
-                    assert packet.packet_id is not None
-                    c.send(p.PubAck(packet.packet_id))
+        """
+        Frames delivered to c's topic since last asked, acknowledged, with
+        those the acknowledgements let through.
+        """
+        out: list[dict[str, Any]] = []
+        while packets := c.received():
+            for packet in packets:
+                if isinstance(packet, p.Publish):
+                    self.assertEqual(packet.qos, 1)
+                    out.append(json.loads(packet.payload))
+                    if ack:
+                        assert packet.packet_id is not None
+                        c.send(p.PubAck(packet.packet_id))
+            if not ack:
+                break
         return out
 
 
@@ -175,7 +182,7 @@ class ChatTests(CallTalentCase):
     def test_chat_sent_received(self) -> None:
         """A chat reaches B with t added; A gets sent; B's received reaches A."""
         a, b = self.user("alice"), self.user("bob")
-        frame = chat("alice", "bob", 1, "你好", extra_field=1)
+        frame = chat("alice", "bob", 1, "你好")
         self.publish(a, frame)
         self.assertEqual(self.frames(a), [{"msgid": msgid(1), "type": "sent"}])
         [delivered] = self.frames(b)
@@ -310,6 +317,27 @@ class RefusalTests(CallTalentCase):
         error = self.refused({"msgid": msgid(7), "from": "alice", "to": "bob", "type": "received"})
         self.assertEqual(error["error"], "unknown_message")
 
+    def test_duplicate_msgid(self) -> None:
+        """
+        The same msgid again for another recipient, or for other content, gets
+        duplicate_msgid and reaches nobody; the first message stands.
+        """
+        c = self.user("carol")
+        self.publish(self.a, chat("alice", "bob", 1, "first"))
+        self.assertEqual(self.frames(self.a), [{"msgid": msgid(1), "type": "sent"}])
+        self.assertEqual(len(self.frames(self.b)), 1)
+        for pid, frame in enumerate(
+            (chat("alice", "carol", 1, "first"), chat("alice", "bob", 1, "other")), 2
+        ):
+            self.publish(self.a, frame, pid)
+        errors = self.frames(self.a)
+        self.assertEqual(
+            [(e["msgid"], e["error"]) for e in errors], [(msgid(1), "duplicate_msgid")] * 2
+        )
+        self.assertEqual((self.frames(self.b), self.frames(c)), ([], []))
+        history = self.successResultOf(self.store.chat_history("o1", 10, None))
+        self.assertEqual([json.loads(h.envelope)["payload"]["content"] for h in history], ["first"])
+
     def test_rate_limited(self) -> None:
         """A sender over its rate gets rate_limited, and later may send again."""
         self.h = self.harness(self.store, AppLimits(rate=1, burst=2))
@@ -322,6 +350,229 @@ class RefusalTests(CallTalentCase):
         self.h.clock.advance(1)
         self.publish(a, chat("alice", "bob", 4), 4)
         self.assertEqual(self.frames(a), [{"msgid": msgid(4), "type": "sent"}])
+
+
+class EnvelopeTests(CallTalentCase):
+    """Bad input never closes a connection and never reaches the recipient."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.a, self.b = self.user("alice"), self.user("bob")
+
+    def answered(self, body: bytes, pid: int = 1) -> dict[str, Any]:
+        """Publish body as alice: the single frame she gets, once PUBACKed."""
+        self.publish(self.a, body, pid)
+        self.assertFalse(self.a.closed)
+        received = self.a.received()
+        self.assertEqual(received[:1], [p.PubAck(pid)])
+        [publish] = only(p.Publish, received[1:])
+        assert publish.packet_id is not None
+        self.a.send(p.PubAck(publish.packet_id))
+        frame: dict[str, Any] = json.loads(publish.payload)
+        return frame
+
+    def with_marker(self, marker: bytes) -> list[tuple[str, bytes]]:
+        """A valid chat with marker put into each field in turn, as JSON text."""
+        placeholder = "MARKER"
+        frames: list[tuple[str, dict[str, Any]]] = []
+        for field in ("msgid", "from", "to", "type"):
+            frame = chat("alice", "bob", 1)
+            frame[field] += placeholder
+            frames.append((field, frame))
+        for field in ("o_id", "content"):
+            frame = chat("alice", "bob", 1)
+            frame["payload"][field] += placeholder
+            frames.append((field, frame))
+        frames.append(("unknown field", dict(chat("alice", "bob", 1), alert=placeholder)))
+        frames.append(("unknown key", dict(chat("alice", "bob", 1), **{placeholder: 1})))
+        frame = chat("alice", "bob", 1)
+        frame["payload"][placeholder] = [placeholder]
+        frames.append(("payload key", frame))
+        return [
+            (f, json.dumps(x).encode().replace(placeholder.encode(), marker)) for f, x in frames
+        ]
+
+    def test_lone_surrogate(self) -> None:
+        """
+        A lone surrogate, as raw bytes or as a JSON escape, in any field is
+        bad_json: PUBACKed, answered, nothing delivered, the connection open.
+        A valid msgid is echoed when the text was JSON.
+        """
+        pid = 0
+        for marker, echoed in ((b"\xed\xa0\x80", False), (b"\\ud800", True), (b"\\uDC00x", True)):
+            for field, body in self.with_marker(marker):
+                pid += 1
+                error = self.answered(body, pid)
+                expected = msgid(1) if echoed and field != "msgid" else ""
+                self.assertEqual(
+                    (error["error"], error["msgid"]), ("bad_json", expected), (marker, field)
+                )
+        self.assertEqual(self.frames(self.b), [])
+        # A surrogate pair is a character like any other.
+        self.publish(self.a, json.dumps(chat("alice", "bob", 1, "\U0001f600")).encode(), 99)
+        self.assertEqual(self.frames(self.a), [{"msgid": msgid(1), "type": "sent"}])
+        self.assertEqual(self.frames(self.b)[0]["payload"]["content"], "\U0001f600")
+
+    def test_nan_and_infinity(self) -> None:
+        """NaN, Infinity and -Infinity anywhere are bad_json; nothing is delivered."""
+        pid = 0
+        for constant in (b"NaN", b"Infinity", b"-Infinity"):
+            for body in (
+                json.dumps(chat("alice", "bob", 1)).encode().replace(b"true", constant),
+                json.dumps(dict(chat("alice", "bob", 1), n="X")).encode().replace(b'"X"', constant),
+            ):
+                pid += 1
+                self.assertEqual(self.answered(body, pid)["error"], "bad_json", body)
+        self.assertEqual(self.frames(self.b), [])
+
+    def test_only_documented_fields_forwarded(self) -> None:
+        """The recipient gets exactly the documented fields; unknown ones are dropped."""
+        frame = chat("alice", "bob", 1, url="javascript:alert(1)", from_name="system")
+        frame |= {"alert": "hacked", "from_name": "system"}
+        self.publish(self.a, frame)
+        self.assertEqual(self.frames(self.a), [{"msgid": msgid(1), "type": "sent"}])
+        [delivered] = self.frames(self.b)
+        self.assertEqual(list(delivered), ["msgid", "from", "to", "type", "payload"])
+        self.assertEqual(list(delivered["payload"]), ["o_id", "expert", "content", "t"])
+        [stored] = self.successResultOf(self.store.chat_history("o1", 10, None))
+        self.assertEqual(json.loads(stored.envelope), delivered)
+
+    def test_retransmission_not_delivered_twice(self) -> None:
+        """
+        A true retransmission, later and on a new connection, gets sent again
+        and is delivered once.
+        """
+        sent = {"msgid": msgid(1), "type": "sent"}
+        self.publish(self.a, chat("alice", "bob", 1, "x"))
+        self.assertEqual(self.frames(self.a), [sent])
+        self.h.clock.advance(5)
+        self.a.lose()
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1, "x"))
+        self.assertEqual(self.frames(a), [sent])
+        self.assertEqual(len(self.frames(self.b)), 1)
+
+    def test_upper_case_msgid(self) -> None:
+        """
+        An upper-case msgid is accepted and is the lower-case one: the sender's
+        answers echo it as written, what is stored and forwarded is lower
+        case, and retransmission and received match either spelling.
+        """
+        upper = "5F1D7C3A9B2E4D6F8A0B1C2D"
+        frame = chat("alice", "bob", 1)
+        frame["msgid"] = upper
+        self.publish(self.a, frame)
+        self.assertEqual(self.frames(self.a), [{"msgid": upper, "type": "sent"}])
+        [delivered] = self.frames(self.b)
+        self.assertEqual(delivered["msgid"], upper.lower())
+        self.publish(self.a, dict(frame, msgid=upper.lower()), 2)
+        self.assertEqual(self.frames(self.a), [{"msgid": upper.lower(), "type": "sent"}])
+        self.assertEqual(self.frames(self.b), [])
+        self.publish(self.a, dict(frame, to="carol", msgid=upper.title()), 3)
+        self.assertEqual(self.frames(self.a)[0]["error"], "duplicate_msgid")
+        receipt = {"msgid": upper, "from": "bob", "to": "alice", "type": "received"}
+        self.publish(self.b, receipt)
+        self.assertEqual(self.frames(self.a), [{"msgid": upper.lower(), "type": "received"}])
+        self.assertEqual(self.frames(self.b), [])
+
+
+class RateTests(CallTalentCase):
+    def refused_count(self, code: str) -> float:
+        value = self.h.metrics.registry.get_sample_value("sktalent_refusals_total", {"code": code})
+        return value or 0
+
+    def test_refusals_count_against_rate(self) -> None:
+        """
+        Invalid messages count against the rate: past it the sender gets one
+        rate_limited frame a second, each message is still PUBACKed, and the
+        rest are counted, neither stored nor logged one by one.
+        """
+        self.h = self.harness(self.store, AppLimits(rate=1, burst=2))
+        a, b = self.user("alice"), self.user("bob")
+        frames = []
+        with capturedLogs() as events:
+            for _ in range(3):
+                for n in range(1, 501):
+                    self.publish(a, b"{", n)
+                received = a.received()
+                acks = [x for x in received if isinstance(x, p.PubAck)]
+                self.assertEqual(acks, [p.PubAck(n) for n in range(1, 501)])
+                for publish in received:
+                    if isinstance(publish, p.Publish):
+                        frames.append(json.loads(publish.payload)["error"])
+                        assert publish.packet_id is not None
+                        a.send(p.PubAck(publish.packet_id))
+                self.h.clock.advance(1)
+        self.assertFalse(a.closed)
+        # The burst, then one token and one warning a second.
+        self.assertEqual(
+            frames,
+            [
+                "bad_json",
+                "bad_json",
+                "rate_limited",
+                "bad_json",
+                "rate_limited",
+                "bad_json",
+                "rate_limited",
+            ],
+        )
+        self.assertEqual(self.refused_count("rate_limited"), 1500 - 4)
+        self.assertEqual(self.refused_count("bad_json"), 4)
+        refusals = [e for e in events if "Refused" in e.get("log_format", "")]
+        self.assertEqual(len(refusals), 7)
+        queued = self.successResultOf(self.store.load_sessions())
+        self.assertLessEqual(sum(len(s.queue) for s in queued), 7)
+        # The rate limit did not cost anything to others.
+        self.publish(b, chat("bob", "alice", 1))
+        self.assertEqual(self.frames(b), [{"msgid": msgid(1), "type": "sent"}])
+
+    def test_receipts_have_their_own_bucket(self) -> None:
+        """A chat page confirming 90 messages at once is not refused, nor are the chats after."""
+        a, b = self.user("alice"), self.user("bob")
+        for n in range(1, 91):
+            self.publish(a, chat("alice", "bob", n), n)
+            self.h.clock.advance(0.05)
+        self.assertEqual(len(self.frames(a)), 90)
+        self.assertEqual(len(self.frames(b)), 90)
+        for n in range(1, 91):
+            receipt = {"msgid": msgid(n), "from": "bob", "to": "alice", "type": "received"}
+            self.publish(b, receipt, n)
+        self.assertEqual(
+            self.frames(a), [{"msgid": msgid(n), "type": "received"} for n in range(1, 91)]
+        )
+        for n in range(1, 61):
+            self.publish(b, chat("bob", "alice", 100 + n), n)
+        self.assertEqual([f["type"] for f in self.frames(b)], ["sent"] * 60)
+        self.assertEqual(self.refused_count("rate_limited"), 0)
+
+    def test_receipt_rate_bounded(self) -> None:
+        """Receipts have a rate too: ten times the chat rate."""
+        self.h = self.harness(self.store, AppLimits(rate=1, burst=2))
+        b = self.user("bob")
+        for n in range(1, 31):
+            receipt = {"msgid": msgid(n), "from": "bob", "to": "alice", "type": "received"}
+            self.publish(b, receipt, n)
+        errors = [f["error"] for f in self.frames(b)]
+        self.assertEqual(errors, ["unknown_message"] * 20 + ["rate_limited"])
+        self.assertEqual(self.refused_count("rate_limited"), 10)
+
+    def test_idle_senders_forgotten(self) -> None:
+        """
+        The rate state of a sender idle long enough to have full buckets is
+        forgotten: memory grows with the senders of the last seconds only.
+        """
+        message = Message(SERVER_TOPIC, b"{", 1)
+        for n in range(3000):
+            self.app.handle(f"u{n}", message, Plan())
+            self.h.clock.advance(0.01)
+        # Burst / rate is 3 s: 300 senders at 0.01 s apart.
+        self.assertLessEqual(len(self.app._senders), 301)
+        # Coming back, a forgotten sender has its whole burst again.
+        plan = Plan()
+        for _ in range(int(DEFAULT_LIMITS.burst)):
+            self.app.handle("u0", message, plan)
+        self.assertEqual(self.refused_count("rate_limited"), 0)
 
 
 class NotificationTests(CallTalentCase):

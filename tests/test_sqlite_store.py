@@ -10,6 +10,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -22,6 +23,7 @@ from sktalent.store.interfaces import (
     Device,
     Enqueue,
     InsertChat,
+    Inserted,
     Message,
     PutDevice,
     QueuedMessage,
@@ -123,8 +125,10 @@ class SQLiteStoreTests(TestCase):
 
     async def test_first_schema_upgrades(self) -> None:
         """
-        A file of the first schema, chats without InsertChat tokens, upgrades
-        in place: its chats stay, and a retransmission of one is refused.
+        A file of the first schema, chats without InsertChat tokens or
+        digests, upgrades in place: its chats stay, a retransmission of one
+        (whatever its digest) is REPEATED, and the msgid for another recipient
+        is CONFLICT.
         """
         first = await self.started(migrations=MIGRATIONS[:1])
         conn = sqlite3.connect(self.path)
@@ -138,7 +142,15 @@ class SQLiteStoreTests(TestCase):
         store = await self.started()
         record = ChatRecord("m1", "a", "b", "o1", "{}", 5)
         self.assertEqual(await store.chat_history("o1", 10, None), [record])
-        self.assertEqual(await store.submit([InsertChat(record)]), [False])
+        self.assertEqual(
+            await store.submit(
+                [
+                    InsertChat(record, digest="d"),
+                    InsertChat(attrs.evolve(record, recipient="c")),
+                ]
+            ),
+            [Inserted.REPEATED, Inserted.CONFLICT],
+        )
 
     async def test_refuses_newer_schema(self) -> None:
         """A file from a newer server is refused with a clear error."""

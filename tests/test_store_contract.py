@@ -7,6 +7,7 @@ open_store.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -37,6 +38,7 @@ from sktalent.store.interfaces import (
     DropSession,
     Enqueue,
     InsertChat,
+    Inserted,
     IStore,
     MarkReceived,
     Message,
@@ -55,6 +57,7 @@ from sktalent.store.mongo import MongoStore
 from sktalent.store.sqlite import SQLiteStore
 
 EVERY_BYTE = bytes(range(256))
+NEW, REPEATED, CONFLICT = Inserted.NEW, Inserted.REPEATED, Inserted.CONFLICT
 
 
 def chat(
@@ -251,14 +254,14 @@ class StoreContract(_Mixin):
         first = chat(msgid(1), 1000)
         m = Message("$sktalent/clients/bob", b"hi", 1)
         self.assertEqual(
-            await self.store.submit([InsertChat(first, (Enqueue("bob", 1, m),))]), [True]
+            await self.store.submit([InsertChat(first, (Enqueue("bob", 1, m),))]), [NEW]
         )
         again = attrs.evolve(first, envelope="{}", received_at=2000)
         self.assertEqual(
             await self.store.submit(
                 [InsertChat(again, (Enqueue("bob", 2, m), PutSession("x", ())))]
             ),
-            [False],
+            [REPEATED],
         )
         self.assertEqual(
             await self.store.load_sessions(), [SessionRecord("bob", (), (QueuedMessage(1, m),))]
@@ -268,25 +271,25 @@ class StoreContract(_Mixin):
     async def test_insert_chat_retried(self) -> None:
         """
         The same InsertChat committed again (a retry whose first attempt
-        landed unanswered) is still True and its `then` lands once; a
-        retransmission of the chat, another operation, is False.
+        landed unanswered) is still NEW and its `then` lands once; a
+        retransmission of the chat, another operation, is REPEATED.
         """
         m = Message("$sktalent/clients/bob", b"hi", 1)
         op = InsertChat(chat(msgid(1), 1000), (Enqueue("bob", 1, m),))
-        self.assertEqual(await self.store.submit([op]), [True])
-        self.assertEqual(await self.store.submit([op]), [True])
+        self.assertEqual(await self.store.submit([op]), [NEW])
+        self.assertEqual(await self.store.submit([op]), [NEW])
         self.assertEqual(
             await self.store.load_sessions(), [SessionRecord("bob", (), (QueuedMessage(1, m),))]
         )
         retransmitted = InsertChat(chat(msgid(1), 1000), (Enqueue("bob", 2, m),))
-        self.assertEqual(await self.store.submit([retransmitted]), [False])
+        self.assertEqual(await self.store.submit([retransmitted]), [REPEATED])
         self.assertEqual(len((await self.store.load_sessions())[0].queue), 1)
 
     async def test_same_msgid_other_sender(self) -> None:
         """The msgid is unique per sender only."""
         a = chat(msgid(1), 1000, sender="alice")
         b = chat(msgid(1), 1001, sender="carol")
-        self.assertEqual(await self.store.submit([InsertChat(a), InsertChat(b)]), [True, True])
+        self.assertEqual(await self.store.submit([InsertChat(a), InsertChat(b)]), [NEW, NEW])
         self.assertEqual(await self.store.chat_history("o1", 10, None), [a, b])
 
     async def test_insert_chat_twice_in_one_batch(self) -> None:
@@ -300,7 +303,7 @@ class StoreContract(_Mixin):
                 MarkReceived("alice", msgid(1), "bob", 1500, (Enqueue("alice", 1, m),)),
             ]
         )
-        self.assertEqual(results, [True, False, True])
+        self.assertEqual(results, [NEW, REPEATED, True])
         self.assertEqual(
             by_client(await self.store.load_sessions()),
             [
@@ -321,7 +324,52 @@ class StoreContract(_Mixin):
                 ChatStored("alice", msgid(2)),
             ]
         )
-        self.assertEqual(results, [True, False, False, True, True])
+        self.assertEqual(results, [True, False, False, NEW, True])
+
+    async def test_insert_chat_conflict(self) -> None:
+        """
+        The same (sender, msgid) for another recipient or another digest is
+        CONFLICT: nothing of it is stored or committed.  The same recipient
+        and digest (a retransmission, whatever its receive time) is REPEATED.
+        """
+        m = Message("$sktalent/clients/bob", b"hi", 1)
+        first = chat(msgid(1), 1000)
+        self.assertEqual(await self.store.submit([InsertChat(first, digest="d1")]), [NEW])
+        later = attrs.evolve(first, envelope="{}", received_at=2000)
+        results = await self.store.submit(
+            [
+                InsertChat(
+                    attrs.evolve(later, recipient="carol"), (Enqueue("carol", 1, m),), digest="d1"
+                ),
+                InsertChat(later, (Enqueue("bob", 1, m),), digest="d2"),
+                InsertChat(later, (Enqueue("bob", 2, m),), digest="d1"),
+                MarkReceived("alice", msgid(1), "carol", 2500),
+            ]
+        )
+        self.assertEqual(results, [CONFLICT, CONFLICT, REPEATED, False])
+        self.assertEqual(await self.store.load_sessions(), [])
+        self.assertEqual(await self.store.chat_history("o1", 10, None), [first])
+
+    async def test_insert_chat_conflict_in_one_batch(self) -> None:
+        """Within one batch a later InsertChat conflicts with an earlier one."""
+        c = chat(msgid(1), 1000)
+        m = Message("t", b"p", 1)
+        results = await self.store.submit(
+            [
+                InsertChat(c, (Enqueue("bob", 1, m),), digest="d1"),
+                InsertChat(c, (Enqueue("bob", 2, m),), digest="d2"),
+            ]
+        )
+        self.assertEqual(results, [NEW, CONFLICT])
+        (session,) = await self.store.load_sessions()
+        self.assertEqual([q.seq for q in session.queue], [1])
+
+    async def test_insert_chat_retried_with_digest(self) -> None:
+        """A retried commit is NEW even after a conflicting one was refused."""
+        op = InsertChat(chat(msgid(1), 1000), digest="d1")
+        self.assertEqual(await self.store.submit([op]), [NEW])
+        other = InsertChat(chat(msgid(1), 1000, recipient="carol"), digest="d1")
+        self.assertEqual(await self.store.submit([other, op]), [CONFLICT, NEW])
 
     async def test_mark_received(self) -> None:
         """MarkReceived is True, and commits `then`, only for the chat's recipient."""
@@ -347,10 +395,7 @@ class StoreContract(_Mixin):
         outer = InsertChat(chat(msgid(1), 1000), (Enqueue("bob", 1, m), inner))
         self.assertEqual(
             await self.store.submit([outer, PutDevice(Device("u", "ios", "t"))]),
-            [
-                True,
-                None,
-            ],
+            [NEW, None],
         )
         self.assertEqual(
             [c.msgid for c in await self.store.chat_history("o1", 10, None)],
@@ -408,7 +453,7 @@ class StoreContract(_Mixin):
             await self.store.submit(
                 [MarkReceived("alice", msgid(1), "bob", 9000), InsertChat(chats[0])]
             ),
-            [False, True],
+            [False, NEW],
         )
 
     async def test_ping(self) -> None:
@@ -428,7 +473,7 @@ class StoreContract(_Mixin):
             for n in range(20)
         ]
         results = [await d for d in submits]
-        self.assertEqual(results, [[n < 7, None] for n in range(20)])
+        self.assertEqual(results, [[NEW if n < 7 else REPEATED, None] for n in range(20)])
 
 
 class DurableContract(StoreContract):
@@ -471,7 +516,7 @@ class DurableContract(StoreContract):
         self.assertEqual(await again.load_retained(), [Message("r", b"kept", 1, True)])
         self.assertEqual(await again.chat_history("o1", 10, None), [c])
         self.assertEqual(await again.get_device("bob"), Device("bob", "ios", "tok"))
-        self.assertEqual(await again.submit([InsertChat(c)]), [False])
+        self.assertEqual(await again.submit([InsertChat(c)]), [REPEATED])
 
     async def test_stop_flushes_pending(self) -> None:
         """Submits not yet committed when stop() is called are committed by it."""
@@ -540,6 +585,27 @@ class MongoStoreTests(DurableContract, TestCase):
 
     def make_store(self) -> MongoStore:
         return MongoStore(reactor, self.uri)
+
+    async def test_chat_of_an_older_server(self) -> None:
+        """
+        A chat stored without token or digest (by an older server) is a
+        retransmission for the same recipient, whatever the digest, and a
+        conflict for another.
+        """
+        record = chat(msgid(1), 1000)
+        pool = ConnectionPool(self.uri)
+        try:
+            database = pool[urlsplit(self.uri).path.lstrip("/")]
+            await database.chats.insert_one(
+                attrs.asdict(record) | {"_id": json.dumps([record.sender, record.msgid])}
+            )
+        finally:
+            await pool.disconnect()
+        other = attrs.evolve(record, recipient="carol")
+        results = await self.store.submit(
+            [InsertChat(record, digest="d"), InsertChat(other, digest="d")]
+        )
+        self.assertEqual(results, [REPEATED, CONFLICT])
 
     async def test_outage_held_and_retried(self) -> None:
         """
@@ -669,8 +735,8 @@ class GroupCommitterTests(SynchronousTestCase):
         e = self.committer.submit([])
         self.clock.advance(0)
         self.backend.land()
-        self.assertEqual(self.successResultOf(a), [True, None])
-        self.assertEqual(self.successResultOf(b), [False])
+        self.assertEqual(self.successResultOf(a), [NEW, None])
+        self.assertEqual(self.successResultOf(b), [REPEATED])
         self.assertEqual(self.successResultOf(e), [])
 
     def test_batch_size_bounded(self) -> None:

@@ -6,11 +6,14 @@ offline push that stands in for a missing connection.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from prometheus_client import Counter
@@ -29,6 +32,7 @@ from ..store.interfaces import (
     ChatStored,
     Device,
     InsertChat,
+    Inserted,
     IStore,
     MarkReceived,
     Message,
@@ -42,7 +46,9 @@ from .rules import SERVER_TOPIC, client_topic
 
 log = Logger()
 
-_MSGID = re.compile(r"[0-9a-f]{24}\Z")
+_MSGID = re.compile(r"[0-9a-fA-F]{24}")
+# Any surrogate in a decoded str is a lone one: JSON pairs become one character.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Compact UTF-8 JSON, as the apps send it.
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -54,6 +60,10 @@ _HEALTH_TIMEOUT = 2.0
 # cannot be refused in turn.  Chats and notifications are refused at the
 # limit instead (has_room), before anything is promised.
 _OWN_FRAMES = frozenset({"sent", "received", "error"})
+# `received` receipts have a bucket of their own, this many times the chat rate.
+_RECEIPTS_PER_CHAT = 10
+# Past the rate a sender hears rate_limited at most this often, in seconds.
+_WARN_EVERY = 1.0
 
 # Push alerts for notifications the backend sends without one.
 _DEFAULT_ALERTS = {
@@ -85,8 +95,75 @@ class AppLimits:
 
 @attrs.define(eq=False)
 class _Bucket:
+    rate: float
+    burst: float
     tokens: float
     at: float
+
+    def take(self, now: float) -> bool:
+        """Take a token if there is one."""
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@attrs.define(eq=False)
+class _Sender:
+    """What the rate limits remember of one sender."""
+
+    chats: _Bucket
+    receipts: _Bucket
+    seen: float
+    warned: float = -math.inf
+
+
+@attrs.frozen
+class _ChatPayload:
+    o_id: str
+    expert: bool
+    content: str
+
+    def digest(self) -> str:
+        """What tells a retransmission from a msgid reused for other content."""
+        text = _json([self.o_id, self.expert, self.content]).encode()
+        return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+@attrs.frozen
+class _Envelope:
+    """A client's message as checked: only the fields of seed section 2."""
+
+    # Lower case: the msgid as stored and forwarded.
+    msgid: str
+    # As the client wrote it: what answers to the sender carry.
+    echo: str
+    sender: str
+    to: str
+    kind: str
+    payload: _ChatPayload | None = None
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _lone_surrogate(value: object) -> bool:
+    """Whether a string anywhere in the parsed JSON value, key or not, holds one."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _text_field(payload: Mapping[str, Any], name: str, msgid: str) -> str:
@@ -105,7 +182,8 @@ class CallTalent:
     _clock: IReactorTime
     metrics: Metrics
     _limits: AppLimits = AppLimits()
-    _buckets: dict[str, _Bucket] = attrs.Factory(dict)
+    # Least recently seen first, so the idle are forgotten cheaply.
+    _senders: OrderedDict[str, _Sender] = attrs.Factory(OrderedDict)
     _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
 
     # -- IApplication: what clients publish --------------------------------
@@ -114,69 +192,106 @@ class CallTalent:
         return topic == SERVER_TOPIC
 
     def handle(self, client_id: str, message: Message, plan: Plan) -> None:
+        now = self._clock.seconds()
+        sender = self._sender(client_id, now)
         try:
             envelope = self._parse(client_id, message.payload)
-            self._take_token(client_id, envelope["msgid"])
         except Refusal as refusal:
-            self._refuse(plan, client_id, refusal)
+            # Refusals count against the chat rate like chats do.
+            if sender.chats.take(now):
+                self._refuse(plan, client_id, refusal)
+            else:
+                self._over_rate(plan, client_id, sender, now, refusal.msgid)
             return
-        kind = envelope["type"]
+        kind = envelope.kind
+        if not (sender.receipts if kind == "received" else sender.chats).take(now):
+            self._over_rate(plan, client_id, sender, now, envelope.echo)
+            return
         self._counter(self.metrics.messages_in, kind).inc()
         if kind == "order_chat":
             self._chat(plan, envelope)
         else:
             self._received(plan, envelope)
 
-    def _parse(self, client_id: str, raw: bytes) -> dict[str, Any]:
+    def _parse(self, client_id: str, raw: bytes) -> _Envelope:
         try:
-            envelope = json.loads(raw)
+            parsed = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
         except (ValueError, RecursionError):  # RecursionError: absurd nesting
             raise Refusal("bad_json", "the message is not UTF-8 JSON") from None
-        if not isinstance(envelope, dict):
-            raise Refusal("bad_envelope", "the message must be a JSON object")
-        msgid = envelope.get("msgid")
-        if not isinstance(msgid, str) or not _MSGID.match(msgid):
+        written = parsed.get("msgid") if isinstance(parsed, dict) else None
+        msgid = written if isinstance(written, str) else ""
+        well_formed = _MSGID.fullmatch(msgid) is not None
+        if _lone_surrogate(parsed):
             raise Refusal(
-                "bad_msgid",
-                "msgid must be 24 lowercase hex characters",
-                msgid if isinstance(msgid, str) else "",
+                "bad_json",
+                "the message holds a lone surrogate, which is not Unicode text",
+                msgid if well_formed else "",
             )
-        if envelope.get("from") != client_id:
+        if not isinstance(parsed, dict):
+            raise Refusal("bad_envelope", "the message must be a JSON object")
+        if not well_formed:
+            raise Refusal("bad_msgid", "msgid must be 24 hex characters", msgid)
+        if parsed.get("from") != client_id:
             raise Refusal("from_mismatch", "from must be your own userID", msgid)
-        kind = envelope.get("type")
+        kind = parsed.get("type")
         if kind not in ("order_chat", "received"):
             raise Refusal("unknown_type", "type must be order_chat or received", msgid)
-        to = envelope.get("to")
+        to = parsed.get("to")
         if not isinstance(to, str) or not valid_user_id(to) or to == client_id:
             raise Refusal("bad_envelope", "to must be another user's userID", msgid)
-        if kind == "order_chat":
-            payload = envelope.get("payload")
-            if not isinstance(payload, dict):
-                raise Refusal("bad_payload", "payload must be a JSON object", msgid)
-            _text_field(payload, "o_id", msgid)
-            if not isinstance(payload.get("expert"), bool):
-                raise Refusal("bad_payload", "payload.expert must be true or false", msgid)
-            content = _text_field(payload, "content", msgid)
-            if len(content) > self._limits.max_content:
-                raise Refusal(
-                    "too_large",
-                    f"payload.content is longer than {self._limits.max_content} characters",
-                    msgid,
-                )
-        return envelope
+        envelope = _Envelope(msgid.lower(), msgid, client_id, to, kind)
+        if kind == "received":
+            return envelope
+        payload = parsed.get("payload")
+        if not isinstance(payload, dict):
+            raise Refusal("bad_payload", "payload must be a JSON object", msgid)
+        o_id = _text_field(payload, "o_id", msgid)
+        expert = payload.get("expert")
+        if not isinstance(expert, bool):
+            raise Refusal("bad_payload", "payload.expert must be true or false", msgid)
+        content = _text_field(payload, "content", msgid)
+        if len(content) > self._limits.max_content:
+            raise Refusal(
+                "too_large",
+                f"payload.content is longer than {self._limits.max_content} characters",
+                msgid,
+            )
+        return attrs.evolve(envelope, payload=_ChatPayload(o_id, expert, content))
 
-    def _take_token(self, client_id: str, msgid: str) -> None:
-        now = self._clock.seconds()
-        bucket = self._buckets.get(client_id)
-        if bucket is None:
-            bucket = self._buckets[client_id] = _Bucket(self._limits.burst, now)
-        bucket.tokens = min(
-            self._limits.burst, bucket.tokens + (now - bucket.at) * self._limits.rate
+    def _sender(self, client_id: str, now: float) -> _Sender:
+        """client_id's rate state, made most recently seen."""
+        limits = self._limits
+        # Buckets idle this long are full again and a warning this old has
+        # expired: such a sender is as good as new, so it is forgotten.
+        idle = max(limits.burst / limits.rate, _WARN_EVERY)
+        while self._senders:
+            oldest = next(iter(self._senders.values()))
+            if now - oldest.seen < idle:
+                break
+            self._senders.popitem(last=False)
+        sender = self._senders.pop(client_id, None)
+        if sender is None:
+            n = _RECEIPTS_PER_CHAT
+            sender = _Sender(
+                _Bucket(limits.rate, limits.burst, limits.burst, now),
+                _Bucket(limits.rate * n, limits.burst * n, limits.burst * n, now),
+                now,
+            )
+        sender.seen = now
+        self._senders[client_id] = sender
+        return sender
+
+    def _over_rate(
+        self, plan: Plan, client_id: str, sender: _Sender, now: float, msgid: str
+    ) -> None:
+        if now - sender.warned < _WARN_EVERY:
+            # Warned already: counted only, neither stored nor logged.
+            self._counter(self.metrics.refusals, "rate_limited").inc()
+            return
+        sender.warned = now
+        self._refuse(
+            plan, client_id, Refusal("rate_limited", "too many messages; slow down", msgid)
         )
-        bucket.at = now
-        if bucket.tokens < 1:
-            raise Refusal("rate_limited", "too many messages; slow down", msgid)
-        bucket.tokens -= 1
 
     def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any] | bytes, kind: str) -> None:
         """
@@ -199,7 +314,16 @@ class CallTalent:
             counter = self._counters[key] = family.labels(label)
         return counter
 
-    def _refuse(self, plan: Plan, client_id: str, refusal: Refusal) -> None:
+    def _send_later(self, user_id: str, frame: Mapping[str, Any], kind: str) -> None:
+        """Send frame in a commit of its own: an answer a store result decided."""
+        plan = Plan()
+        self._send(plan, user_id, frame, kind)
+        self._broker.commit(plan).addErrback(
+            logged(log, "Sending {kind} to {user} failed", kind=kind, user=user_id)
+        )
+
+    def _refusal(self, client_id: str, refusal: Refusal) -> dict[str, str]:
+        """The error frame for refusal, counted and logged."""
         self._counter(self.metrics.refusals, refusal.code).inc()
         log.info(
             "Refused a message from {client}: {code} ({why})",
@@ -207,71 +331,100 @@ class CallTalent:
             code=refusal.code,
             why=str(refusal),
         )
-        frame = {
+        return {
             "msgid": refusal.msgid,
             "type": "error",
             "error": refusal.code,
             "message": str(refusal),
         }
-        self._send(plan, client_id, frame, "error")
+
+    def _refuse(self, plan: Plan, client_id: str, refusal: Refusal) -> None:
+        self._send(plan, client_id, self._refusal(client_id, refusal), "error")
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
-    def _chat(self, plan: Plan, envelope: dict[str, Any]) -> None:
-        msgid, sender, to = envelope["msgid"], envelope["from"], envelope["to"]
-        payload = envelope["payload"]
+    def _chat(self, plan: Plan, envelope: _Envelope) -> None:
+        payload = envelope.payload
+        assert payload is not None
+        sender, to = envelope.sender, envelope.to
         received_at = self._now_ms()
-        delivered = dict(envelope, payload=dict(payload, t=str(received_at)))
-        text = _json(delivered)
-        body = text.encode()
-        sent = {"msgid": msgid, "type": "sent"}
+        # Exactly the documented fields: nothing else a client sent goes on.
+        body = _json(
+            {
+                "msgid": envelope.msgid,
+                "from": sender,
+                "to": to,
+                "type": "order_chat",
+                "payload": {
+                    "o_id": payload.o_id,
+                    "expert": payload.expert,
+                    "content": payload.content,
+                    "t": str(received_at),
+                },
+            }
+        ).encode()
+        sent = {"msgid": envelope.echo, "type": "sent"}
         if not self._broker.has_room(to, len(body)):
-            self._cannot_keep(plan, sender, msgid, sent)
+            self._cannot_keep(plan, envelope, sent)
             return
-        chat = ChatRecord(msgid, sender, to, payload["o_id"], text, received_at)
+        chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
         inner = Plan()
         self._send(inner, to, body, "order_chat")
-        notice = PushNotice("order_chat", payload["content"], o_id=payload["o_id"])
+        notice = PushNotice("order_chat", payload.content, o_id=payload.o_id)
         inner.add(None, lambda _: self._push_if_offline(to, notice))
-        plan.add_guarded(InsertChat(chat, inner.ops), inner)
-        # Also for a retransmission: the sender did not see the first one.
-        self._send(plan, sender, sent, "sent")
+        self._send(inner, sender, sent, "sent")
 
-    def _cannot_keep(self, plan: Plan, sender: str, msgid: str, sent: Mapping[str, str]) -> None:
+        def otherwise(result: Inserted) -> None:
+            if result is Inserted.REPEATED:
+                # A retransmission: the sender did not see the first `sent`.
+                self._send_later(sender, sent, "sent")
+            else:
+                refusal = Refusal(
+                    "duplicate_msgid",
+                    "you sent another message with this msgid; use a new msgid",
+                    envelope.echo,
+                )
+                self._send_later(sender, self._refusal(sender, refusal), "error")
+
+        plan.add_guarded(
+            InsertChat(chat, inner.ops, digest=payload.digest()),
+            inner,
+            otherwise,
+            passed=lambda result: result is Inserted.NEW,
+        )
+
+    def _cannot_keep(self, plan: Plan, envelope: _Envelope, sent: Mapping[str, str]) -> None:
         """
         The recipient's queue is full: store nothing, so that the chat is
         taken when sent again later, and refuse it with queue_full; unless
         it is a retransmission of a chat already kept, which gets its sent.
         """
+        sender = envelope.sender
 
         def answered(stored: object) -> None:
-            later = Plan()
             if stored:
-                self._send(later, sender, sent, "sent")
+                self._send_later(sender, sent, "sent")
             else:
                 refusal = Refusal(
-                    "queue_full", "the recipient's queue is full; send it again later", msgid
+                    "queue_full",
+                    "the recipient's queue is full; send it again later",
+                    envelope.echo,
                 )
-                self._refuse(later, sender, refusal)
-            self._broker.commit(later).addErrback(
-                logged(log, "Answering {msgid} failed", msgid=msgid)
-            )
+                self._send_later(sender, self._refusal(sender, refusal), "error")
 
-        plan.add(ChatStored(sender, msgid), answered)
+        plan.add(ChatStored(sender, envelope.msgid), answered)
 
-    def _received(self, plan: Plan, envelope: dict[str, Any]) -> None:
-        msgid, recipient, sender = envelope["msgid"], envelope["from"], envelope["to"]
+    def _received(self, plan: Plan, envelope: _Envelope) -> None:
+        msgid, recipient, sender = envelope.msgid, envelope.sender, envelope.to
         inner = Plan()
         self._send(inner, sender, {"msgid": msgid, "type": "received"}, "received")
 
-        def unknown() -> None:
-            refusal = Refusal("unknown_message", f"no message {msgid} from {sender} to you", msgid)
-            later = Plan()
-            self._refuse(later, recipient, refusal)
-            self._broker.commit(later).addErrback(
-                logged(log, "Refusing {msgid} failed", msgid=msgid)
+        def unknown(_: object) -> None:
+            refusal = Refusal(
+                "unknown_message", f"no message {msgid} from {sender} to you", envelope.echo
             )
+            self._send_later(recipient, self._refusal(recipient, refusal), "error")
 
         plan.add_guarded(
             MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), inner, unknown

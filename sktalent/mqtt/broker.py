@@ -137,21 +137,25 @@ class Plan:
             self._ops.append(op)
 
     def add_guarded(
-        self, op: Op, inner: Plan, otherwise: Callable[[], object] | None = None
+        self,
+        op: Op,
+        inner: Plan,
+        otherwise: Callable[[Any], object] | None = None,
+        passed: Callable[[Any], bool] = bool,
     ) -> None:
         """
         Add a guarded operation whose ``then`` are inner's operations: inner's
-        effects run when its result is true; otherwise inner is abandoned and
-        ``otherwise`` called.
+        effects run when ``passed(result)``; otherwise inner is abandoned and
+        ``otherwise(result)`` called.
         """
 
         def decided(result: object) -> None:
-            if result:
+            if passed(result):
                 inner.apply([None] * len(inner.ops))
                 return
             inner.abandon()
             if otherwise is not None:
-                otherwise()
+                otherwise(result)
 
         self.add(op, decided)
         self.on_abandon(inner.abandon)

@@ -9,6 +9,7 @@ broker acknowledge anything to a client.
 
 from __future__ import annotations
 
+import enum
 import secrets
 from collections.abc import Sequence
 
@@ -128,20 +129,42 @@ class SetRetained:
     message: Message | None
 
 
+class Inserted(enum.Enum):
+    """What an InsertChat found."""
+
+    # Stored now: its ``then`` is committed with it.
+    NEW = "new"
+    # The same chat (recipient and digest) was stored already: a retransmission.
+    REPEATED = "repeated"
+    # The sender's msgid holds another chat: another recipient or digest.
+    CONFLICT = "conflict"
+
+
 @attrs.frozen
 class InsertChat:
     """
     Store a chat message unless (sender, msgid) is stored already.  Result:
-    True when it was new; the operations in ``then`` are committed with it
-    only in that case.  A commit retried after its first attempt landed
-    unanswered finds the chat stored with this operation's token: that is
-    still True (and ``then`` is written again, harmlessly), where a client's
-    retransmission, another operation, is False.
+    an Inserted; the operations in ``then`` are committed with it only when
+    it is NEW.  A commit retried after its first attempt landed unanswered
+    finds the chat stored with this operation's token: that is still NEW
+    (and ``then`` is written again, harmlessly), where a client's
+    retransmission, another operation, is REPEATED or CONFLICT.  ``digest``
+    stands for the content; a chat stored without one (by an older server)
+    is compared by recipient only.
     """
 
     chat: ChatRecord
     then: tuple[Op, ...] = ()
     token: str = attrs.Factory(lambda: secrets.token_hex(8))
+    digest: str = ""
+
+    def against(self, token: str | None, recipient: str, digest: str | None) -> Inserted:
+        """The result where (sender, msgid) is stored already with these."""
+        if token == self.token:
+            return Inserted.NEW
+        if recipient == self.chat.recipient and digest in (None, self.digest):
+            return Inserted.REPEATED
+        return Inserted.CONFLICT
 
 
 @attrs.frozen

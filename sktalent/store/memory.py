@@ -20,6 +20,7 @@ from .interfaces import (
     DropSession,
     Enqueue,
     InsertChat,
+    Inserted,
     IStore,
     MarkReceived,
     Message,
@@ -50,7 +51,8 @@ class MemoryStore:
     _retained: dict[str, Message] = attrs.Factory(dict)
     # (sender, msgid) -> chat, in insertion order.
     _chats: dict[tuple[str, str], ChatRecord] = attrs.Factory(dict)
-    _tokens: dict[tuple[str, str], str] = attrs.Factory(dict)
+    # (sender, msgid) -> (InsertChat token, digest).
+    _inserts: dict[tuple[str, str], tuple[str, str]] = attrs.Factory(dict)
     _receipts: dict[tuple[str, str], int] = attrs.Factory(dict)
     _devices: dict[str, Device] = attrs.Factory(dict)
 
@@ -89,15 +91,18 @@ class MemoryStore:
                 self._retained.pop(topic, None)
             case SetRetained(topic, message) if message is not None:
                 self._retained[topic] = message
-            case InsertChat(chat, then, token):
+            case InsertChat(chat, then, token, digest):
                 key = (chat.sender, chat.msgid)
-                if key in self._chats and self._tokens[key] != token:
-                    return False
+                if key in self._chats:
+                    stored_token, stored_digest = self._inserts[key]
+                    result = op.against(stored_token, self._chats[key].recipient, stored_digest)
+                    if result is not Inserted.NEW:
+                        return result
                 self._chats[key] = chat
-                self._tokens[key] = token
+                self._inserts[key] = (token, digest)
                 for inner in then:
                     self._apply(inner)
-                return True
+                return Inserted.NEW
             case ChatStored(sender, msgid):
                 return (sender, msgid) in self._chats
             case MarkReceived(sender, msgid, recipient, at, then):
@@ -148,6 +153,6 @@ class MemoryStore:
         old = [k for k, c in self._chats.items() if c.received_at < older_than]
         for key in old:
             del self._chats[key]
-            del self._tokens[key]
+            del self._inserts[key]
             self._receipts.pop(key, None)
         return succeed(len(old))

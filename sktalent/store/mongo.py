@@ -41,6 +41,7 @@ from .interfaces import (
     DropSession,
     Enqueue,
     InsertChat,
+    Inserted,
     IStore,
     MarkReceived,
     Message,
@@ -101,7 +102,7 @@ def _message(doc: dict[str, Any]) -> Message:
 def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
     for op in ops:
         match op:
-            case InsertChat(chat, then):
+            case InsertChat(chat, then, _, _):
                 yield (chat.sender, chat.msgid)
                 yield from _chat_keys(then)
             case MarkReceived(sender, msgid, _, _, then):
@@ -129,6 +130,14 @@ def _ids_in(keys: Sequence[_Key]) -> dict[str, Any]:
     return {"_id": {"$in": [_id(s, m) for s, m in keys]}}
 
 
+@attrs.frozen
+class _Stored:
+    recipient: str
+    # None for a chat stored before tokens or digests existed.
+    token: str | None
+    digest: str | None
+
+
 @attrs.define
 class _Plan:
     """
@@ -137,10 +146,8 @@ class _Plan:
     in any order; ``late`` runs follow them strictly in order.
     """
 
-    # (sender, msgid) -> recipient, and InsertChat token, of every chat that
-    # exists at this point.
-    _chats: dict[_Key, str]
-    _tokens: dict[_Key, str | None]
+    # (sender, msgid) -> what is stored of every chat that exists at this point.
+    _chats: dict[_Key, _Stored]
     early: dict[str, list[_Write]] = attrs.Factory(dict)
     late: list[tuple[str, list[_Write]]] = attrs.Factory(list)
     _touched: set[str] = attrs.Factory(set)
@@ -204,14 +211,21 @@ class _Plan:
                 self._write(
                     "retained", ReplaceOne({"_id": topic}, _message_doc(message), upsert=True)
                 )
-            case InsertChat(chat, then, token):
+            case InsertChat(chat, then, token, digest):
                 key = (chat.sender, chat.msgid)
-                if key in self._chats and self._tokens.get(key) != token:
-                    return False
-                self._chats[key], self._tokens[key] = chat.recipient, token
+                stored = self._chats.get(key)
+                if stored is not None:
+                    result = op.against(stored.token, stored.recipient, stored.digest)
+                    if result is not Inserted.NEW:
+                        return result
+                self._chats[key] = _Stored(chat.recipient, token, digest)
                 for inner in then:
                     self.add(inner)
-                doc = attrs.asdict(chat) | {"time": _date(chat.received_at), "token": token}
+                doc = attrs.asdict(chat) | {
+                    "time": _date(chat.received_at),
+                    "token": token,
+                    "digest": digest,
+                }
                 self._write_late(
                     "chats",
                     UpdateOne(
@@ -220,11 +234,12 @@ class _Plan:
                         upsert=True,
                     ),
                 )
-                return True
+                return Inserted.NEW
             case ChatStored(sender, msgid):
                 return (sender, msgid) in self._chats
             case MarkReceived(sender, msgid, recipient, at, then):
-                if self._chats.get((sender, msgid)) != recipient:
+                stored = self._chats.get((sender, msgid))
+                if stored is None or stored.recipient != recipient:
                     return False
                 for inner in then:
                     self.add(inner)
@@ -386,15 +401,14 @@ class MongoStore:
 
     async def _commit(self, ops: Sequence[Op]) -> list[object]:
         db = self._db
-        known: dict[_Key, str] = {}
-        tokens: dict[_Key, str | None] = {}
+        known: dict[_Key, _Stored] = {}
+        fields = {"sender": 1, "msgid": 1, "recipient": 1, "token": 1, "digest": 1}
         for chunk in _chunks(list(dict.fromkeys(_chat_keys(ops)))):
-            for doc in await self._q(
-                db.chats.find(_ids_in(chunk), {"sender": 1, "msgid": 1, "recipient": 1, "token": 1})
-            ):
-                key = (doc["sender"], doc["msgid"])
-                known[key], tokens[key] = doc["recipient"], doc.get("token")
-        plan = _Plan(known, tokens)
+            for doc in await self._q(db.chats.find(_ids_in(chunk), fields)):
+                known[(doc["sender"], doc["msgid"])] = _Stored(
+                    doc["recipient"], doc.get("token"), doc.get("digest")
+                )
+        plan = _Plan(known)
         results = [plan.add(op) for op in ops]
         try:
             await gatherResults(

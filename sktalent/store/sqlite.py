@@ -30,6 +30,7 @@ from .interfaces import (
     DropSession,
     Enqueue,
     InsertChat,
+    Inserted,
     IStore,
     MarkReceived,
     Message,
@@ -102,6 +103,11 @@ MIGRATIONS: tuple[str, ...] = (
     # The InsertChat token: a retried commit recognises its own chat.
     """
     ALTER TABLE chats ADD COLUMN token TEXT;
+    """,
+    # The InsertChat digest: a msgid reused for other content is told apart
+    # from a retransmission.
+    """
+    ALTER TABLE chats ADD COLUMN digest TEXT;
     """,
 )
 
@@ -236,11 +242,11 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                 "INSERT OR REPLACE INTO retained (topic, payload, qos, retain) VALUES (?, ?, ?, ?)",
                 (topic, message.payload, message.qos, message.retain),
             )
-        case InsertChat(chat, then, token):
+        case InsertChat(chat, then, token, digest):
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO chats"
-                " (sender, msgid, recipient, o_id, envelope, received_at, token)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " (sender, msgid, recipient, o_id, envelope, received_at, token, digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     chat.sender,
                     chat.msgid,
@@ -249,13 +255,20 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                     chat.envelope,
                     chat.received_at,
                     token,
+                    digest,
                 ),
             )
-            if cursor.rowcount == 0 and not _stored_with(conn, chat, token):
-                return False
+            if cursor.rowcount == 0:
+                stored = conn.execute(
+                    "SELECT token, recipient, digest FROM chats WHERE sender = ? AND msgid = ?",
+                    (chat.sender, chat.msgid),
+                ).fetchone()
+                result = op.against(*stored)
+                if result is not Inserted.NEW:
+                    return result
             for inner in then:
                 _apply(conn, inner)
-            return True
+            return Inserted.NEW
         case ChatStored(sender, msgid):
             found = conn.execute(
                 "SELECT 1 FROM chats WHERE sender = ? AND msgid = ?", (sender, msgid)
@@ -281,13 +294,6 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                 (device.user_id, device.platform, device.token),
             )
     return None
-
-
-def _stored_with(conn: sqlite3.Connection, chat: ChatRecord, token: str) -> bool:
-    row = conn.execute(
-        "SELECT token FROM chats WHERE sender = ? AND msgid = ?", (chat.sender, chat.msgid)
-    ).fetchone()
-    return row is not None and row[0] == token
 
 
 def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
