@@ -29,6 +29,7 @@ from ..store.interfaces import (
     Device,
     InsertChat,
     IStore,
+    LogOut,
     MarkReceived,
     Message,
     PutDevice,
@@ -37,6 +38,7 @@ from ..store.interfaces import (
 from .auth import valid_user_id
 from .interfaces import ICallTalent, InvalidRequest
 from .notifications import validate_notification, validate_user_id
+from .pushtexts import PushTexts
 from .rules import SERVER_TOPIC, client_topic
 
 log = Logger()
@@ -46,14 +48,6 @@ _MSGID = re.compile(r"[0-9a-f]{24}\Z")
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 _HEALTH_TIMEOUT = 2.0
-
-# Push alerts for notifications the backend sends without one.
-_DEFAULT_ALERTS = {
-    "order": "您的订单状态有更新",
-    "note": "您的小纸条状态有更新",
-    "feedback": "您的意见反馈有了新回复",
-    "expert": "您的专家资格审核有了结果",
-}
 
 
 def new_msgid(now: float) -> str:
@@ -97,6 +91,7 @@ class CallTalent:
     _clock: IReactorTime
     metrics: Metrics
     _limits: AppLimits = AppLimits()
+    _texts: PushTexts = attrs.Factory(PushTexts)
     _buckets: dict[str, _Bucket] = attrs.Factory(dict)
     _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
 
@@ -215,8 +210,7 @@ class CallTalent:
         self._broker.ensure_session(plan, to)
         inner = Plan()
         self._send(inner, to, text, "order_chat")
-        notice = PushNotice("order_chat", payload["content"], o_id=payload["o_id"])
-        inner.add(None, lambda _: self._push_if_offline(to, notice))
+        inner.add(None, lambda _: self._push_if_offline(to, delivered))
         plan.add(InsertChat(chat, inner.ops), inner.apply_if_true)
         # Also for a retransmission: the sender did not see the first one.
         self._send(plan, sender, {"msgid": msgid, "type": "sent"}, "sent")
@@ -239,9 +233,15 @@ class CallTalent:
 
         plan.add(MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), answered)
 
-    def _push_if_offline(self, user_id: str, notice: PushNotice) -> None:
-        if not self._broker.is_online(user_id):
-            self._pusher.push_to_users([user_id], notice)
+    def _push_if_offline(
+        self, user_id: str, frame: Mapping[str, Any], alert: str | None = None
+    ) -> None:
+        """Push frame, just queued for user_id, when the user is not connected."""
+        if self._broker.is_online(user_id):
+            return
+        session = self._broker.session(user_id)
+        badge = None if session is None else len(session.queue)
+        self._pusher.push_to_users([user_id], self._texts.notice(frame, alert, badge=badge))
 
     # -- ICallTalent: what the backend asks --------------------------------
 
@@ -255,14 +255,7 @@ class CallTalent:
         plan = Plan()
         frame = {"msgid": msgid, "from": "system", "to": to, "type": type, "payload": dict(payload)}
         self._send(plan, to, frame, type)
-        notice = PushNotice(
-            type,
-            alert or str(payload.get("content") or _DEFAULT_ALERTS[type]),
-            o_id=_opt(payload, "o_id"),
-            note_id=_opt(payload, "note_id"),
-            status=_opt(payload, "status"),
-        )
-        plan.add(None, lambda _: self._push_if_offline(to, notice))
+        plan.add(None, lambda _: self._push_if_offline(to, frame, alert))
         self._counter(self.metrics.messages_in, type).inc()
         return self._broker.commit(plan).addCallback(lambda _: msgid)
 
@@ -281,6 +274,13 @@ class CallTalent:
         self._check_store()
         plan = Plan()
         plan.add(PutDevice(device))
+        return self._broker.commit(plan)
+
+    def log_out(self, user_id: str) -> Deferred[None]:
+        validate_user_id(user_id, "userID")
+        self._check_store()
+        plan = Plan()
+        plan.add(LogOut(user_id))
         return self._broker.commit(plan)
 
     def is_online(self, user_id: str) -> bool:
@@ -304,8 +304,3 @@ class CallTalent:
             return fail(e)
         # A health check must answer quickly even when the store does not.
         return self._store.ping().addTimeout(_HEALTH_TIMEOUT, self._clock)
-
-
-def _opt(payload: Mapping[str, object], name: str) -> str | None:
-    value = payload.get(name)
-    return value if isinstance(value, str) else None
