@@ -31,6 +31,8 @@ class Metrics:
     dropped: Counter = attrs.field(init=False)
     auth_failures: Counter = attrs.field(init=False)
     pushes: Counter = attrs.field(init=False)
+    push_requests: Counter = attrs.field(init=False)
+    push_failures: Counter = attrs.field(init=False)
     store_latency: Histogram = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -57,6 +59,19 @@ class Metrics:
             r, "sktalent_auth_failures", "Refused CONNECTs, by reason.", "reason"
         )
         self.pushes = _counter(r, "sktalent_pushes", "Offline pushes, by outcome.", "outcome")
+        self.push_requests = _counter(
+            r,
+            "sktalent_push_requests",
+            "Messages to push, before coalescing, by why: offline, unacknowledged,"
+            " connection_lost.",
+            "reason",
+        )
+        self.push_failures = _counter(
+            r,
+            "sktalent_push_failures",
+            "Push requests Umeng did not accept, by its error code, http_STATUS or network.",
+            "code",
+        )
         self.store_latency = Histogram(
             "sktalent_store_commit_seconds",
             "Time from submit to durable commit.",

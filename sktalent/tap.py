@@ -25,6 +25,7 @@ from .api.resource import api_site, load_tokens
 from .authsign import load_or_create_secret
 from .calltalent.app import AppLimits, CallTalent
 from .calltalent.auth import AuthSignChecker, HookChecker
+from .calltalent.pushtexts import PushTexts, TextTable, load_texts
 from .calltalent.rules import CallTalentRules
 from .failures import logged
 from .metrics import Metrics
@@ -32,6 +33,7 @@ from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from .mqtt.broker import Broker, QueueLimits
 from .mqtt.interfaces import IApplication, IAuthorizer
 from .mqtt.protocol import Limits, MQTTFactory
+from .push.coalesce import Coalescer
 from .push.config import UmengConfig, load_config
 from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
@@ -78,6 +80,7 @@ class Options(usage.Options):
         ["auth-url", None, None, "Verify authSign with this HTTP hook instead of the secret."],
         ["api-token-file", None, None, "Bearer tokens for /v1/*, one per line."],
         ["umeng-config", None, None, "Umeng push configuration (JSON)."],
+        ["push-texts", None, None, "JSON overriding the default push texts."],
         ["max-packet", None, 65536, "Largest MQTT packet accepted, in bytes.", _positive_int],
         ["max-content", None, 4000, "Longest chat content, in characters.", _positive_int],
         [
@@ -171,6 +174,7 @@ class Options(usage.Options):
             )
             self["tokens"] = load_tokens(self["api-token-file"]) if self["api-token-file"] else None
             self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
+            self["texts"] = load_texts(self["push-texts"]) if self["push-texts"] else TextTable()
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
         if self["max-queued-bytes"] < self["max-packet"]:
@@ -279,10 +283,13 @@ def _checker(options: Options, reactor: Any, http: Any) -> ICredentialsChecker:
 def _pusher(
     config: UmengConfig | None, reactor: IReactorTime, http: Any, store: IStore, metrics: Metrics
 ) -> IPusher:
+    inner: IPusher
     if config is None:
         log.warn("No --umeng-config: offline push is off")
-        return DisabledPusher(metrics)
-    return UmengPusher(reactor, http, store, config, metrics)
+        inner = DisabledPusher(metrics)
+    else:
+        inner = UmengPusher(reactor, http, store, config, metrics)
+    return Coalescer(reactor, inner, metrics)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
@@ -312,6 +319,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         limits=QueueLimits(options["max-queued"], options["max-queued-bytes"]),
     )
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
+    # texts.use(load_texts(path)) puts new texts in force while running.
+    texts = PushTexts(options["texts"])
     calltalent = CallTalent(
         broker,
         store,
@@ -323,6 +332,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             rate=options["chat-rate"],
             burst=options["chat-rate"] * 3,
         ),
+        texts,
     )
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:

@@ -39,6 +39,8 @@ from sktalent.store.interfaces import (
     ChatRecord,
     Device,
     InsertChat,
+    LogOut,
+    Op,
     PutDevice,
     StoreUnavailable,
 )
@@ -103,9 +105,15 @@ class RecordingApp:
         self.webviews.append((None if users is None else list(users), tag, url, alert))
 
     def register_device(self, device: Device) -> Deferred[None]:
+        return self._commit(PutDevice(device))
+
+    def log_out(self, user_id: str) -> Deferred[None]:
+        return self._commit(LogOut(user_id))
+
+    def _commit(self, op: Op) -> Deferred[None]:
         if self.failure is not None:
             return fail(self.failure)
-        return self.store.submit([PutDevice(device)]).addCallback(lambda _: None)
+        return self.store.submit([op]).addCallback(lambda _: None)
 
     def is_online(self, user_id: str) -> bool:
         return user_id in self.online
@@ -405,6 +413,7 @@ class AuthorizationTests(ApiTestCase):
         ("POST", "/v1/notifications"),
         ("POST", "/v1/push/webview"),
         ("PUT", "/v1/users/alice/device"),
+        ("DELETE", "/v1/users/alice/device"),
         ("GET", "/v1/users/alice/presence"),
         ("GET", "/v1/orders/o1/messages"),
     ]
@@ -565,6 +574,29 @@ class DeviceTests(ApiTestCase):
             reply = await self.call("PUT", f"/v1/users/{user_id}/device", body)
             self.assertError(reply, 400, "bad_request")
 
+    async def test_log_out(self) -> None:
+        """
+        DELETE logs the user of the path out: 204, no body, their device kept
+        and marked logged out; the next PUT registers it again.
+        """
+        body = {"platform": "ios", "device_token": "t"}
+        await self.call("PUT", "/v1/users/%E5%BC%A0/device", body)
+        reply = await self.call("DELETE", "/v1/users/%E5%BC%A0/device")
+        self.assertEqual((reply.status, reply.body), (204, b""))
+        self.assertEqual(await self.app.store.get_device("张"), Device("张", "ios", "t", True))
+        await self.call("PUT", "/v1/users/%E5%BC%A0/device", body)
+        self.assertEqual(await self.app.store.get_device("张"), Device("张", "ios", "t"))
+
+    async def test_log_out_refused(self) -> None:
+        """A path userID that cannot name a user is 400; a store down is 503."""
+        for user_id in ["a%2Fb", "a+b", "u" * 129]:
+            reply = await self.call("DELETE", f"/v1/users/{user_id}/device")
+            self.assertError(reply, 400, "bad_request")
+        self.app.failure = StoreUnavailable("down")
+        reply = await self.call("DELETE", "/v1/users/alice/device")
+        self.assertError(reply, 503, "unavailable")
+        self.assertIsNone(await self.app.store.get_device("alice"))
+
     async def test_content_type(self) -> None:
         """A body that is not declared JSON is refused 415; parameters are allowed."""
         data = json.dumps({"platform": "ios", "device_token": "t"}).encode()
@@ -687,7 +719,7 @@ class RoutingTests(ApiTestCase):
         for method, path, allowed in [
             ("GET", "/v1/notifications", "POST"),
             ("PUT", "/v1/push/webview", "POST"),
-            ("DELETE", "/v1/users/alice/device", "PUT"),
+            ("POST", "/v1/users/alice/device", "PUT, DELETE"),
             ("POST", "/v1/users/alice/presence", "GET"),
             ("POST", "/v1/orders/o1/messages", "GET"),
             ("POST", "/healthz", "GET"),

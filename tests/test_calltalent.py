@@ -19,6 +19,7 @@ from sktalent.authsign import sign
 from sktalent.calltalent.app import AppLimits, CallTalent
 from sktalent.calltalent.auth import AuthSignChecker
 from sktalent.calltalent.interfaces import InvalidRequest, QueueFull
+from sktalent.calltalent.pushtexts import PushTexts, parse_texts
 from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
@@ -32,6 +33,21 @@ from sktalent.store.memory import MemoryStore
 from .mqttclient import Client, Harness, HeldStore, only
 
 SECRET = b"test secret"
+
+# INTERFACE section 8: what a notification without an alert is pushed with.
+DEFAULT_PUSH_TEXTS: list[tuple[str, dict[str, str], str]] = [
+    ("order", {"status": "pending", "o_id": "o1"}, "订单提出，待专家确认"),
+    ("order", {"status": "confirmed", "o_id": "o1"}, "专家已确认，待用户支付"),
+    ("order", {"status": "rejected", "o_id": "o1"}, "专家已拒绝"),
+    ("order", {"status": "paid", "o_id": "o1"}, "用户已支付，可以沟通"),
+    ("order", {"status": "toBeFinished", "o_id": "o1"}, "专家已确认完成，待用户评价"),
+    ("order", {"status": "finished", "o_id": "o1"}, "用户已评价"),
+    ("note", {"status": "paid", "note_id": "n1"}, "小纸条提出，待专家回答"),
+    ("note", {"status": "replied", "note_id": "n1"}, "专家已回答"),
+    ("feedback", {"content": "已修复，谢谢"}, "客服回复了您的意见反馈：已修复，谢谢"),
+    ("expert", {"status": "verified", "content": "apply"}, "专家资格审核成功"),
+    ("expert", {"status": "fail", "content": "证书不清晰"}, "专家资格审核失败：证书不清晰"),
+]
 DEFAULT_LIMITS = AppLimits()
 
 
@@ -219,8 +235,8 @@ class ChatTests(CallTalentCase):
             self.publish(a, chat("alice", "bob", n, f"m{n}"), n)
         self.assertEqual(len(self.frames(a)), 5)
         self.assertEqual(
-            [(users, n.kind, n.alert, n.o_id) for users, n in self.pusher.pushed],
-            [(("bob",), "order_chat", f"m{n}", "o1") for n in range(1, 6)],
+            [(users, n.kind, n.alert, n.o_id, n.msgid, n.badge) for users, n in self.pusher.pushed],
+            [(("bob",), "order_chat", f"m{n}", "o1", msgid(n), n) for n in range(1, 6)],
         )
         b, packets = self.login("bob")
         self.assertEqual(packets[0], p.ConnAck(0, True))
@@ -589,16 +605,46 @@ class NotificationTests(CallTalentCase):
         self.assertEqual(self.pusher.pushed, [])
 
     def test_offline(self) -> None:
-        """An offline user is pushed, and gets it at the next connect."""
-        self.successResultOf(
+        """
+        An offline user is pushed the backend's alert with the msgid and the
+        count of queued messages, and gets it at the next connect.
+        """
+        sent_id = self.successResultOf(
             self.app.notify("carol", "note", {"status": "replied", "note_id": "n1"}, "看看")
         )
         [(users, notice)] = self.pusher.pushed
-        expected = PushNotice("note", "看看", note_id="n1", status="replied")
+        expected = PushNotice(
+            "note", "看看", note_id="n1", status="replied", msgid=sent_id, badge=1
+        )
         self.assertEqual((users, notice), (("carol",), expected))
         _, packets = self.login("carol")
         self.assertEqual(packets[0], p.ConnAck(0, True))
         self.assertEqual(json.loads(only(p.Publish, packets[1:])[0].payload)["type"], "note")
+
+    def test_default_texts(self) -> None:
+        """
+        Without an alert each notification is pushed with the text of its
+        type and status (INTERFACE section 8), where the old server said
+        "您的订单状态有更新" or showed the raw content.
+        """
+        for type, payload, text in DEFAULT_PUSH_TEXTS:
+            self.successResultOf(self.app.notify("carol", type, payload, None))
+            (_, notice) = self.pusher.pushed.pop()
+            self.assertEqual(notice.alert, text, (type, payload))
+
+    def test_texts_replaced_while_running(self) -> None:
+        """Texts put in force by use() say what the next push says."""
+        texts = PushTexts()
+        self.app = CallTalent(
+            self.h.broker, self.store, self.pusher, self.h.clock, self.h.metrics, texts=texts
+        )
+        payload = {"status": "paid", "o_id": "o9"}
+        self.successResultOf(self.app.notify("carol", "order", payload, None))
+        texts.use(parse_texts({"order": {"paid": "订单{o_id}已支付"}}))
+        self.successResultOf(self.app.notify("carol", "order", payload, None))
+        self.assertEqual(
+            [n.alert for _, n in self.pusher.pushed], ["用户已支付，可以沟通", "订单o9已支付"]
+        )
 
     def test_push_off(self) -> None:
         """Without a push service, a push that was due is counted as disabled."""

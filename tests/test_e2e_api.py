@@ -11,6 +11,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,22 @@ def chat(n: int, content: str, o_id: str = "o-1001") -> dict[str, object]:
     }
 
 
-def to(alias: str) -> Callable[[Received], bool]:
-    return lambda r: r.alias == alias
+def to(alias: str, app: str | None = None) -> Callable[[Received], bool]:
+    """Requests to alias, through app when given."""
+    return lambda r: r.alias == alias and app in (None, r.app)
 
 
 def for_app(app: str) -> Callable[[Received], bool]:
     return lambda r: r.app == app
 
 
-class APIEndToEnd(SynchronousTestCase):
+class UmengServerCase(SynchronousTestCase):
+    """A server with API tokens and Umeng pushes to a stand-in, and the calls tests make."""
+
+    def server_args(self, directory: Path) -> list[str]:
+        """Options beyond the token file and the Umeng config."""
+        return []
+
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="sktalent-api-"))
         self.stub = UmengStub()
@@ -91,7 +99,13 @@ class APIEndToEnd(SynchronousTestCase):
                 }
             )
         )
-        args = ["--api-token-file", str(tokens), "--umeng-config", str(umeng)]
+        args = [
+            "--api-token-file",
+            str(tokens),
+            "--umeng-config",
+            str(umeng),
+            *self.server_args(directory),
+        ]
         self.server = running(self, ServerProcess(args, directory=directory))
 
     def call(self, method: str, path: str, body: object = None, token: str | None = TOKEN) -> Reply:
@@ -123,8 +137,10 @@ class APIEndToEnd(SynchronousTestCase):
         )
         self.assertEqual((reply.status, reply.body), (204, b""))
 
-    def notify(self, user_id: str, payload: dict[str, str], alert: str | None = None) -> str:
-        body: dict[str, object] = {"to": user_id, "type": "order", "payload": payload}
+    def notify(
+        self, user_id: str, payload: dict[str, str], alert: str | None = None, type: str = "order"
+    ) -> str:
+        body: dict[str, object] = {"to": user_id, "type": type, "payload": payload}
         if alert is not None:
             body["alert"] = alert
         reply = self.call("POST", "/v1/notifications", body)
@@ -155,6 +171,23 @@ class APIEndToEnd(SynchronousTestCase):
         self.assertEqual(body.pop("production_mode"), "false")
         return body
 
+    def metrics(self) -> Samples:
+        """The samples of /metrics, checked to be Prometheus text."""
+        reply = self.call("GET", "/metrics", token=None)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(reply.body.decode())
+            for s in family.samples
+        }
+
+    def sample(self, name: str, **labels: str) -> float:
+        """One sample of /metrics, 0 when absent."""
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class APIEndToEnd(UmengServerCase):
     def test_unauthorized_and_bad_status(self) -> None:
         """
         POST /v1/notifications without a token or with an unknown one is 401
@@ -202,12 +235,14 @@ class APIEndToEnd(SynchronousTestCase):
                     "alias": "bob",
                     "alias_type": ALIAS_TYPE,
                     "payload": {
-                        "aps": {"alert": "你好，在吗？"},
+                        "aps": {"alert": "你好，在吗？", "sound": "default", "badge": 1},
                         "action": "order_chat",
                         "o_id": "o-1001",
+                        "msgid": msgid(1),
                     },
                 },
             )
+        self.assertEqual(self.sample("sktalent_push_failures_total", code="http_503"), 1)
 
     def test_order_notification_to_offline_android_user(self) -> None:
         """
@@ -240,7 +275,7 @@ class APIEndToEnd(SynchronousTestCase):
                         "after_open": "go_activity",
                         "activity": ACTIVITY,
                     },
-                    "extra": {"o_id": "o-5521", "status": "paid", "action": "order"},
+                    "extra": {"o_id": "o-5521", "status": "paid", "msgid": sent, "action": "order"},
                 },
             },
         )
@@ -290,7 +325,14 @@ class APIEndToEnd(SynchronousTestCase):
         [ios] = self.stub.received(for_app("ios"))
         self.assertEqual(
             self.assertSignedBody(ios, "ios"),
-            dict(target, payload={"aps": {"alert": "专家新规"}, "action": "webview", "url": url}),
+            dict(
+                target,
+                payload={
+                    "aps": {"alert": "专家新规", "sound": "default"},
+                    "action": "webview",
+                    "url": url,
+                },
+            ),
         )
         [android] = self.stub.received(for_app("android"))
         body = self.assertSignedBody(android, "android")
@@ -377,17 +419,6 @@ class APIEndToEnd(SynchronousTestCase):
         self.assertEqual(samples[("sktalent_messages_in_total", (("type", "order_chat"),))], 1)
         self.assertEqual(len(self.stub.received(to("bob"))), 2)
 
-    def metrics(self) -> Samples:
-        """The samples of /metrics, checked to be Prometheus text."""
-        reply = self.call("GET", "/metrics", token=None)
-        self.assertEqual(reply.status, 200)
-        self.assertEqual(reply.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(reply.body.decode())
-            for s in family.samples
-        }
-
     def test_presence(self) -> None:
         """bob's presence is false, true while he is connected, false again after."""
         self.assertEqual(self.presence("bob"), {"online": False})
@@ -395,3 +426,188 @@ class APIEndToEnd(SynchronousTestCase):
         self.assertEqual(self.presence("bob"), {"online": True})
         bob.close()
         wait_for(lambda: self.presence("bob") == {"online": False}, 10, "bob offline")
+
+
+# INTERFACE section 8: each notification sent without an alert, and its push text.
+DEFAULT_TEXTS: list[tuple[str, dict[str, str], str]] = [
+    ("order", {"status": "pending", "o_id": "o-1"}, "订单提出，待专家确认"),
+    ("order", {"status": "confirmed", "o_id": "o-1"}, "专家已确认，待用户支付"),
+    ("order", {"status": "rejected", "o_id": "o-1"}, "专家已拒绝"),
+    ("order", {"status": "paid", "o_id": "o-1"}, "用户已支付，可以沟通"),
+    ("order", {"status": "toBeFinished", "o_id": "o-1"}, "专家已确认完成，待用户评价"),
+    ("order", {"status": "finished", "o_id": "o-1"}, "用户已评价"),
+    ("note", {"status": "paid", "note_id": "n-1"}, "小纸条提出，待专家回答"),
+    ("note", {"status": "replied", "note_id": "n-1"}, "专家已回答"),
+    (
+        "feedback",
+        {"content": "已修复，谢谢您的反馈"},
+        "客服回复了您的意见反馈：已修复，谢谢您的反馈",
+    ),
+    ("expert", {"status": "verified", "content": "apply"}, "专家资格审核成功"),
+    ("expert", {"status": "fail", "content": "证书照片不清晰"}, "专家资格审核失败：证书照片不清晰"),
+]
+
+
+def compact(body: object) -> bytes:
+    """JSON as Umeng bodies are sent: compact, UTF-8 unescaped."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class PushEndToEnd(UmengServerCase):
+    """What is pushed, to which app, and how often."""
+
+    def test_default_texts(self) -> None:
+        """
+        Each order, note, expert and feedback notification sent without an
+        alert to a user with no registered device is pushed through both apps
+        with the text of INTERFACE section 8, byte for byte, in aps.alert and
+        in body.text, with its msgid, the iOS sound and badge.
+        """
+        sent = [
+            (f"user{n}", type, payload, text, self.notify(f"user{n}", payload, type=type))
+            for n, (type, payload, text) in enumerate(DEFAULT_TEXTS)
+        ]
+        self.stub.wait(2 * len(sent))
+        self.stub.settle()
+        for user, type, payload, text, sent_id in sent:
+            extra = {k: v for k, v in payload.items() if k != "content"}
+            [ios] = self.stub.received(to(user, "ios"))
+            self.assertEqual(
+                self.assertSignedBody(ios, "ios")["payload"],
+                {
+                    "aps": {"alert": text, "sound": "default", "badge": 1},
+                    "action": type,
+                    **extra,
+                    "msgid": sent_id,
+                },
+            )
+            [android] = self.stub.received(to(user, "android"))
+            payload_sent = self.assertSignedBody(android, "android")["payload"]
+            self.assertEqual(payload_sent["body"]["text"], text)
+            self.assertEqual(payload_sent["extra"], {**extra, "msgid": sent_id, "action": type})
+            for received in (ios, android):
+                # Sent as the text's own UTF-8 bytes, no escapes.
+                self.assertEqual(received.raw, compact(received.body))
+                self.assertIn(text.encode(), received.raw)
+
+    def test_android_chat_body(self) -> None:
+        """
+        A chat to an Android user is pushed with exactly this body; a chat of
+        the longest content is cut to Umeng's Android limit between characters.
+        """
+        self.register("bob", "android")
+        self.register("carol", "android")
+        alice = self.user("alice")
+        self.send_chats(alice, [chat(1, "你好，在吗？")])
+        [push] = self.stub.wait(1, to("bob"))
+        assert push.body is not None
+        expected = (
+            '{"appkey":"' + ANDROID.appkey + '","timestamp":"' + push.body["timestamp"] + '",'
+            '"type":"customizedcast","alias":"bob","alias_type":"calltalent",'
+            '"payload":{"display_type":"notification","body":'
+            '{"ticker":"问答CallTalent，您有一条新消息！","title":"问答CallTalent",'
+            '"text":"你好，在吗？","play_vibrate":"true","play_lights":"true",'
+            '"play_sound":"true","after_open":"go_activity","activity":"' + ACTIVITY + '"},'
+            '"extra":{"o_id":"o-1001","msgid":"' + msgid(1) + '","action":"order_chat"}},'
+            '"production_mode":"false"}'
+        )
+        self.assertEqual(push.raw, expected.encode())
+        self.assertEqual(push.outcome, "sent")
+
+        long = "专家回复了您的问题😀" * 400
+        self.send_chats(alice, [dict(chat(2, long), to="carol")])
+        [cut] = self.stub.wait(1, to("carol"))
+        assert cut.body is not None
+        self.assertEqual(cut.outcome, "sent")
+        self.assertLessEqual(len(cut.raw), 1840)
+        text = cut.body["payload"]["body"]["text"]
+        self.assertTrue(text.endswith("…") and long.startswith(text[:-1]), text)
+        self.assertGreater(len(cut.raw) + len(long[len(text) - 1].encode()), 1840)
+
+    def test_log_out_stops_pushes(self) -> None:
+        """
+        After DELETE .../device nothing is pushed to the user while their
+        messages keep queuing; after the next PUT pushes resume, through the
+        app of the platform it names.
+        """
+        self.register("dave", "ios")
+        reply = self.call("DELETE", "/v1/users/dave/device")
+        self.assertEqual((reply.status, reply.body), (204, b""))
+        first = self.notify("dave", {"status": "paid", "o_id": "o-1"})
+        wait_for(
+            lambda: self.sample("sktalent_pushes_total", outcome="logged_out") == 1,
+            10,
+            "the push skipped",
+        )
+        self.stub.settle()
+        self.assertEqual(self.stub.received(), [])
+        self.register("dave", "android")
+        second = self.notify("dave", {"status": "finished", "o_id": "o-1"})
+        [push] = self.stub.wait(1, to("dave"))
+        self.stub.settle()
+        self.assertEqual(self.stub.received(), [push])
+        body = self.assertSignedBody(push, "android")
+        self.assertEqual(body["payload"]["extra"]["msgid"], second)
+        self.assertEqual(body["payload"]["body"]["text"], "用户已评价")
+        dave = self.user("dave")
+        self.assertEqual([f["msgid"] for f in dave.frames(2)], [first, second])
+
+    def test_burst_is_at_most_two_pushes(self) -> None:
+        """
+        20 notifications to an offline user within a second make at most two
+        pushes; the last carries the latest message's msgid, text and badge
+        (all 20 queued), and the others are counted coalesced.
+        """
+        self.register("erin", "ios")
+        statuses = ["pending", "confirmed", "rejected", "paid", "toBeFinished"] * 4
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            list(pool.map(lambda s: self.notify("erin", {"status": s, "o_id": "o-2"}), statuses))
+        self.stub.wait(1, to("erin"))
+        self.stub.settle(idle=3.0, timeout=10.0)
+        pushes = self.stub.received(to("erin"))
+        self.assertEqual(len(pushes), 2, pushes)
+        erin = self.user("erin")
+        frames = erin.frames(20)
+        last = self.assertSignedBody(pushes[-1], "ios")["payload"]
+        self.assertEqual(last["msgid"], frames[-1]["msgid"])
+        self.assertEqual(last["aps"]["badge"], 20)
+        texts = {p["status"]: text for type, p, text in DEFAULT_TEXTS if type == "order"}
+        self.assertEqual(last["aps"]["alert"], texts[frames[-1]["payload"]["status"]])
+        self.assertEqual(self.sample("sktalent_push_requests_total", reason="offline"), 20)
+        self.assertEqual(self.sample("sktalent_pushes_total", outcome="coalesced"), 18)
+
+
+class PushTextsEndToEnd(UmengServerCase):
+    def server_args(self, directory: Path) -> list[str]:
+        texts = {"feedback": "客服回复：{content}", "order": {"paid": "订单 {o_id} 已付款"}}
+        path = directory / "texts.json"
+        path.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+        return ["--push-texts", str(path)]
+
+    def test_texts_from_file(self) -> None:
+        """
+        The texts of --push-texts are pushed in place of the defaults, their
+        placeholders filled from the payload; the texts it leaves out keep
+        their defaults, and the backend's alert still wins.
+        """
+        self.register("frank", "ios")
+        self.notify("frank", {"content": "已退款"}, type="feedback")
+        self.notify("gina", {"status": "paid", "o_id": "o-77"})
+        self.notify("hana", {"status": "replied", "note_id": "n-1"}, type="note")
+        self.notify("ivan", {"status": "paid", "o_id": "o-78"}, alert="请开始服务")
+        self.stub.wait(7)
+        self.stub.settle()
+
+        def texts(user: str) -> list[str]:
+            return [
+                r.body["payload"]["aps"]["alert"]
+                if r.app == "ios"
+                else r.body["payload"]["body"]["text"]
+                for r in self.stub.received(to(user))
+                if r.body is not None
+            ]
+
+        self.assertEqual(texts("frank"), ["客服回复：已退款"])
+        self.assertEqual(texts("gina"), ["订单 o-77 已付款"] * 2)
+        self.assertEqual(texts("hana"), ["专家已回答"] * 2)
+        self.assertEqual(texts("ivan"), ["请开始服务"] * 2)

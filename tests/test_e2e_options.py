@@ -100,6 +100,30 @@ class ListenTests(SynchronousTestCase):
         self.assertIn("Address already in use", server.log)
 
 
+class PushTextsTests(SynchronousTestCase):
+    def test_bad_file_stops_start(self) -> None:
+        """
+        A --push-texts file with a bad key stops the start, before any
+        listener opens, with one line naming the file and the key, status 1.
+        """
+        server = ServerProcess()
+        self.addCleanup(shutil.rmtree, server.directory, True)
+        texts = server.directory / "texts.json"
+        texts.write_text(json.dumps({"expert": {"fail": "失败：{reason}"}}), encoding="utf-8")
+        server.args = ["--push-texts", str(texts)]
+        with self.assertRaises(AssertionError):
+            server.start()
+        assert server.process is not None
+        self.assertEqual(server.process.returncode, 1)
+        self.assertFalse(listening(server.mqtt_port))
+        [line] = server.log.strip().splitlines()
+        self.assertEqual(
+            line,
+            f"sktalent: The push texts file {texts} is wrong: expert.fail has the"
+            " placeholder {reason}; it may use {status}, {content}.",
+        )
+
+
 class Hook(BaseHTTPRequestHandler):
     """
     The login service's hook: "let-me-in" is the one valid authSign, and the

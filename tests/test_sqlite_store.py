@@ -24,6 +24,7 @@ from sktalent.store.interfaces import (
     Enqueue,
     InsertChat,
     Inserted,
+    LogOut,
     Message,
     PutDevice,
     QueuedMessage,
@@ -151,6 +152,23 @@ class SQLiteStoreTests(TestCase):
             ),
             [Inserted.REPEATED, Inserted.CONFLICT],
         )
+
+    async def test_devices_upgrade_to_log_out(self) -> None:
+        """
+        A file whose devices cannot be logged out yet (schema 2) upgrades in
+        place: its devices stay, logged in, and can then be logged out.
+        """
+        before = await self.started(migrations=MIGRATIONS[:2])
+        conn = sqlite3.connect(self.path)
+        conn.execute("INSERT INTO devices (user_id, platform, token) VALUES ('u', 'ios', 't')")
+        conn.commit()
+        conn.close()
+        await before.stop()
+        store = await self.started()
+        self.assertEqual(await store.get_device("u"), Device("u", "ios", "t"))
+        await store.submit([LogOut("u"), LogOut("never")])
+        self.assertEqual(await store.get_device("u"), Device("u", "ios", "t", True))
+        self.assertEqual(await store.get_device("never"), Device("never", None, None, True))
 
     async def test_refuses_newer_schema(self) -> None:
         """A file from a newer server is refused with a clear error."""

@@ -40,6 +40,7 @@ from sktalent.store.interfaces import (
     InsertChat,
     Inserted,
     IStore,
+    LogOut,
     MarkReceived,
     Message,
     Op,
@@ -440,6 +441,27 @@ class StoreContract(_Mixin):
         self.assertEqual(await self.store.get_device("u"), Device("u", "android", "tok3"))
         self.assertEqual(await self.store.get_device("v"), Device("v", "android", "tok2"))
 
+    async def test_log_out(self) -> None:
+        """
+        LogOut marks the user's device logged out, keeping its platform; a
+        user without a device gets a logged-out one of no platform; the next
+        PutDevice logs in again.  Others are untouched.
+        """
+        await self.store.submit(
+            [PutDevice(Device("u", "ios", "tok1")), PutDevice(Device("v", "android", "tok2"))]
+        )
+        self.assertEqual(await self.store.submit([LogOut("u"), LogOut("w")]), [None, None])
+        self.assertEqual(await self.store.get_device("u"), Device("u", "ios", "tok1", True))
+        self.assertEqual(await self.store.get_device("w"), Device("w", None, None, True))
+        self.assertEqual(await self.store.get_device("v"), Device("v", "android", "tok2"))
+        await self.store.submit([LogOut("u")])
+        self.assertEqual(await self.store.get_device("u"), Device("u", "ios", "tok1", True))
+        await self.store.submit([PutDevice(Device("u", "android", "tok3")), LogOut("v")])
+        await self.store.submit([PutDevice(Device("w", "ios", "tok4"))])
+        self.assertEqual(await self.store.get_device("u"), Device("u", "android", "tok3"))
+        self.assertEqual(await self.store.get_device("v"), Device("v", "android", "tok2", True))
+        self.assertEqual(await self.store.get_device("w"), Device("w", "ios", "tok4"))
+
     async def test_purge(self) -> None:
         """purge removes the chats (and receipts) received before the cut."""
         chats = [chat(msgid(n), 1000 * n) for n in range(1, 6)]
@@ -496,6 +518,7 @@ class DurableContract(StoreContract):
                 AddInbound("bob", 5),
                 SetRetained("r", Message("r", b"kept", 1, True)),
                 PutDevice(Device("bob", "ios", "tok")),
+                LogOut("carol"),
             ]
         )
         sessions = await self.store.load_sessions()
@@ -516,6 +539,7 @@ class DurableContract(StoreContract):
         self.assertEqual(await again.load_retained(), [Message("r", b"kept", 1, True)])
         self.assertEqual(await again.chat_history("o1", 10, None), [c])
         self.assertEqual(await again.get_device("bob"), Device("bob", "ios", "tok"))
+        self.assertEqual(await again.get_device("carol"), Device("carol", None, None, True))
         self.assertEqual(await again.submit([InsertChat(c)]), [REPEATED])
 
     async def test_stop_flushes_pending(self) -> None:

@@ -4,6 +4,7 @@ The twistd plugin's options: defaults, the environment, and bad values.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from sktalent.calltalent.pushtexts import TextTable
 from sktalent.push.disabled import DisabledPusher
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
@@ -93,6 +95,31 @@ class OptionsTests(SynchronousTestCase):
             self.assertNotIn("\n", message)
             self.assertIn(named, message)
         self.assertIn("SKTALENT_MAX_PACKET", self.refused([], {"SKTALENT_MAX_PACKET": "zz"}))
+
+    def test_push_texts(self) -> None:
+        """
+        --push-texts (or SKTALENT_PUSH_TEXTS) overrides the default texts; a
+        bad file stops the start with one line naming the file and the key.
+        """
+        self.assertEqual(self.parse([])["texts"], TextTable())
+        good = self.directory / "texts.json"
+        good.write_text(json.dumps({"note": {"replied": "专家回答了"}}), encoding="utf-8")
+        for options in (
+            self.parse(["--push-texts", str(good)]),
+            self.parse([], {"SKTALENT_PUSH_TEXTS": str(good)}),
+        ):
+            self.assertEqual(options["texts"].texts["note.replied"], "专家回答了")
+        bad = self.directory / "bad.json"
+        bad.write_text(json.dumps({"order": {"paid": "{price}"}}), encoding="utf-8")
+        message = self.refused(["--push-texts", str(bad)])
+        self.assertTrue(message.startswith("sktalent: "), message)
+        self.assertNotIn("\n", message)
+        self.assertIn(str(bad), message)
+        self.assertIn("order.paid", message)
+        self.assertIn(
+            str(self.directory / "none"),
+            self.refused(["--push-texts", str(self.directory / "none")]),
+        )
 
 
 class NeverStarts(MemoryStore):

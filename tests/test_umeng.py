@@ -43,7 +43,7 @@ from sktalent.push.umeng import (
     classify,
     customizedcast,
 )
-from sktalent.store.interfaces import Device, PutDevice
+from sktalent.store.interfaces import Device, LogOut, PutDevice
 from sktalent.store.memory import MemoryStore
 
 reactor = cast(PosixReactorBase, _reactor)
@@ -59,6 +59,11 @@ def config(endpoint: str = UMENG_ENDPOINT, **delivery: Any) -> UmengConfig:
 
 def pushes(metrics: Metrics, outcome: str) -> float:
     value = metrics.registry.get_sample_value("sktalent_pushes_total", {"outcome": outcome})
+    return value or 0.0
+
+
+def failures(metrics: Metrics, code: str) -> float:
+    value = metrics.registry.get_sample_value("sktalent_push_failures_total", {"code": code})
     return value or 0.0
 
 
@@ -105,6 +110,39 @@ class RequestTests(SynchronousTestCase):
         assert request is not None
         self.assertEqual(json.loads(request.body(TIMESTAMP))["payload"]["aps"]["alert"], "你好")
 
+    def test_sound_badge_and_msgid(self) -> None:
+        """
+        An iOS push has aps.sound "default", aps.badge when the notice counts
+        one and the msgid beside aps; an Android push has extra.msgid.
+        """
+        target = customizedcast(config(), "u1")
+        notice = PushNotice(
+            "order", "专家已拒绝", o_id="o1", status="rejected", msgid="ab" * 12, badge=7
+        )
+
+        def payload(app: UmengApp, notice: PushNotice) -> Any:
+            request = build_request(config(), app, target, notice, TIMESTAMP)
+            assert request is not None
+            return json.loads(request.body(TIMESTAMP))["payload"]
+
+        self.assertEqual(
+            payload(IOS, notice),
+            {
+                "aps": {"alert": "专家已拒绝", "sound": "default", "badge": 7},
+                "action": "order",
+                "o_id": "o1",
+                "status": "rejected",
+                "msgid": "ab" * 12,
+            },
+        )
+        self.assertEqual(
+            payload(ANDROID, notice)["extra"],
+            {"o_id": "o1", "status": "rejected", "msgid": "ab" * 12, "action": "order"},
+        )
+        uncounted = PushNotice("feedback", "已回复")
+        self.assertEqual(payload(IOS, uncounted)["aps"], {"alert": "已回复", "sound": "default"})
+        self.assertEqual(payload(ANDROID, uncounted)["extra"], {"action": "feedback"})
+
     def test_nothing_fits(self) -> None:
         """A body too large even without alert text is not built."""
         notice = PushNotice("webview", "看看", url="https://example.com/" + "a" * 3000)
@@ -132,7 +170,22 @@ class RequestTests(SynchronousTestCase):
             ((404, b"Not Found"), Verdict.FAILED),
         ]
         for (status, content), verdict in cases:
-            self.assertEqual(classify(status, content)[0], verdict, (status, content))
+            self.assertEqual(classify(status, content).verdict, verdict, (status, content))
+
+    def test_failure_codes(self) -> None:
+        """
+        A failed answer is labelled with Umeng's error code, else with its
+        HTTP status; a success has no label.
+        """
+        cases = [
+            ((200, b'{"ret":"SUCCESS","data":{"msg_id":"uu1"}}'), None),
+            (umeng_error("2027", "签名不正确"), "2027"),
+            ((500, b'{"ret":"FAIL","data":{"error_code":3002}}'), "3002"),
+            ((503, b"Service Unavailable"), "http_503"),
+            ((200, b"<html>"), "http_200"),
+        ]
+        for (status, content), code in cases:
+            self.assertEqual(classify(status, content).code, code, (status, content))
 
     @given(
         st.integers(min_value=1, max_value=200),
@@ -207,6 +260,7 @@ class ScheduleTests(SynchronousTestCase):
         self.reactor.advance(10)
         self.assertEqual(pushes(self.metrics, "retried"), 2)
         self.assertEqual(pushes(self.metrics, "given_up"), 1)
+        self.assertEqual(failures(self.metrics, "network"), 3)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.connects(), 3)
 
@@ -364,7 +418,11 @@ class RoundTripTests(TestCase):
                 "type": "customizedcast",
                 "alias": "u1",
                 "alias_type": "calltalent",
-                "payload": {"aps": {"alert": "张三：你好"}, "action": "order_chat", "o_id": "o1"},
+                "payload": {
+                    "aps": {"alert": "张三：你好", "sound": "default"},
+                    "action": "order_chat",
+                    "o_id": "o1",
+                },
             },
         )
         self.assertIn("张三".encode(), accepted.raw)
@@ -412,7 +470,7 @@ class RoundTripTests(TestCase):
         self.assertEqual(
             ios,
             {
-                "aps": {"alert": "小纸条已回答"},
+                "aps": {"alert": "小纸条已回答", "sound": "default"},
                 "action": "note",
                 "note_id": "n1",
                 "status": "replied",
@@ -432,7 +490,8 @@ class RoundTripTests(TestCase):
         target = {"type": "groupcast", "filter": {"where": {"and": [{"tag": "expert"}]}}}
         ios = self.base(IOS, bodies[IOS.appkey])
         self.assertEqual(
-            ios.pop("payload"), {"aps": {"alert": "新活动上线"}, "action": "webview", "url": url}
+            ios.pop("payload"),
+            {"aps": {"alert": "新活动上线", "sound": "default"}, "action": "webview", "url": url},
         )
         self.assertEqual(ios, target)
         android = self.base(ANDROID, bodies[ANDROID.appkey])
@@ -455,7 +514,11 @@ class RoundTripTests(TestCase):
         self.assertEqual(len(self.umeng.received), 1)
         self.assertEqual(
             self.umeng.received[0].body["payload"],
-            {"aps": {"alert": "专家资格审核通过"}, "action": "expert", "status": "verified"},
+            {
+                "aps": {"alert": "专家资格审核通过", "sound": "default"},
+                "action": "expert",
+                "status": "verified",
+            },
         )
         self.assertEqual(pushes(self.metrics, "retried"), 0)
         self.assertEqual(self.umeng.accepted, [])
@@ -468,6 +531,36 @@ class RoundTripTests(TestCase):
         await self.settled("sent", 1)
         self.assertEqual(len(self.umeng.received), 3)
         self.assertEqual(pushes(self.metrics, "retried"), 2)
+
+    async def test_failures_counted_by_code(self) -> None:
+        """Every request Umeng does not accept is counted by its error code or status."""
+        with_device(self.store, "u1", "android")
+        self.umeng.script = [
+            umeng_error("4001", "系统忙"),
+            (503, b"Service Unavailable"),
+            umeng_error("2021", "appkey不存在"),
+        ]
+        self.pusher.push_to_users(["u1"], PushNotice("feedback", "您的反馈已回复"))
+        await self.settled("failed", 1)
+        self.assertEqual(
+            [failures(self.metrics, code) for code in ("4001", "http_503", "2021", "network")],
+            [1, 1, 1, 0],
+        )
+
+    async def test_logged_out_not_pushed(self) -> None:
+        """
+        A user who logged out is not pushed (counted logged_out), whether a
+        device was registered or not; after the next PutDevice they are.
+        """
+        with_device(self.store, "u1", "ios")
+        self.store.submit([LogOut("u1"), LogOut("u2")])
+        self.pusher.push_to_users(["u1", "u2"], PushNotice("order_chat", "在吗", o_id="o1"))
+        await self.until(lambda: pushes(self.metrics, "logged_out") == 2)
+        self.assertEqual(self.umeng.received, [])
+        with_device(self.store, "u1", "ios")
+        self.pusher.push_to_users(["u1"], PushNotice("order_chat", "在吗", o_id="o1"))
+        await self.settled("sent", 1)
+        self.assertEqual([r.body["alias"] for r in self.umeng.accepted], ["u1"])
 
     async def test_expired_timestamp_resigned(self) -> None:
         """After 'timestamp expired' the push is signed again with a fresh timestamp."""

@@ -46,6 +46,8 @@ class Received:
     signed: bool
     # "sent", "unavailable" (told to fail), "bad_sign", "bad_appkey", "bad_body".
     outcome: str
+    # The body's bytes as they came.
+    raw: bytes
 
     @property
     def alias(self) -> object:
@@ -151,7 +153,7 @@ class UmengStub:
                 outcome, status = "sent", 200
                 answer = json.dumps({"ret": "SUCCESS", "data": {"msg_id": msg_id}}).encode()
             self._received.append(
-                Received(None if app is None else app.platform, body, signed, outcome)
+                Received(None if app is None else app.platform, body, signed, outcome, raw)
             )
             self._last = time.monotonic()
             self._lock.notify_all()

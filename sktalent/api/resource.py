@@ -235,6 +235,7 @@ class ApiResource(Resource):
             _Route(b"POST", (b"v1", b"notifications"), self._notify, True),
             _Route(b"POST", (b"v1", b"push", b"webview"), self._push_webview, True),
             _Route(b"PUT", (b"v1", b"users", None, b"device"), self._device, True),
+            _Route(b"DELETE", (b"v1", b"users", None, b"device"), self._log_out),
             _Route(b"GET", (b"v1", b"users", None, b"presence"), self._presence),
             _Route(b"GET", (b"v1", b"orders", None, b"messages"), self._history),
             _Route(b"GET", (b"healthz",), self._health),
@@ -351,6 +352,10 @@ class ApiResource(Resource):
         _fields(body, ("platform", "device_token"))
         device = Device(user_id, _choice(body, "platform", PLATFORMS), _text(body, "device_token"))
         await self._app.register_device(device)
+        return _Answer(204, content_type=None)
+
+    async def _log_out(self, call: _Call) -> _Answer:
+        await self._app.log_out(validate_user_id(call.params[0], "userID"))
         return _Answer(204, content_type=None)
 
     async def _presence(self, call: _Call) -> _Answer:

@@ -34,6 +34,7 @@ from ..store.interfaces import (
     InsertChat,
     Inserted,
     IStore,
+    LogOut,
     MarkReceived,
     Message,
     PutDevice,
@@ -42,6 +43,7 @@ from ..store.interfaces import (
 from .auth import valid_user_id
 from .interfaces import ICallTalent, InvalidRequest, QueueFull
 from .notifications import validate_notification, validate_user_id
+from .pushtexts import PushTexts
 from .rules import SERVER_TOPIC, client_topic
 
 log = Logger()
@@ -64,14 +66,6 @@ _OWN_FRAMES = frozenset({"sent", "received", "error"})
 _RECEIPTS_PER_CHAT = 10
 # Past the rate a sender hears rate_limited at most this often, in seconds.
 _WARN_EVERY = 1.0
-
-# Push alerts for notifications the backend sends without one.
-_DEFAULT_ALERTS = {
-    "order": "您的订单状态有更新",
-    "note": "您的小纸条状态有更新",
-    "feedback": "您的意见反馈有了新回复",
-    "expert": "您的专家资格审核有了结果",
-}
 
 
 def new_msgid(now: float) -> str:
@@ -182,6 +176,7 @@ class CallTalent:
     _clock: IReactorTime
     metrics: Metrics
     _limits: AppLimits = AppLimits()
+    _texts: PushTexts = attrs.Factory(PushTexts)
     # Least recently seen first, so the idle are forgotten cheaply.
     _senders: OrderedDict[str, _Sender] = attrs.Factory(OrderedDict)
     _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
@@ -350,20 +345,19 @@ class CallTalent:
         sender, to = envelope.sender, envelope.to
         received_at = self._now_ms()
         # Exactly the documented fields: nothing else a client sent goes on.
-        body = _json(
-            {
-                "msgid": envelope.msgid,
-                "from": sender,
-                "to": to,
-                "type": "order_chat",
-                "payload": {
-                    "o_id": payload.o_id,
-                    "expert": payload.expert,
-                    "content": payload.content,
-                    "t": str(received_at),
-                },
-            }
-        ).encode()
+        delivered = {
+            "msgid": envelope.msgid,
+            "from": sender,
+            "to": to,
+            "type": "order_chat",
+            "payload": {
+                "o_id": payload.o_id,
+                "expert": payload.expert,
+                "content": payload.content,
+                "t": str(received_at),
+            },
+        }
+        body = _json(delivered).encode()
         sent = {"msgid": envelope.echo, "type": "sent"}
         if not self._broker.has_room(to, len(body)):
             self._cannot_keep(plan, envelope, sent)
@@ -371,8 +365,7 @@ class CallTalent:
         chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
         inner = Plan()
         self._send(inner, to, body, "order_chat")
-        notice = PushNotice("order_chat", payload.content, o_id=payload.o_id)
-        inner.add(None, lambda _: self._push_if_offline(to, notice))
+        inner.add(None, lambda _: self._push_if_offline(to, delivered))
         self._send(inner, sender, sent, "sent")
 
         def otherwise(result: Inserted) -> None:
@@ -430,9 +423,15 @@ class CallTalent:
             MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), inner, unknown
         )
 
-    def _push_if_offline(self, user_id: str, notice: PushNotice) -> None:
-        if not self._broker.is_online(user_id):
-            self._pusher.push_to_users([user_id], notice)
+    def _push_if_offline(
+        self, user_id: str, frame: Mapping[str, Any], alert: str | None = None
+    ) -> None:
+        """Push frame, just queued for user_id, when the user is not connected."""
+        if self._broker.is_online(user_id):
+            return
+        session = self._broker.session(user_id)
+        badge = None if session is None else len(session.queue)
+        self._pusher.push_to_users([user_id], self._texts.notice(frame, alert, badge=badge))
 
     # -- ICallTalent: what the backend asks --------------------------------
 
@@ -450,14 +449,7 @@ class CallTalent:
             self._counter(self.metrics.refusals, "queue_full").inc()
             raise QueueFull(f"the queue of {to} is full; send the notification again later")
         self._send(plan, to, body, type)
-        notice = PushNotice(
-            type,
-            alert or str(payload.get("content") or _DEFAULT_ALERTS[type]),
-            o_id=_opt(payload, "o_id"),
-            note_id=_opt(payload, "note_id"),
-            status=_opt(payload, "status"),
-        )
-        plan.add(None, lambda _: self._push_if_offline(to, notice))
+        plan.add(None, lambda _: self._push_if_offline(to, frame, alert))
         self._counter(self.metrics.messages_in, type).inc()
         return self._broker.commit(plan).addCallback(lambda _: msgid)
 
@@ -476,6 +468,13 @@ class CallTalent:
         self._check_store()
         plan = Plan()
         plan.add(PutDevice(device))
+        return self._broker.commit(plan)
+
+    def log_out(self, user_id: str) -> Deferred[None]:
+        validate_user_id(user_id, "userID")
+        self._check_store()
+        plan = Plan()
+        plan.add(LogOut(user_id))
         return self._broker.commit(plan)
 
     def is_online(self, user_id: str) -> bool:
@@ -499,8 +498,3 @@ class CallTalent:
             return fail(e)
         # A health check must answer quickly even when the store does not.
         return self._store.ping().addTimeout(_HEALTH_TIMEOUT, self._clock)
-
-
-def _opt(payload: Mapping[str, object], name: str) -> str | None:
-    value = payload.get(name)
-    return value if isinstance(value, str) else None

@@ -50,6 +50,12 @@ class ICallTalent(Interface):
     def register_device(device: Device) -> Deferred[None]:
         """Remember the user's platform and token; fire when durable."""
 
+    def log_out(user_id: str) -> Deferred[None]:
+        """
+        The user logged out: no pushes to them until their next device is
+        registered, while their messages keep queuing; fire when durable.
+        """
+
     def is_online(user_id: str) -> bool:
         """True while the user has a live MQTT connection."""
 

@@ -17,7 +17,7 @@ EXPERT_STATUSES = ("verified", "fail")
 
 # Each type's payload: its fields, all required, with the values a field is
 # limited to (None: any non-empty string).
-_PAYLOADS: Mapping[str, Mapping[str, tuple[str, ...] | None]] = {
+PAYLOADS: Mapping[str, Mapping[str, tuple[str, ...] | None]] = {
     "order": {"status": ORDER_STATUSES, "o_id": None},
     "note": {"status": NOTE_STATUSES, "note_id": None},
     "feedback": {"content": None},
@@ -60,11 +60,11 @@ def validate_notification(type: object, payload: object) -> tuple[str, Mapping[s
     exactly that type's fields with allowed values; else raise InvalidRequest,
     "unknown_type" for the type, "bad_payload" for the payload.
     """
-    if not isinstance(type, str) or type not in _PAYLOADS:
+    if not isinstance(type, str) or type not in PAYLOADS:
         raise InvalidRequest(
             "unknown_type", f"type must be one of {', '.join(NOTIFICATION_TYPES)}."
         )
-    fields = _PAYLOADS[type]
+    fields = PAYLOADS[type]
     if not isinstance(payload, Mapping):
         raise InvalidRequest("bad_payload", "payload must be a JSON object.")
     unknown = sorted(set(payload) - set(fields))

@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ..metrics import Metrics
-from ..store.interfaces import IStore
+from ..store.interfaces import Device, IStore
 from .config import DeliveryPolicy, UmengApp, UmengConfig
 from .interfaces import IPusher, PushNotice
 
@@ -86,9 +86,27 @@ class Verdict(Enum):
 
 _FINAL = (Verdict.SENT, Verdict.FAILED, Verdict.NO_DEVICE)
 
+# Outcomes in the normal course of things, logged at info; the rest warn.
+_NORMAL = frozenset({"sent", "retried", "resigned", "no_device", "logged_out"})
 
-def classify(status: int, content: bytes) -> tuple[Verdict, str]:
-    """Judge Umeng's answer to one request; the string says why, for logs."""
+# The failure label of a request that got no answer at all.
+NETWORK = "network"
+
+
+@attrs.frozen
+class Judgement:
+    """Umeng's answer to one request, judged."""
+
+    verdict: Verdict
+    # For logs: the message id, or the HTTP status and Umeng's error.
+    reason: str
+    # The failure metric label: Umeng's data.error_code, else "http_STATUS";
+    # None when sent.
+    code: str | None
+
+
+def classify(status: int, content: bytes) -> Judgement:
+    """Judge Umeng's answer to one request."""
     try:
         answer = json.loads(content)
     except ValueError:
@@ -97,19 +115,20 @@ def classify(status: int, content: bytes) -> tuple[Verdict, str]:
     if not isinstance(data, dict):
         data = {}
     if status == 200 and isinstance(answer, dict) and answer.get("ret") == "SUCCESS":
-        return Verdict.SENT, f"id {data.get('msg_id') or data.get('task_id')}"
-    code = data.get("error_code")
-    code = None if code is None else str(code)
+        return Judgement(Verdict.SENT, f"id {data.get('msg_id') or data.get('task_id')}", None)
+    error = data.get("error_code")
+    code = None if error is None else str(error)
     reason = f"HTTP {status}"
     if code is not None:
         reason += f", Umeng error {code} {data.get('error_msg', '')}".rstrip()
+    label = f"http_{status}" if code is None else code
     if code == TIMESTAMP_EXPIRED:
-        return Verdict.RESIGN, reason
+        return Judgement(Verdict.RESIGN, reason, label)
     if code in TEMPORARY_CODES or (code is None and (status >= 500 or status == 429)):
-        return Verdict.RETRY, reason
+        return Judgement(Verdict.RETRY, reason, label)
     if code == NO_DEVICE:
-        return Verdict.NO_DEVICE, reason
-    return Verdict.FAILED, reason
+        return Judgement(Verdict.NO_DEVICE, reason, label)
+    return Judgement(Verdict.FAILED, reason, label)
 
 
 def backoff_delay(attempt: int, policy: DeliveryPolicy, draw: float) -> float:
@@ -147,13 +166,18 @@ def fit(text: str, fits: Callable[[str], bool]) -> str | None:
 
 
 def _extras(notice: PushNotice) -> dict[str, str]:
-    fields = ((name, getattr(notice, name)) for name in KIND_FIELDS[notice.kind])
+    # The msgid lets the app drop a push for a message it already has.
+    names = (*KIND_FIELDS[notice.kind], "msgid")
+    fields = ((name, getattr(notice, name)) for name in names)
     return {name: value for name, value in fields if value is not None}
 
 
 def ios_payload(notice: PushNotice, alert: str, app: UmengApp) -> dict[str, object]:
-    """Seed 6.1: the alert in aps, the rest beside it."""
-    return {"aps": {"alert": alert}, "action": notice.kind, **_extras(notice)}
+    """Seed 6.1: the alert, sound and badge in aps, the rest beside it."""
+    aps: dict[str, object] = {"alert": alert, "sound": "default"}
+    if notice.badge is not None:
+        aps["badge"] = notice.badge
+    return {"aps": aps, "action": notice.kind, **_extras(notice)}
 
 
 def android_payload(notice: PushNotice, alert: str, app: UmengApp) -> dict[str, object]:
@@ -314,22 +338,26 @@ class UmengPusher:
             target = groupcast(item.tag)
         else:
             assert item.user_id is not None
-            apps = await self._apps_for(item.user_id)
+            device = await self._device(item.user_id)
+            if device is not None and device.logged_out:
+                self._outcome("logged_out", item, None, "the user logged out")
+                return
+            platform = None if device is None else device.platform
+            apps = tuple(app for app in self._config.apps if app.platform == platform)
+            apps = apps or self._config.apps
             target = customizedcast(self._config, item.user_id)
         for app in apps:
             await self._send(item, app, target)
 
-    async def _apps_for(self, user_id: str) -> tuple[UmengApp, ...]:
+    async def _device(self, user_id: str) -> Device | None:
+        """The user's device, read when the push is sent: a logout stops it."""
         try:
-            device = await self._store.get_device(user_id)
+            return await self._store.get_device(user_id)
         except Exception:
             if self._stopped:
                 raise
             log.failure("Device of {user_id} unknown, pushing to both apps", user_id=user_id)
-            device = None
-        platform = None if device is None else device.platform
-        apps = tuple(app for app in self._config.apps if app.platform == platform)
-        return apps or self._config.apps
+            return None
 
     async def _send(self, item: _Item, app: UmengApp, target: Mapping[str, object]) -> None:
         policy = self._config.delivery
@@ -338,18 +366,22 @@ class UmengPusher:
             self._outcome("too_large", item, app, "no alert fits the size limit")
             return
         for attempt in range(1, policy.max_attempts + 1):
-            verdict, reason = await self._attempt(request)
-            if verdict in _FINAL:
-                self._outcome(verdict.value, item, app, reason)
+            judged = await self._attempt(request)
+            if judged.code is not None:
+                self._metrics.push_failures.labels(code=judged.code).inc()
+            if judged.verdict in _FINAL:
+                self._outcome(judged.verdict.value, item, app, judged.reason)
                 return
             if attempt == policy.max_attempts:
                 break
             delay = backoff_delay(attempt, policy, self._random())
-            self._outcome(verdict.value, item, app, f"{reason}; again in {delay:.3f}s")
+            self._outcome(
+                judged.verdict.value, item, app, f"{judged.reason}; again in {delay:.3f}s"
+            )
             await deferLater(self._clock, delay)
-        self._outcome("given_up", item, app, f"{reason} after {attempt} attempts")
+        self._outcome("given_up", item, app, f"{judged.reason} after {attempt} attempts")
 
-    async def _attempt(self, request: UmengRequest) -> tuple[Verdict, str]:
+    async def _attempt(self, request: UmengRequest) -> Judgement:
         # Signed anew each time: a retry after "timestamp expired" is fresh.
         endpoint = self._config.endpoint
         body = request.body(self._timestamp())
@@ -360,7 +392,7 @@ class UmengPusher:
         except Exception as e:
             if self._stopped:
                 raise
-            return Verdict.RETRY, f"{type(e).__name__}: {e}"
+            return Judgement(Verdict.RETRY, f"{type(e).__name__}: {e}", NETWORK)
         return classify(status, content)
 
     async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
@@ -375,7 +407,7 @@ class UmengPusher:
 
     def _outcome(self, outcome: str, item: _Item, app: UmengApp | None, reason: str) -> None:
         self._metrics.pushes.labels(outcome=outcome).inc()
-        emit = log.info if outcome in ("sent", "retried", "resigned", "no_device") else log.warn
+        emit = log.info if outcome in _NORMAL else log.warn
         emit(
             "Umeng push {kind} to {target} via {app}: {outcome} ({reason})",
             kind=item.notice.kind,

@@ -62,9 +62,13 @@ class ChatRecord:
 
 @attrs.frozen
 class Device:
+    """Where a user's pushes go: what the backend registered last."""
+
     user_id: str
-    platform: str  # "ios" or "android"
-    token: str
+    platform: str | None  # "ios" or "android"; None: never registered
+    token: str | None
+    # The user logged out: no pushes until the next PutDevice.
+    logged_out: bool = False
 
 
 # Operations.  Each commits with the batch it is submitted in; the result list
@@ -194,7 +198,19 @@ class MarkReceived:
 
 @attrs.frozen
 class PutDevice:
+    """Store the user's device as given, replacing the one before."""
+
     device: Device
+
+
+@attrs.frozen
+class LogOut:
+    """
+    The user logged out: their device, kept as it was, is marked logged out;
+    a user without one gets a logged-out device of no platform.
+    """
+
+    user_id: str
 
 
 Op = (
@@ -210,6 +226,7 @@ Op = (
     | ChatStored
     | MarkReceived
     | PutDevice
+    | LogOut
 )
 
 
@@ -255,7 +272,7 @@ class IStore(Interface):
         """
 
     def get_device(user_id: str) -> Deferred[Device | None]:
-        """The user's registered device, if any."""
+        """The user's device, if any was registered or logged out."""
 
     def ping() -> Deferred[None]:
         """Fire when the back end answers a trivial query; fail otherwise."""

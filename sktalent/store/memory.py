@@ -22,6 +22,7 @@ from .interfaces import (
     InsertChat,
     Inserted,
     IStore,
+    LogOut,
     MarkReceived,
     Message,
     Op,
@@ -115,6 +116,9 @@ class MemoryStore:
                 return True
             case PutDevice(device):
                 self._devices[device.user_id] = device
+            case LogOut(user_id):
+                known = self._devices.get(user_id, Device(user_id, None, None))
+                self._devices[user_id] = attrs.evolve(known, logged_out=True)
         return None
 
     def load_sessions(self) -> Deferred[list[SessionRecord]]:

@@ -43,6 +43,7 @@ from .interfaces import (
     InsertChat,
     Inserted,
     IStore,
+    LogOut,
     MarkReceived,
     Message,
     Op,
@@ -260,13 +261,17 @@ class _Plan:
                 )
                 return True
             case PutDevice(device):
+                doc = {
+                    "platform": device.platform,
+                    "token": device.token,
+                    "logged_out": device.logged_out,
+                }
+                self._write("devices", ReplaceOne({"_id": device.user_id}, doc, upsert=True))
+            case LogOut(user_id):
+                # A user without a device gets one with neither platform nor token.
                 self._write(
                     "devices",
-                    ReplaceOne(
-                        {"_id": device.user_id},
-                        {"platform": device.platform, "token": device.token},
-                        upsert=True,
-                    ),
+                    UpdateOne({"_id": user_id}, {"$set": {"logged_out": True}}, upsert=True),
                 )
         return None
 
@@ -475,7 +480,10 @@ class MongoStore:
 
     async def _get_device(self, user_id: str) -> Device | None:
         doc = await self._q(self._db.devices.find_one({"_id": user_id}))
-        return None if doc is None else Device(user_id, doc["platform"], doc["token"])
+        if doc is None:
+            return None
+        # Devices stored before logging out existed have no logged_out field.
+        return Device(user_id, doc.get("platform"), doc.get("token"), doc.get("logged_out", False))
 
     async def _ping(self) -> None:
         await self._q(self._db.command("ping"))

@@ -32,6 +32,7 @@ from .interfaces import (
     InsertChat,
     Inserted,
     IStore,
+    LogOut,
     MarkReceived,
     Message,
     Op,
@@ -108,6 +109,20 @@ MIGRATIONS: tuple[str, ...] = (
     # from a retransmission.
     """
     ALTER TABLE chats ADD COLUMN digest TEXT;
+    """,
+    # Logging out: a device may be logged out, and a user who logged out
+    # without ever registering one has a device of no platform.
+    """
+    CREATE TABLE devices_new (
+        user_id TEXT PRIMARY KEY,
+        platform TEXT,
+        token TEXT,
+        logged_out INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO devices_new (user_id, platform, token)
+        SELECT user_id, platform, token FROM devices;
+    DROP TABLE devices;
+    ALTER TABLE devices_new RENAME TO devices;
     """,
 )
 
@@ -290,8 +305,15 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
             return True
         case PutDevice(device):
             conn.execute(
-                "INSERT OR REPLACE INTO devices (user_id, platform, token) VALUES (?, ?, ?)",
-                (device.user_id, device.platform, device.token),
+                "INSERT OR REPLACE INTO devices (user_id, platform, token, logged_out)"
+                " VALUES (?, ?, ?, ?)",
+                (device.user_id, device.platform, device.token, device.logged_out),
+            )
+        case LogOut(user_id):
+            conn.execute(
+                "INSERT INTO devices (user_id, logged_out) VALUES (?, 1)"
+                " ON CONFLICT (user_id) DO UPDATE SET logged_out = 1",
+                (user_id,),
             )
     return None
 
@@ -361,9 +383,9 @@ def _chat_history(
 
 def _get_device(conn: sqlite3.Connection, user_id: str) -> Device | None:
     row = conn.execute(
-        "SELECT user_id, platform, token FROM devices WHERE user_id = ?", (user_id,)
+        "SELECT user_id, platform, token, logged_out FROM devices WHERE user_id = ?", (user_id,)
     ).fetchone()
-    return None if row is None else Device(*row)
+    return None if row is None else Device(row[0], row[1], row[2], bool(row[3]))
 
 
 def _ping(conn: sqlite3.Connection) -> None:
