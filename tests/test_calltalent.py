@@ -5,6 +5,8 @@ with sent and received, refusals, and notifications.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -140,10 +142,27 @@ class ConnectTests(CallTalentCase):
         fresh = sign(SECRET, "alice", now + 60).encode()
         self.assertEqual(c.connect("alice", username="alice", password=fresh), [p.ConnAck(0)])
 
+    def auth_failures(self, reason: str) -> float | None:
+        """The refused CONNECTs counted for reason."""
+        return self.h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": reason}
+        )
+
     def test_missing_password(self) -> None:
         """No password gets CONNACK 4."""
         c = self.h.client()
         self.assertEqual(c.connect("alice", username="alice"), [p.ConnAck(4)])
+
+    def test_missing_username(self) -> None:
+        """
+        No username (and so no password) gets CONNACK 4, counted as an auth
+        failure, with nothing logged as an error.
+        """
+        c = self.h.client()
+        self.assertEqual(c.connect("alice"), [p.ConnAck(4)])
+        self.assertTrue(c.closed)
+        self.assertEqual(self.auth_failures("missing_credentials"), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_client_id_mismatch(self) -> None:
         """clientid != username gets CONNACK 2."""
@@ -151,12 +170,18 @@ class ConnectTests(CallTalentCase):
         packets = c.connect("bob", username="alice", password=sign(SECRET, "alice").encode())
         self.assertEqual(packets, [p.ConnAck(2)])
 
-    def test_bad_user_id(self) -> None:
-        """A userID that would break topics is refused."""
-        for bad in ("a/b", "a+", "#", "x" * 129):
+    def test_unusable_user_id(self) -> None:
+        """
+        An unusable userID gets CONNACK 2, even with the HMAC of it under the
+        secret: one that would break topics, holds ":" or a control
+        character, or is the reserved "system".
+        """
+        unusable = ["a/b", "a+", "#", "x" * 129, "alice:4102444800", "a\x85", "system"]
+        for bad in unusable:
             c = self.h.client()
-            packets = c.connect(bad, username=bad, password=sign(SECRET, bad).encode())
-            self.assertNotEqual(only(p.ConnAck, packets[:1])[0].return_code, 0, bad)
+            password = hmac.new(SECRET, bad.encode(), hashlib.sha256).hexdigest().encode()
+            self.assertEqual(c.connect(bad, username=bad, password=password), [p.ConnAck(2)])
+        self.assertEqual(self.auth_failures("bad_user_id"), len(unusable))
 
 
 class TopicRuleTests(CallTalentCase):
@@ -176,6 +201,37 @@ class TopicRuleTests(CallTalentCase):
             "sktalent_dropped_total", {"reason": "publish_not_allowed"}
         )
         self.assertEqual(value, 1)
+
+
+class ReservedSystemTests(CallTalentCase):
+    """
+    "system" is the sender of notifications: no client is it, and nothing
+    is sent to it.
+    """
+
+    def test_not_a_chat_recipient(self) -> None:
+        """
+        A chat or a receipt to "system" is refused with bad_envelope.
+        """
+        alice = self.user("alice")
+        receipt = {"msgid": msgid(2), "from": "alice", "to": "system", "type": "received"}
+        for n, frame in enumerate([chat("alice", "system", 1), receipt], 1):
+            self.publish(alice, frame, n)
+            [error] = self.frames(alice)
+            self.assertEqual(error["error"], "bad_envelope")
+        sessions = self.successResultOf(self.store.load_sessions())
+        self.assertEqual([s.client_id for s in sessions], ["alice"])
+
+    def test_not_a_notification_recipient(self) -> None:
+        """
+        A notification to "system" is refused before anything is stored.
+        """
+        e = self.assertRaises(
+            InvalidRequest, self.app.notify, "system", "feedback", {"content": "x"}, None
+        )
+        self.assertEqual(e.code, "bad_request")
+        self.assertIn("not 'system'", str(e))
+        self.assertEqual(self.successResultOf(self.store.load_sessions()), [])
 
 
 class ChatTests(CallTalentCase):

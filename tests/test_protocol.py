@@ -7,7 +7,7 @@ from __future__ import annotations
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IAnonymous
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -30,6 +30,16 @@ class NeverAnswers:
 
     def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
         return Deferred()
+
+
+@implementer(ICredentialsChecker)
+class Broken:
+    """A credentials checker with a bug."""
+
+    credentialInterfaces = (IAnonymous,)
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
+        return fail(ZeroDivisionError())
 
 
 class ConnectTests(SynchronousTestCase):
@@ -138,6 +148,21 @@ class ConnectTests(SynchronousTestCase):
         c.send(p.Connect("a"), *[p.PingReq()] * 300)
         self.assertTrue(c.closed)
         self.assertEqual(c.received(), [])
+
+    def test_connack_despite_a_failing_checker(self) -> None:
+        """
+        A checker failing unexpectedly still gets the CONNECT a CONNACK: 3,
+        server unavailable, counted; the failure is logged.
+        """
+        h = Harness(portal=portal_for(Broken()))
+        c = h.client()
+        self.assertEqual(c.connect("a"), [p.ConnAck(3)])
+        self.assertTrue(c.closed)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        counted = h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "internal_error"}
+        )
+        self.assertEqual(counted, 1)
 
     def test_queued_before_connack(self) -> None:
         """Packets sent right behind CONNECT are handled after the CONNACK."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from ..authsign import valid_user_id
 from ..mqtt.interfaces import IAuthorizer, IMQTTUser
 from ..mqtt.packets import ACCEPTED, REFUSED_IDENTIFIER, SUBSCRIBE_FAILURE
-from .auth import valid_user_id
 
 SERVER_TOPIC = "$sktalent/server/mqttserver"
 

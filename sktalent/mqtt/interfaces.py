@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, Interface
 
 from ..store.interfaces import Message
@@ -18,6 +19,13 @@ class ServiceUnavailable(Exception):
     """
     Authentication could not be decided now (its back end is down): the
     client is answered CONNACK 3, not 4.
+    """
+
+
+class IdentifierRejected(UnauthorizedLogin):
+    """
+    The credentials name an identity no client may have: the client is
+    answered CONNACK 2, not 4.
     """
 
 
