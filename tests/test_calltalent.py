@@ -25,10 +25,10 @@ from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topi
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
-from sktalent.mqtt.broker import Plan, QueueLimits
+from sktalent.mqtt.broker import NOTHING_RETAINED, Plan, QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
-from sktalent.store.interfaces import Device, Message, StoreUnavailable
+from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness, HeldStore, only
@@ -76,7 +76,7 @@ class CallTalentCase(SynchronousTestCase):
         self.h.clock.advance(1_700_000_000)
 
     def harness(self, store: MemoryStore, limits: AppLimits = DEFAULT_LIMITS) -> Harness:
-        h = Harness(store=store, authorizer=CallTalentRules())
+        h = Harness(store=store, authorizer=CallTalentRules(), retained=NOTHING_RETAINED)
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
         self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
         h.app = self.app
@@ -201,6 +201,90 @@ class TopicRuleTests(CallTalentCase):
             "sktalent_dropped_total", {"reason": "publish_not_allowed"}
         )
         self.assertEqual(value, 1)
+
+
+# What an attacker would have bob believe: a notification from the backend.
+FORGED = json.dumps(
+    {
+        "msgid": msgid(99),
+        "from": "system",
+        "to": "bob",
+        "type": "order",
+        "payload": {"status": "paid", "o_id": "o1"},
+    }
+).encode()
+
+
+class WillAndRetainTests(CallTalentCase):
+    """
+    Wills and retained messages would bypass the topic rules: in CallTalent
+    mode no will is published and nothing is retained.
+    """
+
+    def attack(self, will: p.Will) -> None:
+        """mallory connects with will, then drops its connection."""
+        c = self.h.client()
+        password = sign(SECRET, "mallory").encode()
+        packets = c.connect(
+            "mallory", clean=False, username="mallory", password=password, will=will
+        )
+        self.assertEqual(packets, [p.ConnAck(0)])
+        c.lose()
+
+    def test_forged_will_not_published(self) -> None:
+        """
+        A retained will on bob's topic carrying a forged system
+        notification reaches bob neither live, nor at his next SUBSCRIBE,
+        nor at his next connection; nothing is retained; it is counted.
+        """
+        bob = self.user("bob")
+        self.attack(p.Will(client_topic("bob"), FORGED, 1, retain=True))
+        self.assertEqual(self.frames(bob), [])
+        bob.send(p.Subscribe(3, ((client_topic("bob"), 1),)))
+        self.assertEqual(bob.received(), [p.SubAck(3, (1,))])
+        self.assertEqual(self.successResultOf(self.store.load_retained()), [])
+        self.assertEqual(self.login("bob")[1], [p.ConnAck(0, True)])
+        dropped = self.h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "will_not_allowed"}
+        )
+        self.assertEqual(dropped, 1)
+
+    def test_will_to_server_topic_not_published(self) -> None:
+        """
+        A will on the server's topic is not handled as a chat either.
+        """
+        bob = self.user("bob")
+        will = json.dumps(chat("mallory", "bob", 1)).encode()
+        self.attack(p.Will(SERVER_TOPIC, will, 1))
+        self.assertEqual(self.frames(bob), [])
+        self.assertEqual(self.successResultOf(self.store.chat_history("o1", 10, None)), [])
+
+    def test_retained_publish_not_retained(self) -> None:
+        """
+        A chat published with the retain flag is delivered without it and
+        not retained.
+        """
+        alice, bob = self.user("alice"), self.user("bob")
+        body = json.dumps(chat("alice", "bob", 1)).encode()
+        alice.send(p.Publish(SERVER_TOPIC, body, 1, retain=True, packet_id=1))
+        [delivered] = only(p.Publish, bob.received())
+        self.assertFalse(delivered.retain)
+        self.assertEqual(self.successResultOf(self.store.load_retained()), [])
+
+    def test_stored_retained_removed_at_start(self) -> None:
+        """
+        Retained messages already in the store (a forged will kept by an
+        older version) are removed when the server starts, not resent.
+        """
+        store = MemoryStore()
+        forged = Message(client_topic("bob"), FORGED, 1, retain=True)
+        store.submit([SetRetained(forged.topic, forged)])
+        self.h = self.harness(store)
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.restore()))
+        self.assertEqual(self.successResultOf(store.load_retained()), [])
+        bob = self.user("bob")
+        bob.send(p.Subscribe(3, ((client_topic("bob"), 1),)))
+        self.assertEqual(bob.received(), [p.SubAck(3, (1,))])
 
 
 class ReservedSystemTests(CallTalentCase):

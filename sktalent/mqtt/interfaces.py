@@ -10,6 +10,7 @@ from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, Interface
 
 from ..store.interfaces import Message
+from .packets import Will
 
 if TYPE_CHECKING:
     from .broker import Plan
@@ -56,6 +57,9 @@ class IAuthorizer(Interface):
 
     def may_publish(user: IMQTTUser, client_id: str, topic: str) -> bool:
         """False acknowledges the publish as required, then drops it."""
+
+    def accept_will(user: IMQTTUser, client_id: str, will: Will) -> bool:
+        """False discards the will of a CONNECT: it is never published."""
 
 
 class IApplication(Interface):

@@ -241,7 +241,12 @@ class MQTTServerProtocol(Protocol):
         if code:
             self._refuse(code, "client_id")
             return
-        self._user, self._client_id, self._will = user, client_id, connect.will
+        self._user, self._client_id = user, client_id
+        if connect.will is not None:
+            if self._authorizer.accept_will(user, client_id, connect.will):
+                self._will = connect.will
+            else:
+                self._metrics.dropped.labels("will_not_allowed").inc()
         self._session, present = self._broker.connect(client_id, connect.clean_session, self)
         self._state = _CONNECTED
         if self._timer is not None and self._timer.active():
