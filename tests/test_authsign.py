@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import stat
 import subprocess
 import sys
 import time
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -465,3 +467,78 @@ class CommandLineTests(SynchronousTestCase):
                 self.assertEqual(done.stdout, "")
                 self.assertIn("Usage: python -m sktalent.authsign", done.stderr)
                 self.assertIn(message, done.stderr)
+
+
+DOCS = FilePath(os.path.abspath(sktalent.__file__)).parent().parent().child("docs")
+
+
+def fenced(markdown: str, language: str) -> list[str]:
+    """The bodies of markdown's fenced code blocks in language."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", markdown, re.MULTILINE | re.DOTALL)
+
+
+class DocumentationTests(SynchronousTestCase):
+    """
+    docs/authsign.md is what the login service builds from: its examples and
+    its code are recomputed here, so that the page cannot drift from the
+    server.
+    """
+
+    def setUp(self) -> None:
+        self.page = DOCS.child("authsign.md").getContent().decode("utf-8")
+        self.examples = [
+            dict(re.findall(r"^(\w+) += (\S+)$", block, re.MULTILINE))
+            for block in fenced(self.page, "text")
+        ]
+
+    def test_worked_examples(self) -> None:
+        """
+        Each worked example's sign is the server's for its secret, userID and
+        exp, and so is K; there is one of each form.
+        """
+        forms = set()
+        for example in self.examples:
+            with self.subTest(example=example):
+                secret, user_id = example["secret"].encode(), example["userID"]
+                exp = int(example["exp"]) if "exp" in example else None
+                self.assertEqual(example["authSign"], sign(secret, user_id, exp))
+                self.assertTrue(verify(secret, user_id, example["authSign"], now=0))
+                if exp is None:
+                    self.assertEqual(example["authSign"], reference(secret, user_id))
+                else:
+                    self.assertEqual(example["authSign"], expiring(secret, user_id, exp))
+                if "K" in example:
+                    self.assertEqual(example["K"], expiring_key(secret).hex())
+                forms.add(exp is None)
+        self.assertEqual(forms, {True, False})
+
+    def test_python_recipe(self) -> None:
+        """
+        The page's Python code computes every worked example's sign.
+        """
+        [code] = fenced(self.page, "python")
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)
+        for example in self.examples:
+            exp = int(example["exp"]) if "exp" in example else None
+            computed = namespace["auth_sign"](example["secret"].encode(), example["userID"], exp)
+            self.assertEqual(computed, example["authSign"])
+
+    def test_secret_is_the_text(self) -> None:
+        """
+        A secret file holding the example's hex digits and a newline gives
+        those digits as the secret, not the bytes they would decode to.
+        """
+        path = FilePath(self.mktemp())
+        text = self.examples[0]["secret"]
+        path.setContent(text.encode("ascii") + b"\n")
+        self.assertEqual(read_secret(path), text.encode("ascii"))
+
+    def test_linked(self) -> None:
+        """
+        The README and the app developers' guide link to the page.
+        """
+        readme = DOCS.parent().child("README.md").getContent().decode("utf-8")
+        self.assertTrue("(docs/authsign.md)" in readme, "README.md has no link")
+        protocol = DOCS.child("protocol.md").getContent().decode("utf-8")
+        self.assertTrue("(authsign.md)" in protocol, "docs/protocol.md has no link")
