@@ -3,9 +3,12 @@ authSign: the HMAC-SHA256 of a userID under a shared secret, which a client
 presents as its MQTT password.
 
     authSign = hex(HMAC-SHA256(secret, userID))
-    authSign = "<exp>:" + hex(HMAC-SHA256(secret, userID + ":" + exp))
+    authSign = "<exp>:" + hex(HMAC-SHA256(K, userID + ":" + exp))
+        where K = HMAC-SHA256(secret, "sktalent expiring authSign")
 
-The second form is refused once the unix time exp has passed.
+The second form is refused once the unix time exp has passed.  Each form has
+a key of its own, so that no sign of one form is valid in the other.  The
+exact format, with worked examples, is in docs/authsign.md.
 
 Run as ``python -m sktalent.authsign --secret-file F USERID [--ttl SECONDS]``
 to print a valid authSign.
@@ -17,6 +20,7 @@ import getopt
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import string
 import sys
@@ -27,50 +31,78 @@ from typing import ClassVar
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+MAX_USER_ID_LENGTH = 128
+# The sender of notifications: no client may be it.
+RESERVED_USER_ID = "system"
+# A userID becomes a topic level, so none of what splits or matches topic
+# levels; no ":", which separates an expiring sign's parts; no control
+# character (C0, DEL, C1) and no lone surrogate, which UTF-8 cannot carry.
+_USABLE_USER_ID = re.compile(rf"[^/+#:\x00-\x1f\x7f-\x9f\ud800-\udfff]{{1,{MAX_USER_ID_LENGTH}}}")
+USER_ID_RULE = (
+    f"1 to {MAX_USER_ID_LENGTH} characters, none of them '/', '+', '#', ':',"
+    f" a control character or a lone surrogate, and not {RESERVED_USER_ID!r}"
+)
+
 _DIGEST_LENGTH = 64
 _HEX = frozenset(string.hexdigits.lower())
 # Far beyond any real unix time; stops int() from parsing arbitrarily long input.
 _MAX_EXP_DIGITS = 16
 # Keeps the CLI's exp well within _MAX_EXP_DIGITS.
 _MAX_TTL = 100 * 365 * 86400
+# Derives the expiring form's key from the secret.
+_EXPIRING_KEY_LABEL = b"sktalent expiring authSign"
 
 
-def _digest(secret: bytes, message: str) -> str:
-    return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).hexdigest()
+def valid_user_id(user_id: str) -> bool:
+    """True when user_id can name a client (INTERFACE section 2)."""
+    return user_id != RESERVED_USER_ID and _USABLE_USER_ID.fullmatch(user_id) is not None
+
+
+def _digest(key: bytes, message: str) -> str:
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _expiring_key(secret: bytes) -> bytes:
+    return hmac.new(secret, _EXPIRING_KEY_LABEL, hashlib.sha256).digest()
 
 
 def sign(secret: bytes, user_id: str, expires: int | None = None) -> str:
     """
     The authSign of user_id; with expires (unix seconds), one refused after
     that time.
+
+    @raise ValueError: user_id is not a usable userID.
     """
+    if not valid_user_id(user_id):
+        raise ValueError(f"{user_id!r} is not a usable userID: {USER_ID_RULE}")
     if expires is None:
         return _digest(secret, user_id)
-    return f"{expires}:{_digest(secret, f'{user_id}:{expires}')}"
+    if expires < 0:
+        raise ValueError(f"the expiry must be a unix time, not {expires}")
+    return f"{expires}:{_digest(_expiring_key(secret), f'{user_id}:{expires}')}"
 
 
 def verify(secret: bytes, user_id: str, auth_sign: str, now: float) -> bool:
     """
     True when auth_sign is user_id's authSign and, if it carries an expiry,
-    now is not past it.  Malformed input is simply refused.
+    now is not past it.  Malformed input, and any sign for an unusable
+    userID, is simply refused.
     """
+    if not valid_user_id(user_id):
+        return False
     exp, separator, digest = auth_sign.rpartition(":")
     if separator:
         if not (exp.isascii() and exp.isdigit() and len(exp) <= _MAX_EXP_DIGITS):
             return False
         if now > int(exp):
             return False
-        message = f"{user_id}:{exp}"
+        key, message = _expiring_key(secret), f"{user_id}:{exp}"
     else:
-        message = user_id
+        key, message = secret, user_id
     # compare_digest raises on non-ASCII str, so the shape is checked first.
     if len(digest) != _DIGEST_LENGTH or not _HEX.issuperset(digest):
         return False
-    try:
-        expected = _digest(secret, message)
-    except UnicodeEncodeError:
-        return False
-    return hmac.compare_digest(digest, expected)
+    return hmac.compare_digest(digest, _digest(key, message))
 
 
 def _as_filepath(path: FilePath[str] | str) -> FilePath[str]:
@@ -149,15 +181,12 @@ class Options(usage.Options):
         self["user_id"] = user_id
 
     def postOptions(self) -> None:
-        # Imported here: the checkers module itself imports this one.
-        from .calltalent.auth import valid_user_id
-
         if self["secret-file"] is None:
             raise usage.UsageError("--secret-file is required")
         if self["ttl"] is not None and not 0 < self["ttl"] <= _MAX_TTL:
             raise usage.UsageError(f"--ttl must be from 1 to {_MAX_TTL} seconds (100 years)")
         if not valid_user_id(self["user_id"]):
-            raise usage.UsageError(f"{self['user_id']!r} is not a valid userID")
+            raise usage.UsageError(f"{self['user_id']!r} is not a usable userID: {USER_ID_RULE}")
 
 
 def main(argv: Sequence[str], now: float) -> int:

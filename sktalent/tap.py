@@ -30,7 +30,7 @@ from .calltalent.rules import CallTalentRules
 from .failures import logged
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
-from .mqtt.broker import Broker, QueueLimits
+from .mqtt.broker import NOTHING_RETAINED, Broker, QueueLimits, RetainedLimits
 from .mqtt.interfaces import IApplication, IAuthorizer
 from .mqtt.protocol import Limits, MQTTFactory
 from .push.coalesce import Coalescer
@@ -44,6 +44,7 @@ from .store.interfaces import IStore
 log = Logger()
 
 _DAY = 86400.0
+_RETAINED = RetainedLimits()
 
 
 def _positive_int(value: str) -> int:
@@ -98,6 +99,20 @@ class Options(usage.Options):
             _positive_int,
         ],
         ["retention-days", None, 30, "Days chat history is kept.", _positive_int],
+        [
+            "max-retained",
+            None,
+            _RETAINED.max_count,
+            "With --anonymous: retained messages kept, at most.",
+            _positive_int,
+        ],
+        [
+            "max-retained-bytes",
+            None,
+            _RETAINED.max_bytes,
+            "With --anonymous: bytes of retained messages (topics and payloads) kept, at most.",
+            _positive_int,
+        ],
         [
             "chat-rate",
             None,
@@ -185,6 +200,12 @@ class Options(usage.Options):
             )
         if self["refuse-subscribe"] and not self["anonymous"]:
             raise usage.UsageError("--refuse-subscribe goes with --anonymous only")
+        self["retained"] = RetainedLimits(self["max-retained"], self["max-retained-bytes"])
+        if self["retained"] != _RETAINED and not self["anonymous"]:
+            raise usage.UsageError(
+                "--max-retained and --max-retained-bytes go with --anonymous only:"
+                " CallTalent clients retain nothing"
+            )
         if self["auth-url"] and not self["auth-url"].startswith(("http://", "https://")):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
 
@@ -317,6 +338,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         metrics,
         reactor,
         limits=QueueLimits(options["max-queued"], options["max-queued-bytes"]),
+        retained_limits=options["retained"] if options["anonymous"] else NOTHING_RETAINED,
     )
     pusher = _pusher(options["umeng"], reactor, http, store, metrics)
     # texts.use(load_texts(path)) puts new texts in force while running.

@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEveryone, AllowEverything, portal_for
-from sktalent.mqtt.broker import Broker
+from sktalent.mqtt.broker import Broker, RetainedLimits
 from sktalent.mqtt.codec import Decoder, encode_all
 from sktalent.mqtt.interfaces import IApplication, IAuthorizer
 from sktalent.mqtt.protocol import Limits, MQTTFactory, MQTTServerProtocol
@@ -99,11 +99,14 @@ class Harness:
     metrics: Metrics = attrs.Factory(Metrics)
     portal: Portal = attrs.Factory(lambda: portal_for(AllowEveryone()))
     limits: Limits = attrs.Factory(Limits)
+    retained: RetainedLimits = attrs.Factory(RetainedLimits)
     broker: Broker = attrs.field(init=False)
     factory: MQTTFactory = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.broker = Broker(self.store, self.authorizer, self.metrics, self.clock)
+        self.broker = Broker(
+            self.store, self.authorizer, self.metrics, self.clock, retained_limits=self.retained
+        )
         self.factory = self.make_factory()
 
     def make_factory(self) -> MQTTFactory:

@@ -46,12 +46,14 @@ class RawClient:
         keepalive: int = 0,
         will: p.Will | None = None,
         password: bytes | None = None,
+        username: str | None = None,
     ) -> p.ConnAck:
         """
-        Send CONNECT and answer the CONNACK; with a password, the client id
-        is also the username.
+        Send CONNECT and answer the CONNACK; with a password, the username
+        is the client id unless given.
         """
-        username = None if password is None else client_id
+        if username is None and password is not None:
+            username = client_id
         self.send(
             p.Connect(
                 client_id,

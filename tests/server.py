@@ -14,16 +14,27 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import attrs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 MONGO_URI = os.environ.get("SKTALENT_TEST_MONGO_URI")
+
+
+def mongo_store() -> str:
+    """A fresh database on the test MongoDB server; skip without one, except in CI."""
+    if MONGO_URI is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("CI must provide SKTALENT_TEST_MONGO_URI")
+        raise SkipTest("SKTALENT_TEST_MONGO_URI is not set")
+    base = MONGO_URI.rsplit("/", 1)[0]
+    return f"{base}/test_{uuid.uuid4().hex[:12]}"
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """
-Tests for sktalent.calltalent.auth: userID rules and the two credential
-checkers, the hook one against a real HTTP server on 127.0.0.1.
+Tests for sktalent.calltalent.auth: the two credential checkers, the hook
+one against a real HTTP server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
-from sktalent.calltalent.auth import AuthSignChecker, HookChecker, valid_user_id
-from sktalent.mqtt.interfaces import ServiceUnavailable
+from sktalent.authsign import sign
+from sktalent.calltalent.auth import AuthSignChecker, HookChecker
+from sktalent.mqtt.interfaces import IdentifierRejected, ServiceUnavailable
 
 from .tracking import ConnectionTracker
 
@@ -39,24 +40,6 @@ SECRET = b"s3cret"
 def hmac_hex(message: str) -> str:
     """The HMAC-SHA256 of message under SECRET, computed independently."""
     return hmac.new(SECRET, message.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-class ValidUserIdTests(SynchronousTestCase):
-    def test_accepted(self) -> None:
-        """
-        Ordinary, non-ASCII and 128-character userIDs are valid.
-        """
-        for user_id in ["alice", "5f1b2c3d4e5f60718293a4b5", "用户", "a" * 128, "$x"]:
-            with self.subTest(user_id=user_id):
-                self.assertTrue(valid_user_id(user_id))
-
-    def test_refused(self) -> None:
-        """
-        Empty, overlong, or topic-splitting userIDs are invalid.
-        """
-        for user_id in ["", "a" * 129, "a/b", "/", "a+", "#", "a\0b"]:
-            with self.subTest(user_id=user_id):
-                self.assertFalse(valid_user_id(user_id))
 
 
 class AuthSignCheckerTests(SynchronousTestCase):
@@ -104,22 +87,22 @@ class AuthSignCheckerTests(SynchronousTestCase):
         missing = UsernamePassword(b"alice", None)  # type: ignore[arg-type]
         self.failureResultOf(self.checker.requestAvatarId(missing), UnauthorizedLogin)
 
-    def test_invalid_user_id(self) -> None:
+    def test_unusable_user_id(self) -> None:
         """
-        An invalid userID is unauthorized even with its correct sign.
+        An unusable userID, "system" among them, is rejected as an
+        identifier (CONNACK 2) even with the HMAC of it under the secret.
         """
-        for user_id in ["a/b", "a" * 129, "", "x#"]:
+        for user_id in ["a/b", "a" * 129, "", "x#", "system", "alice:4102444800", "a\x85"]:
             with self.subTest(user_id=user_id):
                 password = hmac_hex(user_id).encode("ascii")
-                self.failureResultOf(self.login(user_id.encode(), password), UnauthorizedLogin)
-        self.failureResultOf(self.login(b"\xff", hmac_hex("x").encode("ascii")), UnauthorizedLogin)
+                self.failureResultOf(self.login(user_id.encode(), password), IdentifierRejected)
+        self.failureResultOf(self.login(b"\xff", hmac_hex("x").encode("ascii")), IdentifierRejected)
 
     def test_expiry_follows_clock(self) -> None:
         """
         An expiring sign is accepted until the clock passes its expiry.
         """
-        exp = 1060
-        password = f"{exp}:{hmac_hex(f'alice:{exp}')}".encode("ascii")
+        password = sign(SECRET, "alice", 1060).encode("ascii")
         self.clock.advance(60)
         self.assertEqual(self.successResultOf(self.login(b"alice", password)), b"alice")
         self.clock.advance(1)
@@ -233,12 +216,14 @@ class HookCheckerTests(TestCase):
         self.assertEqual(len(self.hook.bodies), 3)
         self.assertEqual(self.tracker.accepted, 1)
 
-    async def test_invalid_user_never_asked(self) -> None:
+    async def test_unusable_user_never_asked(self) -> None:
         """
-        An invalid userID is refused without asking the hook.
+        An unusable userID is rejected as an identifier without asking the
+        hook.
         """
-        with self.assertRaises(UnauthorizedLogin):
-            await self.login(self.checker(), "a/b")
+        for user_id in ["a/b", "system", "alice:4102444800"]:
+            with self.assertRaises(IdentifierRejected):
+                await self.login(self.checker(), user_id)
         self.assertEqual(self.hook.bodies, [])
 
     async def test_hook_never_answers(self) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import stat
 import subprocess
 import sys
 import time
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,15 +21,89 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 import sktalent
-from sktalent.authsign import load_or_create_secret, read_secret, sign, verify
+from sktalent.authsign import (
+    load_or_create_secret,
+    read_secret,
+    sign,
+    valid_user_id,
+    verify,
+)
 
 SECRET = b"correct horse battery staple"
 EXP = 1_700_000_000
 
 
-def reference(secret: bytes, message: str) -> str:
+def reference(key: bytes, message: str) -> str:
     """The HMAC-SHA256 of message, computed here independently of the module."""
-    return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def expiring_key(secret: bytes) -> bytes:
+    """K, the expiring form's key, as INTERFACE section 3 defines it."""
+    return hmac.new(secret, b"sktalent expiring authSign", hashlib.sha256).digest()
+
+
+def expiring(secret: bytes, user_id: str, exp: int) -> str:
+    """The expiring form, computed independently of the module."""
+    return f"{exp}:{reference(expiring_key(secret), f'{user_id}:{exp}')}"
+
+
+# Usable userIDs, ASCII-heavy so that near misses of one another come up.
+user_ids = st.text(
+    st.sampled_from("abc01$-_.é用") | st.characters(exclude_categories=["Cs", "Cc"]),
+    min_size=1,
+    max_size=128,
+).filter(valid_user_id)
+exps = st.integers(0, 10**16 - 1)
+secrets_ = st.binary(min_size=1, max_size=64)
+
+
+class ValidUserIdTests(SynchronousTestCase):
+    def test_accepted(self) -> None:
+        """
+        Ordinary, non-ASCII, 1- and 128-character userIDs are usable, and so
+        is "system" in another case.
+        """
+        for user_id in [
+            "alice",
+            "5f1b2c3d4e5f60718293a4b5",
+            "用户",
+            "a",
+            "a" * 128,
+            "$x",
+            "a b",
+            "😀",
+            "System",
+        ]:
+            with self.subTest(user_id=user_id):
+                self.assertTrue(valid_user_id(user_id))
+
+    def test_refused(self) -> None:
+        """
+        Empty, overlong, topic-splitting or ":"-holding userIDs, control
+        characters (C0, DEL, C1), lone surrogates and "system" are unusable.
+        """
+        for user_id in [
+            "",
+            "a" * 129,
+            "a/b",
+            "/",
+            "a+",
+            "#",
+            "alice:4102444800",
+            ":",
+            "a\0b",
+            "a\nb",
+            "\x1f",
+            "\x7f",
+            "a\x85",
+            "\x9f",
+            "\udc80",
+            "a\ud800b",
+            "system",
+        ]:
+            with self.subTest(user_id=user_id):
+                self.assertFalse(valid_user_id(user_id))
 
 
 class SignTests(SynchronousTestCase):
@@ -42,15 +118,36 @@ class SignTests(SynchronousTestCase):
 
     def test_expiring(self) -> None:
         """
-        With an expiry the sign is "<exp>:" and the HMAC of "userID:exp".
+        With an expiry the sign is "<exp>:" and the HMAC of "userID:exp"
+        under K = HMAC-SHA256(secret, "sktalent expiring authSign").
         """
-        self.assertEqual(sign(SECRET, "alice", EXP), f"{EXP}:{reference(SECRET, f'alice:{EXP}')}")
+        self.assertEqual(sign(SECRET, "alice", EXP), expiring(SECRET, "alice", EXP))
+        self.assertNotEqual(
+            sign(SECRET, "alice", EXP), f"{EXP}:{reference(SECRET, f'alice:{EXP}')}"
+        )
 
     def test_utf8_user_id(self) -> None:
         """
         A userID outside ASCII is signed as its UTF-8 bytes.
         """
         self.assertEqual(sign(SECRET, "用户"), reference(SECRET, "用户"))
+
+    def test_unusable_user_id(self) -> None:
+        """
+        No sign, of either form, is made for an unusable userID: a
+        ValueError says why.
+        """
+        for user_id in ["system", "alice:4102444800", "a/b", "", "\udc80"]:
+            for expires in (None, EXP):
+                with self.subTest(user_id=user_id, expires=expires):
+                    e = self.assertRaises(ValueError, sign, SECRET, user_id, expires)
+                    self.assertIn("not a usable userID", str(e))
+
+    def test_negative_expiry(self) -> None:
+        """
+        An expiry before the epoch is no unix time: refused.
+        """
+        self.assertRaises(ValueError, sign, SECRET, "alice", -1)
 
 
 class VerifyTests(SynchronousTestCase):
@@ -67,7 +164,7 @@ class VerifyTests(SynchronousTestCase):
         An expiring sign is accepted until and including its exp second and
         refused as soon as that second has passed.
         """
-        auth_sign = f"{EXP}:{reference(SECRET, f'alice:{EXP}')}"
+        auth_sign = expiring(SECRET, "alice", EXP)
         self.assertTrue(verify(SECRET, "alice", auth_sign, now=EXP - 1000))
         self.assertTrue(verify(SECRET, "alice", auth_sign, now=EXP))
         self.assertFalse(verify(SECRET, "alice", auth_sign, now=EXP + 0.001))
@@ -80,7 +177,7 @@ class VerifyTests(SynchronousTestCase):
         """
         plain = reference(SECRET, "alice")
         flipped = ("0" if plain[0] != "0" else "1") + plain[1:]
-        digest = reference(SECRET, f"alice:{EXP}")
+        digest = expiring(SECRET, "alice", EXP).partition(":")[2]
         for user_id, auth_sign in [
             ("bob", plain),
             ("alice", reference(b"other secret", "alice")),
@@ -94,11 +191,32 @@ class VerifyTests(SynchronousTestCase):
             with self.subTest(user_id=user_id, auth_sign=auth_sign):
                 self.assertFalse(verify(SECRET, user_id, auth_sign, now=EXP))
 
+    def test_forms_not_swappable(self) -> None:
+        """
+        The plain sign of the userID "alice:4102444800", which the old
+        scheme made alice's sign expiring then, is not alice's; nor is
+        alice's expiring digest the plain sign of "alice:4102444800", which
+        is no usable userID anyway.
+        """
+        exp = 4102444800
+        swapped = f"{exp}:{reference(SECRET, f'alice:{exp}')}"
+        self.assertFalse(verify(SECRET, "alice", swapped, now=0))
+        digest = sign(SECRET, "alice", exp).partition(":")[2]
+        self.assertFalse(verify(SECRET, f"alice:{exp}", digest, now=0))
+        self.assertFalse(verify(SECRET, f"alice:{exp}", reference(SECRET, f"alice:{exp}"), 0))
+
+    def test_reserved_user_id(self) -> None:
+        """
+        Even a correct HMAC for "system" is refused: no client may be it.
+        """
+        self.assertFalse(verify(SECRET, "system", reference(SECRET, "system"), now=0))
+        self.assertFalse(verify(SECRET, "system", expiring(SECRET, "system", EXP), now=0))
+
     def test_malformed(self) -> None:
         """
         Malformed signs are refused without raising.
         """
-        digest = reference(SECRET, f"alice:{EXP}")
+        digest = expiring(SECRET, "alice", EXP).partition(":")[2]
         plain = reference(SECRET, "alice")
         for auth_sign in [
             "",
@@ -129,12 +247,7 @@ class VerifyTests(SynchronousTestCase):
         """
         self.assertFalse(verify(SECRET, "\udc80", "0" * 64, now=0))
 
-    @given(
-        st.binary(min_size=1),
-        # Surrogates have no UTF-8 form, so no sign.
-        st.text(st.characters(exclude_categories=["Cs"])),
-        st.none() | st.integers(0, 2**40),
-    )
+    @given(secrets_, user_ids, st.none() | exps)
     def test_round_trip(self, secret: bytes, user_id: str, expires: int | None) -> None:
         """
         Every sign made is verified before its expiry.
@@ -147,6 +260,45 @@ class VerifyTests(SynchronousTestCase):
         verify answers a bool for any text, and a random text is refused.
         """
         self.assertFalse(verify(SECRET, user_id, auth_sign, now))
+
+
+class NoCrossingTests(SynchronousTestCase):
+    """
+    Property tests: a sign is good for the one userID and the one form it was
+    made for.
+    """
+
+    @given(secrets_, user_ids, user_ids, exps, exps)
+    def test_not_for_another_user(
+        self, secret: bytes, user_id: str, other: str, exp: int, other_exp: int
+    ) -> None:
+        """
+        No sign minted for one userID, in either form, is accepted for
+        another userID, whatever the expiry it is presented with.
+        """
+        if user_id == other:
+            other = user_id + "x" if len(user_id) < 128 else user_id[:-1]
+        plain, timed = sign(secret, user_id), sign(secret, user_id, exp)
+        digest = timed.partition(":")[2]
+        for auth_sign in [plain, timed, f"{other_exp}:{digest}", f"{other_exp}:{plain}", digest]:
+            self.assertFalse(verify(secret, other, auth_sign, now=0), auth_sign)
+
+    @given(secrets_, user_ids, exps, st.text(max_size=140))
+    def test_not_in_the_other_form(
+        self, secret: bytes, user_id: str, exp: int, message: str
+    ) -> None:
+        """
+        No plain sign, of any text, is an expiring sign: in particular not
+        that of "userID:exp", the old scheme's expiring message.  And no
+        expiring sign's digest is a plain sign, for the same userID or any.
+        """
+        for signed in (message, f"{user_id}:{exp}"):
+            forged = f"{exp}:{reference(secret, signed)}"
+            self.assertFalse(verify(secret, user_id, forged, now=0), signed)
+        digest = sign(secret, user_id, exp).partition(":")[2]
+        self.assertFalse(verify(secret, user_id, digest, now=0))
+        if valid_user_id(message):
+            self.assertFalse(verify(secret, message, digest, now=0))
 
 
 class SecretFileTests(SynchronousTestCase):
@@ -276,7 +428,7 @@ class CommandLineTests(SynchronousTestCase):
         exp = int(exp_text)
         self.assertGreaterEqual(exp, before + 600)
         self.assertLessEqual(exp, after + 600)
-        self.assertEqual(digest, reference(SECRET, f"alice:{exp}"))
+        self.assertEqual(f"{exp}:{digest}", expiring(SECRET, "alice", exp))
 
     def test_missing_secret_file(self) -> None:
         """
@@ -303,7 +455,11 @@ class CommandLineTests(SynchronousTestCase):
             (("--secret-file", secret, "alice", "--ttl", "0"), "--ttl must be from 1"),
             (("--secret-file", secret, "alice", "--ttl", "9" * 20), "--ttl must be from 1"),
             (("--secret-file", secret, "alice", "--bogus"), "--bogus"),
-            (("--secret-file", secret, "a/b"), "not a valid userID"),
+            (("--secret-file", secret, "a/b"), "'a/b' is not a usable userID"),
+            (("--secret-file", secret, "system"), "'system' is not a usable userID"),
+            (("--secret-file", secret, "alice:4102444800"), "not a usable userID"),
+            (("--secret-file", secret, "a\tb", "--ttl", "60"), "not a usable userID"),
+            (("--secret-file", secret, "x" * 129), "not a usable userID"),
         ]:
             with self.subTest(args=args):
                 done = self.run_cli(*args)
@@ -311,3 +467,78 @@ class CommandLineTests(SynchronousTestCase):
                 self.assertEqual(done.stdout, "")
                 self.assertIn("Usage: python -m sktalent.authsign", done.stderr)
                 self.assertIn(message, done.stderr)
+
+
+DOCS = FilePath(os.path.abspath(sktalent.__file__)).parent().parent().child("docs")
+
+
+def fenced(markdown: str, language: str) -> list[str]:
+    """The bodies of markdown's fenced code blocks in language."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", markdown, re.MULTILINE | re.DOTALL)
+
+
+class DocumentationTests(SynchronousTestCase):
+    """
+    docs/authsign.md is what the login service builds from: its examples and
+    its code are recomputed here, so that the page cannot drift from the
+    server.
+    """
+
+    def setUp(self) -> None:
+        self.page = DOCS.child("authsign.md").getContent().decode("utf-8")
+        self.examples = [
+            dict(re.findall(r"^(\w+) += (\S+)$", block, re.MULTILINE))
+            for block in fenced(self.page, "text")
+        ]
+
+    def test_worked_examples(self) -> None:
+        """
+        Each worked example's sign is the server's for its secret, userID and
+        exp, and so is K; there is one of each form.
+        """
+        forms = set()
+        for example in self.examples:
+            with self.subTest(example=example):
+                secret, user_id = example["secret"].encode(), example["userID"]
+                exp = int(example["exp"]) if "exp" in example else None
+                self.assertEqual(example["authSign"], sign(secret, user_id, exp))
+                self.assertTrue(verify(secret, user_id, example["authSign"], now=0))
+                if exp is None:
+                    self.assertEqual(example["authSign"], reference(secret, user_id))
+                else:
+                    self.assertEqual(example["authSign"], expiring(secret, user_id, exp))
+                if "K" in example:
+                    self.assertEqual(example["K"], expiring_key(secret).hex())
+                forms.add(exp is None)
+        self.assertEqual(forms, {True, False})
+
+    def test_python_recipe(self) -> None:
+        """
+        The page's Python code computes every worked example's sign.
+        """
+        [code] = fenced(self.page, "python")
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)
+        for example in self.examples:
+            exp = int(example["exp"]) if "exp" in example else None
+            computed = namespace["auth_sign"](example["secret"].encode(), example["userID"], exp)
+            self.assertEqual(computed, example["authSign"])
+
+    def test_secret_is_the_text(self) -> None:
+        """
+        A secret file holding the example's hex digits and a newline gives
+        those digits as the secret, not the bytes they would decode to.
+        """
+        path = FilePath(self.mktemp())
+        text = self.examples[0]["secret"]
+        path.setContent(text.encode("ascii") + b"\n")
+        self.assertEqual(read_secret(path), text.encode("ascii"))
+
+    def test_linked(self) -> None:
+        """
+        The README and the app developers' guide link to the page.
+        """
+        readme = DOCS.parent().child("README.md").getContent().decode("utf-8")
+        self.assertTrue("(docs/authsign.md)" in readme, "README.md has no link")
+        protocol = DOCS.child("protocol.md").getContent().decode("utf-8")
+        self.assertTrue("(authsign.md)" in protocol, "docs/protocol.md has no link")

@@ -5,6 +5,8 @@ with sent and received, refusals, and notifications.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +26,10 @@ from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topi
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
-from sktalent.mqtt.broker import Plan, QueueLimits
+from sktalent.mqtt.broker import NOTHING_RETAINED, Plan, QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
-from sktalent.store.interfaces import Device, Message, StoreUnavailable
+from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness, HeldStore, only
@@ -90,7 +92,7 @@ class CallTalentCase(SynchronousTestCase):
         self.h.clock.advance(1_700_000_000)
 
     def harness(self, store: MemoryStore, limits: AppLimits = DEFAULT_LIMITS) -> Harness:
-        h = Harness(store=store, authorizer=CallTalentRules())
+        h = Harness(store=store, authorizer=CallTalentRules(), retained=NOTHING_RETAINED)
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
         self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
         h.app = self.app
@@ -156,10 +158,27 @@ class ConnectTests(CallTalentCase):
         fresh = sign(SECRET, "alice", now + 60).encode()
         self.assertEqual(c.connect("alice", username="alice", password=fresh), [p.ConnAck(0)])
 
+    def auth_failures(self, reason: str) -> float | None:
+        """The refused CONNECTs counted for reason."""
+        return self.h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": reason}
+        )
+
     def test_missing_password(self) -> None:
         """No password gets CONNACK 4."""
         c = self.h.client()
         self.assertEqual(c.connect("alice", username="alice"), [p.ConnAck(4)])
+
+    def test_missing_username(self) -> None:
+        """
+        No username (and so no password) gets CONNACK 4, counted as an auth
+        failure, with nothing logged as an error.
+        """
+        c = self.h.client()
+        self.assertEqual(c.connect("alice"), [p.ConnAck(4)])
+        self.assertTrue(c.closed)
+        self.assertEqual(self.auth_failures("missing_credentials"), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_client_id_mismatch(self) -> None:
         """clientid != username gets CONNACK 2."""
@@ -167,12 +186,18 @@ class ConnectTests(CallTalentCase):
         packets = c.connect("bob", username="alice", password=sign(SECRET, "alice").encode())
         self.assertEqual(packets, [p.ConnAck(2)])
 
-    def test_bad_user_id(self) -> None:
-        """A userID that would break topics is refused."""
-        for bad in ("a/b", "a+", "#", "x" * 129):
+    def test_unusable_user_id(self) -> None:
+        """
+        An unusable userID gets CONNACK 2, even with the HMAC of it under the
+        secret: one that would break topics, holds ":" or a control
+        character, or is the reserved "system".
+        """
+        unusable = ["a/b", "a+", "#", "x" * 129, "alice:4102444800", "a\x85", "system"]
+        for bad in unusable:
             c = self.h.client()
-            packets = c.connect(bad, username=bad, password=sign(SECRET, bad).encode())
-            self.assertNotEqual(only(p.ConnAck, packets[:1])[0].return_code, 0, bad)
+            password = hmac.new(SECRET, bad.encode(), hashlib.sha256).hexdigest().encode()
+            self.assertEqual(c.connect(bad, username=bad, password=password), [p.ConnAck(2)])
+        self.assertEqual(self.auth_failures("bad_user_id"), len(unusable))
 
 
 class TopicRuleTests(CallTalentCase):
@@ -192,6 +217,121 @@ class TopicRuleTests(CallTalentCase):
             "sktalent_dropped_total", {"reason": "publish_not_allowed"}
         )
         self.assertEqual(value, 1)
+
+
+# What an attacker would have bob believe: a notification from the backend.
+FORGED = json.dumps(
+    {
+        "msgid": msgid(99),
+        "from": "system",
+        "to": "bob",
+        "type": "order",
+        "payload": {"status": "paid", "o_id": "o1"},
+    }
+).encode()
+
+
+class WillAndRetainTests(CallTalentCase):
+    """
+    Wills and retained messages would bypass the topic rules: in CallTalent
+    mode no will is published and nothing is retained.
+    """
+
+    def attack(self, will: p.Will) -> None:
+        """mallory connects with will, then drops its connection."""
+        c = self.h.client()
+        password = sign(SECRET, "mallory").encode()
+        packets = c.connect(
+            "mallory", clean=False, username="mallory", password=password, will=will
+        )
+        self.assertEqual(packets, [p.ConnAck(0)])
+        c.lose()
+
+    def test_forged_will_not_published(self) -> None:
+        """
+        A retained will on bob's topic carrying a forged system
+        notification reaches bob neither live, nor at his next SUBSCRIBE,
+        nor at his next connection; nothing is retained; it is counted.
+        """
+        bob = self.user("bob")
+        self.attack(p.Will(client_topic("bob"), FORGED, 1, retain=True))
+        self.assertEqual(self.frames(bob), [])
+        bob.send(p.Subscribe(3, ((client_topic("bob"), 1),)))
+        self.assertEqual(bob.received(), [p.SubAck(3, (1,))])
+        self.assertEqual(self.successResultOf(self.store.load_retained()), [])
+        self.assertEqual(self.login("bob")[1], [p.ConnAck(0, True)])
+        dropped = self.h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "will_not_allowed"}
+        )
+        self.assertEqual(dropped, 1)
+
+    def test_will_to_server_topic_not_published(self) -> None:
+        """
+        A will on the server's topic is not handled as a chat either.
+        """
+        bob = self.user("bob")
+        will = json.dumps(chat("mallory", "bob", 1)).encode()
+        self.attack(p.Will(SERVER_TOPIC, will, 1))
+        self.assertEqual(self.frames(bob), [])
+        self.assertEqual(self.successResultOf(self.store.chat_history("o1", 10, None)), [])
+
+    def test_retained_publish_not_retained(self) -> None:
+        """
+        A chat published with the retain flag is delivered without it and
+        not retained.
+        """
+        alice, bob = self.user("alice"), self.user("bob")
+        body = json.dumps(chat("alice", "bob", 1)).encode()
+        alice.send(p.Publish(SERVER_TOPIC, body, 1, retain=True, packet_id=1))
+        [delivered] = only(p.Publish, bob.received())
+        self.assertFalse(delivered.retain)
+        self.assertEqual(self.successResultOf(self.store.load_retained()), [])
+
+    def test_stored_retained_removed_at_start(self) -> None:
+        """
+        Retained messages already in the store (a forged will kept by an
+        older version) are removed when the server starts, not resent.
+        """
+        store = MemoryStore()
+        forged = Message(client_topic("bob"), FORGED, 1, retain=True)
+        store.submit([SetRetained(forged.topic, forged)])
+        self.h = self.harness(store)
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.restore()))
+        self.assertEqual(self.successResultOf(store.load_retained()), [])
+        bob = self.user("bob")
+        bob.send(p.Subscribe(3, ((client_topic("bob"), 1),)))
+        self.assertEqual(bob.received(), [p.SubAck(3, (1,))])
+
+
+class ReservedSystemTests(CallTalentCase):
+    """
+    "system" is the sender of notifications: no client is it, and nothing
+    is sent to it.
+    """
+
+    def test_not_a_chat_recipient(self) -> None:
+        """
+        A chat or a receipt to "system" is refused with bad_envelope.
+        """
+        alice = self.user("alice")
+        receipt = {"msgid": msgid(2), "from": "alice", "to": "system", "type": "received"}
+        for n, frame in enumerate([chat("alice", "system", 1), receipt], 1):
+            self.publish(alice, frame, n)
+            [error] = self.frames(alice)
+            self.assertEqual(error["error"], "bad_envelope")
+        sessions = self.successResultOf(self.store.load_sessions())
+        self.assertEqual([s.client_id for s in sessions], ["alice"])
+
+    def test_not_a_notification_recipient(self) -> None:
+        """
+        A notification to "system" is refused before anything is stored.
+        """
+        e = self.assertRaises(
+            InvalidRequest, self.app.notify, "system", "feedback", {"content": "x"}, None
+        )
+        self.assertEqual(e.code, "bad_request")
+        self.assertIn("not 'system'", str(e))
+        self.assertEqual(self.successResultOf(self.store.load_sessions()), [])
 
 
 class ChatTests(CallTalentCase):

@@ -5,27 +5,14 @@ SIGKILL, for each durable back end.
 
 from __future__ import annotations
 
-import os
-import uuid
-
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
 
 from .pahoclient import PahoUser
-from .server import MONGO_URI, ServerProcess, running
+from .server import ServerProcess, mongo_store, running
 
 COUNT = 300
-
-
-def mongo_store() -> str:
-    """A fresh database on the test MongoDB server."""
-    if MONGO_URI is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("CI must provide SKTALENT_TEST_MONGO_URI")
-        raise SkipTest("SKTALENT_TEST_MONGO_URI is not set")
-    base = MONGO_URI.rsplit("/", 1)[0]
-    return f"{base}/crash_{uuid.uuid4().hex[:12]}"
 
 
 class CrashMixin:

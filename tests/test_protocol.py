@@ -7,16 +7,16 @@ from __future__ import annotations
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IAnonymous
-from twisted.internet.defer import Deferred
-from twisted.logger import LogLevel, capturedLogs
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEverything, portal_for
-from sktalent.mqtt.broker import QueueLimits
+from sktalent.mqtt.broker import QueueLimits, RetainedLimits
 from sktalent.mqtt.protocol import Limits
-from sktalent.store.interfaces import StoreUnavailable
+from sktalent.store.interfaces import Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness, HeldStore, only
@@ -30,6 +30,16 @@ class NeverAnswers:
 
     def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
         return Deferred()
+
+
+@implementer(ICredentialsChecker)
+class Broken:
+    """A credentials checker with a bug."""
+
+    credentialInterfaces = (IAnonymous,)
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
+        return fail(ZeroDivisionError())
 
 
 class ConnectTests(SynchronousTestCase):
@@ -138,6 +148,21 @@ class ConnectTests(SynchronousTestCase):
         c.send(p.Connect("a"), *[p.PingReq()] * 300)
         self.assertTrue(c.closed)
         self.assertEqual(c.received(), [])
+
+    def test_connack_despite_a_failing_checker(self) -> None:
+        """
+        A checker failing unexpectedly still gets the CONNECT a CONNACK: 3,
+        server unavailable, counted; the failure is logged.
+        """
+        h = Harness(portal=portal_for(Broken()))
+        c = h.client()
+        self.assertEqual(c.connect("a"), [p.ConnAck(3)])
+        self.assertTrue(c.closed)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        counted = h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "internal_error"}
+        )
+        self.assertEqual(counted, 1)
 
     def test_queued_before_connack(self) -> None:
         """Packets sent right behind CONNECT are handled after the CONNACK."""
@@ -308,6 +333,123 @@ class RetainedTests(SynchronousTestCase):
         sub.received()
         pub.send(p.Publish("t", b"x", 0, retain=True))
         self.assertEqual(sub.received(), [p.Publish("t", b"x", 0, False)])
+
+
+class RetainedLimitTests(SynchronousTestCase):
+    """
+    A plain broker keeps at most so many retained messages and bytes of
+    them: past that, a retained publish is delivered but not retained.
+    """
+
+    def setUp(self) -> None:
+        # Three messages; "r/N" with a 10-byte payload costs 13 bytes.
+        self.h = Harness(retained=RetainedLimits(max_count=3, max_bytes=50))
+        self.pub = _connected(self.h, "p")
+
+    def retain(self, topic: str, payload: bytes) -> None:
+        self.pub.send(p.Publish(topic, payload, 0, retain=True))
+
+    def stored(self) -> dict[str, bytes]:
+        """The retained messages in the store, by topic."""
+        return {m.topic: m.payload for m in self.successResultOf(self.h.store.load_retained())}
+
+    def delivered(self) -> dict[str, bytes]:
+        """The retained messages a new subscriber to everything receives."""
+        sub = _connected(self.h, "s")
+        sub.send(p.Subscribe(1, (("#", 0),)))
+        got = {x.topic: x.payload for x in only(p.Publish, sub.received()[1:])}
+        sub.send(p.Disconnect())
+        return got
+
+    def dropped(self) -> float | None:
+        return self.h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "retained_limit"}
+        )
+
+    def test_count_limit(self) -> None:
+        """
+        Past the count, retained publishes still reach subscribers but are
+        not retained; each is counted, and logged once for the episode.
+        """
+        live = _connected(self.h, "live")
+        live.send(p.Subscribe(1, (("r/#", 0),)))
+        live.received()
+        with capturedLogs() as events:
+            for n in range(6):
+                self.retain(f"r/{n}", b"%010d" % n)
+        kept = {f"r/{n}": b"%010d" % n for n in range(3)}
+        self.assertEqual(self.stored(), kept)
+        self.assertEqual(self.delivered(), kept)
+        self.assertEqual(len(only(p.Publish, live.received())), 6)
+        self.assertEqual(self.dropped(), 3)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("limits (3 messages, 50 bytes)", formatEvent(warnings[0]))
+
+    def test_byte_limit(self) -> None:
+        """
+        A message that would take the retained bytes past the limit is not
+        retained; smaller ones still are.
+        """
+        self.retain("r/0", b"x" * 30)
+        self.retain("r/1", b"x" * 20)
+        self.retain("r/2", b"x" * 14)
+        self.assertEqual(self.stored(), {"r/0": b"x" * 30, "r/2": b"x" * 14})
+        self.assertEqual(self.dropped(), 1)
+
+    def test_replace_and_clear_at_the_limit(self) -> None:
+        """
+        At the limit, a retained topic can still be replaced (within the
+        bytes) and cleared; a cleared topic makes room, and the next drop
+        starts a new episode, logged again.
+        """
+        with capturedLogs() as events:
+            for n in range(3):
+                self.retain(f"r/{n}", b"old")
+            self.retain("r/3", b"refused")
+            self.retain("r/0", b"new")
+            self.retain("r/1", b"")
+            self.assertEqual(self.stored(), {"r/0": b"new", "r/2": b"old"})
+            self.retain("r/3", b"room")
+            self.retain("r/4", b"refused")
+        self.assertEqual(self.stored(), {"r/0": b"new", "r/2": b"old", "r/3": b"room"})
+        self.assertEqual(self.delivered(), self.stored())
+        self.assertEqual(self.dropped(), 2)
+        self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 2)
+
+    def test_too_large_replacement_clears(self) -> None:
+        """
+        A replacement that does not fit the bytes is not retained, and the
+        message it replaces is cleared rather than kept stale.
+        """
+        self.retain("r/0", b"x" * 10)
+        self.retain("r/1", b"x" * 20)
+        self.retain("r/0", b"y" * 30)
+        self.assertEqual(self.stored(), {"r/1": b"x" * 20})
+        self.retain("r/0", b"y" * 20)
+        self.assertEqual(self.stored(), {"r/0": b"y" * 20, "r/1": b"x" * 20})
+
+    def test_restore_within_the_limits(self) -> None:
+        """
+        Stored retained messages beyond the limits (lowered since they were
+        retained) are dropped at start, from the store too, and counted.
+        """
+        for n in range(5):
+            self.retain(f"r/{n}", b"x")
+        self.assertEqual(len(self.stored()), 3)
+        store = MemoryStore()
+        store.submit([SetRetained(f"r/{n}", Message(f"r/{n}", b"x", 0, True)) for n in range(5)])
+        h = Harness(store=store, retained=RetainedLimits(max_count=2, max_bytes=50))
+        self.successResultOf(Deferred.fromCoroutine(h.broker.restore()))
+        self.assertEqual(len(self.successResultOf(store.load_retained())), 2)
+        dropped = h.metrics.registry.get_sample_value(
+            "sktalent_dropped_total", {"reason": "retained_limit"}
+        )
+        self.assertEqual(dropped, 3)
+        # What was kept counts against the limits.
+        pub = _connected(h, "p")
+        pub.send(p.Publish("r/9", b"x", 0, retain=True))
+        self.assertEqual(len(self.successResultOf(store.load_retained())), 2)
 
 
 class WillTests(SynchronousTestCase):

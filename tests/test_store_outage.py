@@ -17,8 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, running, wait_for
-from .test_crash import mongo_store
+from .server import ServerProcess, free_port, mongo_store, running, wait_for
 
 BEFORE, DURING = 20, 30
 

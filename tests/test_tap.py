@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.calltalent.pushtexts import TextTable
+from sktalent.mqtt.broker import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
@@ -70,6 +71,19 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse(["--listen", "tcp:9", "--max-queued", "7"], env)
         self.assertEqual((options["listen"], options["max-queued"]), (["tcp:9"], 7))
 
+    def test_retained_limits(self) -> None:
+        """
+        With --anonymous the retained limits are the options', by default
+        those of INTERFACE section 7.
+        """
+        self.assertEqual(
+            self.parse(["--anonymous"])["retained"], RetainedLimits(10_000, 64 * 1024 * 1024)
+        )
+        argv = ["--anonymous", "--max-retained", "5", "--max-retained-bytes", "3000"]
+        self.assertEqual(self.parse(argv)["retained"], RetainedLimits(5, 3000))
+        env = {"SKTALENT_ANONYMOUS": "1", "SKTALENT_MAX_RETAINED_BYTES": "7"}
+        self.assertEqual(self.parse([], env)["retained"], RetainedLimits(10_000, 7))
+
     def test_bad_values_one_line(self) -> None:
         """Each bad value stops the start with one line that names it."""
         cases = [
@@ -88,6 +102,12 @@ class OptionsTests(SynchronousTestCase):
             (["--refuse-subscribe", "x"], "--anonymous"),
             (["--max-queued-bytes", "65535"], "--max-queued-bytes (65535) must be at least"),
             (["--max-queued-bytes", "9999", "--max-packet", "10000"], "--max-packet (10000)"),
+            (
+                ["--max-retained", "5"],
+                "--max-retained and --max-retained-bytes go with --anonymous",
+            ),
+            (["--max-retained-bytes", "5"], "go with --anonymous"),
+            (["--anonymous", "--max-retained", "0"], "positive"),
         ]
         for argv, named in cases:
             message = self.refused(argv)

@@ -22,22 +22,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import Interface, implementer
 
-from ..authsign import verify
-from ..mqtt.interfaces import ServiceUnavailable
+from ..authsign import valid_user_id, verify
+from ..mqtt.interfaces import IdentifierRejected, ServiceUnavailable
 
 log = Logger()
-
-MAX_USER_ID_LENGTH = 128
-# A userID becomes a topic level, so it must not contain what splits or
-# matches topic levels; MQTT strings may not carry NUL.
-_FORBIDDEN_IN_USER_ID = frozenset("/+#\0")
-
-
-def valid_user_id(user_id: str) -> bool:
-    """True when user_id can name a client and its topic."""
-    if not 0 < len(user_id) <= MAX_USER_ID_LENGTH:
-        return False
-    return _FORBIDDEN_IN_USER_ID.isdisjoint(user_id)
 
 
 def _text(value: object) -> str | None:
@@ -55,11 +43,12 @@ def _user_and_sign(credentials: IUsernamePassword) -> tuple[str, str]:
     """
     The userID and authSign in credentials.
 
-    @raise UnauthorizedLogin: either is missing or unusable.
+    @raise IdentifierRejected: the userID is not usable.
+    @raise UnauthorizedLogin: the authSign is missing or unusable.
     """
     user_id = _text(credentials.username)
     if user_id is None or not valid_user_id(user_id):
-        raise UnauthorizedLogin("invalid userID")
+        raise IdentifierRejected("unusable userID")
     auth_sign = _text(credentials.password)
     if not auth_sign:
         raise UnauthorizedLogin("missing or undecodable authSign")

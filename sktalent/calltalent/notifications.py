@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .auth import MAX_USER_ID_LENGTH, valid_user_id
+from ..authsign import USER_ID_RULE, valid_user_id
 from .interfaces import NOTIFICATION_TYPES, InvalidRequest
 
 ORDER_STATUSES = ("pending", "confirmed", "rejected", "paid", "toBeFinished", "finished")
@@ -48,8 +48,7 @@ def validate_user_id(user_id: object, field: str = "to") -> str:
     if text is None or not valid_user_id(text):
         raise InvalidRequest(
             "bad_request",
-            f"{field} must be a userID: a string of 1 to {MAX_USER_ID_LENGTH}"
-            " characters without '/', '+', '#' or NUL.",
+            f"{field} must be a userID: {USER_ID_RULE}.",
         )
     return text
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from ..authsign import valid_user_id
 from ..mqtt.interfaces import IAuthorizer, IMQTTUser
-from ..mqtt.packets import ACCEPTED, REFUSED_IDENTIFIER, SUBSCRIBE_FAILURE
-from .auth import valid_user_id
+from ..mqtt.packets import ACCEPTED, REFUSED_IDENTIFIER, SUBSCRIBE_FAILURE, Will
 
 SERVER_TOPIC = "$sktalent/server/mqttserver"
 
@@ -35,3 +35,7 @@ class CallTalentRules:
 
     def may_publish(self, user: IMQTTUser, client_id: str, topic: str) -> bool:
         return topic == SERVER_TOPIC
+
+    def accept_will(self, user: IMQTTUser, client_id: str, will: Will) -> bool:
+        # Clients have no use for wills, and one would bypass the topic rules.
+        return False

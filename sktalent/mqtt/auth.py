@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from .interfaces import IAuthorizer, IMQTTUser
-from .packets import SUBSCRIBE_FAILURE
+from .packets import SUBSCRIBE_FAILURE, Will
 
 
 @implementer(IMQTTUser)
@@ -66,4 +66,7 @@ class AllowEverything:
         return SUBSCRIBE_FAILURE if topic_filter in self.refused else qos
 
     def may_publish(self, user: IMQTTUser, client_id: str, topic: str) -> bool:
+        return True
+
+    def accept_will(self, user: IMQTTUser, client_id: str, will: Will) -> bool:
         return True

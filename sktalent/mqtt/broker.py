@@ -186,6 +186,26 @@ class Plan:
                 effect(result)
 
 
+@attrs.frozen
+class RetainedLimits:
+    """
+    How much a plain broker retains: MQTT 3.1.1 sets no bound, memory and
+    the store do.
+    """
+
+    max_count: int = 10_000
+    # Topic and payload bytes of every retained message together.
+    max_bytes: int = 64 * 1024 * 1024
+
+
+# For an application whose clients have no use for retained messages.
+NOTHING_RETAINED = RetainedLimits(0, 0)
+
+
+def _retained_size(message: Message) -> int:
+    return len(message.topic.encode("utf-8")) + len(message.payload)
+
+
 @attrs.define(eq=False)
 class _Pending:
     plan: Plan
@@ -202,9 +222,16 @@ class Broker:
     _clock: IReactorTime
     max_inflight: int = 32
     limits: QueueLimits = QueueLimits()
+    retained_limits: RetainedLimits = RetainedLimits()
     _sessions: dict[str, Session] = attrs.Factory(dict)
     _trie: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
     _retained: dict[str, Message] = attrs.Factory(dict)
+    # What the retained messages will be once every commit under way has
+    # landed, which is what the limits are checked against.
+    _retained_sizes: dict[str, int] = attrs.Factory(dict)
+    _retained_bytes: int = 0
+    # Refusing retained messages at the limits since space was last freed.
+    _retained_full: bool = False
     _pending: deque[_Pending] = attrs.Factory(deque)
     # Bookkeeping that nobody waits for (acknowledged messages leaving a
     # queue), committed once per reactor turn rather than once each.
@@ -228,8 +255,7 @@ class Broker:
                 session.held += 1
                 session.held_bytes += len(queued.message.payload)
             self._sessions[session.client_id] = session
-        for message in await self._store.load_retained():
-            self._retained[message.topic] = message
+        await self._restore_retained()
         self._metrics.sessions.set(len(self._sessions))
         self._metrics.queued.set(sum(s.held for s in self._sessions.values()))
         self._metrics.queued_bytes.set(sum(s.held_bytes for s in self._sessions.values()))
@@ -237,6 +263,32 @@ class Broker:
             "Restored {sessions} sessions and {retained} retained messages",
             sessions=len(self._sessions),
             retained=len(self._retained),
+        )
+
+    async def _restore_retained(self) -> None:
+        # The limits may be lower than when the messages were retained (and
+        # nothing at all for an application that keeps none): what does not
+        # fit leaves the store too.
+        beyond = Plan()
+        for message in await self._store.load_retained():
+            size = _retained_size(message)
+            if self._fits(message.topic, size):
+                self._retained[message.topic] = message
+                self._retained_sizes[message.topic] = size
+                self._retained_bytes += size
+            else:
+                beyond.add(SetRetained(message.topic, None))
+        if beyond.empty:
+            return
+        await self.commit(beyond)
+        removed = len(beyond.ops)
+        self._metrics.dropped.labels("retained_limit").inc(removed)
+        log.warn(
+            "Removed {removed} stored retained messages beyond the limits"
+            " ({count} messages, {bytes} bytes)",
+            removed=removed,
+            count=self.retained_limits.max_count,
+            bytes=self.retained_limits.max_bytes,
         )
 
     # -- plans -------------------------------------------------------------
@@ -408,14 +460,7 @@ class Broker:
         subscription, and keep or clear it as retained.
         """
         if message.retain:
-            topic, kept = message.topic, message
-            if kept.payload:
-                plan.add(
-                    SetRetained(topic, kept),
-                    lambda _: self._retained.__setitem__(topic, kept),
-                )
-            else:
-                plan.add(SetRetained(topic, None), lambda _: self._retained.pop(topic, None))
+            self._retain(plan, message)
             message = attrs.evolve(message, retain=False)
         # One copy per delivered QoS, shared by every subscriber at that QoS.
         copies = {message.qos: message}
@@ -425,6 +470,49 @@ class Broker:
             if copy is None:
                 copy = copies[qos] = attrs.evolve(message, qos=qos)
             self._deliver(plan, self._sessions[client_id], copy)
+
+    def _retain(self, plan: Plan, message: Message) -> None:
+        """Keep message as its topic's retained message, or clear it, within the limits."""
+        topic = message.topic
+        if not message.payload:
+            if topic in self._retained_sizes:
+                self._retained_full = False  # Space freed: a new episode may start.
+            self._unretain(plan, topic)
+            return
+        size = _retained_size(message)
+        if self._fits(topic, size):
+            self._retained_bytes += size - self._retained_sizes.get(topic, 0)
+            self._retained_sizes[topic] = size
+            plan.add(
+                SetRetained(topic, message), lambda _: self._retained.__setitem__(topic, message)
+            )
+            return
+        self._metrics.dropped.labels("retained_limit").inc()
+        if not self._retained_full:
+            # Once per episode: a client at the limits may keep trying.
+            self._retained_full = True
+            log.warn(
+                "Retained messages at their limits ({count} messages, {bytes} bytes);"
+                " further retained publishes are delivered but not retained",
+                count=self.retained_limits.max_count,
+                bytes=self.retained_limits.max_bytes,
+            )
+        if topic in self._retained_sizes:
+            # The message it could not keep still supersedes the old one.
+            self._unretain(plan, topic)
+
+    def _unretain(self, plan: Plan, topic: str) -> None:
+        self._retained_bytes -= self._retained_sizes.pop(topic, 0)
+        plan.add(SetRetained(topic, None), lambda _: self._retained.pop(topic, None))
+
+    def _fits(self, topic: str, size: int) -> bool:
+        """Whether topic's retained message may be one of size bytes."""
+        old = self._retained_sizes.get(topic)
+        count = len(self._retained_sizes) + (old is None)
+        limits = self.retained_limits
+        return count <= limits.max_count and (
+            self._retained_bytes - (old or 0) + size <= limits.max_bytes
+        )
 
     def _deliver(self, plan: Plan, session: Session, message: Message) -> None:
         if message.qos == 0:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, Interface
 
 from ..store.interfaces import Message
+from .packets import Will
 
 if TYPE_CHECKING:
     from .broker import Plan
@@ -18,6 +20,13 @@ class ServiceUnavailable(Exception):
     """
     Authentication could not be decided now (its back end is down): the
     client is answered CONNACK 3, not 4.
+    """
+
+
+class IdentifierRejected(UnauthorizedLogin):
+    """
+    The credentials name an identity no client may have: the client is
+    answered CONNACK 2, not 4.
     """
 
 
@@ -48,6 +57,9 @@ class IAuthorizer(Interface):
 
     def may_publish(user: IMQTTUser, client_id: str, topic: str) -> bool:
         """False acknowledges the publish as required, then drops it."""
+
+    def accept_will(user: IMQTTUser, client_id: str, will: Will) -> bool:
+        """False discards the will of a CONNECT: it is never published."""
 
 
 class IApplication(Interface):

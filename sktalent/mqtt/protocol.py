@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import attrs
 from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -26,7 +26,13 @@ from ..store.interfaces import Message
 from . import packets as p
 from .broker import Broker, IConnection, Plan, Session
 from .codec import Decoder, encode_all
-from .interfaces import IApplication, IAuthorizer, IMQTTUser, ServiceUnavailable
+from .interfaces import (
+    IApplication,
+    IAuthorizer,
+    IdentifierRejected,
+    IMQTTUser,
+    ServiceUnavailable,
+)
 
 log = Logger()
 
@@ -186,9 +192,15 @@ class MQTTServerProtocol(Protocol):
 
     def _on_connect(self, connect: p.Connect) -> None:
         self._state = _AUTHENTICATING
-        Deferred.fromCoroutine(self._login(connect)).addErrback(
-            self._unexpected, "CONNECT handling failed"
-        )
+        Deferred.fromCoroutine(self._login(connect)).addErrback(self._login_failed)
+
+    def _login_failed(self, failure: Failure) -> None:
+        if self._state != _AUTHENTICATING:
+            self._unexpected(failure, "CONNECT handling failed")
+            return
+        # A bug, not the client's doing: still, every CONNECT gets a CONNACK.
+        log.failure("CONNECT handling failed", failure)
+        self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "internal_error")
 
     def _refuse(self, code: int, reason: str) -> None:
         self._metrics.auth_failures.labels(reason).inc()
@@ -210,6 +222,13 @@ class MQTTServerProtocol(Protocol):
         try:
             _, avatar, _ = await self._portal.login(credentials, None, IMQTTUser)
             user = IMQTTUser(avatar)
+        except UnhandledCredentials:
+            # No checker takes a CONNECT without a username: it has none to show.
+            self._refuse(p.REFUSED_BAD_CREDENTIALS, "missing_credentials")
+            return
+        except IdentifierRejected:
+            self._refuse(p.REFUSED_IDENTIFIER, "bad_user_id")
+            return
         except UnauthorizedLogin:
             self._refuse(p.REFUSED_BAD_CREDENTIALS, "bad_credentials")
             return
@@ -222,7 +241,12 @@ class MQTTServerProtocol(Protocol):
         if code:
             self._refuse(code, "client_id")
             return
-        self._user, self._client_id, self._will = user, client_id, connect.will
+        self._user, self._client_id = user, client_id
+        if connect.will is not None:
+            if self._authorizer.accept_will(user, client_id, connect.will):
+                self._will = connect.will
+            else:
+                self._metrics.dropped.labels("will_not_allowed").inc()
         self._session, present = self._broker.connect(client_id, connect.clean_session, self)
         self._state = _CONNECTED
         if self._timer is not None and self._timer.active():
