@@ -6,8 +6,9 @@ twistd plugin: options and the service tree of the server.
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -45,10 +46,29 @@ _DAY = 86400.0
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
     if number <= 0:
         raise ValueError(f"{value} is not a positive whole number")
     return number
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+# Options given more than once: whitespace-separated in the environment.
+_REPEATABLE = ("listen", "refuse-subscribe")
+
+
+class _NamedCoerce(usage.CoerceParameter):
+    """Converts an option's value; a bad one is refused naming the option."""
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: {e}") from None
 
 
 class Options(usage.Options):
@@ -58,7 +78,7 @@ class Options(usage.Options):
         "backend, offline push through Umeng. Every option can also be given in the "
         "environment as SKTALENT_<NAME> (--store: SKTALENT_STORE); the command line wins."
     )
-    optFlags = [
+    optFlags: list[list[Any]] = [
         ["anonymous", None, "Development only: no authSign check, any topic: a plain broker."],
     ]
     optParameters: list[list[Any]] = [
@@ -109,6 +129,10 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        # usage's own converter does not say which option a bad value is for.
+        for name, handler in self._dispatch.items():
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = _NamedCoerce(self, handler.coerce)
         self["listen"] = []
         self["refuse-subscribe"] = []
         self._listen_from_command_line = False
@@ -124,6 +148,7 @@ class Options(usage.Options):
             raise SystemExit(f"sktalent: {e}") from None
 
     def _parse(self, options: Sequence[str] | None) -> None:
+        self._warn_unknown_variables()
         for name, _, _, _, *coerce in self.optParameters:
             value = os.environ.get(_env_name(name))
             if value is not None:
@@ -131,13 +156,49 @@ class Options(usage.Options):
                     self[name] = coerce[0](value) if coerce else value
                 except ValueError as e:
                     raise usage.UsageError(f"{_env_name(name)}: {e}") from None
-        # Repeatable options: whitespace-separated in the environment.
+        for name, *_ in self.optFlags:
+            value = os.environ.get(_env_name(name))
+            if value is None:
+                continue
+            if value.strip().lower() not in _TRUE + _FALSE:
+                raise usage.UsageError(
+                    f"{_env_name(name)}={value!r} is neither true (1, true, yes, on)"
+                    " nor false (0, false, no, off, empty)"
+                )
+            self[name] = int(value.strip().lower() in _TRUE)
         if os.environ.get("SKTALENT_LISTEN"):
             self["listen"] = os.environ["SKTALENT_LISTEN"].split()
         self["refuse-subscribe"] = os.environ.get("SKTALENT_REFUSE_SUBSCRIBE", "").split()
-        if os.environ.get("SKTALENT_ANONYMOUS", "").lower() in ("1", "true", "yes", "on"):
-            self["anonymous"] = 1
         super().parseOptions(options)
+
+    def _warn_unknown_variables(self) -> None:
+        # A misspelt variable would otherwise leave its option silently at the default.
+        options = [
+            *(flag[0] for flag in self.optFlags),
+            *(parameter[0] for parameter in self.optParameters),
+            *_REPEATABLE,
+        ]
+        known = {_env_name(option) for option in options}
+        for name in sorted(os.environ):
+            # SKTALENT_TEST_*: the test suite's own settings, passed through.
+            if (
+                name in known
+                or not name.startswith("SKTALENT_")
+                or name.startswith("SKTALENT_TEST_")
+            ):
+                continue
+            # Compared without the prefix that every name shares.
+            option = name.removeprefix("SKTALENT_").lower().replace("_", "-")
+            nearest = difflib.get_close_matches(option, options, 1)
+            log.warn(
+                "Unknown variable {name} ignored: {hint}",
+                name=name,
+                hint=(
+                    f"did you mean {_env_name(nearest[0])} (--{nearest[0]})?"
+                    if nearest
+                    else "no option has that name"
+                ),
+            )
 
     def opt_refuse_subscribe(self, topic_filter: str) -> None:
         """With --anonymous: answer SUBSCRIBE to this filter with 0x80, repeatable."""
@@ -165,14 +226,11 @@ class Options(usage.Options):
             _check_writable(self["store"])
         except ValueError as e:
             raise usage.UsageError(f"--store: {e}") from None
-        try:
-            self["secret"] = (
-                None if self["anonymous"] else load_or_create_secret(self["auth-secret-file"])
-            )
-            self["tokens"] = load_tokens(self["api-token-file"]) if self["api-token-file"] else None
-            self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
-        except (OSError, ValueError) as e:
-            raise usage.UsageError(str(e)) from None
+        self["secret"] = (
+            None if self["anonymous"] else _load(self, "auth-secret-file", load_or_create_secret)
+        )
+        self["tokens"] = _load(self, "api-token-file", load_tokens)
+        self["umeng"] = _load(self, "umeng-config", load_config)
         if self["max-queued-bytes"] < self["max-packet"]:
             # Else a message as large as a packet could never be queued.
             raise usage.UsageError(
@@ -185,12 +243,27 @@ class Options(usage.Options):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
 
 
+def _load(options: Options, option: str, loader: Callable[[str], Any]) -> Any:
+    """The content of the file an option names (None without one)."""
+    if not options[option]:
+        return None
+    try:
+        return loader(options[option])
+    except (OSError, ValueError) as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
+
+
 def _check_writable(store: str) -> None:
-    # An embedded store must be able to create its file and journal.
+    # SQLite creates its -wal and -shm files next to the store's file.
     if store.startswith("sqlite:"):
         directory = os.path.dirname(os.path.abspath(store.removeprefix("sqlite:")))
-        if not os.access(directory, os.W_OK):
-            raise ValueError(f"directory {directory} is not writable")
+        if not os.path.isdir(directory):
+            raise ValueError(f"the directory {directory} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"the directory {directory} is not writable: the store's file,"
+                " and SQLite's -wal and -shm files next to it, are created there"
+            )
 
 
 def _env_name(option: str) -> str:

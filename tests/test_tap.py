@@ -12,6 +12,7 @@ from unittest import mock
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.push.disabled import DisabledPusher
@@ -73,7 +74,7 @@ class OptionsTests(SynchronousTestCase):
         cases = [
             (["--store", "foo:bar"], "--store"),
             (["--store", "sqlite:"], "sqlite:"),
-            (["--store", f"sqlite:{self.directory}/none/x.sqlite3"], "not writable"),
+            (["--store", f"sqlite:{self.directory}/none/x.sqlite3"], "does not exist"),
             (["--store", "mongodb://127.0.0.1:1"], "names no database"),
             (["--store", "memory:x"], "memory:x"),
             (["--max-packet", "abc"], "abc"),
@@ -93,6 +94,53 @@ class OptionsTests(SynchronousTestCase):
             self.assertNotIn("\n", message)
             self.assertIn(named, message)
         self.assertIn("SKTALENT_MAX_PACKET", self.refused([], {"SKTALENT_MAX_PACKET": "zz"}))
+
+    def test_bad_values_name_the_option(self) -> None:
+        """A bad value, and a file that cannot be used, name their option."""
+        cases = [
+            (["--max-content", "-1"], "--max-content: -1 "),
+            (["--max-queued", "many"], "--max-queued: 'many' "),
+            (["--api-token-file", "nosuch"], "--api-token-file: "),
+            (["--umeng-config", "nosuch"], "--umeng-config: "),
+            (["--auth-secret-file", str(self.directory / "none" / "s")], "--auth-secret-file: "),
+        ]
+        for argv, named in cases:
+            with self.subTest(argv=argv):
+                message = self.refused(argv)
+                self.assertNotIn("\n", message)
+                self.assertIn(named, message)
+
+    def test_boolean_variables(self) -> None:
+        """
+        A flag's variable is true or false in the usual spellings; anything
+        else is refused, naming the variable, rather than read as false.
+        """
+        for value, expected in [("1", 1), ("On", 1), ("yes", 1), ("false", 0), ("0", 0), ("", 0)]:
+            with self.subTest(value=value):
+                self.assertEqual(
+                    self.parse([], {"SKTALENT_ANONYMOUS": value})["anonymous"], expected
+                )
+        message = self.refused([], {"SKTALENT_ANONYMOUS": "maybe"})
+        self.assertIn("SKTALENT_ANONYMOUS='maybe'", message)
+
+    def test_unknown_variables(self) -> None:
+        """
+        An unknown SKTALENT_* variable is warned about once, with the option
+        it most resembles; the tests' own SKTALENT_TEST_* are not.
+        """
+        env = {"SKTALENT_LISTN": "tcp:1", "SKTALENT_QWERTY": "1", "SKTALENT_TEST_MONGO_URI": "x"}
+        with capturedLogs() as events:
+            self.parse([], env)
+        warnings = [
+            formatEvent(e) for e in events if e["log_level"] == LogLevel.warn and "name" in e
+        ]
+        self.assertEqual(
+            warnings,
+            [
+                "Unknown variable SKTALENT_LISTN ignored: did you mean SKTALENT_LISTEN (--listen)?",
+                "Unknown variable SKTALENT_QWERTY ignored: no option has that name",
+            ],
+        )
 
 
 class NeverStarts(MemoryStore):

@@ -472,21 +472,28 @@ def api_site(
 def load_tokens(path: str | os.PathLike[str]) -> list[str]:
     """
     The bearer tokens in a file, one a line; blank lines and lines starting
-    with '#' are ignored.  Raise ValueError for a file without a token or
-    with something that cannot be a bearer token.
+    with '#' are ignored.  Raise ValueError, in one sentence naming the file,
+    for a file that cannot be read, holds no token or holds something that
+    cannot be a bearer token.
     """
     tokens = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            token = line.strip()
-            if not token or token.startswith("#"):
-                continue
-            if not _TOKEN.fullmatch(token):
-                raise ValueError(
-                    f"Line {number} of the API token file {os.fspath(path)} is not"
-                    " a bearer token (letters, digits and -._~+/ then any '=')."
-                )
-            tokens.append(token)
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"Cannot read the API token file {os.fspath(path)}: {e.strerror}.") from e
+    except UnicodeDecodeError:
+        raise ValueError(f"The API token file {os.fspath(path)} is not UTF-8 text.") from None
+    for number, line in enumerate(lines, 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(
+                f"Line {number} of the API token file {os.fspath(path)} is not"
+                " a bearer token (letters, digits and -._~+/ then any '=')."
+            )
+        tokens.append(token)
     if not tokens:
         raise ValueError(
             f"The API token file {os.fspath(path)} holds no token: put one token on a line."
