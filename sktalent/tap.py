@@ -13,11 +13,11 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -27,7 +27,7 @@ from .authsign import load_or_create_secret
 from .calltalent.app import AppLimits, CallTalent
 from .calltalent.auth import AuthSignChecker, HookChecker
 from .calltalent.rules import CallTalentRules
-from .failures import logged
+from .failures import StartFailure, logged
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from .mqtt.broker import Broker, QueueLimits
@@ -38,7 +38,7 @@ from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
 from .push.umeng import UmengPusher
 from .store import check_store_uri, open_store
-from .store.interfaces import IStore
+from .store.interfaces import IStore, StoreUnavailable
 
 log = Logger()
 
@@ -270,18 +270,28 @@ def _env_name(option: str) -> str:
     return "SKTALENT_" + option.upper().replace("-", "_")
 
 
+@attrs.frozen
+class Listener:
+    """A listener to open, named by its option so that a failure says which."""
+
+    option: str
+    description: str
+    factory: IProtocolFactory
+
+
 @attrs.define(eq=False, repr=False)
 class Core(service.Service):
     """
-    The store, the broker and the MQTT listeners: the listeners start only
-    once every session is restored, so no client sees a half-loaded server.
+    The store, the broker and the listeners: the listeners open only once
+    every session is restored, so no client sees a half-loaded server, and a
+    store that cannot be used stops the start before any of them opens.
     """
 
     _reactor: Any
     _store: IStore
     _broker: Broker
     _factory: MQTTFactory
-    _listen: Sequence[str]
+    _listeners: Sequence[Listener]
     _pusher: IPusher
     _retention_days: int
     _starting: Deferred[None] | None = None
@@ -296,11 +306,18 @@ class Core(service.Service):
     async def _start(self) -> None:
         await self._store.start()
         await self._broker.restore()
-        for description in self._listen:
-            endpoint = endpoints.serverFromString(self._reactor, description)
+        for listener in self._listeners:
+            endpoint = endpoints.serverFromString(self._reactor, listener.description)
             # A listener that cannot listen fails the start: no silent half-server.
-            self._ports.append(await endpoint.listen(self._factory))
-            log.info("MQTT listening on {where}", where=description)
+            try:
+                self._ports.append(await endpoint.listen(listener.factory))
+            except CannotListenError as e:
+                raise StartFailure(f"{listener.option} {listener.description}: {e}") from e
+            log.info(
+                "Listening on {where} ({option})",
+                where=listener.description,
+                option=listener.option,
+            )
         self._purging = LoopingCall(self._purge)
         self._purging.clock = self._reactor
         self._purging.start(_DAY / 4).addErrback(logged(log, "Purging stopped"))
@@ -315,10 +332,14 @@ class Core(service.Service):
     def _failed(self, failure: Any) -> None:
         if failure.check(CancelledError):
             return  # Stopped while starting: nothing failed.
-        log.failure("The server could not start", failure)
-        log.critical("Stopping: {why}", why=failure.getErrorMessage())
+        if failure.check(StartFailure, StoreUnavailable):
+            # The operator's to fix, and the message says what: no traceback.
+            log.critical("Cannot start: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("The server could not start", failure)
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self._reactor.stop()
+        # A store that answers at once fails the start before the reactor runs.
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     async def _stop(self) -> None:
         # twistd re-raises the stopping signal at exit; an orderly stop on
@@ -409,12 +430,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         metrics,
         Limits(max_packet_size=options["max-packet"]),
     )
+    site = api_site(calltalent, options["tokens"], reactor=reactor)
+    # The API first: once MQTT clients can connect, the backend can too.
+    listeners = [Listener("--api", options["api"], site)]
+    listeners += [Listener("--listen", d, factory) for d in options["listen"]]
     root = service.MultiService()
     Core(
-        reactor, store, broker, factory, options["listen"], pusher, options["retention-days"]
-    ).setServiceParent(root)
-    StreamServerEndpointService(
-        endpoints.serverFromString(reactor, options["api"]),
-        api_site(calltalent, options["tokens"]),
+        reactor, store, broker, factory, listeners, pusher, options["retention-days"]
     ).setServiceParent(root)
     return root

@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.push.disabled import DisabledPusher
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
-from sktalent.tap import Core, Options
+from sktalent.tap import Core, Listener, Options
 
 from .mqttclient import Harness
 
@@ -161,7 +162,8 @@ class CoreTests(SynchronousTestCase):
     def core(self, store: MemoryStore) -> tuple[Core, MemoryReactorClock]:
         reactor = MemoryReactorClock()
         h = Harness(store=store)
-        core = Core(reactor, store, h.broker, h.factory, ["tcp:0"], DisabledPusher(h.metrics), 30)
+        listeners = [Listener("--listen", "tcp:0", h.factory)]
+        core = Core(reactor, store, h.broker, h.factory, listeners, DisabledPusher(h.metrics), 30)
         return core, reactor
 
     def test_stopped_while_starting(self) -> None:
@@ -173,9 +175,32 @@ class CoreTests(SynchronousTestCase):
         self.assertFalse(reactor.hasStopped)
 
     def test_start_fails(self) -> None:
-        """A store that cannot start stops the server with a failing status."""
+        """
+        A store that cannot start stops the server with a failing status and
+        one critical line, no traceback; a store that fails at once does so
+        before the reactor runs, and the stop waits for it to run.
+        """
         core, reactor = self.core(BrokenStart())
-        core.startService()
+        with capturedLogs() as events:
+            core.startService()
+        self.assertFalse(reactor.hasStopped)
+        reactor.run()
         self.assertTrue(reactor.hasStopped)
         self.assertIn("shutdown", reactor.triggers["after"])
-        self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
+        self.assertEqual(
+            [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical],
+            ["Cannot start: no database here"],
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_listener_fails(self) -> None:
+        """A listener that cannot listen fails the start, naming its option."""
+        core, reactor = self.core(MemoryStore())
+        taken = CannotListenError("", 1883, OSError("in use"))
+        with capturedLogs() as events, mock.patch.object(reactor, "listenTCP", side_effect=taken):
+            core.startService()
+        reactor.run()
+        self.assertTrue(reactor.hasStopped)
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
+        self.assertTrue(line.startswith("Cannot start: --listen tcp:0: "), line)
+        self.assertIn("in use", line)

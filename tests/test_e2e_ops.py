@@ -1,0 +1,172 @@
+"""
+Starting as an operator sees it, against real server processes: a start that
+cannot succeed stops before any listener opens with one line and status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from sktalent.store.sqlite import MIGRATIONS, connect, migrate
+
+from .server import ServerProcess, free_port, running
+
+
+def one_line(case: SynchronousTestCase, output: str, *words: str) -> str:
+    """The one line of output that holds every word; and no traceback anywhere."""
+    case.assertNotIn("Traceback", output)
+    lines = [line for line in output.splitlines() if all(word in line for word in words)]
+    case.assertEqual(len(lines), 1, f"one line with {words} wanted in:\n{output}")
+    return lines[0]
+
+
+def read_only(case: SynchronousTestCase, path: Path) -> None:
+    """
+    Make path read-only to the server until the test ends: by its mode, and
+    for root, whom modes do not stop, by the immutable flag.
+    """
+    mode = path.stat().st_mode
+    path.chmod(mode & ~0o222)
+    case.addCleanup(path.chmod, mode)
+    if os.geteuid() != 0:
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)]).returncode != 0:
+        raise SkipTest("running as root, where only the immutable flag stops a write")
+    case.addCleanup(subprocess.run, [chattr, "-i", str(path)], check=True)
+
+
+def store_file(path: Path, sessions: int = 0) -> None:
+    """A store as the server leaves it, holding sessions sessions."""
+    conn = connect(str(path))
+    migrate(conn, str(path), MIGRATIONS)
+    conn.executemany(
+        "INSERT INTO sessions (client_id, subscriptions) VALUES (?, '[]')",
+        [(f"user-{n:06d}-{'x' * 100}",) for n in range(sessions)],
+    )
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def port_taken(case: SynchronousTestCase) -> int:
+    """A port of 127.0.0.1 that the test listens on until it ends."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    case.addCleanup(taken.close)
+    return int(taken.getsockname()[1])
+
+
+class StartFailureTests(SynchronousTestCase):
+    """
+    Each start that cannot succeed: exit status 1, no listener opened, no
+    traceback, and one line naming the option or file and the cause.
+    """
+
+    def setUp(self) -> None:
+        self.server = ServerProcess()
+        self.addCleanup(shutil.rmtree, self.server.directory, True)
+        self.store = self.server.directory / "store.sqlite3"
+
+    def refused(self, *words: str, taken: tuple[int, ...] = ()) -> str:
+        self.assertEqual(self.server.start_failing(*taken), 1, self.server.log)
+        return one_line(self, self.server.log, *words)
+
+    def test_read_only_store(self) -> None:
+        """A store file the server cannot write: today it ran and acknowledged nothing."""
+        store_file(self.store)
+        read_only(self, self.store)
+        self.refused(str(self.store), "read-only")
+
+    def test_corrupt_store(self) -> None:
+        """A file that is not an SQLite database."""
+        self.store.write_bytes(b"not a database at all\n" * 100)
+        self.refused(str(self.store), "not an SQLite database")
+
+    def test_truncated_store(self) -> None:
+        """A store cut short, as a full disk or a bad copy leaves it."""
+        store_file(self.store, sessions=2000)
+        with self.store.open("r+b") as f:
+            f.truncate(self.store.stat().st_size // 2)
+        self.refused(str(self.store), "truncated")
+
+    def test_store_is_a_directory(self) -> None:
+        """A store path that names a directory."""
+        self.store.mkdir()
+        self.refused(str(self.store), "is a directory")
+
+    def test_store_directory_not_writable(self) -> None:
+        """
+        A store whose directory is read-only: SQLite could not create its
+        -wal and -shm files next to it.
+        """
+        data = self.server.directory / "data"
+        data.mkdir()
+        self.server.store = f"sqlite:{data / 'store.sqlite3'}"
+        store_file(data / "store.sqlite3")
+        read_only(self, data)
+        self.refused("--store", str(data), "not writable")
+
+    def test_store_directory_missing(self) -> None:
+        """A store in a directory that does not exist."""
+        missing = self.server.directory / "missing"
+        self.server.store = f"sqlite:{missing / 'store.sqlite3'}"
+        self.refused("--store", str(missing), "does not exist")
+
+    def test_api_port_taken(self) -> None:
+        """An API port in use: today the server ran on without its API."""
+        self.server.api_port = port_taken(self)
+        self.refused("--api", str(self.server.api_port), "in use", taken=(self.server.api_port,))
+
+    def test_api_interface_missing(self) -> None:
+        """An API interface this host does not have (192.0.2.1: TEST-NET-1)."""
+        self.server.args = ["--api", f"tcp:{self.server.api_port}:interface=192.0.2.1"]
+        self.refused("--api", "192.0.2.1", "assign")
+
+    def test_mqtt_port_taken_memory_store(self) -> None:
+        """
+        With a store that starts at once, a taken MQTT port stops the server:
+        today its reactor was stopped before it ran, so it ran forever.
+        """
+        self.server.store = "memory:"
+        self.server.mqtt_port = port_taken(self)
+        # The API opens first, and closes again at once: not watched here.
+        taken = (self.server.mqtt_port, self.server.api_port)
+        self.refused("--listen", str(self.server.mqtt_port), "in use", taken=taken)
+
+    def test_option_values(self) -> None:
+        """Bad values name their option (or variable), whatever their kind."""
+        for args, env, words in [
+            (["--max-content", "-1"], {}, ("--max-content", "-1")),
+            (["--api-token-file", "nosuch"], {}, ("--api-token-file", "nosuch")),
+            ([], {"SKTALENT_ANONYMOUS": "maybe"}, ("SKTALENT_ANONYMOUS", "maybe")),
+        ]:
+            with self.subTest(args=args, env=env):
+                self.server.args, self.server.env = args, env
+                self.refused(*words)
+
+    def test_unreachable_mongodb(self) -> None:
+        """A MongoDB store that does not answer is named by host and port."""
+        port = free_port()
+        self.server.store = f"mongodb://127.0.0.1:{port}/sktalent"
+        self.refused(f"127.0.0.1:{port}")
+
+
+class UnknownVariableTests(SynchronousTestCase):
+    def test_misspelt_variable(self) -> None:
+        """
+        A misspelt SKTALENT_* variable is named in a warning with the option
+        it probably means, and the server starts; test settings are not.
+        """
+        server = running(
+            self,
+            ServerProcess(env={"SKTALENT_LISTN": "tcp:1", "SKTALENT_TEST_ANYTHING": "1"}),
+        )
+        one_line(self, server.log, "SKTALENT_LISTN", "SKTALENT_LISTEN", "--listen")
+        self.assertNotIn("SKTALENT_TEST_ANYTHING", server.log)
