@@ -14,6 +14,8 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
@@ -22,8 +24,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .api.resource import api_site, load_tokens
-from .authsign import load_or_create_secret
+from .api.resource import ApiResource, api_site, load_tokens
+from .authsign import load_or_create_secret, read_secret
 from .calltalent.app import AppLimits, CallTalent
 from .calltalent.auth import AuthSignChecker, HookChecker
 from .calltalent.rules import CallTalentRules
@@ -37,6 +39,7 @@ from .push.config import UmengConfig, load_config
 from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
 from .push.umeng import UmengPusher
+from .reload import Reloadable, Reloader
 from .store import check_store_uri, open_store
 from .store.interfaces import IStore, StoreUnavailable
 
@@ -379,6 +382,33 @@ def _pusher(
     return UmengPusher(reactor, http, store, config, metrics)
 
 
+def _reloadable(
+    options: Options, reactor: Any, portal: Portal, pusher: IPusher, api: ApiResource
+) -> list[Reloadable[Any]]:
+    """The files SIGHUP reloads: those the server started with, each with its apply step."""
+    files: list[Reloadable[Any]] = []
+    if isinstance(portal.checkers[IUsernamePassword], AuthSignChecker):
+        files.append(
+            Reloadable(
+                "--auth-secret-file",
+                options["auth-secret-file"],
+                read_secret,
+                lambda secret: portal.registerChecker(AuthSignChecker(secret, reactor)),
+            )
+        )
+    if options["tokens"] is not None:
+        files.append(
+            Reloadable(
+                "--api-token-file", options["api-token-file"], load_tokens, api.replace_tokens
+            )
+        )
+    if isinstance(pusher, UmengPusher):
+        files.append(
+            Reloadable("--umeng-config", options["umeng-config"], load_config, pusher.reconfigure)
+        )
+    return files
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -421,9 +451,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:
         log.critical("ANONYMOUS MODE: no authentication, every topic open. Development only!")
+    portal = portal_for(_checker(options, reactor, http))
     factory = MQTTFactory(
         broker,
-        portal_for(_checker(options, reactor, http)),
+        portal,
         authorizer,
         app,
         reactor,
@@ -438,4 +469,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     Core(
         reactor, store, broker, factory, listeners, pusher, options["retention-days"]
     ).setServiceParent(root)
+    reloadable = _reloadable(options, reactor, portal, pusher, site.resource)
+    Reloader(reactor, reloadable).setServiceParent(root)
     return root

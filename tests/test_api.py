@@ -439,6 +439,15 @@ class AuthorizationTests(ApiTestCase):
             )
             self.assertJSON(reply, 200, {"online": False})
 
+    async def test_replaced_tokens(self) -> None:
+        """Tokens replaced while serving: the new ones only are accepted from then on."""
+        resource = self.tracker.wrappedFactory.resource
+        resource.replace_tokens(["fresh-token"])
+        reply = await self.call("GET", "/v1/users/alice/presence")
+        self.assertError(reply, 401, "unauthorized")
+        reply = await self.call("GET", "/v1/users/alice/presence", token="fresh-token")
+        self.assertJSON(reply, 200, {"online": False})
+
     async def test_open_routes(self) -> None:
         """/healthz and /metrics need no token."""
         self.assertEqual((await self.call("GET", "/healthz", token=None)).status, 200)

@@ -1,21 +1,31 @@
 """
-Starting as an operator sees it, against real server processes: a start that
-cannot succeed stops before any listener opens with one line and status 1.
+Starting and reloading as an operator sees it, against real server
+processes: a start that cannot succeed stops before any listener opens with
+one line and status 1, and SIGHUP reloads the operator's files without
+dropping a connection.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from sktalent.authsign import sign
 from sktalent.store.sqlite import MIGRATIONS, connect, migrate
 
-from .server import ServerProcess, free_port, running
+from .pahoclient import PahoUser
+from .server import ServerProcess, free_port, running, wait_for
+from .umengstub import ANDROID, IOS, UmengStub
+
+OLD_TOKEN = "old-token"
+NEW_TOKEN = "new-token"
 
 
 def one_line(case: SynchronousTestCase, output: str, *words: str) -> str:
@@ -170,3 +180,101 @@ class UnknownVariableTests(SynchronousTestCase):
         )
         one_line(self, server.log, "SKTALENT_LISTN", "SKTALENT_LISTEN", "--listen")
         self.assertNotIn("SKTALENT_TEST_ANYTHING", server.log)
+
+
+class ReloadTests(SynchronousTestCase):
+    """SIGHUP to a running server with a connected client."""
+
+    def setUp(self) -> None:
+        self.stubs = [UmengStub(), UmengStub()]
+        for stub in self.stubs:
+            self.addCleanup(stub.close)
+        self.server = ServerProcess()
+        directory = self.server.directory
+        self.tokens = directory / "tokens"
+        self.tokens.write_text(f"{OLD_TOKEN}\n")
+        self.umeng = directory / "umeng.json"
+        self.write_umeng(self.stubs[0])
+        self.server.args = ["--api-token-file", str(self.tokens), "--umeng-config", str(self.umeng)]
+        running(self, self.server)
+
+    def write_umeng(self, stub: UmengStub) -> None:
+        apps = {
+            "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
+            "android": {
+                "appkey": ANDROID.appkey,
+                "app_master_secret": ANDROID.app_master_secret,
+                "activity": "com.calltalent.app.MainActivity",
+            },
+        }
+        self.umeng.write_text(json.dumps({"endpoint": stub.endpoint, **apps}))
+
+    def user(self, name: str, secret: bytes) -> PahoUser:
+        user = PahoUser(self.server.mqtt_port, name, name, sign(secret, name))
+        self.addCleanup(user.client.loop_stop)
+        return user
+
+    def hangup(self, outcome: str, count: int) -> None:
+        """SIGHUP, and wait for the server to log count lines of outcome."""
+        before = self.server.log.count(outcome)
+        self.server.signal(signal.SIGHUP)
+        wait_for(
+            lambda: self.server.log.count(outcome) >= before + count,
+            what=f"{count} lines with {outcome!r}",
+        )
+
+    def notify(self, user_id: str, token: str) -> int:
+        body = {"to": user_id, "type": "order", "payload": {"status": "paid", "o_id": "o-1"}}
+        return self.server.api("/v1/notifications", "POST", body, token)[0]
+
+    def test_reload(self) -> None:
+        """
+        New files are in force without a dropped connection; bad ones are
+        refused with one line each and the old ones stay in force.
+        """
+        old_secret = self.server.secret
+        alice = self.user("alice", old_secret)
+        self.assertEqual(alice.rc, 0)
+        self.assertEqual(
+            self.server.api(
+                "/v1/users/zoe/device", "PUT", {"platform": "ios", "device_token": "t"}, OLD_TOKEN
+            )[0],
+            204,
+        )
+
+        new_secret = b"the new secret"
+        self.tokens.write_text(f"{NEW_TOKEN}\n")
+        (self.server.directory / "sktalent.secret").write_bytes(new_secret + b"\n")
+        self.write_umeng(self.stubs[1])
+        self.hangup("reloaded", 3)
+        for option in ("--api-token-file", "--auth-secret-file", "--umeng-config"):
+            one_line(self, self.server.log, option, "reloaded")
+
+        self.assertEqual(self.notify("alice", OLD_TOKEN), 401)
+        self.assertEqual(self.notify("alice", NEW_TOKEN), 202)
+        [frame] = alice.frames(1)
+        self.assertEqual(frame["type"], "order")
+        self.assertTrue(alice.client.is_connected())
+        self.assertEqual(self.user("bob", old_secret).rc, 4)
+        self.assertEqual(self.user("bob", new_secret).rc, 0)
+        self.assertEqual(self.notify("zoe", NEW_TOKEN), 202)
+        self.stubs[1].wait(1)
+        self.assertEqual(self.stubs[0].received(), [])
+
+        self.tokens.write_text("")
+        (self.server.directory / "sktalent.secret").unlink()
+        self.umeng.write_text("{not json")
+        self.hangup("refused", 3)
+        for option, why in [
+            ("--api-token-file", "holds no token"),
+            ("--auth-secret-file", "No such file"),
+            ("--umeng-config", "not valid JSON"),
+        ]:
+            one_line(self, self.server.log, option, "refused", why)
+
+        self.assertEqual(self.notify("alice", NEW_TOKEN), 202)
+        self.assertEqual(len(alice.frames(1)), 1)
+        self.assertEqual(self.user("carol", new_secret).rc, 0)
+        self.assertEqual(self.notify("zoe", NEW_TOKEN), 202)
+        self.stubs[1].wait(2)
+        self.assertEqual(self.server.stop(), 0)

@@ -224,6 +224,10 @@ def _send(request: Request, answer: _Answer) -> None:
     request.finish()
 
 
+def _encoded(tokens: Sequence[str] | None) -> tuple[bytes, ...] | None:
+    return None if tokens is None else tuple(t.encode() for t in tokens)
+
+
 @attrs.define(slots=False, eq=False)
 class ApiResource(Resource):
     """
@@ -233,7 +237,7 @@ class ApiResource(Resource):
     isLeaf = True
     _app: ICallTalent
     _tokens: tuple[bytes, ...] | None = attrs.field(
-        repr=False, converter=lambda ts: None if ts is None else tuple(t.encode() for t in ts)
+        repr=False, converter=_encoded, on_setattr=attrs.setters.NO_OP
     )
     _routes: tuple[_Route, ...] = attrs.field(init=False)
 
@@ -248,6 +252,10 @@ class ApiResource(Resource):
             _Route(b"GET", (b"healthz",), self._health),
             _Route(b"GET", (b"metrics",), self._metrics),
         )
+
+    def replace_tokens(self, tokens: Sequence[str]) -> None:
+        """Accept these bearer tokens, and only these, from now on."""
+        self._tokens = _encoded(tokens)
 
     def render(self, request: Request) -> int:
         finished = request.notifyFinish()
