@@ -1,8 +1,8 @@
 """
-Starting and reloading as an operator sees it, against real server
+Starting, stopping and reloading as an operator sees it, against real server
 processes: a start that cannot succeed stops before any listener opens with
-one line and status 1, and SIGHUP reloads the operator's files without
-dropping a connection.
+one line and status 1, SIGHUP reloads the operator's files without dropping a
+connection, and the files the server creates are its user's alone.
 """
 
 from __future__ import annotations
@@ -278,3 +278,31 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.notify("zoe", NEW_TOKEN), 202)
         self.stubs[1].wait(2)
         self.assertEqual(self.server.stop(), 0)
+
+
+class CreatedFileTests(SynchronousTestCase):
+    def test_private_whatever_the_umask(self) -> None:
+        """
+        With umask 0 the store, its -wal and -shm files and the new secret are
+        still 0600, and the start says where the new secret is.
+        """
+        server = running(self, ServerProcess(umask=0))
+        for name in ("store.sqlite3", "store.sqlite3-wal", "store.sqlite3-shm", "sktalent.secret"):
+            with self.subTest(name=name):
+                self.assertEqual((server.directory / name).stat().st_mode & 0o777, 0o600)
+        secret = server.directory / "sktalent.secret"
+        one_line(self, server.log, "Created a new authSign secret", str(secret))
+
+    def test_existing_modes_kept(self) -> None:
+        """A store and a secret that exist keep their modes; no secret is created."""
+        server = ServerProcess(umask=0)
+        self.addCleanup(shutil.rmtree, server.directory, True)
+        store, secret = server.directory / "store.sqlite3", server.directory / "sktalent.secret"
+        store_file(store)
+        secret.write_text("an old secret\n")
+        store.chmod(0o640)
+        secret.chmod(0o640)
+        running(self, server)
+        self.assertEqual(store.stat().st_mode & 0o777, 0o640)
+        self.assertEqual(secret.stat().st_mode & 0o777, 0o640)
+        self.assertNotIn("Created a new authSign secret", server.log)

@@ -131,6 +131,22 @@ class SchemaTooNew(StartFailure):
     """The file was written by a newer server than this one."""
 
 
+def create_private(path: str) -> None:
+    """
+    Create an empty file at path readable by its owner only, whatever the
+    umask, unless something is there: SQLite gives its -wal and -shm files
+    the mode of the store's file.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def _damaged(error: sqlite3.Error) -> bool:
     code = getattr(error, "sqlite_errorcode", 0) & 0xFF
     return code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
@@ -479,6 +495,7 @@ class SQLiteStore:
 
     def _open(self) -> None:
         try:
+            create_private(self._path)
             self._conn = connect(self._path, self._busy_timeout)
             migrate(self._conn, self._path, self._migrations)
             # A read-only file opens and reads: only a write finds it out.
