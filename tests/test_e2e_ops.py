@@ -106,6 +106,14 @@ class StartFailureTests(SynchronousTestCase):
             f.truncate(self.store.stat().st_size // 2)
         self.refused(str(self.store), "truncated")
 
+    def test_damaged_store(self) -> None:
+        """A store whose tables are damaged, found only while restoring from it."""
+        store_file(self.store, sessions=3000)
+        with self.store.open("r+b") as f:
+            f.seek(self.store.stat().st_size // 2)
+            f.write(b"\xff" * 8192)
+        self.refused(str(self.store), "damaged")
+
     def test_store_is_a_directory(self) -> None:
         """A store path that names a directory."""
         self.store.mkdir()

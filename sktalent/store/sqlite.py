@@ -131,6 +131,10 @@ class SchemaTooNew(StartFailure):
     """The file was written by a newer server than this one."""
 
 
+class StoreDamaged(StartFailure):
+    """The file is damaged, found while reading it: waiting will not mend it."""
+
+
 def create_private(path: str) -> None:
     """
     Create an empty file at path readable by its owner only, whatever the
@@ -528,6 +532,10 @@ class SQLiteStore:
                 self._conn = connect(self._path, self._busy_timeout)
             return f(self._conn, *args)
         except sqlite3.Error as e:
+            if _damaged(e):
+                raise StoreDamaged(
+                    f"the SQLite store {os.path.abspath(self._path)} is damaged: {e}"
+                ) from e
             if not _unavailable(e):
                 raise
             # Start afresh next time: the old connection may be wedged.
