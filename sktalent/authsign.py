@@ -28,8 +28,11 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
+
+log = Logger()
 
 MAX_USER_ID_LENGTH = 128
 # The sender of notifications: no client may be it.
@@ -147,11 +150,14 @@ def load_or_create_secret(path: FilePath[str] | str) -> bytes:
     else:
         try:
             with os.fdopen(fd, "w", encoding="ascii") as f:
+                # 0600 whatever the umask, which may have taken the owner's bits.
+                os.fchmod(f.fileno(), 0o600)
                 f.write(secrets.token_hex(32) + "\n")
         except OSError as e:
             # A half-written secret would be reused silently on the next start.
             fp.remove()
             raise ValueError(f"cannot write the auth secret file {fp.path}: {e.strerror}") from e
+        log.info("Created a new authSign secret in {path}", path=os.path.abspath(fp.path))
     return read_secret(fp)
 
 

@@ -17,3 +17,10 @@ def logged(log: Logger, what: str, **fields: object) -> Callable[[Failure], None
         log.failure(what, failure, LogLevel.critical, **fields)
 
     return errback
+
+
+class StartFailure(Exception):
+    """
+    Something the operator must fix before the server can start, said in one
+    line that names the option or file: logged without a traceback.
+    """

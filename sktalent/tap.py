@@ -6,28 +6,31 @@ twistd plugin: options and the service tree of the server.
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .api.resource import api_site, load_tokens
-from .authsign import load_or_create_secret
+from .api.resource import ApiResource, api_site, load_tokens
+from .authsign import load_or_create_secret, read_secret
 from .calltalent.app import AppLimits, CallTalent
 from .calltalent.auth import AuthSignChecker, HookChecker
 from .calltalent.pushtexts import PushTexts, TextTable, load_texts
 from .calltalent.rules import CallTalentRules
-from .failures import logged
+from .failures import StartFailure, logged
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from .mqtt.broker import NOTHING_RETAINED, Broker, QueueLimits, RetainedLimits
@@ -38,8 +41,9 @@ from .push.config import UmengConfig, load_config
 from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
 from .push.umeng import UmengPusher
+from .reload import Reloadable, Reloader
 from .store import check_store_uri, open_store
-from .store.interfaces import IStore
+from .store.interfaces import IStore, StoreUnavailable
 
 log = Logger()
 
@@ -48,10 +52,29 @@ _RETAINED = RetainedLimits()
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
     if number <= 0:
         raise ValueError(f"{value} is not a positive whole number")
     return number
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+# Options given more than once: whitespace-separated in the environment.
+_REPEATABLE = ("listen", "refuse-subscribe")
+
+
+class _NamedCoerce(usage.CoerceParameter):
+    """Converts an option's value; a bad one is refused naming the option."""
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: {e}") from None
 
 
 class Options(usage.Options):
@@ -61,7 +84,7 @@ class Options(usage.Options):
         "backend, offline push through Umeng. Every option can also be given in the "
         "environment as SKTALENT_<NAME> (--store: SKTALENT_STORE); the command line wins."
     )
-    optFlags = [
+    optFlags: list[list[Any]] = [
         ["anonymous", None, "Development only: no authSign check, any topic: a plain broker."],
     ]
     optParameters: list[list[Any]] = [
@@ -127,6 +150,10 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        # usage's own converter does not say which option a bad value is for.
+        for name, handler in self._dispatch.items():
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = _NamedCoerce(self, handler.coerce)
         self["listen"] = []
         self["refuse-subscribe"] = []
         self._listen_from_command_line = False
@@ -142,6 +169,7 @@ class Options(usage.Options):
             raise SystemExit(f"sktalent: {e}") from None
 
     def _parse(self, options: Sequence[str] | None) -> None:
+        self._warn_unknown_variables()
         for name, _, _, _, *coerce in self.optParameters:
             value = os.environ.get(_env_name(name))
             if value is not None:
@@ -149,13 +177,49 @@ class Options(usage.Options):
                     self[name] = coerce[0](value) if coerce else value
                 except ValueError as e:
                     raise usage.UsageError(f"{_env_name(name)}: {e}") from None
-        # Repeatable options: whitespace-separated in the environment.
+        for name, *_ in self.optFlags:
+            value = os.environ.get(_env_name(name))
+            if value is None:
+                continue
+            if value.strip().lower() not in _TRUE + _FALSE:
+                raise usage.UsageError(
+                    f"{_env_name(name)}={value!r} is neither true (1, true, yes, on)"
+                    " nor false (0, false, no, off, empty)"
+                )
+            self[name] = int(value.strip().lower() in _TRUE)
         if os.environ.get("SKTALENT_LISTEN"):
             self["listen"] = os.environ["SKTALENT_LISTEN"].split()
         self["refuse-subscribe"] = os.environ.get("SKTALENT_REFUSE_SUBSCRIBE", "").split()
-        if os.environ.get("SKTALENT_ANONYMOUS", "").lower() in ("1", "true", "yes", "on"):
-            self["anonymous"] = 1
         super().parseOptions(options)
+
+    def _warn_unknown_variables(self) -> None:
+        # A misspelt variable would otherwise leave its option silently at the default.
+        options = [
+            *(flag[0] for flag in self.optFlags),
+            *(parameter[0] for parameter in self.optParameters),
+            *_REPEATABLE,
+        ]
+        known = {_env_name(option) for option in options}
+        for name in sorted(os.environ):
+            # SKTALENT_TEST_*: the test suite's own settings, passed through.
+            if (
+                name in known
+                or not name.startswith("SKTALENT_")
+                or name.startswith("SKTALENT_TEST_")
+            ):
+                continue
+            # Compared without the prefix that every name shares.
+            option = name.removeprefix("SKTALENT_").lower().replace("_", "-")
+            nearest = difflib.get_close_matches(option, options, 1)
+            log.warn(
+                "Unknown variable {name} ignored: {hint}",
+                name=name,
+                hint=(
+                    f"did you mean {_env_name(nearest[0])} (--{nearest[0]})?"
+                    if nearest
+                    else "no option has that name"
+                ),
+            )
 
     def opt_refuse_subscribe(self, topic_filter: str) -> None:
         """With --anonymous: answer SUBSCRIBE to this filter with 0x80, repeatable."""
@@ -183,15 +247,12 @@ class Options(usage.Options):
             _check_writable(self["store"])
         except ValueError as e:
             raise usage.UsageError(f"--store: {e}") from None
-        try:
-            self["secret"] = (
-                None if self["anonymous"] else load_or_create_secret(self["auth-secret-file"])
-            )
-            self["tokens"] = load_tokens(self["api-token-file"]) if self["api-token-file"] else None
-            self["umeng"] = load_config(self["umeng-config"]) if self["umeng-config"] else None
-            self["texts"] = load_texts(self["push-texts"]) if self["push-texts"] else TextTable()
-        except (OSError, ValueError) as e:
-            raise usage.UsageError(str(e)) from None
+        self["secret"] = (
+            None if self["anonymous"] else _load(self, "auth-secret-file", load_or_create_secret)
+        )
+        self["tokens"] = _load(self, "api-token-file", load_tokens)
+        self["umeng"] = _load(self, "umeng-config", load_config)
+        self["texts"] = _load(self, "push-texts", load_texts) or TextTable()
         if self["max-queued-bytes"] < self["max-packet"]:
             # Else a message as large as a packet could never be queued.
             raise usage.UsageError(
@@ -210,30 +271,55 @@ class Options(usage.Options):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
 
 
+def _load(options: Options, option: str, loader: Callable[[str], Any]) -> Any:
+    """The content of the file an option names (None without one)."""
+    if not options[option]:
+        return None
+    try:
+        return loader(options[option])
+    except (OSError, ValueError) as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
+
+
 def _check_writable(store: str) -> None:
-    # An embedded store must be able to create its file and journal.
+    # SQLite creates its -wal and -shm files next to the store's file.
     if store.startswith("sqlite:"):
         directory = os.path.dirname(os.path.abspath(store.removeprefix("sqlite:")))
-        if not os.access(directory, os.W_OK):
-            raise ValueError(f"directory {directory} is not writable")
+        if not os.path.isdir(directory):
+            raise ValueError(f"the directory {directory} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"the directory {directory} is not writable: the store's file,"
+                " and SQLite's -wal and -shm files next to it, are created there"
+            )
 
 
 def _env_name(option: str) -> str:
     return "SKTALENT_" + option.upper().replace("-", "_")
 
 
+@attrs.frozen
+class Listener:
+    """A listener to open, named by its option so that a failure says which."""
+
+    option: str
+    description: str
+    factory: IProtocolFactory
+
+
 @attrs.define(eq=False, repr=False)
 class Core(service.Service):
     """
-    The store, the broker and the MQTT listeners: the listeners start only
-    once every session is restored, so no client sees a half-loaded server.
+    The store, the broker and the listeners: the listeners open only once
+    every session is restored, so no client sees a half-loaded server, and a
+    store that cannot be used stops the start before any of them opens.
     """
 
     _reactor: Any
     _store: IStore
     _broker: Broker
     _factory: MQTTFactory
-    _listen: Sequence[str]
+    _listeners: Sequence[Listener]
     _pusher: IPusher
     _retention_days: int
     _starting: Deferred[None] | None = None
@@ -248,11 +334,18 @@ class Core(service.Service):
     async def _start(self) -> None:
         await self._store.start()
         await self._broker.restore()
-        for description in self._listen:
-            endpoint = endpoints.serverFromString(self._reactor, description)
+        for listener in self._listeners:
+            endpoint = endpoints.serverFromString(self._reactor, listener.description)
             # A listener that cannot listen fails the start: no silent half-server.
-            self._ports.append(await endpoint.listen(self._factory))
-            log.info("MQTT listening on {where}", where=description)
+            try:
+                self._ports.append(await endpoint.listen(listener.factory))
+            except CannotListenError as e:
+                raise StartFailure(f"{listener.option} {listener.description}: {e}") from e
+            log.info(
+                "Listening on {where} ({option})",
+                where=listener.description,
+                option=listener.option,
+            )
         self._purging = LoopingCall(self._purge)
         self._purging.clock = self._reactor
         self._purging.start(_DAY / 4).addErrback(logged(log, "Purging stopped"))
@@ -267,10 +360,14 @@ class Core(service.Service):
     def _failed(self, failure: Any) -> None:
         if failure.check(CancelledError):
             return  # Stopped while starting: nothing failed.
-        log.failure("The server could not start", failure)
-        log.critical("Stopping: {why}", why=failure.getErrorMessage())
+        if failure.check(StartFailure, StoreUnavailable):
+            # The operator's to fix, and the message says what: no traceback.
+            log.critical("Cannot start: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("The server could not start", failure)
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self._reactor.stop()
+        # A store that answers at once fails the start before the reactor runs.
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     async def _stop(self) -> None:
         # twistd re-raises the stopping signal at exit; an orderly stop on
@@ -304,13 +401,44 @@ def _checker(options: Options, reactor: Any, http: Any) -> ICredentialsChecker:
 def _pusher(
     config: UmengConfig | None, reactor: IReactorTime, http: Any, store: IStore, metrics: Metrics
 ) -> IPusher:
-    inner: IPusher
     if config is None:
         log.warn("No --umeng-config: offline push is off")
-        inner = DisabledPusher(metrics)
-    else:
-        inner = UmengPusher(reactor, http, store, config, metrics)
-    return Coalescer(reactor, inner, metrics)
+        return DisabledPusher(metrics)
+    return UmengPusher(reactor, http, store, config, metrics)
+
+
+def _reloadable(
+    options: Options,
+    reactor: Any,
+    portal: Portal,
+    pusher: IPusher,
+    api: ApiResource,
+    texts: PushTexts,
+) -> list[Reloadable[Any]]:
+    """The files SIGHUP reloads: those the server started with, each with its apply step."""
+    files: list[Reloadable[Any]] = []
+    if isinstance(portal.checkers[IUsernamePassword], AuthSignChecker):
+        files.append(
+            Reloadable(
+                "--auth-secret-file",
+                options["auth-secret-file"],
+                read_secret,
+                lambda secret: portal.registerChecker(AuthSignChecker(secret, reactor)),
+            )
+        )
+    if options["tokens"] is not None:
+        files.append(
+            Reloadable(
+                "--api-token-file", options["api-token-file"], load_tokens, api.replace_tokens
+            )
+        )
+    if isinstance(pusher, UmengPusher):
+        files.append(
+            Reloadable("--umeng-config", options["umeng-config"], load_config, pusher.reconfigure)
+        )
+    if options["push-texts"]:
+        files.append(Reloadable("--push-texts", options["push-texts"], load_texts, texts.use))
+    return files
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
@@ -340,8 +468,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         limits=QueueLimits(options["max-queued"], options["max-queued-bytes"]),
         retained_limits=options["retained"] if options["anonymous"] else NOTHING_RETAINED,
     )
-    pusher = _pusher(options["umeng"], reactor, http, store, metrics)
-    # texts.use(load_texts(path)) puts new texts in force while running.
+    umeng = _pusher(options["umeng"], reactor, http, store, metrics)
+    pusher = Coalescer(reactor, umeng, metrics)
     texts = PushTexts(options["texts"])
     calltalent = CallTalent(
         broker,
@@ -359,21 +487,24 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:
         log.critical("ANONYMOUS MODE: no authentication, every topic open. Development only!")
+    portal = portal_for(_checker(options, reactor, http))
     factory = MQTTFactory(
         broker,
-        portal_for(_checker(options, reactor, http)),
+        portal,
         authorizer,
         app,
         reactor,
         metrics,
         Limits(max_packet_size=options["max-packet"]),
     )
+    site = api_site(calltalent, options["tokens"], reactor=reactor)
+    # The API first: once MQTT clients can connect, the backend can too.
+    listeners = [Listener("--api", options["api"], site)]
+    listeners += [Listener("--listen", d, factory) for d in options["listen"]]
     root = service.MultiService()
     Core(
-        reactor, store, broker, factory, options["listen"], pusher, options["retention-days"]
+        reactor, store, broker, factory, listeners, pusher, options["retention-days"]
     ).setServiceParent(root)
-    StreamServerEndpointService(
-        endpoints.serverFromString(reactor, options["api"]),
-        api_site(calltalent, options["tokens"]),
-    ).setServiceParent(root)
+    reloadable = _reloadable(options, reactor, portal, umeng, site.resource, texts)
+    Reloader(reactor, reloadable).setServiceParent(root)
     return root

@@ -5,6 +5,7 @@ ports of 127.0.0.1, in a directory of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -74,7 +75,9 @@ def running(case: SynchronousTestCase, server: ServerProcess) -> ServerProcess:
 class ServerProcess:
     """
     One server.  ``args`` are extra sktalent options; the store, listeners
-    and secret are chosen here unless given.
+    and secret are chosen here unless given.  ``env`` adds environment
+    variables (the tests' own SKTALENT_* are not passed on otherwise), and
+    ``umask`` is the process's umask if given.
     """
 
     args: Sequence[str] = ()
@@ -83,6 +86,8 @@ class ServerProcess:
     mqtt_port: int = attrs.Factory(free_port)
     api_port: int = attrs.Factory(free_port)
     process: subprocess.Popen[bytes] | None = None
+    env: Mapping[str, str] = attrs.Factory(dict)
+    umask: int = -1
 
     @property
     def secret(self) -> bytes:
@@ -94,6 +99,30 @@ class ServerProcess:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self) -> ServerProcess:
+        self._spawn()
+        wait_for(self._ready, what=f"the server to listen\n{self.log}")
+        return self
+
+    def start_failing(self, *taken: int, timeout: float = 30.0) -> int:
+        """
+        Start a server that must not start: its exit status, once it has
+        exited.  None of its ports but those in taken (held by the test)
+        may accept a connection meanwhile.
+        """
+        self._spawn()
+        assert self.process is not None
+        ports = {self.mqtt_port, self.api_port} - set(taken)
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            opened = [port for port in ports if listening(port)]
+            if opened or time.monotonic() > deadline:
+                self.process.kill()
+                self.process.wait(5)
+                raise AssertionError(f"the server listened on {opened} or ran on:\n{self.log}")
+            time.sleep(0.02)
+        return self.process.returncode
+
+    def _spawn(self) -> None:
         command = [
             sys.executable,
             "-c",
@@ -113,12 +142,16 @@ class ServerProcess:
         for name in list(env):
             if name.startswith("SKTALENT_") and not name.startswith("SKTALENT_TEST_"):
                 del env[name]
+        env.update(self.env)
         with open(self.directory / "server.log", "ab") as out:
             self.process = subprocess.Popen(
-                command, cwd=self.directory, env=env, stdout=out, stderr=subprocess.STDOUT
+                command,
+                cwd=self.directory,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                umask=self.umask,
             )
-        wait_for(self._ready, what=f"the server to listen\n{self.log}")
-        return self
 
     def _ready(self) -> bool:
         assert self.process is not None
@@ -126,13 +159,25 @@ class ServerProcess:
             raise AssertionError(f"the server exited {self.process.returncode}:\n{self.log}")
         return listening(self.mqtt_port)
 
-    def api(self, path: str) -> tuple[int, bytes]:
-        url = f"http://127.0.0.1:{self.api_port}{path}"
+    def api(
+        self, path: str, method: str = "GET", body: object = None, token: str | None = None
+    ) -> tuple[int, bytes]:
+        """Call the HTTP API: the status and body of the answer."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", method=method)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        if body is not None:
+            request.data = json.dumps(body).encode()
+            request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
 
     def kill(self) -> None:
         """SIGKILL: no chance to flush anything."""
@@ -155,5 +200,11 @@ class ServerProcess:
     def restarted(self) -> ServerProcess:
         """The same server, started again on the same store and ports."""
         return ServerProcess(
-            self.args, self.store, self.directory, self.mqtt_port, self.api_port
+            self.args,
+            self.store,
+            self.directory,
+            self.mqtt_port,
+            self.api_port,
+            env=self.env,
+            umask=self.umask,
         ).start()

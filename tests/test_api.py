@@ -16,9 +16,10 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IListeningPort, IReactorTCP
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -446,6 +447,15 @@ class AuthorizationTests(ApiTestCase):
                 "GET", "/v1/users/alice/presence", headers={"Authorization": authorization}
             )
             self.assertJSON(reply, 200, {"online": False})
+
+    async def test_replaced_tokens(self) -> None:
+        """Tokens replaced while serving: the new ones only are accepted from then on."""
+        resource = self.tracker.wrappedFactory.resource
+        resource.replace_tokens(["fresh-token"])
+        reply = await self.call("GET", "/v1/users/alice/presence")
+        self.assertError(reply, 401, "unauthorized")
+        reply = await self.call("GET", "/v1/users/alice/presence", token="fresh-token")
+        self.assertJSON(reply, 200, {"online": False})
 
     async def test_open_routes(self) -> None:
         """/healthz and /metrics need no token."""
@@ -896,6 +906,83 @@ class ValidateNotificationTests(SynchronousTestCase):
                 validate_user_id(bad, "recipient")
             self.assertEqual(raised.exception.code, "bad_request")
             self.assertIn("recipient", str(raised.exception))
+
+
+class TimeoutTests(SynchronousTestCase):
+    """Idle connections and slow request heads, timed with a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        site = api_site(
+            RecordingApp(), [TOKEN], reactor=self.clock, idle_timeout=60, header_timeout=10
+        )
+        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def test_slow_head(self) -> None:
+        """
+        A request head still incomplete 10 s after its first byte is answered
+        408 and its connection closed, however steadily its bytes come.
+        """
+        self.send(b"GET /nothing HTTP/1.1\r\n")
+        for _ in range(9):
+            self.clock.advance(1)
+            self.send(b"X-Slow: 1\r\n")
+        self.clock.advance(0.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_idle(self) -> None:
+        """
+        A connection that has sent nothing, or nothing since its last answer,
+        is closed after 60 s, not before.
+        """
+        self.clock.advance(59.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_every_head_timed(self) -> None:
+        """
+        A complete head stops its clock: the kept-alive connection then idles
+        up to 60 s, and the next request's head has 10 s from its first byte.
+        """
+        self.send(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"404", self.transport.value())
+        self.clock.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.send(b"GET /nothing HTTP/1.1\r\n")
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnecting)
+
+
+class SlowHeadSocketTests(TestCase):
+    timeout = 20
+
+    async def test_slow_head_closed(self) -> None:
+        """Over a real socket, a head left incomplete is answered 408 and closed in time."""
+        tracker = ConnectionTracker(api_site(RecordingApp(), [TOKEN], header_timeout=0.5))
+        port, _ = listen(tracker)  # type: ignore[arg-type]
+        self.addCleanup(port.stopListening)
+        self.addCleanup(tracker.all_closed)
+        client = _RawClient()
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", address.port), client)
+        assert client.transport is not None
+        client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = cast(IReactorTime, reactor).seconds()
+        received = await client.closed
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received)
+        self.assertLess(cast(IReactorTime, reactor).seconds() - started, 5)
 
 
 class TokenFileTests(SynchronousTestCase):

@@ -89,6 +89,10 @@ class ServiceUnitTests(SynchronousTestCase):
             "/opt/sktalent/venv/bin/twistd -n --pidfile= sktalent",
         )
 
+    def test_exec_reload(self) -> None:
+        """systemctl reload sends the server SIGHUP, which reloads its files."""
+        self.assertEqual(self.settings["ExecReload"], "/bin/kill -HUP $MAINPID")
+
     def test_environment_example(self) -> None:
         """
         The environment example names the variable of every server option,

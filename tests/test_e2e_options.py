@@ -119,7 +119,7 @@ class PushTextsTests(SynchronousTestCase):
         [line] = server.log.strip().splitlines()
         self.assertEqual(
             line,
-            f"sktalent: The push texts file {texts} is wrong: expert.fail has the"
+            f"sktalent: --push-texts: The push texts file {texts} is wrong: expert.fail has the"
             " placeholder {reason}; it may use {status}, {content}.",
         )
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from unittest import mock
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.calltalent.pushtexts import TextTable
@@ -20,7 +22,7 @@ from sktalent.mqtt.broker import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
-from sktalent.tap import Core, Options
+from sktalent.tap import Core, Listener, Options
 
 from .mqttclient import Harness
 
@@ -89,7 +91,7 @@ class OptionsTests(SynchronousTestCase):
         cases = [
             (["--store", "foo:bar"], "--store"),
             (["--store", "sqlite:"], "sqlite:"),
-            (["--store", f"sqlite:{self.directory}/none/x.sqlite3"], "not writable"),
+            (["--store", f"sqlite:{self.directory}/none/x.sqlite3"], "does not exist"),
             (["--store", "mongodb://127.0.0.1:1"], "names no database"),
             (["--store", "memory:x"], "memory:x"),
             (["--max-packet", "abc"], "abc"),
@@ -141,6 +143,53 @@ class OptionsTests(SynchronousTestCase):
             self.refused(["--push-texts", str(self.directory / "none")]),
         )
 
+    def test_bad_values_name_the_option(self) -> None:
+        """A bad value, and a file that cannot be used, name their option."""
+        cases = [
+            (["--max-content", "-1"], "--max-content: -1 "),
+            (["--max-queued", "many"], "--max-queued: 'many' "),
+            (["--api-token-file", "nosuch"], "--api-token-file: "),
+            (["--umeng-config", "nosuch"], "--umeng-config: "),
+            (["--auth-secret-file", str(self.directory / "none" / "s")], "--auth-secret-file: "),
+        ]
+        for argv, named in cases:
+            with self.subTest(argv=argv):
+                message = self.refused(argv)
+                self.assertNotIn("\n", message)
+                self.assertIn(named, message)
+
+    def test_boolean_variables(self) -> None:
+        """
+        A flag's variable is true or false in the usual spellings; anything
+        else is refused, naming the variable, rather than read as false.
+        """
+        for value, expected in [("1", 1), ("On", 1), ("yes", 1), ("false", 0), ("0", 0), ("", 0)]:
+            with self.subTest(value=value):
+                self.assertEqual(
+                    self.parse([], {"SKTALENT_ANONYMOUS": value})["anonymous"], expected
+                )
+        message = self.refused([], {"SKTALENT_ANONYMOUS": "maybe"})
+        self.assertIn("SKTALENT_ANONYMOUS='maybe'", message)
+
+    def test_unknown_variables(self) -> None:
+        """
+        An unknown SKTALENT_* variable is warned about once, with the option
+        it most resembles; the tests' own SKTALENT_TEST_* are not.
+        """
+        env = {"SKTALENT_LISTN": "tcp:1", "SKTALENT_QWERTY": "1", "SKTALENT_TEST_MONGO_URI": "x"}
+        with capturedLogs() as events:
+            self.parse([], env)
+        warnings = [
+            formatEvent(e) for e in events if e["log_level"] == LogLevel.warn and "name" in e
+        ]
+        self.assertEqual(
+            warnings,
+            [
+                "Unknown variable SKTALENT_LISTN ignored: did you mean SKTALENT_LISTEN (--listen)?",
+                "Unknown variable SKTALENT_QWERTY ignored: no option has that name",
+            ],
+        )
+
 
 class NeverStarts(MemoryStore):
     """A store whose start never answers."""
@@ -160,7 +209,8 @@ class CoreTests(SynchronousTestCase):
     def core(self, store: MemoryStore) -> tuple[Core, MemoryReactorClock]:
         reactor = MemoryReactorClock()
         h = Harness(store=store)
-        core = Core(reactor, store, h.broker, h.factory, ["tcp:0"], DisabledPusher(h.metrics), 30)
+        listeners = [Listener("--listen", "tcp:0", h.factory)]
+        core = Core(reactor, store, h.broker, h.factory, listeners, DisabledPusher(h.metrics), 30)
         return core, reactor
 
     def test_stopped_while_starting(self) -> None:
@@ -172,9 +222,32 @@ class CoreTests(SynchronousTestCase):
         self.assertFalse(reactor.hasStopped)
 
     def test_start_fails(self) -> None:
-        """A store that cannot start stops the server with a failing status."""
+        """
+        A store that cannot start stops the server with a failing status and
+        one critical line, no traceback; a store that fails at once does so
+        before the reactor runs, and the stop waits for it to run.
+        """
         core, reactor = self.core(BrokenStart())
-        core.startService()
+        with capturedLogs() as events:
+            core.startService()
+        self.assertFalse(reactor.hasStopped)
+        reactor.run()
         self.assertTrue(reactor.hasStopped)
         self.assertIn("shutdown", reactor.triggers["after"])
-        self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
+        self.assertEqual(
+            [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical],
+            ["Cannot start: no database here"],
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_listener_fails(self) -> None:
+        """A listener that cannot listen fails the start, naming its option."""
+        core, reactor = self.core(MemoryStore())
+        taken = CannotListenError("", 1883, OSError("in use"))
+        with capturedLogs() as events, mock.patch.object(reactor, "listenTCP", side_effect=taken):
+            core.startService()
+        reactor.run()
+        self.assertTrue(reactor.hasStopped)
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
+        self.assertTrue(line.startswith("Cannot start: --listen tcp:0: "), line)
+        self.assertIn("in use", line)

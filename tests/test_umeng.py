@@ -295,6 +295,22 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(pushes(self.metrics, "cancelled"), 3)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_reconfigure(self) -> None:
+        """
+        A new config applies to the pushes that start after it, and its
+        larger concurrency starts waiting pushes at once.
+        """
+        pusher = self.pusher(concurrency=1, timeout=5)
+        for user in ("u1", "u2"):
+            with_device(self.store, user, "ios")
+        pusher.push_to_users(["u1", "u2"], PushNotice("feedback", "已回复"))
+        self.assertEqual(self.connects(), 1)
+        pusher.reconfigure(config("http://127.0.0.1:8998/api/send", concurrency=2, timeout=5))
+        self.assertEqual(
+            [client[:2] for client in self.reactor.tcpClients],
+            [("127.0.0.1", 8999), ("127.0.0.1", 8998)],
+        )
+
     def test_too_large_not_sent(self) -> None:
         """A push that cannot fit is counted, never sent."""
         pusher = self.pusher()

@@ -11,12 +11,15 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import Resource
@@ -34,6 +37,11 @@ from ..store.interfaces import Device, StoreUnavailable
 JSON_TYPE = b"application/json; charset=utf-8"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_MAX_BODY = 65536
+# Seconds: a connection with no request under way is closed after IDLE_TIMEOUT,
+# and one whose request head (line and headers) takes longer than
+# HEADER_TIMEOUT, counted from its first byte, is closed too.
+IDLE_TIMEOUT = 60.0
+HEADER_TIMEOUT = 10.0
 MAX_WEBVIEW_USERS = 1000
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 500
@@ -216,6 +224,10 @@ def _send(request: Request, answer: _Answer) -> None:
     request.finish()
 
 
+def _encoded(tokens: Sequence[str] | None) -> tuple[bytes, ...] | None:
+    return None if tokens is None else tuple(t.encode() for t in tokens)
+
+
 @attrs.define(slots=False, eq=False)
 class ApiResource(Resource):
     """
@@ -225,7 +237,7 @@ class ApiResource(Resource):
     isLeaf = True
     _app: ICallTalent
     _tokens: tuple[bytes, ...] | None = attrs.field(
-        repr=False, converter=lambda ts: None if ts is None else tuple(t.encode() for t in ts)
+        repr=False, converter=_encoded, on_setattr=attrs.setters.NO_OP
     )
     _routes: tuple[_Route, ...] = attrs.field(init=False)
 
@@ -241,6 +253,10 @@ class ApiResource(Resource):
             _Route(b"GET", (b"healthz",), self._health),
             _Route(b"GET", (b"metrics",), self._metrics),
         )
+
+    def replace_tokens(self, tokens: Sequence[str]) -> None:
+        """Accept these bearer tokens, and only these, from now on."""
+        self._tokens = _encoded(tokens)
 
     def render(self, request: Request) -> int:
         finished = request.notifyFinish()
@@ -452,13 +468,85 @@ class _BoundedRequestFactory:
         return _BoundedRequest(channel, self.max_body)
 
 
+class _ApiChannel(HTTPChannel):
+    """
+    An HTTP channel that closes a connection whose request head is slower
+    than header_timeout: the idle timeout alone is reset by every byte, so
+    a client trickling its headers (slowloris) would keep it open forever.
+    """
+
+    header_timeout = HEADER_TIMEOUT
+    _reading_head = True
+    _head_deadline: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._reading_head and self._head_deadline is None:
+            self._head_deadline = self.callLater(self.header_timeout, self._head_too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._reading_head = False
+        self._cancel_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Set first: the next request's head may be waiting in the buffer.
+        self._reading_head = True
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        # Cancelled when the connection is lost, so the transport is still there.
+        assert self.transport is not None
+        log.info(
+            "Closed a connection from {peer}: no request head within {seconds} s",
+            peer=self.transport.getPeer(),
+            seconds=self.header_timeout,
+        )
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.transport.loseConnection()
+
+
+class _ApiSite(Site):
+    # HTTP/1.1 itself, without the wrapper that could switch to HTTP/2 after TLS.
+    protocol = _ApiChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: Resource, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self._header_timeout = header_timeout
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self._header_timeout
+        return channel
+
+
 def api_site(
-    app: ICallTalent, tokens: Sequence[str] | None, *, max_body: int = DEFAULT_MAX_BODY
+    app: ICallTalent,
+    tokens: Sequence[str] | None,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    reactor: IReactorTime | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> Site:
     """
     The API as a Site to listen with.  tokens are the accepted bearer tokens;
     None turns every ``/v1/*`` call into 503.  Request bodies over max_body
-    bytes are refused with 413.
+    bytes are refused with 413.  reactor times the connections out (the
+    global one if None).
     """
     if isinstance(tokens, str):
         raise TypeError("tokens is a sequence of tokens, not one string.")
@@ -467,31 +555,41 @@ def api_site(
     if max_body < 1:
         raise ValueError("max_body must be at least 1 byte.")
     # Bodies are JSON only: never parse them as HTML forms.
-    return Site(
+    return _ApiSite(
         ApiResource(app, tokens),
         requestFactory=_BoundedRequestFactory(max_body),
         parsePOSTFormSubmission=False,
+        timeout=idle_timeout,
+        reactor=reactor,
+        header_timeout=header_timeout,
     )
 
 
 def load_tokens(path: str | os.PathLike[str]) -> list[str]:
     """
     The bearer tokens in a file, one a line; blank lines and lines starting
-    with '#' are ignored.  Raise ValueError for a file without a token or
-    with something that cannot be a bearer token.
+    with '#' are ignored.  Raise ValueError, in one sentence naming the file,
+    for a file that cannot be read, holds no token or holds something that
+    cannot be a bearer token.
     """
     tokens = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            token = line.strip()
-            if not token or token.startswith("#"):
-                continue
-            if not _TOKEN.fullmatch(token):
-                raise ValueError(
-                    f"Line {number} of the API token file {os.fspath(path)} is not"
-                    " a bearer token (letters, digits and -._~+/ then any '=')."
-                )
-            tokens.append(token)
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"Cannot read the API token file {os.fspath(path)}: {e.strerror}.") from e
+    except UnicodeDecodeError:
+        raise ValueError(f"The API token file {os.fspath(path)} is not UTF-8 text.") from None
+    for number, line in enumerate(lines, 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(
+                f"Line {number} of the API token file {os.fspath(path)} is not"
+                " a bearer token (letters, digits and -._~+/ then any '=')."
+            )
+        tokens.append(token)
     if not tokens:
         raise ValueError(
             f"The API token file {os.fspath(path)} holds no token: put one token on a line."

@@ -288,6 +288,11 @@ class UmengPusher:
     def push_to_tag(self, tag: str, notice: PushNotice) -> None:
         self._queue(_Item(notice, tag=tag))
 
+    def reconfigure(self, config: UmengConfig) -> None:
+        """Push through config from now on; pushes under way finish as they began."""
+        self._config = config
+        self._pump()
+
     def stop(self) -> None:
         """Drop what is queued and cancel deliveries with their timers."""
         self._stopped = True

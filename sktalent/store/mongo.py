@@ -87,6 +87,13 @@ def database_name(uri: str) -> str:
     return str(name)
 
 
+def _where(uri: str) -> str:
+    """HOST:PORT/DB of a mongodb:// URI, for messages: never its credentials."""
+    parsed = parse_uri(uri)
+    hosts = ",".join(f"{host}:{port}" for host, port in parsed["nodelist"])
+    return f"{hosts}/{parsed['database']}"
+
+
 def _date(ms: int) -> datetime:
     # What a TTL index counts from.
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
@@ -291,12 +298,14 @@ class MongoStore:
     # Seconds before an unanswered request counts as "store unavailable".
     _timeout: float = 10.0
     _database: str = attrs.field(init=False)
+    _where: str = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
     _pool: ConnectionPool | None = attrs.field(default=None, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
         self._database = database_name(self._uri)
+        self._where = _where(self._uri)
         self._committer = GroupCommitter(
             lambda ops: self._guard(self._commit(ops)), self._reactor, self.name, self._latency
         )
@@ -353,8 +362,12 @@ class MongoStore:
         async def guarded() -> _T:
             try:
                 return await work
+            except TimeoutError as e:
+                raise StoreUnavailable(
+                    f"MongoDB store {self._where}: no answer within {self._timeout:g} s"
+                ) from e
             except _UNAVAILABLE as e:
-                raise StoreUnavailable(f"MongoDB store {self._database!r}: {e!r}") from e
+                raise StoreUnavailable(f"MongoDB store {self._where}: {e!r}") from e
 
         return Deferred.fromCoroutine(guarded())
 

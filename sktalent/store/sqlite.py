@@ -7,6 +7,7 @@ that owns the connection; the reactor only sees Deferreds.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..failures import StartFailure
 from .group import GroupCommitter
 from .interfaces import (
     AddInbound,
@@ -140,8 +142,52 @@ _UNAVAILABLE = frozenset(
 )
 
 
-class SchemaTooNew(Exception):
+class SchemaTooNew(StartFailure):
     """The file was written by a newer server than this one."""
+
+
+class StoreDamaged(StartFailure):
+    """The file is damaged, found while reading it: waiting will not mend it."""
+
+
+def create_private(path: str) -> None:
+    """
+    Create an empty file at path readable by its owner only, whatever the
+    umask, unless something is there: SQLite gives its -wal and -shm files
+    the mode of the store's file.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _damaged(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
+
+
+def _unusable(path: str, error: Exception) -> str:
+    """Why the file at path cannot be the store, in words an operator can act on."""
+    if os.path.isdir(path):
+        return "it is a directory, not a file"
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_READONLY:
+        return "it is read-only, and the server must write it"
+    if isinstance(error, sqlite3.Error) and _damaged(error):
+        return f"it is not an SQLite database, or it is damaged or truncated ({error})"
+    if code == sqlite3.SQLITE_CANTOPEN:
+        return (
+            f"it cannot be opened ({error}): the file and its directory must be"
+            " readable and writable by the server, which keeps -wal and -shm files there"
+        )
+    if isinstance(error, OSError):
+        return f"it cannot be created: {error.strerror}"
+    return str(error)
 
 
 def connect(path: str, busy_timeout: float = 5.0) -> sqlite3.Connection:
@@ -474,8 +520,20 @@ class SQLiteStore:
         return self._call(_purge, older_than)
 
     def _open(self) -> None:
-        self._conn = connect(self._path, self._busy_timeout)
-        migrate(self._conn, self._path, self._migrations)
+        try:
+            create_private(self._path)
+            self._conn = connect(self._path, self._busy_timeout)
+            migrate(self._conn, self._path, self._migrations)
+            # A read-only file opens and reads: only a write finds it out.
+            self._conn.execute("DELETE FROM schema_migrations WHERE 0")
+        except (sqlite3.Error, OSError) as e:
+            self._close()
+            if isinstance(e, sqlite3.Error) and not (_unavailable(e) or _damaged(e)):
+                raise
+            raise StoreUnavailable(
+                f"the SQLite store {os.path.abspath(self._path)} cannot be used:"
+                f" {_unusable(self._path, e)}"
+            ) from e
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -496,6 +554,10 @@ class SQLiteStore:
                 self._conn = connect(self._path, self._busy_timeout)
             return f(self._conn, *args)
         except sqlite3.Error as e:
+            if _damaged(e):
+                raise StoreDamaged(
+                    f"the SQLite store {os.path.abspath(self._path)} is damaged: {e}"
+                ) from e
             if not _unavailable(e):
                 raise
             # Start afresh next time: the old connection may be wedged.
