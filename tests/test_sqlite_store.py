@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 
 import attrs
@@ -169,6 +170,35 @@ class SQLiteStoreTests(TestCase):
         await store.submit([LogOut("u"), LogOut("never")])
         self.assertEqual(await store.get_device("u"), Device("u", "ios", "t", True))
         self.assertEqual(await store.get_device("never"), Device("never", None, None, True))
+
+    async def test_push_state_upgrades(self) -> None:
+        """
+        A file of the schema before this one upgrades in place: a message queued in it
+        counts as queued at the upgrade, without a notice and not pushed, and
+        its session as one whose client has connected; a session made by a
+        message after the upgrade has not.
+        """
+        before_push = await self.started(migrations=MIGRATIONS[:-1])
+        conn = sqlite3.connect(self.path)
+        conn.execute("INSERT INTO sessions (client_id, subscriptions) VALUES ('bob', '[]')")
+        conn.execute(
+            "INSERT INTO queue (client_id, seq, topic, payload, qos, retain)"
+            " VALUES ('bob', 1, 't', x'01', 1, 0)"
+        )
+        conn.commit()
+        conn.close()
+        await before_push.stop()
+        before = int(time.time() * 1000)
+        store = await self.started()
+        after = int(time.time() * 1000)
+        await store.submit([Enqueue("carol", 1, Message("t", b"c", 1), 5)])
+        bob, carol = await store.load_sessions()
+        self.assertEqual((bob.client_id, bob.connected, carol.connected), ("bob", True, False))
+        [queued] = bob.queue
+        self.assertTrue(before // 1000 * 1000 <= queued.queued_at <= after, queued)
+        self.assertEqual(
+            queued, QueuedMessage(1, Message("t", b"\x01", 1), queued_at=queued.queued_at)
+        )
 
     async def test_refuses_newer_schema(self) -> None:
         """A file from a newer server is refused with a clear error."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
+from bson import Binary
 from prometheus_client import CollectorRegistry, Histogram
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -35,12 +37,14 @@ from sktalent.store.interfaces import (
     ChatStored,
     Dequeue,
     Device,
+    DropDevice,
     DropSession,
     Enqueue,
     InsertChat,
     Inserted,
     IStore,
     LogOut,
+    MarkPushed,
     MarkReceived,
     Message,
     Op,
@@ -196,6 +200,76 @@ class StoreContract(_Mixin):
         await self.store.submit([Enqueue("c", 1, Message("t", b"new", 1))])
         (session,) = await self.store.load_sessions()
         self.assertEqual(session.queue, (QueuedMessage(1, Message("t", b"new", 1)),))
+
+    async def test_push_state_round_trip(self) -> None:
+        """
+        A queued message comes back with when it was queued and its notice;
+        MarkPushed sets pushed on it alone, and on an unknown session or seq
+        does nothing.
+        """
+        m = Message("$sktalent/clients/bob", b"chat", 1)
+        notice = '{"kind": "order_chat", "alert": "你好"}'
+        await self.store.submit(
+            [
+                Enqueue("bob", 1, m, 1_700_000_000_123, notice),
+                Enqueue("bob", 2, m, 1_700_000_000_456, notice),
+                Enqueue("bob", 3, m, 1_700_000_000_789),
+            ]
+        )
+        self.assertEqual(
+            await self.store.submit(
+                [MarkPushed("bob", 2), MarkPushed("bob", 99), MarkPushed("nobody", 1)]
+            ),
+            [None, None, None],
+        )
+        self.assertEqual(
+            await self.store.load_sessions(),
+            [
+                SessionRecord(
+                    "bob",
+                    (),
+                    (
+                        QueuedMessage(1, m, queued_at=1_700_000_000_123, notice=notice),
+                        QueuedMessage(
+                            2, m, queued_at=1_700_000_000_456, notice=notice, pushed=True
+                        ),
+                        QueuedMessage(3, m, queued_at=1_700_000_000_789),
+                    ),
+                )
+            ],
+        )
+
+    async def test_connected_is_never_unset(self) -> None:
+        """
+        A session made by a message has not connected; PutSession with
+        connected sets it, a later one without it keeps it, and DropSession
+        forgets it with the session.
+        """
+        m = Message("t", b"p", 1)
+        await self.store.submit([Enqueue("bob", 1, m), PutSession("carol", ())])
+        self.assertEqual(
+            [s.connected for s in by_client(await self.store.load_sessions())], [False, False]
+        )
+        await self.store.submit([PutSession("bob", (("t", 1),), connected=True)])
+        await self.store.submit([PutSession("bob", (("u", 1),))])
+        self.assertEqual(
+            by_client(await self.store.load_sessions()),
+            [
+                SessionRecord("bob", (("u", 1),), (QueuedMessage(1, m),), connected=True),
+                SessionRecord("carol", ()),
+            ],
+        )
+        await self.store.submit([DropSession("bob"), PutSession("bob", ())])
+        self.assertEqual(by_client(await self.store.load_sessions())[0], SessionRecord("bob", ()))
+
+    async def test_drop_device(self) -> None:
+        """DropDevice forgets the user's device only; an unknown user is no error."""
+        await self.store.submit(
+            [PutDevice(Device("u", "ios", "t1")), PutDevice(Device("v", "android", "t2"))]
+        )
+        self.assertEqual(await self.store.submit([DropDevice("u"), DropDevice("w")]), [None, None])
+        self.assertIsNone(await self.store.get_device("u"))
+        self.assertEqual(await self.store.get_device("v"), Device("v", "android", "t2"))
 
     async def test_drop_session(self) -> None:
         """DropSession forgets the session, its queue and inbound ids only."""
@@ -512,9 +586,10 @@ class DurableContract(StoreContract):
         c = chat(msgid(1), 1000)
         await self.store.submit(
             [
-                PutSession("bob", (("$sktalent/clients/bob", 1),)),
-                InsertChat(c, (Enqueue("bob", 1, m), Enqueue("bob", 2, m))),
+                PutSession("bob", (("$sktalent/clients/bob", 1),), connected=True),
+                InsertChat(c, (Enqueue("bob", 1, m, 1000, "notice"), Enqueue("bob", 2, m, 2000))),
                 Release("bob", 2),
+                MarkPushed("bob", 1),
                 AddInbound("bob", 5),
                 SetRetained("r", Message("r", b"kept", 1, True)),
                 PutDevice(Device("bob", "ios", "tok")),
@@ -531,8 +606,12 @@ class DurableContract(StoreContract):
                 SessionRecord(
                     "bob",
                     (("$sktalent/clients/bob", 1),),
-                    (QueuedMessage(1, m), QueuedMessage(2, m, released=True)),
+                    (
+                        QueuedMessage(1, m, queued_at=1000, notice="notice", pushed=True),
+                        QueuedMessage(2, m, released=True, queued_at=2000),
+                    ),
                     frozenset({5}),
+                    connected=True,
                 )
             ],
         )
@@ -630,6 +709,39 @@ class MongoStoreTests(DurableContract, TestCase):
             [InsertChat(record, digest="d"), InsertChat(other, digest="d")]
         )
         self.assertEqual(results, [REPEATED, CONFLICT])
+
+    async def test_push_state_upgrades(self) -> None:
+        """
+        Documents written before the push state existed load as a message
+        queued when the store started, without a notice and not pushed, in a
+        session whose client has connected.
+        """
+        pool = ConnectionPool(self.uri)
+        self.addCleanup(pool.disconnect)
+        db = pool[urlsplit(self.uri).path.lstrip("/")]
+        await db.sessions.insert_one({"_id": "bob", "subscriptions": []})
+        await db.queue.insert_one(
+            {
+                "_id": '["bob", 1]',
+                "client_id": "bob",
+                "seq": 1,
+                "released": False,
+                "topic": "t",
+                "payload": Binary(b"\x01"),
+                "qos": 1,
+                "retain": False,
+            }
+        )
+        before = int(time.time() * 1000)
+        store = await self.started()
+        after = int(time.time() * 1000)
+        [bob] = await store.load_sessions()
+        self.assertTrue(bob.connected)
+        [queued] = bob.queue
+        self.assertTrue(before <= queued.queued_at <= after, queued)
+        self.assertEqual(
+            queued, QueuedMessage(1, Message("t", b"\x01", 1), queued_at=queued.queued_at)
+        )
 
     async def test_outage_held_and_retried(self) -> None:
         """

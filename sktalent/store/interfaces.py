@@ -37,6 +37,14 @@ class QueuedMessage:
     message: Message
     # True once the client answered PUBREC: only PUBREL/PUBCOMP remain.
     released: bool = False
+    # When it was queued, in milliseconds since the epoch: it expires after
+    # the retention time.
+    queued_at: int = 0
+    # What to push for it while it is unacknowledged (opaque to the store);
+    # None: it is never pushed.
+    notice: str | None = None
+    # True once its push went out (MarkPushed): it is never pushed again.
+    pushed: bool = False
 
 
 @attrs.frozen
@@ -46,6 +54,9 @@ class SessionRecord:
     queue: tuple[QueuedMessage, ...] = ()
     # Inbound QoS 2 packet ids received but not yet released by PUBREL.
     inbound: frozenset[int] = frozenset()
+    # Whether its client has ever connected (a session made by a message
+    # addressed to it has not).
+    connected: bool = False
 
 
 @attrs.frozen
@@ -77,10 +88,15 @@ class Device:
 
 @attrs.frozen
 class PutSession:
-    """Create or update a persistent session, replacing its subscriptions."""
+    """
+    Create or update a persistent session, replacing its subscriptions.
+    ``connected`` True records that its client has connected; False never
+    unsets that.
+    """
 
     client_id: str
     subscriptions: tuple[tuple[str, int], ...]
+    connected: bool = False
 
 
 @attrs.frozen
@@ -92,9 +108,21 @@ class DropSession:
 
 @attrs.frozen
 class Enqueue:
+    """Queue message (not yet pushed) for the client; QueuedMessage says the rest."""
+
     client_id: str
     seq: int
     message: Message
+    queued_at: int = 0
+    notice: str | None = None
+
+
+@attrs.frozen
+class MarkPushed:
+    """The queued message's push went out."""
+
+    client_id: str
+    seq: int
 
 
 @attrs.frozen
@@ -213,10 +241,18 @@ class LogOut:
     user_id: str
 
 
+@attrs.frozen
+class DropDevice:
+    """Forget the user's device, if any."""
+
+    user_id: str
+
+
 Op = (
     PutSession
     | DropSession
     | Enqueue
+    | MarkPushed
     | Release
     | Dequeue
     | AddInbound
@@ -227,6 +263,7 @@ Op = (
     | MarkReceived
     | PutDevice
     | LogOut
+    | DropDevice
 )
 
 

@@ -17,12 +17,14 @@ from .interfaces import (
     ChatStored,
     Dequeue,
     Device,
+    DropDevice,
     DropSession,
     Enqueue,
     InsertChat,
     Inserted,
     IStore,
     LogOut,
+    MarkPushed,
     MarkReceived,
     Message,
     Op,
@@ -41,6 +43,7 @@ class _Session:
     subscriptions: tuple[tuple[str, int], ...]
     queue: dict[int, QueuedMessage] = attrs.Factory(dict)
     inbound: set[int] = attrs.Factory(set)
+    connected: bool = False
 
 
 @implementer(IStore)
@@ -72,12 +75,19 @@ class MemoryStore:
 
     def _apply(self, op: Op) -> object:
         match op:
-            case PutSession(client_id, subscriptions):
-                self._session(client_id).subscriptions = subscriptions
+            case PutSession(client_id, subscriptions, connected):
+                session = self._session(client_id)
+                session.subscriptions = subscriptions
+                session.connected |= connected
             case DropSession(client_id):
                 self._sessions.pop(client_id, None)
-            case Enqueue(client_id, seq, message):
-                self._session(client_id).queue[seq] = QueuedMessage(seq, message)
+            case Enqueue(client_id, seq, message, queued_at, notice):
+                queued = QueuedMessage(seq, message, queued_at=queued_at, notice=notice)
+                self._session(client_id).queue[seq] = queued
+            case MarkPushed(client_id, seq) if client_id in self._sessions:
+                queue = self._sessions[client_id].queue
+                if seq in queue:
+                    queue[seq] = attrs.evolve(queue[seq], pushed=True)
             case Release(client_id, seq) if client_id in self._sessions:
                 queue = self._sessions[client_id].queue
                 if seq in queue:
@@ -119,6 +129,8 @@ class MemoryStore:
             case LogOut(user_id):
                 known = self._devices.get(user_id, Device(user_id, None, None))
                 self._devices[user_id] = attrs.evolve(known, logged_out=True)
+            case DropDevice(user_id):
+                self._devices.pop(user_id, None)
         return None
 
     def load_sessions(self) -> Deferred[list[SessionRecord]]:
@@ -129,6 +141,7 @@ class MemoryStore:
                     s.subscriptions,
                     tuple(s.queue[k] for k in sorted(s.queue)),
                     frozenset(s.inbound),
+                    s.connected,
                 )
                 for client_id, s in self._sessions.items()
             ]

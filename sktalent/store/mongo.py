@@ -38,12 +38,14 @@ from .interfaces import (
     ChatStored,
     Dequeue,
     Device,
+    DropDevice,
     DropSession,
     Enqueue,
     InsertChat,
     Inserted,
     IStore,
     LogOut,
+    MarkPushed,
     MarkReceived,
     Message,
     Op,
@@ -173,31 +175,44 @@ class _Plan:
         # A message or packet id may arrive before the session's own record.
         if client_id not in self._touched:
             self._touched.add(client_id)
+            new = {"subscriptions": [], "connected": False}
             self._write(
-                "sessions",
-                UpdateOne({"_id": client_id}, {"$setOnInsert": {"subscriptions": []}}, upsert=True),
+                "sessions", UpdateOne({"_id": client_id}, {"$setOnInsert": new}, upsert=True)
             )
 
     def add(self, op: Op) -> object:
         match op:
-            case PutSession(client_id, subscriptions):
+            case PutSession(client_id, subscriptions, connected):
                 self._touched.add(client_id)
                 # FerretDB stores no nested arrays, hence documents.
                 subs = [{"filter": f, "qos": q} for f, q in subscriptions]
-                self._write(
-                    "sessions",
-                    UpdateOne({"_id": client_id}, {"$set": {"subscriptions": subs}}, upsert=True),
-                )
+                update: dict[str, Any] = {"$set": {"subscriptions": subs}}
+                if connected:
+                    update["$set"]["connected"] = True
+                else:
+                    update["$setOnInsert"] = {"connected": False}
+                self._write("sessions", UpdateOne({"_id": client_id}, update, upsert=True))
             case DropSession(client_id):
                 self._touched.discard(client_id)
                 self._write("sessions", DeleteOne({"_id": client_id}))
                 self._write("queue", DeleteMany({"client_id": client_id}))
                 self._write("inbound", DeleteMany({"client_id": client_id}))
-            case Enqueue(client_id, seq, message):
+            case Enqueue(client_id, seq, message, queued_at, notice):
                 self._touch(client_id)
-                doc = {"client_id": client_id, "seq": seq, "released": False}
+                doc = {
+                    "client_id": client_id,
+                    "seq": seq,
+                    "released": False,
+                    "queued_at": queued_at,
+                    "notice": notice,
+                    "pushed": False,
+                }
                 doc |= _message_doc(message)
                 self._write("queue", ReplaceOne({"_id": _id(client_id, seq)}, doc, upsert=True))
+            case MarkPushed(client_id, seq):
+                self._write(
+                    "queue", UpdateOne({"_id": _id(client_id, seq)}, {"$set": {"pushed": True}})
+                )
             case Release(client_id, seq):
                 self._write(
                     "queue",
@@ -280,6 +295,8 @@ class _Plan:
                     "devices",
                     UpdateOne({"_id": user_id}, {"$set": {"logged_out": True}}, upsert=True),
                 )
+            case DropDevice(user_id):
+                self._write("devices", DeleteOne({"_id": user_id}))
         return None
 
 
@@ -392,6 +409,11 @@ class MongoStore:
             await self._q(db[collection].create_index(qf.sort(keys), unique=unique))
         for collection in ("chats", "receipts"):
             await self._create_ttl_index(collection)
+        # Messages queued before their time was recorded count from now.
+        now = int(self._reactor.seconds() * 1000)
+        await self._q(
+            db.queue.update_many({"queued_at": {"$exists": False}}, {"$set": {"queued_at": now}})
+        )
 
     async def _create_ttl_index(self, collection: str) -> None:
         index = self._db[collection]
@@ -441,15 +463,26 @@ class MongoStore:
 
     async def _load_sessions(self) -> list[SessionRecord]:
         db = self._db
-        subscriptions = {
-            doc["_id"]: tuple((s["filter"], s["qos"]) for s in doc.get("subscriptions", ()))
-            for doc in await self._q(db.sessions.find({}))
-        }
+        subscriptions = {}
+        connected = set()
+        for doc in await self._q(db.sessions.find({})):
+            subs = doc.get("subscriptions", ())
+            subscriptions[doc["_id"]] = tuple((s["filter"], s["qos"]) for s in subs)
+            # Sessions kept before the flag existed are taken to have connected.
+            if doc.get("connected", True):
+                connected.add(doc["_id"])
         queues: dict[str, list[QueuedMessage]] = {}
         by_seq = qf.sort(qf.ASCENDING("client_id") + qf.ASCENDING("seq"))
         for doc in await self._q(db.queue.find({}, sort=by_seq)):
             queues.setdefault(doc["client_id"], []).append(
-                QueuedMessage(doc["seq"], _message(doc), doc["released"])
+                QueuedMessage(
+                    doc["seq"],
+                    _message(doc),
+                    doc["released"],
+                    doc["queued_at"],
+                    doc.get("notice"),
+                    doc.get("pushed", False),
+                )
             )
         inbound: dict[str, set[int]] = {}
         for doc in await self._q(db.inbound.find({})):
@@ -463,6 +496,7 @@ class MongoStore:
                 subscriptions.get(c, ()),
                 tuple(queues.get(c, ())),
                 frozenset(inbound.get(c, ())),
+                c in connected,
             )
             for c in clients
         ]

@@ -29,12 +29,14 @@ from .interfaces import (
     ChatStored,
     Dequeue,
     Device,
+    DropDevice,
     DropSession,
     Enqueue,
     InsertChat,
     Inserted,
     IStore,
     LogOut,
+    MarkPushed,
     MarkReceived,
     Message,
     Op,
@@ -125,6 +127,16 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT user_id, platform, token FROM devices;
     DROP TABLE devices;
     ALTER TABLE devices_new RENAME TO devices;
+    """,
+    # Queued messages: when they were queued (those already queued count from
+    # the upgrade), what to push for them and whether it went out.  Sessions:
+    # whether their client ever connected (those already kept are taken to).
+    """
+    ALTER TABLE queue ADD COLUMN queued_at INTEGER NOT NULL DEFAULT 0;
+    UPDATE queue SET queued_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000;
+    ALTER TABLE queue ADD COLUMN notice TEXT;
+    ALTER TABLE queue ADD COLUMN pushed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN connected INTEGER NOT NULL DEFAULT 1;
     """,
 )
 
@@ -254,29 +266,42 @@ def _unavailable(error: sqlite3.Error) -> bool:
 def _touch(conn: sqlite3.Connection, client_id: str) -> None:
     # A message or packet id may arrive before the session's own record.
     conn.execute(
-        "INSERT OR IGNORE INTO sessions (client_id, subscriptions) VALUES (?, '[]')",
+        "INSERT OR IGNORE INTO sessions (client_id, subscriptions, connected) VALUES (?, '[]', 0)",
         (client_id,),
     )
 
 
 def _apply(conn: sqlite3.Connection, op: Op) -> object:
     match op:
-        case PutSession(client_id, subscriptions):
+        case PutSession(client_id, subscriptions, connected):
             conn.execute(
-                "INSERT INTO sessions (client_id, subscriptions) VALUES (?, ?)"
-                " ON CONFLICT (client_id) DO UPDATE SET subscriptions = excluded.subscriptions",
-                (client_id, json.dumps(subscriptions)),
+                "INSERT INTO sessions (client_id, subscriptions, connected) VALUES (?, ?, ?)"
+                " ON CONFLICT (client_id) DO UPDATE SET subscriptions = excluded.subscriptions,"
+                " connected = max(connected, excluded.connected)",
+                (client_id, json.dumps(subscriptions), connected),
             )
         case DropSession(client_id):
             for table in ("sessions", "queue", "inbound"):
                 conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
-        case Enqueue(client_id, seq, message):
+        case Enqueue(client_id, seq, message, queued_at, notice):
             _touch(conn, client_id)
             conn.execute(
-                "INSERT OR REPLACE INTO queue"
-                " (client_id, seq, topic, payload, qos, retain, released)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0)",
-                (client_id, seq, message.topic, message.payload, message.qos, message.retain),
+                "INSERT OR REPLACE INTO queue (client_id, seq, topic, payload, qos, retain,"
+                " released, queued_at, notice, pushed) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 0)",
+                (
+                    client_id,
+                    seq,
+                    message.topic,
+                    message.payload,
+                    message.qos,
+                    message.retain,
+                    queued_at,
+                    notice,
+                ),
+            )
+        case MarkPushed(client_id, seq):
+            conn.execute(
+                "UPDATE queue SET pushed = 1 WHERE client_id = ? AND seq = ?", (client_id, seq)
             )
         case Release(client_id, seq):
             conn.execute(
@@ -361,6 +386,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                 " ON CONFLICT (user_id) DO UPDATE SET logged_out = 1",
                 (user_id,),
             )
+        case DropDevice(user_id):
+            conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
     return None
 
 
@@ -372,15 +399,33 @@ def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
 def _load_sessions(conn: sqlite3.Connection) -> list[SessionRecord]:
     with _transaction(conn, "DEFERRED"):
         sessions = conn.execute(
-            "SELECT client_id, subscriptions FROM sessions ORDER BY client_id"
+            "SELECT client_id, subscriptions, connected FROM sessions ORDER BY client_id"
         ).fetchall()
         queues: dict[str, list[QueuedMessage]] = {}
-        for client_id, seq, topic, payload, qos, retain, released in conn.execute(
-            "SELECT client_id, seq, topic, payload, qos, retain, released"
-            " FROM queue ORDER BY client_id, seq"
+        for (
+            client_id,
+            seq,
+            topic,
+            payload,
+            qos,
+            retain,
+            released,
+            at,
+            notice,
+            pushed,
+        ) in conn.execute(
+            "SELECT client_id, seq, topic, payload, qos, retain, released,"
+            " queued_at, notice, pushed FROM queue ORDER BY client_id, seq"
         ):
             queues.setdefault(client_id, []).append(
-                QueuedMessage(seq, Message(topic, payload, qos, bool(retain)), bool(released))
+                QueuedMessage(
+                    seq,
+                    Message(topic, payload, qos, bool(retain)),
+                    bool(released),
+                    at,
+                    notice,
+                    bool(pushed),
+                )
             )
         inbound: dict[str, set[int]] = {}
         for client_id, packet_id in conn.execute("SELECT client_id, packet_id FROM inbound"):
@@ -391,8 +436,9 @@ def _load_sessions(conn: sqlite3.Connection) -> list[SessionRecord]:
             tuple((f, q) for f, q in json.loads(subscriptions)),
             tuple(queues.get(client_id, ())),
             frozenset(inbound.get(client_id, ())),
+            bool(connected),
         )
-        for client_id, subscriptions in sessions
+        for client_id, subscriptions, connected in sessions
     ]
 
 
