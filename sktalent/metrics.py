@@ -33,6 +33,7 @@ class Metrics:
     pushes: Counter = attrs.field(init=False)
     push_requests: Counter = attrs.field(init=False)
     push_failures: Counter = attrs.field(init=False)
+    expired: Counter = attrs.field(init=False)
     store_latency: Histogram = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -71,6 +72,12 @@ class Metrics:
             "sktalent_push_failures",
             "Push requests Umeng did not accept, by its error code, http_STATUS or network.",
             "code",
+        )
+        self.expired = _counter(
+            r,
+            "sktalent_expired",
+            "Queued messages and never-connected sessions removed after the retention time.",
+            "what",
         )
         self.store_latency = Histogram(
             "sktalent_store_commit_seconds",

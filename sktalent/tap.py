@@ -7,7 +7,10 @@ twistd plugin: options and the service tree of the server.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +23,6 @@ from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -28,9 +30,10 @@ from .api.resource import ApiResource, api_site, load_tokens
 from .authsign import load_or_create_secret, read_secret
 from .calltalent.app import AppLimits, CallTalent
 from .calltalent.auth import AuthSignChecker, HookChecker
+from .calltalent.delivery import PushDelivery
 from .calltalent.pushtexts import PushTexts, TextTable, load_texts
 from .calltalent.rules import CallTalentRules
-from .failures import StartFailure, logged
+from .failures import StartFailure
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from .mqtt.broker import NOTHING_RETAINED, Broker, QueueLimits, RetainedLimits
@@ -42,12 +45,12 @@ from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
 from .push.umeng import UmengPusher
 from .reload import Reloadable, Reloader
+from .retention import Retention
 from .store import check_store_uri, open_store
 from .store.interfaces import IStore, StoreUnavailable
 
 log = Logger()
 
-_DAY = 86400.0
 _RETAINED = RetainedLimits()
 
 
@@ -58,6 +61,16 @@ def _positive_int(value: str) -> int:
         raise ValueError(f"{value!r} is not a whole number") from None
     if number <= 0:
         raise ValueError(f"{value} is not a positive whole number")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not 0 < number < math.inf:
+        raise ValueError(f"{value} is not a positive number of seconds")
     return number
 
 
@@ -121,7 +134,20 @@ class Options(usage.Options):
             "Payload bytes queued per user, at least --max-packet; past it likewise.",
             _positive_int,
         ],
-        ["retention-days", None, 30, "Days chat history is kept.", _positive_int],
+        [
+            "retention-days",
+            None,
+            30,
+            "Days chat history and queued messages are kept.",
+            _positive_int,
+        ],
+        [
+            "push-after",
+            None,
+            5.0,
+            "Seconds a message may wait unacknowledged on a live connection before it is pushed.",
+            _positive_seconds,
+        ],
         [
             "max-retained",
             None,
@@ -294,6 +320,13 @@ def _check_writable(store: str) -> None:
             )
 
 
+def node_name(listen: Sequence[str]) -> str:
+    """This server's name for operators: the host name and the first MQTT port."""
+    port = re.match(r"(?:tcp6?|ssl):(?:port=)?(\d+)", listen[0]) if listen else None
+    host = socket.gethostname()
+    return host if port is None else f"{host}:{port[1]}"
+
+
 def _env_name(option: str) -> str:
     return "SKTALENT_" + option.upper().replace("-", "_")
 
@@ -321,9 +354,9 @@ class Core(service.Service):
     _factory: MQTTFactory
     _listeners: Sequence[Listener]
     _pusher: IPusher
-    _retention_days: int
+    _retention: Retention
+    _delivery: PushDelivery
     _starting: Deferred[None] | None = None
-    _purging: LoopingCall | None = None
     _ports: list[IListeningPort] = attrs.Factory(list)
 
     def startService(self) -> None:
@@ -346,16 +379,7 @@ class Core(service.Service):
                 where=listener.description,
                 option=listener.option,
             )
-        self._purging = LoopingCall(self._purge)
-        self._purging.clock = self._reactor
-        self._purging.start(_DAY / 4).addErrback(logged(log, "Purging stopped"))
-
-    def _purge(self) -> Deferred[None]:
-        older = int((self._reactor.seconds() - self._retention_days * _DAY) * 1000)
-        return self._store.purge(older).addCallbacks(
-            lambda n: log.info("Purged {n} chat messages past retention", n=n),
-            logged(log, "Purging old chat failed"),
-        )
+        self._retention.start()
 
     def _failed(self, failure: Any) -> None:
         if failure.check(CancelledError):
@@ -376,12 +400,12 @@ class Core(service.Service):
             self._reactor._exitSignal = None
         if self._starting is not None:
             self._starting.cancel()
-        if self._purging is not None and self._purging.running:
-            self._purging.stop()
+        self._retention.stop()
         service.Service.stopService(self)
         ports, self._ports = self._ports, []
         for port in ports:
             await maybeDeferred(port.stopListening)
+        self._delivery.stop()
         self._factory.close_all()
         self._pusher.stop()
         await self._store.stop()
@@ -470,6 +494,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     umeng = _pusher(options["umeng"], reactor, http, store, metrics)
     pusher = Coalescer(reactor, umeng, metrics)
+    delivery = PushDelivery(broker, pusher, reactor, options["push-after"])
+    if not options["anonymous"]:
+        broker.watch(delivery)
     texts = PushTexts(options["texts"])
     calltalent = CallTalent(
         broker,
@@ -483,6 +510,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             burst=options["chat-rate"] * 3,
         ),
         texts,
+        node=node_name(options["listen"]),
     )
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:
@@ -502,9 +530,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     listeners = [Listener("--api", options["api"], site)]
     listeners += [Listener("--listen", d, factory) for d in options["listen"]]
     root = service.MultiService()
-    Core(
-        reactor, store, broker, factory, listeners, pusher, options["retention-days"]
-    ).setServiceParent(root)
+    retention = Retention(reactor, store, broker, metrics, options["retention-days"])
+    Core(reactor, store, broker, factory, listeners, pusher, retention, delivery).setServiceParent(
+        root
+    )
     reloadable = _reloadable(options, reactor, portal, umeng, site.resource, texts)
     Reloader(reactor, reloadable).setServiceParent(root)
     return root

@@ -26,8 +26,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from sktalent.api.resource import api_site, load_tokens
-from sktalent.calltalent.interfaces import ICallTalent, InvalidRequest, QueueFull
+from sktalent.api.resource import MAX_BAN, api_site, load_tokens
+from sktalent.calltalent.interfaces import ICallTalent, InvalidRequest, QueueFull, SessionInfo
 from sktalent.calltalent.notifications import (
     EXPERT_STATUSES,
     NOTE_STATUSES,
@@ -83,6 +83,9 @@ class RecordingApp:
     histories: list[tuple[str, int, str | None]] = attrs.Factory(list)
     held: list[Deferred[str]] = attrs.Factory(list)
     cancelled: list[Deferred[str]] = attrs.Factory(list)
+    sessions: dict[str, SessionInfo] = attrs.Factory(dict)
+    disconnects: list[tuple[str, int | None]] = attrs.Factory(list)
+    deleted: list[str] = attrs.Factory(list)
 
     def _result(self, value: Any) -> Deferred[Any]:
         return succeed(value) if self.failure is None else fail(self.failure)
@@ -118,6 +121,17 @@ class RecordingApp:
 
     def is_online(self, user_id: str) -> bool:
         return user_id in self.online
+
+    def session_info(self, user_id: str) -> Deferred[SessionInfo | None]:
+        return self._result(self.sessions.get(user_id))
+
+    def disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
+        self.disconnects.append((user_id, ban_seconds))
+        return user_id in self.sessions
+
+    def delete_user(self, user_id: str) -> Deferred[None]:
+        self.deleted.append(user_id)
+        return self._result(None)
 
     def history(self, o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         self.histories.append((o_id, limit, before))
@@ -633,6 +647,138 @@ class PresenceTests(ApiTestCase):
         self.assertError(reply, 400, "bad_request")
 
 
+class SessionTests(ApiTestCase):
+    async def test_session(self) -> None:
+        """A user's session is answered with exactly its six fields."""
+        self.app.sessions["张三"] = SessionInfo(True, "mqtt-1:8075", 1_700_000_000_250, 3, 5, "ios")
+        reply = await self.call("GET", "/v1/users/%E5%BC%A0%E4%B8%89/session")
+        self.assertJSON(
+            reply,
+            200,
+            {
+                "online": True,
+                "node": "mqtt-1:8075",
+                "connected_since": 1_700_000_000_250,
+                "queued": 3,
+                "oldest_queued_at": 5,
+                "platform": "ios",
+            },
+        )
+        self.assertEqual(
+            list(reply.json()),
+            ["online", "node", "connected_since", "queued", "oldest_queued_at", "platform"],
+        )
+        self.app.sessions["bob"] = SessionInfo(False, None, None, 0, None, None)
+        reply = await self.call("GET", "/v1/users/bob/session")
+        self.assertEqual(
+            reply.json(),
+            {
+                "online": False,
+                "node": None,
+                "connected_since": None,
+                "queued": 0,
+                "oldest_queued_at": None,
+                "platform": None,
+            },
+        )
+
+    async def test_refused(self) -> None:
+        """No session is 404; a bad userID 400; without a token 401; a store down 503."""
+        self.assertError(await self.call("GET", "/v1/users/nobody/session"), 404, "not_found")
+        self.assertError(await self.call("GET", "/v1/users/a%2Fb/session"), 400, "bad_request")
+        reply = await self.call("GET", "/v1/users/bob/session", token=None)
+        self.assertError(reply, 401, "unauthorized")
+        self.app.failure = StoreUnavailable("down")
+        self.assertError(await self.call("GET", "/v1/users/bob/session"), 503, "unavailable")
+
+
+class DisconnectTests(ApiTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.app.sessions["bob"] = SessionInfo(True, "n", 1, 0, None, None)
+
+    async def test_disconnect(self) -> None:
+        """
+        Without a body, or with {} or a ban, the user is disconnected: 204
+        with no body.
+        """
+        reply = await self.call("POST", "/v1/users/bob/disconnect")
+        self.assertEqual((reply.status, reply.body), (204, b""))
+        reply = await self.call("POST", "/v1/users/bob/disconnect", {})
+        self.assertEqual((reply.status, reply.body), (204, b""))
+        for ban in (0, 3600, MAX_BAN):
+            reply = await self.call("POST", "/v1/users/bob/disconnect", {"ban_seconds": ban})
+            self.assertEqual((reply.status, reply.body), (204, b""))
+        reply = await self.call("POST", "/v1/users/bob/disconnect", {"ban_seconds": None})
+        self.assertEqual(reply.status, 204)
+        self.assertEqual(
+            self.app.disconnects,
+            [
+                ("bob", None),
+                ("bob", None),
+                ("bob", 0),
+                ("bob", 3600),
+                ("bob", MAX_BAN),
+                ("bob", None),
+            ],
+        )
+
+    async def test_refused(self) -> None:
+        """A bad body is 400 and disconnects nobody; no session is 404."""
+        await self.assertRefusals(
+            "POST",
+            "/v1/users/bob/disconnect",
+            [
+                ({"ban_seconds": -1}, "bad_request"),
+                ({"ban_seconds": 1.5}, "bad_request"),
+                ({"ban_seconds": "60"}, "bad_request"),
+                ({"ban_seconds": True}, "bad_request"),
+                ({"ban_seconds": MAX_BAN + 1}, "bad_request"),
+                ({"ban": 60}, "bad_request"),
+                ([60], "bad_request"),
+            ],
+        )
+        reply = await self.call(
+            "POST",
+            "/v1/users/bob/disconnect",
+            data=b"{60",
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertError(reply, 400, "bad_json")
+        reply = await self.call("POST", "/v1/users/bob/disconnect", data=b'{"ban_seconds": 1}')
+        self.assertError(reply, 415, "unsupported_media_type")
+        self.assertEqual(self.app.disconnects, [])
+        reply = await self.call("POST", "/v1/users/nobody/disconnect", {"ban_seconds": 60})
+        self.assertError(reply, 404, "not_found")
+        reply = await self.call("POST", "/v1/users/a%2Fb/disconnect")
+        self.assertError(reply, 400, "bad_request")
+        reply = await self.call("POST", "/v1/users/bob/disconnect", token=None)
+        self.assertError(reply, 401, "unauthorized")
+        self.assertEqual(self.app.disconnects, [("nobody", 60)])
+
+
+class DeleteUserTests(ApiTestCase):
+    async def test_delete(self) -> None:
+        """DELETE of a user is 204 with no body, also for one the server does not know."""
+        for user_id in ("bob", "nobody"):
+            reply = await self.call("DELETE", f"/v1/users/{user_id}")
+            self.assertEqual((reply.status, reply.body), (204, b""))
+        self.assertEqual(self.app.deleted, ["bob", "nobody"])
+
+    async def test_refused(self) -> None:
+        """A bad userID is 400, no token 401, a store down 503; GET there is 405."""
+        self.assertError(await self.call("DELETE", "/v1/users/a%2Fb"), 400, "bad_request")
+        self.assertError(
+            await self.call("DELETE", "/v1/users/bob", token=None), 401, "unauthorized"
+        )
+        self.assertEqual(self.app.deleted, [])
+        self.app.failure = StoreUnavailable("down")
+        self.assertError(await self.call("DELETE", "/v1/users/bob"), 503, "unavailable")
+        reply = await self.call("GET", "/v1/users/bob")
+        self.assertError(reply, 405, "method_not_allowed")
+        self.assertEqual(reply.header("Allow"), "DELETE")
+
+
 class HistoryTests(ApiTestCase):
     async def chats(self) -> list[ChatRecord]:
         """Store five chat messages of order o1 and one of o2; return o1's."""
@@ -717,7 +863,7 @@ class RoutingTests(ApiTestCase):
             "/healthz/",
             "/v1",
             "/v1/nope",
-            "/v1/users/alice",
+            "/v1/users",
             "/v1/users/alice/device/more",
             "/v1/orders//messages",
             "/v1/users//presence",
@@ -731,6 +877,9 @@ class RoutingTests(ApiTestCase):
             ("PUT", "/v1/push/webview", "POST"),
             ("POST", "/v1/users/alice/device", "PUT, DELETE"),
             ("POST", "/v1/users/alice/presence", "GET"),
+            ("PUT", "/v1/users/alice", "DELETE"),
+            ("GET", "/v1/users/alice/disconnect", "POST"),
+            ("DELETE", "/v1/users/alice/session", "GET"),
             ("POST", "/v1/orders/o1/messages", "GET"),
             ("POST", "/healthz", "GET"),
             ("PUT", "/metrics", "GET"),

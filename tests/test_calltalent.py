@@ -20,6 +20,7 @@ from zope.interface import implementer
 from sktalent.authsign import sign
 from sktalent.calltalent.app import AppLimits, CallTalent
 from sktalent.calltalent.auth import AuthSignChecker
+from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.interfaces import InvalidRequest, QueueFull
 from sktalent.calltalent.pushtexts import PushTexts, parse_texts
 from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
@@ -51,6 +52,7 @@ DEFAULT_PUSH_TEXTS: list[tuple[str, dict[str, str], str]] = [
     ("expert", {"status": "fail", "content": "证书不清晰"}, "专家资格审核失败：证书不清晰"),
 ]
 DEFAULT_LIMITS = AppLimits()
+PUSH_AFTER = 5.0
 
 
 @implementer(IPusher)
@@ -94,6 +96,8 @@ class CallTalentCase(SynchronousTestCase):
     def harness(self, store: MemoryStore, limits: AppLimits = DEFAULT_LIMITS) -> Harness:
         h = Harness(store=store, authorizer=CallTalentRules(), retained=NOTHING_RETAINED)
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
+        self.delivery = PushDelivery(h.broker, self.pusher, h.clock, PUSH_AFTER)
+        h.broker.watch(self.delivery)
         self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
         h.app = self.app
         h.factory = h.make_factory()
@@ -374,9 +378,10 @@ class ChatTests(CallTalentCase):
         for n in range(1, 6):
             self.publish(a, chat("alice", "bob", n, f"m{n}"), n)
         self.assertEqual(len(self.frames(a)), 5)
+        self.h.clock.advance(0)
         self.assertEqual(
             [(users, n.kind, n.alert, n.o_id, n.msgid, n.badge) for users, n in self.pusher.pushed],
-            [(("bob",), "order_chat", f"m{n}", "o1", msgid(n), n) for n in range(1, 6)],
+            [(("bob",), "order_chat", f"m{n}", "o1", msgid(n), 5) for n in range(1, 6)],
         )
         b, packets = self.login("bob")
         self.assertEqual(packets[0], p.ConnAck(0, True))
@@ -747,14 +752,15 @@ class NotificationTests(CallTalentCase):
     def test_offline(self) -> None:
         """
         An offline user is pushed the backend's alert with the msgid and the
-        count of queued messages, and gets it at the next connect.
+        count of unacknowledged messages, and gets it at the next connect.
         """
         sent_id = self.successResultOf(
             self.app.notify("carol", "note", {"status": "replied", "note_id": "n1"}, "看看")
         )
+        self.h.clock.advance(0)
         [(users, notice)] = self.pusher.pushed
         expected = PushNotice(
-            "note", "看看", note_id="n1", status="replied", msgid=sent_id, badge=1
+            "note", "看看", note_id="n1", status="replied", msgid=sent_id, badge=1, reason="offline"
         )
         self.assertEqual((users, notice), (("carol",), expected))
         _, packets = self.login("carol")
@@ -769,6 +775,7 @@ class NotificationTests(CallTalentCase):
         """
         for type, payload, text in DEFAULT_PUSH_TEXTS:
             self.successResultOf(self.app.notify("carol", type, payload, None))
+            self.h.clock.advance(0)
             (_, notice) = self.pusher.pushed.pop()
             self.assertEqual(notice.alert, text, (type, payload))
 
@@ -782,6 +789,7 @@ class NotificationTests(CallTalentCase):
         self.successResultOf(self.app.notify("carol", "order", payload, None))
         texts.use(parse_texts({"order": {"paid": "订单{o_id}已支付"}}))
         self.successResultOf(self.app.notify("carol", "order", payload, None))
+        self.h.clock.advance(0)
         self.assertEqual(
             [n.alert for _, n in self.pusher.pushed], ["用户已支付，可以沟通", "订单o9已支付"]
         )
@@ -792,6 +800,7 @@ class NotificationTests(CallTalentCase):
         self.pusher = DisabledPusher(metrics)  # type: ignore[assignment]
         self.h = self.harness(self.store)
         self.successResultOf(self.app.notify("carol", "feedback", {"content": "谢谢"}, None))
+        self.h.clock.advance(0)
         counted = metrics.registry.get_sample_value(
             "sktalent_pushes_total", {"outcome": "disabled"}
         )
@@ -872,6 +881,7 @@ class QueueFullTests(CallTalentCase):
         )
         history = self.successResultOf(self.store.chat_history("o1", 10, None))
         self.assertEqual([c.msgid for c in history], [msgid(1), msgid(2), msgid(3)])
+        self.h.clock.advance(0)
         self.assertEqual(len(self.pusher.pushed), 3)
         self.assertEqual(
             self.h.metrics.registry.get_sample_value(

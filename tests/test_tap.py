@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,12 +18,14 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.pushtexts import TextTable
 from sktalent.mqtt.broker import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
+from sktalent.retention import Retention
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
-from sktalent.tap import Core, Listener, Options
+from sktalent.tap import Core, Listener, Options, node_name
 
 from .mqttclient import Harness
 
@@ -52,6 +55,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["store"], "sqlite:sktalent.sqlite3")
         self.assertEqual(options["max-packet"], 65536)
         self.assertEqual((options["max-queued"], options["max-queued-bytes"]), (10000, 16 << 20))
+        self.assertEqual(options["push-after"], 5.0)
         self.assertIsNone(options["tokens"])
         self.assertEqual(os.stat(self.secret).st_mode & 0o777, 0o600)
 
@@ -86,6 +90,18 @@ class OptionsTests(SynchronousTestCase):
         env = {"SKTALENT_ANONYMOUS": "1", "SKTALENT_MAX_RETAINED_BYTES": "7"}
         self.assertEqual(self.parse([], env)["retained"], RetainedLimits(10_000, 7))
 
+    def test_push_after_fractions(self) -> None:
+        """--push-after takes fractions of a second, also from the environment."""
+        self.assertEqual(self.parse(["--push-after", "0.5"])["push-after"], 0.5)
+        self.assertEqual(self.parse([], {"SKTALENT_PUSH_AFTER": "2.25"})["push-after"], 2.25)
+
+    def test_node_name(self) -> None:
+        """The node name is the host name with the first MQTT listener's port."""
+        host = socket.gethostname()
+        self.assertEqual(node_name(["tcp:8075", "ssl:8883"]), f"{host}:8075")
+        self.assertEqual(node_name(["tcp:port=1883:interface=::"]), f"{host}:1883")
+        self.assertEqual(node_name(["unix:/run/mqtt.sock"]), host)
+
     def test_bad_values_one_line(self) -> None:
         """Each bad value stops the start with one line that names it."""
         cases = [
@@ -110,6 +126,10 @@ class OptionsTests(SynchronousTestCase):
             ),
             (["--max-retained-bytes", "5"], "go with --anonymous"),
             (["--anonymous", "--max-retained", "0"], "positive"),
+            (["--push-after", "0"], "positive"),
+            (["--push-after", "nan"], "nan"),
+            (["--push-after", "inf"], "inf"),
+            (["--push-after", "soon"], "soon"),
         ]
         for argv, named in cases:
             message = self.refused(argv)
@@ -205,12 +225,25 @@ class BrokenStart(MemoryStore):
         return fail(StoreUnavailable("no database here"))
 
 
+class CountsPurges(MemoryStore):
+    """A MemoryStore that counts its purges."""
+
+    purges = 0
+
+    def purge(self, older_than: int) -> Deferred[int]:
+        self.purges += 1
+        return super().purge(older_than)
+
+
 class CoreTests(SynchronousTestCase):
     def core(self, store: MemoryStore) -> tuple[Core, MemoryReactorClock]:
         reactor = MemoryReactorClock()
         h = Harness(store=store)
         listeners = [Listener("--listen", "tcp:0", h.factory)]
-        core = Core(reactor, store, h.broker, h.factory, listeners, DisabledPusher(h.metrics), 30)
+        pusher = DisabledPusher(h.metrics)
+        retention = Retention(reactor, store, h.broker, h.metrics)
+        delivery = PushDelivery(h.broker, pusher, reactor)
+        core = Core(reactor, store, h.broker, h.factory, listeners, pusher, retention, delivery)
         return core, reactor
 
     def test_stopped_while_starting(self) -> None:
@@ -251,3 +284,20 @@ class CoreTests(SynchronousTestCase):
         [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
         self.assertTrue(line.startswith("Cannot start: --listen tcp:0: "), line)
         self.assertIn("in use", line)
+
+    def test_purges_at_start_and_every_six_hours(self) -> None:
+        """
+        Once started, the server purges what is past retention at once, then
+        every six hours, until it stops.
+        """
+        store = CountsPurges()
+        core, reactor = self.core(store)
+        core.startService()
+        self.assertEqual(store.purges, 1)
+        reactor.advance(6 * 3600 - 1)
+        self.assertEqual(store.purges, 1)
+        reactor.advance(1)
+        self.assertEqual(store.purges, 2)
+        self.successResultOf(core.stopService())
+        reactor.advance(24 * 3600)
+        self.assertEqual(store.purges, 2)

@@ -46,6 +46,8 @@ MAX_WEBVIEW_USERS = 1000
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 500
 PLATFORMS = ("ios", "android")
+# Ten years: a longer ban is a deleted account.
+MAX_BAN = 10 * 366 * 86400
 
 _MSGID = re.compile(r"[0-9a-f]{24}")
 _LIMIT = re.compile(r"[0-9]{1,4}")
@@ -67,6 +69,10 @@ class _Refusal(Exception):
 
 def _bad_request(message: str) -> NoReturn:
     raise _Refusal(400, "bad_request", message)
+
+
+def _no_session(user_id: str) -> NoReturn:
+    raise _Refusal(404, "not_found", f"{user_id} has no session.")
 
 
 @attrs.frozen
@@ -109,6 +115,8 @@ class _Route:
     pattern: tuple[bytes | None, ...]
     handler: _Handler
     json_body: bool = False
+    # With json_body: an empty body is taken as {}.
+    body_optional: bool = False
 
 
 def _match(pattern: tuple[bytes | None, ...], segments: list[bytes]) -> tuple[str, ...] | None:
@@ -167,11 +175,13 @@ def _web_url(body: Mapping[str, object], name: str) -> str:
     return url
 
 
-def _json_body(request: Request) -> dict[str, object]:
+def _json_body(request: Request, optional: bool = False) -> dict[str, object]:
+    raw = b"" if request.content is None else request.content.read()
+    if optional and not raw:
+        return {}
     media = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip()
     if media.lower() != b"application/json":
         raise _Refusal(415, "unsupported_media_type", "Send the body as application/json.")
-    raw = b"" if request.content is None else request.content.read()
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
@@ -249,6 +259,9 @@ class ApiResource(Resource):
             _Route(b"PUT", (b"v1", b"users", None, b"device"), self._device, True),
             _Route(b"DELETE", (b"v1", b"users", None, b"device"), self._log_out),
             _Route(b"GET", (b"v1", b"users", None, b"presence"), self._presence),
+            _Route(b"GET", (b"v1", b"users", None, b"session"), self._session),
+            _Route(b"POST", (b"v1", b"users", None, b"disconnect"), self._disconnect, True, True),
+            _Route(b"DELETE", (b"v1", b"users", None), self._delete_user),
             _Route(b"GET", (b"v1", b"orders", None, b"messages"), self._history),
             _Route(b"GET", (b"healthz",), self._health),
             _Route(b"GET", (b"metrics",), self._metrics),
@@ -300,7 +313,7 @@ class ApiResource(Resource):
             if params is None:
                 continue
             if route.method == request.method:
-                body = _json_body(request) if route.json_body else {}
+                body = _json_body(request, route.body_optional) if route.json_body else {}
                 return await route.handler(_Call(params, request.args, body))
             allowed.append(route.method)
         if allowed:
@@ -377,6 +390,31 @@ class ApiResource(Resource):
     async def _presence(self, call: _Call) -> _Answer:
         user_id = validate_user_id(call.params[0], "userID")
         return _json(200, {"online": bool(self._app.is_online(user_id))})
+
+    async def _session(self, call: _Call) -> _Answer:
+        user_id = validate_user_id(call.params[0], "userID")
+        info = await self._app.session_info(user_id)
+        if info is None:
+            _no_session(user_id)
+        return _json(200, attrs.asdict(info))
+
+    async def _disconnect(self, call: _Call) -> _Answer:
+        user_id = validate_user_id(call.params[0], "userID")
+        body = call.body
+        _fields(body, (), ("ban_seconds",))
+        ban = body.get("ban_seconds")
+        if ban is not None and (
+            not isinstance(ban, int) or isinstance(ban, bool) or not 0 <= ban <= MAX_BAN
+        ):
+            _bad_request(f"ban_seconds must be a whole number from 0 to {MAX_BAN}.")
+        if not self._app.disconnect(user_id, ban):
+            _no_session(user_id)
+        return _Answer(204, content_type=None)
+
+    async def _delete_user(self, call: _Call) -> _Answer:
+        user_id = validate_user_id(call.params[0], "userID")
+        await self._app.delete_user(user_id)
+        return _Answer(204, content_type=None)
 
     async def _history(self, call: _Call) -> _Answer:
         o_id = call.params[0]

@@ -1,7 +1,8 @@
 """
 The CallTalent application on the MQTT core: the envelope of seed section 2,
-chat with sent and received (section 4), notifications (section 5), and the
-offline push that stands in for a missing connection.
+chat with sent and received (section 4), notifications (section 5), each with
+the push notice that delivery.py sends while it goes unacknowledged, and what
+operators ask of a user's session.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import re
+import socket
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -31,6 +33,7 @@ from ..store.interfaces import (
     ChatRecord,
     ChatStored,
     Device,
+    DropDevice,
     InsertChat,
     Inserted,
     IStore,
@@ -41,7 +44,8 @@ from ..store.interfaces import (
     StoreUnavailable,
 )
 from .auth import valid_user_id
-from .interfaces import ICallTalent, InvalidRequest, QueueFull
+from .delivery import encode_notice
+from .interfaces import ICallTalent, InvalidRequest, QueueFull, SessionInfo
 from .notifications import validate_notification, validate_user_id
 from .pushtexts import PushTexts
 from .rules import SERVER_TOPIC, client_topic
@@ -179,6 +183,8 @@ class CallTalent:
     _texts: PushTexts = attrs.Factory(PushTexts)
     # Least recently seen first, so the idle are forgotten cheaply.
     _senders: OrderedDict[str, _Sender] = attrs.Factory(OrderedDict)
+    # This server's name, for operators.
+    node: str = attrs.field(factory=socket.gethostname, kw_only=True)
     _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
 
     # -- IApplication: what clients publish --------------------------------
@@ -288,16 +294,25 @@ class CallTalent:
             plan, client_id, Refusal("rate_limited", "too many messages; slow down", msgid)
         )
 
-    def _send(self, plan: Plan, user_id: str, frame: Mapping[str, Any] | bytes, kind: str) -> None:
+    def _send(
+        self,
+        plan: Plan,
+        user_id: str,
+        frame: Mapping[str, Any] | bytes,
+        kind: str,
+        notice: PushNotice | None = None,
+    ) -> None:
         """
-        Queue frame (or its JSON bytes) durably for user_id's own topic.  A
-        chat or notification must be known to fit (has_room); a frame of
-        _OWN_FRAMES past the headroom is dropped and counted.
+        Queue frame (or its JSON bytes) durably for user_id's own topic; with
+        a notice, to be pushed while it goes unacknowledged.  A chat or
+        notification must be known to fit (has_room); a frame of _OWN_FRAMES
+        past the headroom is dropped and counted.
         """
         session = self._broker.ensure_session(plan, user_id)
         body = frame if isinstance(frame, bytes) else _json(frame).encode()
         message = Message(client_topic(user_id), body, 1)
-        if self._broker.queue(plan, session, message, headroom=kind in _OWN_FRAMES):
+        kept = None if notice is None else encode_notice(notice)
+        if self._broker.queue(plan, session, message, headroom=kind in _OWN_FRAMES, notice=kept):
             counter = self._counter(self.metrics.messages_out, kind)
             plan.add(None, lambda _: counter.inc())
 
@@ -364,8 +379,7 @@ class CallTalent:
             return
         chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
         inner = Plan()
-        self._send(inner, to, body, "order_chat")
-        inner.add(None, lambda _: self._push_if_offline(to, delivered))
+        self._send(inner, to, body, "order_chat", self._texts.notice(delivered))
         self._send(inner, sender, sent, "sent")
 
         def otherwise(result: Inserted) -> None:
@@ -423,16 +437,6 @@ class CallTalent:
             MarkReceived(sender, msgid, recipient, self._now_ms(), inner.ops), inner, unknown
         )
 
-    def _push_if_offline(
-        self, user_id: str, frame: Mapping[str, Any], alert: str | None = None
-    ) -> None:
-        """Push frame, just queued for user_id, when the user is not connected."""
-        if self._broker.is_online(user_id):
-            return
-        session = self._broker.session(user_id)
-        badge = None if session is None else len(session.queue)
-        self._pusher.push_to_users([user_id], self._texts.notice(frame, alert, badge=badge))
-
     # -- ICallTalent: what the backend asks --------------------------------
 
     def notify(
@@ -448,8 +452,7 @@ class CallTalent:
         if not self._broker.has_room(to, len(body)):
             self._counter(self.metrics.refusals, "queue_full").inc()
             raise QueueFull(f"the queue of {to} is full; send the notification again later")
-        self._send(plan, to, body, type)
-        plan.add(None, lambda _: self._push_if_offline(to, frame, alert))
+        self._send(plan, to, body, type, self._texts.notice(frame, alert))
         self._counter(self.metrics.messages_in, type).inc()
         return self._broker.commit(plan).addCallback(lambda _: msgid)
 
@@ -479,6 +482,39 @@ class CallTalent:
 
     def is_online(self, user_id: str) -> bool:
         return self._broker.is_online(user_id)
+
+    def session_info(self, user_id: str) -> Deferred[SessionInfo | None]:
+        return Deferred.fromCoroutine(self._session_info(user_id))
+
+    async def _session_info(self, user_id: str) -> SessionInfo | None:
+        if self._broker.session(user_id) is None:
+            return None
+        device = await self._store.get_device(user_id)
+        # As it is now, not as it was before the store answered.
+        session = self._broker.session(user_id)
+        if session is None:
+            return None
+        oldest = next(iter(session.queue.values()), None)
+        since = session.connected_since
+        return SessionInfo(
+            online=session.connection is not None,
+            node=None if session.connection is None else self.node,
+            connected_since=None if since is None else int(since * 1000),
+            queued=len(session.queue),
+            oldest_queued_at=None if oldest is None else oldest.queued_at,
+            platform=None if device is None else device.platform,
+        )
+
+    def disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
+        return self._broker.disconnect(user_id, ban_seconds)
+
+    def delete_user(self, user_id: str) -> Deferred[None]:
+        self._check_store()
+        plan = Plan()
+        self._broker.remove(plan, user_id)
+        plan.add(DropDevice(user_id))
+        self._senders.pop(user_id, None)
+        return self._broker.commit(plan)
 
     def history(self, o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         return self._store.chat_history(o_id, limit, before)

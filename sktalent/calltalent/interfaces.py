@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
@@ -30,6 +31,20 @@ class QueueFull(Exception):
     The recipient's queue is full: nothing was stored or pushed; the message
     may be sent again once the recipient has read its queue.
     """
+
+
+@attrs.frozen
+class SessionInfo:
+    """A user's session as operators see it; times in milliseconds since the epoch."""
+
+    online: bool
+    # The server holding its connection; None while offline.
+    node: str | None
+    connected_since: int | None
+    queued: int
+    oldest_queued_at: int | None
+    # Of the registered device; None without one.
+    platform: str | None
 
 
 class ICallTalent(Interface):
@@ -58,6 +73,22 @@ class ICallTalent(Interface):
 
     def is_online(user_id: str) -> bool:
         """True while the user has a live MQTT connection."""
+
+    def session_info(user_id: str) -> Deferred[SessionInfo | None]:
+        """The user's session, or None for a user without one."""
+
+    def disconnect(user_id: str, ban_seconds: int | None) -> bool:
+        """
+        Close the user's connection; ban_seconds, when given, refuses the user
+        (CONNACK 5) until that many seconds from now, 0 lifting a ban.  False
+        for a user without a session.
+        """
+
+    def delete_user(user_id: str) -> Deferred[None]:
+        """
+        The account is gone: close its connection, forget its session, queue
+        and device (not its chat history); fire when durable.
+        """
 
     def history(o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         """The order's stored chat, oldest first."""

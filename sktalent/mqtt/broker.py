@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface
@@ -54,6 +54,28 @@ class IConnection(Interface):
     def take_over() -> None:
         """Another connection claimed this client id: close this one."""
 
+    def end(why: str) -> None:
+        """Close the connection (an operator's disconnect, a deleted account)."""
+
+
+class IQueueWatcher(Interface):
+    """
+    Follows the queued messages that carry a notice, to push them while they
+    go unacknowledged.
+    """
+
+    def queued(session: Session, out: Outgoing) -> None:
+        """out, which has a notice, is now durable in session's queue."""
+
+    def resumed(session: Session) -> None:
+        """
+        session's queue is handed over afresh: to a new connection, or to no
+        connection after the server restored it.
+        """
+
+    def detached(session: Session) -> None:
+        """session's connection ended; its queue is still there."""
+
 
 @attrs.define(eq=False)
 class Outgoing:
@@ -62,6 +84,11 @@ class Outgoing:
     sent: bool = False
     # PUBREC received: only PUBREL/PUBCOMP remain.
     released: bool = False
+    # Milliseconds since the epoch.
+    queued_at: int = 0
+    # For the IQueueWatcher: what to push for it, and whether that happened.
+    notice: str | None = None
+    pushed: bool = False
 
     @property
     def packet_id(self) -> int:
@@ -88,11 +115,22 @@ class Session:
     # queued and those reserved by plans not yet committed.
     held: int = 0
     held_bytes: int = 0
+    # Clock seconds when the current connection attached.
+    connected_since: float | None = None
+    # Whether a client ever connected to it (kept in the store).
+    connected: bool = False
+    # Queued messages that carry a notice: the user's unacknowledged messages.
+    notices: int = 0
     # Dropping for a full queue since the client last connected.
     overflowing: bool = False
 
     def subscription_record(self) -> PutSession:
-        return PutSession(self.client_id, tuple(sorted(self.subscriptions.items())))
+        return PutSession(self.client_id, tuple(sorted(self.subscriptions.items())), self.connected)
+
+
+def _idle(session: Session) -> bool:
+    """Never connected to and nothing queued: a session that serves nobody."""
+    return not session.connected and not session.queue and session.connection is None
 
 
 @attrs.frozen
@@ -237,24 +275,41 @@ class Broker:
     # queue), committed once per reactor turn rather than once each.
     _loose: list[Op] = attrs.Factory(list)
     _loose_flush: IDelayedCall | None = None
+    _watcher: IQueueWatcher | None = None
+    # client id -> clock seconds when its ban ends.
+    _bans: dict[str, float] = attrs.Factory(dict)
+
+    def watch(self, watcher: IQueueWatcher) -> None:
+        """Tell watcher what happens to queued messages with a notice."""
+        self._watcher = watcher
 
     # -- start -------------------------------------------------------------
 
     async def restore(self) -> None:
         """Load every persistent session and retained message from the store."""
         for record in await self._store.load_sessions():
-            session = Session(record.client_id, persistent=True)
+            session = Session(record.client_id, persistent=True, connected=record.connected)
             session.inbound = set(record.inbound)
             for filter_, qos in record.subscriptions:
                 self._subscribe(session, filter_, qos)
             for queued in record.queue:
-                out = Outgoing(queued.seq, queued.message, released=queued.released)
+                out = Outgoing(
+                    queued.seq,
+                    queued.message,
+                    released=queued.released,
+                    queued_at=queued.queued_at,
+                    notice=queued.notice,
+                    pushed=queued.pushed,
+                )
                 session.queue[queued.seq] = out
+                session.notices += out.notice is not None
                 session.next_seq = queued.seq + 1
                 # What is queued counts against the limits after a restart too.
                 session.held += 1
                 session.held_bytes += len(queued.message.payload)
             self._sessions[session.client_id] = session
+            if self._watcher is not None:
+                self._watcher.resumed(session)
         await self._restore_retained()
         self._metrics.sessions.set(len(self._sessions))
         self._metrics.queued.set(sum(s.held for s in self._sessions.values()))
@@ -393,7 +448,11 @@ class Broker:
             self._metrics.sessions.set(len(self._sessions))
         else:
             session = self.ensure_session(plan, client_id)
+            if not session.connected:
+                session.connected = True
+                plan.add(session.subscription_record())
         session.connection = connection
+        session.connected_since = self._clock.seconds()
         if plan.ops:
             self.commit(plan).addErrback(logged(log, "Saving session {id} failed", id=client_id))
         return session, old is not None
@@ -402,7 +461,9 @@ class Broker:
         """The connection of session went away."""
         if session.connection is not connection:
             return  # Taken over already.
-        session.connection = None
+        session.connection = session.connected_since = None
+        if self._watcher is not None:
+            self._watcher.detached(session)
         if not session.persistent:
             self._discard(None, session)
 
@@ -416,6 +477,109 @@ class Broker:
         self._metrics.queued_bytes.dec(sum(len(o.message.payload) for o in session.queue.values()))
         if session.persistent and plan is not None:
             plan.add(DropSession(session.client_id))
+
+    # -- operators ----------------------------------------------------------
+
+    def disconnect(self, client_id: str, ban_seconds: float | None = None) -> bool:
+        """
+        Close the client's connection, if any.  ban_seconds, when given,
+        replaces its ban: CONNECTs are refused until that many seconds from
+        now (0 lifts the ban).  False when the client has no session.
+        """
+        session = self._sessions.get(client_id)
+        if session is None:
+            return False
+        if ban_seconds is not None:
+            now = self._clock.seconds()
+            # Ended bans go whenever one is set, so the table stays small.
+            self._bans = {c: end for c, end in self._bans.items() if end > now}
+            if ban_seconds > 0:
+                self._bans[client_id] = now + ban_seconds
+            else:
+                self._bans.pop(client_id, None)
+        if session.connection is not None:
+            session.connection.end("disconnected by an operator")
+        return True
+
+    def banned(self, client_id: str) -> bool:
+        """Whether the client's CONNECTs are refused now."""
+        end = self._bans.get(client_id)
+        return end is not None and end > self._clock.seconds()
+
+    def remove(self, plan: Plan, client_id: str) -> None:
+        """
+        Forget the client's session and its queue, now in memory and with
+        plan in the store, and close its connection: the account is gone.
+        """
+        plan.add(DropSession(client_id))
+        session = self._sessions.get(client_id)
+        if session is None:
+            return
+        # Detached first, so that closing the connection pushes nothing.
+        connection, session.connection = session.connection, None
+        self._discard(None, session)
+        if connection is not None:
+            connection.end("the account was deleted")
+
+    # -- retention ----------------------------------------------------------
+
+    def expire(self, before: int) -> Deferred[tuple[int, int]]:
+        """
+        Drop the messages queued before ``before`` (milliseconds since the
+        epoch), except those in flight on a connection, and then the sessions
+        that no client ever connected to and that have nothing queued.  Fire
+        with how many messages and sessions went, once that is durable.
+        """
+        return Deferred.fromCoroutine(self._expire(before))
+
+    async def _expire(self, before: int) -> tuple[int, int]:
+        messages = 0
+        commits = []
+        for session in list(self._sessions.values()):
+            plan = Plan()
+            messages += self._expire_queue(plan, session, before)
+            if not plan.empty:
+                commits.append(self.commit(plan))
+        # A message to an idle session may be on its way to the store: keep
+        # the session unless, once all that has landed, none was planned.
+        idle = [(s, s.next_seq) for s in self._sessions.values() if _idle(s)]
+        landed = self.barrier()
+        await gatherResults(commits, consumeErrors=True)
+        await landed
+        plan = Plan()
+        removed = 0
+        for session, next_seq in idle:
+            if (
+                self._sessions.get(session.client_id) is session
+                and session.next_seq == next_seq
+                and _idle(session)
+            ):
+                self._discard(plan, session)
+                removed += 1
+        await self.commit(plan)
+        return messages, removed
+
+    def _expire_queue(self, plan: Plan, session: Session, before: int) -> int:
+        live = session.connection is not None
+        expired = []
+        # Queued in seq order, so in time order.
+        for out in session.queue.values():
+            if out.queued_at >= before:
+                break
+            if not (live and session.inflight.get(out.packet_id) is out):
+                expired.append(out)
+        for out in expired:
+            del session.queue[out.seq]
+            session.notices -= out.notice is not None
+            size = len(out.message.payload)
+            self._unhold(session, size)
+            self._metrics.queued_bytes.dec(size)
+            if session.persistent:
+                plan.add(Dequeue(session.client_id, out.seq))
+        if expired and live:
+            session.unsent = deque(o for o in session.unsent if o.seq in session.queue)
+        self._metrics.queued.dec(len(expired))
+        return len(expired)
 
     # -- subscriptions -----------------------------------------------------
 
@@ -537,7 +701,13 @@ class Broker:
         return self.limits.admit(held, held_bytes, size, headroom=False)
 
     def queue(
-        self, plan: Plan, session: Session, message: Message, *, headroom: bool = False
+        self,
+        plan: Plan,
+        session: Session,
+        message: Message,
+        *,
+        headroom: bool = False,
+        notice: str | None = None,
     ) -> bool:
         """
         Queue message (QoS 1 or 2) for session once plan is durable, reserving
@@ -545,7 +715,7 @@ class Broker:
         message is dropped, counted, and False answered: never what is queued
         already, which may have been promised to someone.  headroom lets the
         queue exceed its limits by a tenth, for frames about the client's own
-        actions.
+        actions.  A notice goes with the message, for the IQueueWatcher.
         """
         size = len(message.payload)
         if not self.limits.admit(session.held, session.held_bytes, size, headroom):
@@ -556,8 +726,10 @@ class Broker:
         plan.on_abandon(lambda: self._unhold(session, size))
         seq = session.next_seq
         session.next_seq += 1
-        op = Enqueue(session.client_id, seq, message) if session.persistent else None
-        plan.add(op, lambda _: self._enqueue(session, Outgoing(seq, message)))
+        at = int(self._clock.seconds() * 1000)
+        op = Enqueue(session.client_id, seq, message, at, notice) if session.persistent else None
+        out = Outgoing(seq, message, queued_at=at, notice=notice)
+        plan.add(op, lambda _: self._enqueue(session, out))
         return True
 
     def _unhold(self, session: Session, size: int) -> None:
@@ -579,8 +751,11 @@ class Broker:
             return  # Discarded while the commit was under way.
         session.queue[out.seq] = out
         session.unsent.append(out)
+        session.notices += out.notice is not None
         self._metrics.queued.inc()
         self._metrics.queued_bytes.inc(len(out.message.payload))
+        if out.notice is not None and self._watcher is not None:
+            self._watcher.queued(session, out)
         self._pump(session)
 
     def _fire_and_forget(self, op: Op) -> None:
@@ -607,6 +782,8 @@ class Broker:
         session.unsent = deque(session.queue.values())
         session.overflowing = False
         self._pump(session)
+        if self._watcher is not None:
+            self._watcher.resumed(session)
 
     def _pump(self, session: Session) -> None:
         connection = session.connection
@@ -642,6 +819,7 @@ class Broker:
         del session.queue[out.seq]
         size = len(out.message.payload)
         self._unhold(session, size)
+        session.notices -= out.notice is not None
         self._metrics.queued.dec()
         self._metrics.queued_bytes.dec(size)
         if session.persistent:

@@ -149,6 +149,9 @@ class MQTTServerProtocol(Protocol):
         self._session = None
         self._close(None)
 
+    def end(self, why: str) -> None:
+        self._close(why)
+
     # -- helpers ------------------------------------------------------------
 
     def _write(self, packets: list[p.Packet]) -> None:
@@ -240,6 +243,9 @@ class MQTTServerProtocol(Protocol):
         code = self._authorizer.check_client_id(user, client_id)
         if code:
             self._refuse(code, "client_id")
+            return
+        if self._broker.banned(client_id):
+            self._refuse(p.REFUSED_NOT_AUTHORIZED, "banned")
             return
         self._user, self._client_id = user, client_id
         if connect.will is not None:

@@ -1,0 +1,162 @@
+"""
+When each chat and notification is pushed (INTERFACE section 8): every one
+ends acknowledged by the phone or pushed, also across a restart, and none is
+pushed twice.
+
+A message is pushed at once when its recipient has no live connection when it
+is committed; push_after seconds after it was queued on a live connection, if
+it is still unacknowledged then; and when the connection ends before it is
+acknowledged.  A connection taken over by a new one of the same client is not
+an end: the queue is resent on the new one, which starts the wait again, as a
+restart does for what was neither acknowledged nor pushed.
+
+The waits are one FIFO for the whole server, since every wait is equally long,
+behind one timer: an acknowledged message is not looked for, only skipped when
+its turn comes.  A push is marked in the store before it goes out, so a crash
+can lose a push that was about to leave but never repeats one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..mqtt.broker import Broker, IConnection, IQueueWatcher, Outgoing, Plan, Session
+from ..push.interfaces import IPusher, PushNotice
+from ..store.interfaces import MarkPushed
+
+log = Logger()
+
+# What a stored notice keeps: the rest is decided when it is pushed.
+_KEPT = tuple(a.name for a in attrs.fields(PushNotice) if a.name not in ("badge", "reason"))
+
+
+def encode_notice(notice: PushNotice) -> str:
+    """The notice as kept with its queued message."""
+    return json.dumps(
+        {name: getattr(notice, name) for name in _KEPT}, ensure_ascii=False, separators=(",", ":")
+    )
+
+
+def decode_notice(text: str) -> PushNotice:
+    """The notice encode_notice kept (fields it does not know are left out)."""
+    fields = json.loads(text)
+    return PushNotice(**{name: fields[name] for name in _KEPT if name in fields})
+
+
+@attrs.frozen
+class _Wait:
+    due: float
+    session: Session
+    out: Outgoing
+    # The connection it waits on; None after a restart.
+    connection: IConnection | None
+
+
+@implementer(IQueueWatcher)
+@attrs.define(eq=False)
+class PushDelivery:
+    _broker: Broker
+    _pusher: IPusher
+    _clock: IReactorTime
+    push_after: float = 5.0
+    _waits: deque[_Wait] = attrs.Factory(deque)
+    _timer: IDelayedCall | None = None
+    # Decided this reactor turn, marked in the store together.
+    _due: list[tuple[Session, Outgoing, str]] = attrs.Factory(list)
+    _marking: IDelayedCall | None = None
+    _stopped: bool = False
+
+    # -- IQueueWatcher --------------------------------------------------------
+
+    def queued(self, session: Session, out: Outgoing) -> None:
+        if session.connection is None:
+            self._push(session, out, "offline")
+        else:
+            self._wait(session, out)
+
+    def resumed(self, session: Session) -> None:
+        for out in session.queue.values():
+            if out.notice is not None and not out.pushed:
+                self._wait(session, out)
+
+    def detached(self, session: Session) -> None:
+        for out in session.queue.values():
+            if out.notice is not None and not out.pushed:
+                self._push(session, out, "connection_lost")
+
+    # -- the rest -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """
+        The server is stopping: its connections ending are not the clients'
+        doing, so nothing more is pushed; what was not is after the restart.
+        """
+        self._stopped = True
+        for call in (self._timer, self._marking):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._marking = None
+        self._waits.clear()
+        self._due = []
+
+    def _wait(self, session: Session, out: Outgoing) -> None:
+        if self._stopped:
+            return
+        due = self._clock.seconds() + self.push_after
+        self._waits.append(_Wait(due, session, out, session.connection))
+        if self._timer is None:
+            self._timer = self._clock.callLater(self.push_after, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        waits = self._waits
+        while waits and waits[0].due <= now:
+            wait = waits.popleft()
+            session, out = wait.session, wait.out
+            if (
+                not out.pushed
+                # Resent on another connection since: that one's wait counts.
+                and session.connection is wait.connection
+                and session.queue.get(out.seq) is out
+                and self._broker.session(session.client_id) is session
+            ):
+                reason = "offline" if session.connection is None else "unacknowledged"
+                self._push(session, out, reason)
+        if waits:
+            self._timer = self._clock.callLater(waits[0].due - now, self._expired)
+
+    def _push(self, session: Session, out: Outgoing, reason: str) -> None:
+        if self._stopped:
+            return
+        out.pushed = True
+        self._due.append((session, out, reason))
+        if self._marking is None:
+            self._marking = self._clock.callLater(0, self._mark)
+
+    def _mark(self) -> None:
+        self._marking = None
+        due, self._due = self._due, []
+        plan = Plan()
+        for session, out, _ in due:
+            if session.persistent:
+                plan.add(MarkPushed(session.client_id, out.seq))
+        self._broker.commit(plan).addBoth(self._send, due)
+
+    def _send(self, marked: None | Failure, due: list[tuple[Session, Outgoing, str]]) -> None:
+        if isinstance(marked, Failure):
+            # Better a push that may come again after a restart than none.
+            log.failure("Marking {n} pushes failed; pushing anyway", marked, n=len(due))
+        if self._stopped:
+            return
+        for session, out, reason in due:
+            assert out.notice is not None
+            notice = attrs.evolve(decode_notice(out.notice), badge=session.notices, reason=reason)
+            self._pusher.push_to_users([session.client_id], notice)

@@ -1,0 +1,329 @@
+"""
+When chats and notifications are pushed, in memory with a Clock: at once for
+an offline recipient, after push-after when unacknowledged on a live
+connection, when the connection ends first; at most once, and across a
+restart.
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+
+from sktalent.calltalent.app import AppLimits
+from sktalent.calltalent.delivery import decode_notice, encode_notice
+from sktalent.mqtt import packets as p
+from sktalent.push.interfaces import PushNotice
+from sktalent.store.interfaces import MarkPushed
+
+from .mqttclient import Client
+from .test_calltalent import PUSH_AFTER, CallTalentCase, HeldStore, chat, msgid
+
+
+class DeliveryCase(CallTalentCase):
+    def pushes(self) -> list[tuple[str, str | None, int | None, str]]:
+        """(user, msgid, badge, reason) of each push since the last call."""
+        self.h.clock.advance(0)
+        pushed, self.pusher.pushed[:] = list(self.pusher.pushed), []
+        return [(u, n.msgid, n.badge, n.reason) for (u,), n in pushed]
+
+    def chats(self, sender: Client, to: str, numbers: range) -> None:
+        """Chats from sender to `to`, each answered with sent."""
+        for n in numbers:
+            self.publish(sender, chat(sender.protocol._client_id, to, n, f"m{n}"), n)
+        answers: list[str] = []
+        # Each round acknowledges what came, letting a small window move on.
+        for _ in numbers:
+            answers += [f["type"] for f in self.frames(sender)]
+        self.assertEqual(answers, ["sent"] * len(numbers))
+
+    def unacknowledged(self, c: Client, packets: list[p.Packet] | None = None) -> list[int]:
+        """The packet ids of the publishes c was sent (or in packets), not acknowledged."""
+        return [
+            x.packet_id or 0
+            for x in (c.received() if packets is None else packets)
+            if isinstance(x, p.Publish)
+        ]
+
+    def reconnect(self, user: str) -> tuple[Client, list[int]]:
+        """user connects; the packet ids of what was resent, not acknowledged."""
+        c, packets = self.login(user)
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        return c, self.unacknowledged(c, packets)
+
+
+class PushRuleTests(DeliveryCase):
+    def test_offline_pushed_at_commit_once(self) -> None:
+        """
+        A chat to a user without a connection is pushed when committed, as
+        offline with the badge of her unacknowledged messages; never again,
+        not after push-after nor when she connects and leaves unacknowledged.
+        """
+        a = self.user("alice")
+        self.chats(a, "bob", range(1, 3))
+        self.assertEqual(
+            self.pushes(), [("bob", msgid(1), 2, "offline"), ("bob", msgid(2), 2, "offline")]
+        )
+        b, resent = self.reconnect("bob")
+        self.assertEqual(len(resent), 2)
+        self.h.clock.advance(PUSH_AFTER * 3)
+        b.lose()
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_unacknowledged_pushed_after_push_after(self) -> None:
+        """
+        A chat delivered to a live connection and not acknowledged is pushed
+        push-after seconds after it was committed, not a moment before, and
+        only once.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 2))
+        self.assertEqual(len(self.unacknowledged(b)), 1)
+        self.h.clock.advance(PUSH_AFTER - 0.001)
+        self.assertEqual(self.pushes(), [])
+        self.h.clock.advance(0.001)
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "unacknowledged")])
+        self.h.clock.advance(PUSH_AFTER * 3)
+        b.lose()
+        self.assertEqual(self.pushes(), [])
+
+    def test_acknowledged_in_time_not_pushed(self) -> None:
+        """A chat acknowledged before push-after is never pushed."""
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 2))
+        [pid] = self.unacknowledged(b)
+        self.h.clock.advance(PUSH_AFTER - 0.01)
+        b.send(p.PubAck(pid))
+        self.h.clock.advance(PUSH_AFTER * 3)
+        b.lose()
+        self.assertEqual(self.pushes(), [])
+
+    def test_each_waits_its_own_time(self) -> None:
+        """Chats committed a second apart are pushed a second apart."""
+        a, b = self.user("alice"), self.user("bob")
+        for n in range(1, 4):
+            self.chats(a, "bob", range(n, n + 1))
+            self.h.clock.advance(1)
+        self.assertEqual(len(self.unacknowledged(b)), 3)
+        self.h.clock.advance(PUSH_AFTER - 3)
+        self.assertEqual([m for _, m, _, _ in self.pushes()], [msgid(1)])
+        self.h.clock.advance(1)
+        self.assertEqual([m for _, m, _, _ in self.pushes()], [msgid(2)])
+        self.h.clock.advance(1)
+        self.assertEqual([m for _, m, _, _ in self.pushes()], [msgid(3)])
+
+    def test_connection_lost_pushes_unacknowledged(self) -> None:
+        """
+        When the connection ends, each chat sent on it and not acknowledged is
+        pushed at once, as connection_lost, with the badge of those left; an
+        acknowledged one is not, and nothing more follows.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 5))
+        first, *_ = self.unacknowledged(b)
+        b.send(p.PubAck(first))
+        self.h.clock.advance(1)
+        b.lose()
+        self.assertEqual(
+            self.pushes(),
+            [("bob", msgid(n), 3, "connection_lost") for n in range(2, 5)],
+        )
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_queued_behind_the_window_counts_too(self) -> None:
+        """
+        Chats still waiting behind the in-flight window of a live connection
+        are pushed after push-after too, and when the connection ends.
+        """
+        self.h.broker.max_inflight = 2
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 5))
+        self.assertEqual(len(self.unacknowledged(b)), 2)
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(len(self.pushes()), 4)
+        self.chats(a, "bob", range(5, 7))
+        b.lose()
+        self.assertEqual(self.pushes(), [("bob", msgid(n), 6, "connection_lost") for n in (5, 6)])
+
+    def test_takeover_waits_again(self) -> None:
+        """
+        A connection taken over by a new one of the same client is not an
+        end: nothing is pushed then; the new connection gets the chat again,
+        and push-after counts from there.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 3))
+        self.assertEqual(len(self.unacknowledged(b)), 2)
+        self.h.clock.advance(3)
+        again, (first, _) = self.reconnect("bob")
+        b.lose()
+        again.send(p.PubAck(first))
+        self.h.clock.advance(PUSH_AFTER - 0.001)
+        self.assertEqual(self.pushes(), [])
+        self.h.clock.advance(0.001)
+        self.assertEqual(self.pushes(), [("bob", msgid(2), 1, "unacknowledged")])
+
+    def test_notifications_pushed_frames_not(self) -> None:
+        """
+        Notifications are pushed like chats; sent, received and error frames
+        are never pushed and not in the badge.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 2))
+        self.assertEqual(self.pushes(), [])
+        [pid] = self.unacknowledged(b)
+        b.send(p.PubAck(pid))
+        a.lose()
+        self.publish(b, {"msgid": msgid(1), "from": "bob", "to": "alice", "type": "received"}, 2)
+        self.publish(b, b"{bad", 3)
+        self.assertEqual(len(self.unacknowledged(b)), 1)  # The error frame.
+        note = self.successResultOf(self.app.notify("alice", "feedback", {"content": "ok"}, None))
+        self.assertEqual(self.pushes(), [("alice", note, 1, "offline")])
+        self.assertEqual(len(self.h.broker.session("alice").queue), 2)  # type: ignore[union-attr]
+        self.h.clock.advance(PUSH_AFTER * 3)
+        b.lose()
+        self.assertEqual(self.pushes(), [])
+
+    def test_clean_session_pushed_when_it_ends(self) -> None:
+        """A chat unacknowledged on a clean session is pushed when it ends."""
+        a = self.user("alice")
+        b, _ = self.login("bob", clean=True)
+        self.chats(a, "bob", range(1, 2))
+        b.lose()
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "connection_lost")])
+
+    def test_one_timer_for_many_messages(self) -> None:
+        """
+        However many messages wait, the push decisions hold one timer: the
+        reactor's delayed calls do not grow with them.
+        """
+        self.h = self.harness(self.store, AppLimits(rate=1000, burst=1000))
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 2))
+        self.h.clock.advance(0.01)
+        calls = len(self.h.clock.getDelayedCalls())
+        for n in range(2, 200):
+            self.chats(a, "bob", range(n, n + 1))
+            self.h.clock.advance(0.01)
+        self.assertEqual(len(self.h.clock.getDelayedCalls()), calls)
+        self.assertEqual(len(self.unacknowledged(b)), 32)
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(len(self.pushes()), 199)
+
+    def test_marked_before_pushed(self) -> None:
+        """A push goes out only once the store has it marked as pushed."""
+        store = HeldStore()
+        self.h = self.harness(store)
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1))
+        store.release()
+        self.assertEqual(self.pushes(), [])
+        [(_, ops)] = store.held
+        self.assertEqual(list(ops), [MarkPushed("bob", 1)])
+        store.release()
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+
+    def test_stopping_server_pushes_nothing(self) -> None:
+        """
+        Connections closed because the server stops are not ended by their
+        clients: nothing is pushed, and nothing more once it stopped.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 3))
+        self.delivery.stop()
+        b.lose()
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_deleted_account_not_pushed(self) -> None:
+        """A deleted account's unacknowledged chats are not pushed."""
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 3))
+        self.successResultOf(self.app.delete_user("bob"))
+        self.assertTrue(b.closed)
+        b.lose()
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+
+class RestartTests(DeliveryCase):
+    def restart(self) -> None:
+        """A new server on the same store: what a SIGKILL leaves."""
+        self.h = self.harness(self.store)
+        self.successResultOf(self.h.broker.restore())
+
+    def test_neither_acknowledged_nor_pushed_is_pushed_after_restart(self) -> None:
+        """
+        A chat delivered and not acknowledged when the server died is pushed
+        push-after seconds after the restart, once; one acknowledged, or
+        pushed already, is not; and a second restart pushes nothing.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 4))
+        first, *_ = self.unacknowledged(b)
+        b.send(p.PubAck(first))
+        self.h.clock.advance(0)
+        self.chats(a, "carol", range(4, 5))
+        self.assertEqual(self.pushes(), [("carol", msgid(4), 1, "offline")])
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER - 0.001)
+        self.assertEqual(self.pushes(), [])
+        self.h.clock.advance(0.001)
+        self.assertEqual(
+            self.pushes(), [("bob", msgid(2), 2, "offline"), ("bob", msgid(3), 2, "offline")]
+        )
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_reconnect_after_restart_in_time(self) -> None:
+        """
+        After a restart a client that reconnects and acknowledges within
+        push-after is not pushed.
+        """
+        a, _ = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 2))
+        self.restart()
+        self.h.clock.advance(1)
+        again, [pid] = self.reconnect("bob")
+        self.h.clock.advance(PUSH_AFTER - 1.5)
+        again.send(p.PubAck(pid))
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_push_not_marked_in_time_comes_again(self) -> None:
+        """
+        A push decided but not yet marked in the store when the server died
+        is decided again after the restart.
+        """
+        store = HeldStore()
+        self.store = store
+        self.h = self.harness(store)
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1))
+        store.release()
+        self.h.clock.advance(0)
+        store.held.clear()  # The MarkPushed never lands.
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER)
+        store.release()
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+
+
+class NoticeTests(DeliveryCase):
+    def test_round_trip(self) -> None:
+        """A kept notice comes back as it was, without badge and reason."""
+        notice = PushNotice(
+            "order", "专家已确认", o_id="o1", status="confirmed", msgid=msgid(3), badge=4
+        )
+        kept = encode_notice(notice)
+        self.assertEqual(decode_notice(kept), attrs.evolve(notice, badge=None))
+        self.assertNotIn("badge", json.loads(kept))
+
+    def test_unknown_fields_left_out(self) -> None:
+        """A notice kept by another version loads with the fields known here."""
+        kept = json.dumps({"kind": "feedback", "alert": "hi", "sound": "ding"})
+        self.assertEqual(decode_notice(kept), PushNotice("feedback", "hi"))
