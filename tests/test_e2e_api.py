@@ -76,6 +76,10 @@ class UmengServerCase(SynchronousTestCase):
         """Options beyond the token file and the Umeng config."""
         return []
 
+    def store(self) -> str | None:
+        """The store the server uses; None: its default."""
+        return None
+
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="sktalent-api-"))
         self.stub = UmengStub()
@@ -106,7 +110,7 @@ class UmengServerCase(SynchronousTestCase):
             str(umeng),
             *self.server_args(directory),
         ]
-        self.server = running(self, ServerProcess(args, directory=directory))
+        self.server = running(self, ServerProcess(args, self.store(), directory=directory))
 
     def call(self, method: str, path: str, body: object = None, token: str | None = TOKEN) -> Reply:
         request = urllib.request.Request(
