@@ -12,8 +12,9 @@ restart does for what was neither acknowledged nor pushed.
 
 The waits are one FIFO for the whole server, since every wait is equally long,
 behind one timer: an acknowledged message is not looked for, only skipped when
-its turn comes.  A push is marked in the store before it goes out, so a crash
-can lose a push that was about to leave but never repeats one.
+its turn comes (a wait holds its seq, not the message, which is freed at once).
+A push is marked in the store before it goes out, so a crash can lose a push
+that was about to leave but never repeats one.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def decode_notice(text: str) -> PushNotice:
 class _Wait:
     due: float
     session: Session
-    out: Outgoing
+    # The message's seq, not the message: one acknowledged is freed at once.
+    seq: int
     # The connection it waits on; None after a restart.
     connection: IConnection | None
 
@@ -110,7 +112,7 @@ class PushDelivery:
         if self._stopped:
             return
         due = self._clock.seconds() + self.push_after
-        self._waits.append(_Wait(due, session, out, session.connection))
+        self._waits.append(_Wait(due, session, out.seq, session.connection))
         if self._timer is None:
             self._timer = self._clock.callLater(self.push_after, self._expired)
 
@@ -120,12 +122,13 @@ class PushDelivery:
         waits = self._waits
         while waits and waits[0].due <= now:
             wait = waits.popleft()
-            session, out = wait.session, wait.out
+            session = wait.session
+            out = session.queue.get(wait.seq)
             if (
-                not out.pushed
+                out is not None
+                and not out.pushed
                 # Resent on another connection since: that one's wait counts.
                 and session.connection is wait.connection
-                and session.queue.get(out.seq) is out
                 and self._broker.session(session.client_id) is session
             ):
                 reason = "offline" if session.connection is None else "unacknowledged"
