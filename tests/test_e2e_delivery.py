@@ -116,7 +116,7 @@ class ConnectionLostTests(DeliveryCase):
         self.assertLessEqual(len(pushes), 2)
 
 
-class SQLiteCrashTests(DeliveryCase):
+class SQLiteRestartTests(DeliveryCase):
     def server_args(self, directory: Path) -> list[str]:
         return ["--push-after", "2"]
 
@@ -144,8 +144,27 @@ class SQLiteCrashTests(DeliveryCase):
         self.stub.settle(idle=4)
         self.assertEqual(self.bob_pushes(), [push])
 
+    def test_sigterm_is_not_a_lost_connection(self) -> None:
+        """
+        SIGTERM closes bob's connection with a chat unacknowledged: that is
+        the server stopping, not bob's connection failing, so nothing is
+        pushed then; the restarted server pushes it once, bob not being back.
+        """
+        self.register("bob", "ios")
+        bob = self.raw_user("bob")
+        self.chats_to_bob(self.user("alice"), range(1, 2))
+        bob.expect(p.Publish)
+        self.assertEqual(self.server.stop(), 0)
+        self.stub.settle(idle=1)
+        self.assertEqual(self.bob_pushes(), [])
+        again = self.server.restarted()
+        self.addCleanup(again.stop)
+        [push] = self.stub.wait(1, to("bob"))
+        self.stub.settle(idle=3)
+        self.assertEqual(self.bob_pushes(), [push])
 
-class MongoCrashTests(SQLiteCrashTests):
+
+class MongoRestartTests(SQLiteRestartTests):
     def store(self) -> str | None:
         return mongo_store()
 

@@ -47,7 +47,7 @@ DEFAULT_HISTORY = 50
 MAX_HISTORY = 500
 PLATFORMS = ("ios", "android")
 # Ten years: a longer ban is a deleted account.
-MAX_BAN = 10 * 366 * 86400
+MAX_BAN = 10 * 365 * 86400
 
 _MSGID = re.compile(r"[0-9a-f]{24}")
 _LIMIT = re.compile(r"[0-9]{1,4}")
