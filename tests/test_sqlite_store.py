@@ -193,7 +193,9 @@ class SQLiteStoreTests(TestCase):
         after = int(time.time() * 1000)
         await store.submit([Enqueue("carol", 1, Message("t", b"c", 1), 5)])
         bob, carol = await store.load_sessions()
-        self.assertEqual((bob.client_id, bob.connected, carol.connected), ("bob", True, False))
+        self.assertEqual(
+            (bob.client_id, bob.has_connected, carol.has_connected), ("bob", True, False)
+        )
         [queued] = bob.queue
         self.assertTrue(before // 1000 * 1000 <= queued.queued_at <= after, queued)
         self.assertEqual(

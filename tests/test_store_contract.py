@@ -242,20 +242,20 @@ class StoreContract(_Mixin):
     async def test_connected_is_never_unset(self) -> None:
         """
         A session made by a message has not connected; PutSession with
-        connected sets it, a later one without it keeps it, and DropSession
+        has_connected sets it, a later one without it keeps it, and DropSession
         forgets it with the session.
         """
         m = Message("t", b"p", 1)
         await self.store.submit([Enqueue("bob", 1, m), PutSession("carol", ())])
         self.assertEqual(
-            [s.connected for s in by_client(await self.store.load_sessions())], [False, False]
+            [s.has_connected for s in by_client(await self.store.load_sessions())], [False, False]
         )
-        await self.store.submit([PutSession("bob", (("t", 1),), connected=True)])
+        await self.store.submit([PutSession("bob", (("t", 1),), has_connected=True)])
         await self.store.submit([PutSession("bob", (("u", 1),))])
         self.assertEqual(
             by_client(await self.store.load_sessions()),
             [
-                SessionRecord("bob", (("u", 1),), (QueuedMessage(1, m),), connected=True),
+                SessionRecord("bob", (("u", 1),), (QueuedMessage(1, m),), has_connected=True),
                 SessionRecord("carol", ()),
             ],
         )
@@ -586,7 +586,7 @@ class DurableContract(StoreContract):
         c = chat(msgid(1), 1000)
         await self.store.submit(
             [
-                PutSession("bob", (("$sktalent/clients/bob", 1),), connected=True),
+                PutSession("bob", (("$sktalent/clients/bob", 1),), has_connected=True),
                 InsertChat(c, (Enqueue("bob", 1, m, 1000, "notice"), Enqueue("bob", 2, m, 2000))),
                 Release("bob", 2),
                 MarkPushed("bob", 1),
@@ -611,7 +611,7 @@ class DurableContract(StoreContract):
                         QueuedMessage(2, m, released=True, queued_at=2000),
                     ),
                     frozenset({5}),
-                    connected=True,
+                    has_connected=True,
                 )
             ],
         )
@@ -736,7 +736,7 @@ class MongoStoreTests(DurableContract, TestCase):
         store = await self.started()
         after = int(time.time() * 1000)
         [bob] = await store.load_sessions()
-        self.assertTrue(bob.connected)
+        self.assertTrue(bob.has_connected)
         [queued] = bob.queue
         self.assertTrue(before <= queued.queued_at <= after, queued)
         self.assertEqual(

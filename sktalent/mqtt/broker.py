@@ -118,19 +118,21 @@ class Session:
     # Clock seconds when the current connection attached.
     connected_since: float | None = None
     # Whether a client ever connected to it (kept in the store).
-    connected: bool = False
+    has_connected: bool = False
     # Queued messages that carry a notice: the user's unacknowledged messages.
     notices: int = 0
     # Dropping for a full queue since the client last connected.
     overflowing: bool = False
 
     def subscription_record(self) -> PutSession:
-        return PutSession(self.client_id, tuple(sorted(self.subscriptions.items())), self.connected)
+        return PutSession(
+            self.client_id, tuple(sorted(self.subscriptions.items())), self.has_connected
+        )
 
 
 def _idle(session: Session) -> bool:
     """Never connected to and nothing queued: a session that serves nobody."""
-    return not session.connected and not session.queue and session.connection is None
+    return not session.has_connected and not session.queue and session.connection is None
 
 
 @attrs.frozen
@@ -288,7 +290,7 @@ class Broker:
     async def restore(self) -> None:
         """Load every persistent session and retained message from the store."""
         for record in await self._store.load_sessions():
-            session = Session(record.client_id, persistent=True, connected=record.connected)
+            session = Session(record.client_id, persistent=True, has_connected=record.has_connected)
             session.inbound = set(record.inbound)
             for filter_, qos in record.subscriptions:
                 self._subscribe(session, filter_, qos)
@@ -448,8 +450,8 @@ class Broker:
             self._metrics.sessions.set(len(self._sessions))
         else:
             session = self.ensure_session(plan, client_id)
-            if not session.connected:
-                session.connected = True
+            if not session.has_connected:
+                session.has_connected = True
                 plan.add(session.subscription_record())
         session.connection = connection
         session.connected_since = self._clock.seconds()

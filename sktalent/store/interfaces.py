@@ -56,7 +56,7 @@ class SessionRecord:
     inbound: frozenset[int] = frozenset()
     # Whether its client has ever connected (a session made by a message
     # addressed to it has not).
-    connected: bool = False
+    has_connected: bool = False
 
 
 @attrs.frozen
@@ -90,13 +90,13 @@ class Device:
 class PutSession:
     """
     Create or update a persistent session, replacing its subscriptions.
-    ``connected`` True records that its client has connected; False never
+    ``has_connected`` True records that its client has connected; False never
     unsets that.
     """
 
     client_id: str
     subscriptions: tuple[tuple[str, int], ...]
-    connected: bool = False
+    has_connected: bool = False
 
 
 @attrs.frozen

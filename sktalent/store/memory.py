@@ -43,7 +43,7 @@ class _Session:
     subscriptions: tuple[tuple[str, int], ...]
     queue: dict[int, QueuedMessage] = attrs.Factory(dict)
     inbound: set[int] = attrs.Factory(set)
-    connected: bool = False
+    has_connected: bool = False
 
 
 @implementer(IStore)
@@ -75,10 +75,10 @@ class MemoryStore:
 
     def _apply(self, op: Op) -> object:
         match op:
-            case PutSession(client_id, subscriptions, connected):
+            case PutSession(client_id, subscriptions, has_connected):
                 session = self._session(client_id)
                 session.subscriptions = subscriptions
-                session.connected |= connected
+                session.has_connected |= has_connected
             case DropSession(client_id):
                 self._sessions.pop(client_id, None)
             case Enqueue(client_id, seq, message, queued_at, notice):
@@ -141,7 +141,7 @@ class MemoryStore:
                     s.subscriptions,
                     tuple(s.queue[k] for k in sorted(s.queue)),
                     frozenset(s.inbound),
-                    s.connected,
+                    s.has_connected,
                 )
                 for client_id, s in self._sessions.items()
             ]

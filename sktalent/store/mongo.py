@@ -175,22 +175,22 @@ class _Plan:
         # A message or packet id may arrive before the session's own record.
         if client_id not in self._touched:
             self._touched.add(client_id)
-            new = {"subscriptions": [], "connected": False}
+            new = {"subscriptions": [], "has_connected": False}
             self._write(
                 "sessions", UpdateOne({"_id": client_id}, {"$setOnInsert": new}, upsert=True)
             )
 
     def add(self, op: Op) -> object:
         match op:
-            case PutSession(client_id, subscriptions, connected):
+            case PutSession(client_id, subscriptions, has_connected):
                 self._touched.add(client_id)
                 # FerretDB stores no nested arrays, hence documents.
                 subs = [{"filter": f, "qos": q} for f, q in subscriptions]
                 update: dict[str, Any] = {"$set": {"subscriptions": subs}}
-                if connected:
-                    update["$set"]["connected"] = True
+                if has_connected:
+                    update["$set"]["has_connected"] = True
                 else:
-                    update["$setOnInsert"] = {"connected": False}
+                    update["$setOnInsert"] = {"has_connected": False}
                 self._write("sessions", UpdateOne({"_id": client_id}, update, upsert=True))
             case DropSession(client_id):
                 self._touched.discard(client_id)
@@ -464,13 +464,13 @@ class MongoStore:
     async def _load_sessions(self) -> list[SessionRecord]:
         db = self._db
         subscriptions = {}
-        connected = set()
+        has_connected = set()
         for doc in await self._q(db.sessions.find({})):
             subs = doc.get("subscriptions", ())
             subscriptions[doc["_id"]] = tuple((s["filter"], s["qos"]) for s in subs)
             # Sessions kept before the flag existed are taken to have connected.
-            if doc.get("connected", True):
-                connected.add(doc["_id"])
+            if doc.get("has_connected", True):
+                has_connected.add(doc["_id"])
         queues: dict[str, list[QueuedMessage]] = {}
         by_seq = qf.sort(qf.ASCENDING("client_id") + qf.ASCENDING("seq"))
         for doc in await self._q(db.queue.find({}, sort=by_seq)):
@@ -496,7 +496,7 @@ class MongoStore:
                 subscriptions.get(c, ()),
                 tuple(queues.get(c, ())),
                 frozenset(inbound.get(c, ())),
-                c in connected,
+                c in has_connected,
             )
             for c in clients
         ]

@@ -136,7 +136,7 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE queue SET queued_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000;
     ALTER TABLE queue ADD COLUMN notice TEXT;
     ALTER TABLE queue ADD COLUMN pushed INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE sessions ADD COLUMN connected INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE sessions ADD COLUMN has_connected INTEGER NOT NULL DEFAULT 1;
     """,
 )
 
@@ -266,19 +266,20 @@ def _unavailable(error: sqlite3.Error) -> bool:
 def _touch(conn: sqlite3.Connection, client_id: str) -> None:
     # A message or packet id may arrive before the session's own record.
     conn.execute(
-        "INSERT OR IGNORE INTO sessions (client_id, subscriptions, connected) VALUES (?, '[]', 0)",
+        "INSERT OR IGNORE INTO sessions (client_id, subscriptions, has_connected)"
+        " VALUES (?, '[]', 0)",
         (client_id,),
     )
 
 
 def _apply(conn: sqlite3.Connection, op: Op) -> object:
     match op:
-        case PutSession(client_id, subscriptions, connected):
+        case PutSession(client_id, subscriptions, has_connected):
             conn.execute(
-                "INSERT INTO sessions (client_id, subscriptions, connected) VALUES (?, ?, ?)"
+                "INSERT INTO sessions (client_id, subscriptions, has_connected) VALUES (?, ?, ?)"
                 " ON CONFLICT (client_id) DO UPDATE SET subscriptions = excluded.subscriptions,"
-                " connected = max(connected, excluded.connected)",
-                (client_id, json.dumps(subscriptions), connected),
+                " has_connected = max(has_connected, excluded.has_connected)",
+                (client_id, json.dumps(subscriptions), has_connected),
             )
         case DropSession(client_id):
             for table in ("sessions", "queue", "inbound"):
@@ -399,7 +400,7 @@ def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
 def _load_sessions(conn: sqlite3.Connection) -> list[SessionRecord]:
     with _transaction(conn, "DEFERRED"):
         sessions = conn.execute(
-            "SELECT client_id, subscriptions, connected FROM sessions ORDER BY client_id"
+            "SELECT client_id, subscriptions, has_connected FROM sessions ORDER BY client_id"
         ).fetchall()
         queues: dict[str, list[QueuedMessage]] = {}
         for (
@@ -436,9 +437,9 @@ def _load_sessions(conn: sqlite3.Connection) -> list[SessionRecord]:
             tuple((f, q) for f, q in json.loads(subscriptions)),
             tuple(queues.get(client_id, ())),
             frozenset(inbound.get(client_id, ())),
-            bool(connected),
+            bool(has_connected),
         )
-        for client_id, subscriptions, connected in sessions
+        for client_id, subscriptions, has_connected in sessions
     ]
 
 
