@@ -531,9 +531,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     listeners += [Listener("--listen", d, factory) for d in options["listen"]]
     root = service.MultiService()
     retention = Retention(reactor, store, broker, metrics, options["retention-days"])
-    Core(reactor, store, broker, factory, listeners, pusher, retention, delivery).setServiceParent(
-        root
-    )
+    core = Core(reactor, store, broker, factory, listeners, pusher, retention, delivery)
+    core.setServiceParent(root)
     reloadable = _reloadable(options, reactor, portal, umeng, site.resource, texts)
     Reloader(reactor, reloadable).setServiceParent(root)
     return root
