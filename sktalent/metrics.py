@@ -1,13 +1,49 @@
 """
 The server's Prometheus metrics, on a registry of their own so that two
-servers in one process (as in tests) never share counters.
+servers in one process (as in tests) never share counters.  Every metric is
+documented in docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Callable, Iterator
+
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+
+from . import __version__
+
+# Commits take a millisecond on a quiet SQLite file, tens of milliseconds on a
+# busy disk or a remote MongoDB, and as long as an outage lasts while writes
+# are held: fine steps at the bottom, coarse ones up to a minute.
+COMMIT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# A chat's `sent` waits for its commit: the same scale.
+SENT_BUCKETS = COMMIT_BUCKETS
+# Umeng answers in tens to hundreds of milliseconds; a request gives up after
+# its timeout (10 s by default).
+PUSH_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Most API calls are one commit or one lookup.
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _counter(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Counter:
@@ -18,6 +54,36 @@ def _gauge(registry: CollectorRegistry, name: str, doc: str) -> Gauge:
     return Gauge(name, doc, registry=registry)
 
 
+def _histogram(
+    registry: CollectorRegistry,
+    name: str,
+    doc: str,
+    buckets: tuple[float, ...],
+    *labels: str,
+) -> Histogram:
+    return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+
+
+@attrs.frozen
+class _StoreCollector:
+    """The store's state, read when scraped: nothing to keep in step."""
+
+    available: Callable[[], bool]
+    outages: Callable[[], int]
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "sktalent_store_up",
+            "1 while the store commits, 0 while it cannot be reached.",
+            value=int(self.available()),
+        )
+        yield CounterMetricFamily(
+            "sktalent_store_outages",
+            "Times the store became unreachable since the server started.",
+            value=self.outages(),
+        )
+
+
 @attrs.define
 class Metrics:
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
@@ -25,6 +91,7 @@ class Metrics:
     sessions: Gauge = attrs.field(init=False)
     queued: Gauge = attrs.field(init=False)
     queued_bytes: Gauge = attrs.field(init=False)
+    oldest_queued: Gauge = attrs.field(init=False)
     messages_in: Counter = attrs.field(init=False)
     messages_out: Counter = attrs.field(init=False)
     refusals: Counter = attrs.field(init=False)
@@ -34,10 +101,18 @@ class Metrics:
     push_requests: Counter = attrs.field(init=False)
     push_failures: Counter = attrs.field(init=False)
     expired: Counter = attrs.field(init=False)
+    push_latency: Histogram = attrs.field(init=False)
     store_latency: Histogram = attrs.field(init=False)
+    sent_latency: Histogram = attrs.field(init=False)
+    api_requests: Counter = attrs.field(init=False)
+    api_latency: Histogram = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
+        Info("sktalent_build", "The running version; always 1.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        ProcessCollector(registry=r)
         self.connections = _gauge(r, "sktalent_connections", "Open MQTT connections.")
         self.sessions = _gauge(r, "sktalent_sessions", "Sessions held, online or not.")
         self.queued = _gauge(
@@ -45,6 +120,11 @@ class Metrics:
         )
         self.queued_bytes = _gauge(
             r, "sktalent_queued_bytes", "Payload bytes of the messages queued or in flight."
+        )
+        self.oldest_queued = _gauge(
+            r,
+            "sktalent_oldest_queued_seconds",
+            "Age of the oldest message queued or in flight to a client; 0 when none is.",
         )
         self.messages_in = _counter(
             r, "sktalent_messages_in", "Messages received, by type.", "type"
@@ -79,11 +159,55 @@ class Metrics:
             "Queued messages and never-connected sessions removed after the retention time.",
             "what",
         )
-        self.store_latency = Histogram(
+        self.push_latency = _histogram(
+            r,
+            "sktalent_push_request_seconds",
+            "Time of one request to the push service, answered or not.",
+            PUSH_BUCKETS,
+        )
+        self.store_latency = _histogram(
+            r,
             "sktalent_store_commit_seconds",
             "Time from submit to durable commit.",
-            registry=r,
+            COMMIT_BUCKETS,
         )
+        self.sent_latency = _histogram(
+            r,
+            "sktalent_publish_to_sent_seconds",
+            "Time from a chat's PUBLISH arriving to its `sent` going out.",
+            SENT_BUCKETS,
+        )
+        self.api_requests = _counter(
+            r,
+            "sktalent_api_requests",
+            "HTTP API requests answered, by route and status.",
+            "method",
+            "route",
+            "status",
+        )
+        self.api_latency = _histogram(
+            r,
+            "sktalent_api_request_seconds",
+            "Time from an HTTP API request arriving to its answer.",
+            API_BUCKETS,
+            "method",
+            "route",
+        )
+
+    def watch_store(self, available: Callable[[], bool], outages: Callable[[], int]) -> None:
+        """Report the store's availability and outages, read at each scrape."""
+        self.registry.register(_StoreCollector(available, outages))
+
+    def watch_queues(
+        self, oldest_queued_at: Callable[[], float | None], now: Callable[[], float]
+    ) -> None:
+        """Report the age of the oldest queued message, computed at each scrape."""
+
+        def age() -> float:
+            oldest = oldest_queued_at()
+            return 0.0 if oldest is None else max(0.0, now() - oldest)
+
+        self.oldest_queued.set_function(age)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -492,6 +492,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         limits=QueueLimits(options["max-queued"], options["max-queued-bytes"]),
         retained_limits=options["retained"] if options["anonymous"] else NOTHING_RETAINED,
     )
+    metrics.watch_store(lambda: store.available, lambda: store.outages)
+    metrics.watch_queues(broker.oldest_queued_at, reactor.seconds)
     umeng = _pusher(options["umeng"], reactor, http, store, metrics)
     pusher = Coalescer(reactor, umeng, metrics)
     delivery = PushDelivery(broker, pusher, reactor, options["push-after"])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import attrs
+from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -944,6 +945,11 @@ class BodyLimitTests(ApiTestCase):
         self.assertEqual(len(self.app.notified), 2)
 
 
+def families(exposition: bytes) -> set[str]:
+    """The names of the metric families in a Prometheus text exposition."""
+    return {family.name for family in text_string_to_metric_families(exposition.decode())}
+
+
 class HealthAndMetricsTests(ApiTestCase):
     async def test_healthy(self) -> None:
         """/healthz is 200 when the application's health check fires."""
@@ -957,11 +963,45 @@ class HealthAndMetricsTests(ApiTestCase):
     async def test_metrics(self) -> None:
         """/metrics is the application's metrics in the Prometheus text format."""
         self.app.metrics.messages_in.labels("order_chat").inc(3)
+        # Before the call: once answered, the call itself is counted.
+        expected = families(self.app.metrics.exposition())
         reply = await self.call("GET", "/metrics", token=None)
         self.assertEqual(reply.status, 200)
         self.assertEqual(reply.header("Content-Type"), "text/plain; version=0.0.4; charset=utf-8")
-        self.assertEqual(reply.body, self.app.metrics.exposition())
+        self.assertEqual(families(reply.body), expected)
         self.assertIn(b'sktalent_messages_in_total{type="order_chat"} 3.0\n', reply.body)
+
+    async def test_requests_counted(self) -> None:
+        """
+        Every answer is counted and timed by the route it took, as the route
+        table names it, and its status; a path that is no route, a method a
+        path lacks, and a body refused before it is read count as "other",
+        never by the path a client made up.
+        """
+        await self.call("GET", "/v1/users/alice/presence")
+        await self.call("GET", "/v1/users/alice/presence", token=None)
+        await self.call("GET", "/v1/made/up/path")
+        await self.call("DELETE", "/healthz")
+        headers = [*_AUTHORIZED, ("Content-Length", str(MAX_BODY + 1))]
+        _, closed = await self.raw(raw_request("POST", "/v1/notifications", headers))
+        await closed
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(self.app.metrics.exposition().decode())
+            for sample in family.samples
+            if sample.name.startswith("sktalent_api_")
+        }
+        presence = (("method", "GET"), ("route", "/v1/users/{userID}/presence"))
+        other = (("method", "other"), ("route", "other"))
+        requests = "sktalent_api_requests_total"
+        self.assertEqual(samples[(requests, (*presence, ("status", "200")))], 1)
+        self.assertEqual(samples[(requests, (*presence, ("status", "401")))], 1)
+        for status in ("404", "405", "413"):
+            self.assertEqual(samples[(requests, (*other, ("status", status)))], 1)
+        self.assertEqual(samples[("sktalent_api_request_seconds_count", presence)], 2)
+        self.assertGreaterEqual(samples[("sktalent_api_request_seconds_sum", presence)], 0)
+        self.assertNotIn("alice", repr(samples))
+        self.assertNotIn("made", repr(samples))
 
 
 class FailureTests(ApiTestCase):

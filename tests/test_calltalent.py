@@ -414,6 +414,56 @@ class ChatTests(CallTalentCase):
         self.assertEqual(len(self.frames(second)), 1)
 
 
+class LatencyTests(CallTalentCase):
+    def test_publish_to_sent_timed(self) -> None:
+        """
+        The time from a chat's PUBLISH to its `sent` going out, the commit
+        wait included, is observed once per chat.
+        """
+        store = HeldStore()
+        self.h = self.harness(store)
+        self.user("bob")
+        a = self.user("alice")
+        store.release()
+        self.publish(a, chat("alice", "bob", 1))
+        self.h.clock.advance(0.25)
+        store.release()
+        self.assertEqual([f["type"] for f in self.frames(a)], ["sent"])
+        registry = self.h.metrics.registry
+        name = "sktalent_publish_to_sent_seconds"
+        self.assertEqual(registry.get_sample_value(f"{name}_count"), 1)
+        self.assertEqual(registry.get_sample_value(f"{name}_sum"), 0.25)
+        self.assertEqual(registry.get_sample_value(f"{name}_bucket", {"le": "0.1"}), 0)
+        self.assertEqual(registry.get_sample_value(f"{name}_bucket", {"le": "0.25"}), 1)
+
+    def test_oldest_queued_age(self) -> None:
+        """
+        The oldest-queued gauge is the age of the oldest message waiting for
+        anyone, and 0 once everything is acknowledged.
+        """
+        self.h.metrics.watch_queues(self.h.broker.oldest_queued_at, self.h.clock.seconds)
+
+        def age() -> float | None:
+            return self.h.metrics.registry.get_sample_value("sktalent_oldest_queued_seconds")
+
+        a = self.user("alice")
+        self.assertEqual(age(), 0)
+        self.publish(a, chat("alice", "bob", 1))
+        self.frames(a)
+        self.h.clock.advance(30)
+        self.publish(a, chat("alice", "bob", 2), 2)
+        self.frames(a)
+        self.h.clock.advance(15)
+        self.assertEqual(age(), 45)
+        b, packets = self.login("bob")
+        queued = only(p.Publish, packets[1:])
+        self.assertEqual(len(queued), 2)
+        b.send(p.PubAck(queued[0].packet_id or 0))
+        self.assertEqual(age(), 15)
+        b.send(p.PubAck(queued[1].packet_id or 0))
+        self.assertEqual(age(), 0)
+
+
 class RefusalTests(CallTalentCase):
     def setUp(self) -> None:
         super().setUp()

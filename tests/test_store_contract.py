@@ -909,6 +909,22 @@ class GroupCommitterTests(SynchronousTestCase):
         levels = [(e["log_level"], e["log_format"].split(" is ")[1][:4]) for e in events]
         self.assertEqual(levels, [(LogLevel.error, "unav"), (LogLevel.info, "back")])
 
+    def test_outages_counted(self) -> None:
+        """
+        Each time the back end becomes unreachable counts once, however many
+        retries the outage takes.
+        """
+        for outage in (1, 2):
+            d = self.committer.submit([device(outage)])
+            self.clock.advance(0)
+            for delay in (0.1, 0.2):
+                self.backend.fail(StoreUnavailable("down"))
+                self.clock.advance(delay)
+            self.assertEqual((self.committer.available, self.committer.outages), (False, outage))
+            self.backend.land()
+            self.successResultOf(d)
+            self.assertEqual((self.committer.available, self.committer.outages), (True, outage))
+
     def test_later_submits_wait_behind_outage(self) -> None:
         """Submits made during an outage stay queued and keep their order."""
         first = self.committer.submit([device(1)])

@@ -264,6 +264,22 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.connects(), 3)
 
+    def test_request_time_observed(self) -> None:
+        """Every attempt's time, to its answer or its timeout, is in the histogram."""
+        pusher = self.pusher(max_attempts=2, timeout=10, backoff_base=1, backoff_cap=60)
+        with_device(self.store, "u1", "ios")
+        pusher.push_to_users(["u1"], PushNotice("feedback", "已回复"))
+        self.reactor.advance(10)
+        self.reactor.advance(0.5)
+        self.reactor.advance(10)
+        self.assertEqual(pushes(self.metrics, "given_up"), 1)
+        registry = self.metrics.registry
+        name = "sktalent_push_request_seconds"
+        self.assertEqual(registry.get_sample_value(f"{name}_count"), 2)
+        self.assertEqual(registry.get_sample_value(f"{name}_sum"), 20)
+        self.assertEqual(registry.get_sample_value(f"{name}_bucket", {"le": "5.0"}), 0)
+        self.assertEqual(registry.get_sample_value(f"{name}_bucket", {"le": "10.0"}), 2)
+
     def test_stop_cancels_retry_timer(self) -> None:
         """stop() leaves no timer, and later pushes are refused."""
         pusher = self.pusher(timeout=5)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import attrs
@@ -32,6 +32,7 @@ from ..calltalent.notifications import (
     validate_notification,
     validate_user_id,
 )
+from ..metrics import Metrics
 from ..store.interfaces import Device, StoreUnavailable
 
 JSON_TYPE = b"application/json; charset=utf-8"
@@ -107,19 +108,28 @@ class _Call:
 _Handler = Callable[[_Call], Awaitable[_Answer]]
 
 
+def _pattern(template: str) -> tuple[bytes | None, ...]:
+    return tuple(
+        None if segment.startswith("{") else segment.encode() for segment in template.split("/")[1:]
+    )
+
+
 @attrs.frozen
 class _Route:
     method: bytes
-    # Path segments after the leading "/"; None matches any non-empty segment
-    # and passes it, percent-decoded, to the handler.
-    pattern: tuple[bytes | None, ...]
+    # The path as docs/openapi.yaml writes it; a "{name}" segment matches any
+    # non-empty segment and passes it, percent-decoded, to the handler.
+    template: str
     handler: _Handler
     json_body: bool = False
     # With json_body: an empty body is taken as {}.
     body_optional: bool = False
+    pattern: tuple[bytes | None, ...] = attrs.field(
+        init=False, default=attrs.Factory(lambda self: _pattern(self.template), takes_self=True)
+    )
 
 
-def _match(pattern: tuple[bytes | None, ...], segments: list[bytes]) -> tuple[str, ...] | None:
+def _match(pattern: tuple[bytes | None, ...], segments: list[bytes]) -> tuple[bytes, ...] | None:
     if len(pattern) != len(segments):
         return None
     raw = []
@@ -128,10 +138,30 @@ def _match(pattern: tuple[bytes | None, ...], segments: list[bytes]) -> tuple[st
             raw.append(unquote_to_bytes(got))
         elif want != got:
             return None
-    try:
-        return tuple(param.decode("utf-8") for param in raw)
-    except UnicodeDecodeError:
-        _bad_request("The path is not UTF-8.")
+    return tuple(raw)
+
+
+@attrs.frozen
+class _Lookup:
+    """The route for a request's method and path, or the methods the path has."""
+
+    route: _Route | None
+    raw: tuple[bytes, ...] = ()
+    allowed: tuple[bytes, ...] = ()
+
+    def params(self) -> tuple[str, ...]:
+        try:
+            return tuple(param.decode("utf-8") for param in self.raw)
+        except UnicodeDecodeError:
+            _bad_request("The path is not UTF-8.")
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        # Metric labels from the route table only: a path a client made up
+        # must not become a time series.
+        if self.route is None:
+            return ("other", "other")
+        return (self.route.method.decode(), self.route.template)
 
 
 def _fields(
@@ -246,6 +276,7 @@ class ApiResource(Resource):
 
     isLeaf = True
     _app: ICallTalent
+    _clock: IReactorTime
     _tokens: tuple[bytes, ...] | None = attrs.field(
         repr=False, converter=_encoded, on_setattr=attrs.setters.NO_OP
     )
@@ -254,17 +285,17 @@ class ApiResource(Resource):
     def __attrs_post_init__(self) -> None:
         Resource.__init__(self)
         self._routes = (
-            _Route(b"POST", (b"v1", b"notifications"), self._notify, True),
-            _Route(b"POST", (b"v1", b"push", b"webview"), self._push_webview, True),
-            _Route(b"PUT", (b"v1", b"users", None, b"device"), self._device, True),
-            _Route(b"DELETE", (b"v1", b"users", None, b"device"), self._log_out),
-            _Route(b"GET", (b"v1", b"users", None, b"presence"), self._presence),
-            _Route(b"GET", (b"v1", b"users", None, b"session"), self._session),
-            _Route(b"POST", (b"v1", b"users", None, b"disconnect"), self._disconnect, True, True),
-            _Route(b"DELETE", (b"v1", b"users", None), self._delete_user),
-            _Route(b"GET", (b"v1", b"orders", None, b"messages"), self._history),
-            _Route(b"GET", (b"healthz",), self._health),
-            _Route(b"GET", (b"metrics",), self._metrics),
+            _Route(b"POST", "/v1/notifications", self._notify, True),
+            _Route(b"POST", "/v1/push/webview", self._push_webview, True),
+            _Route(b"PUT", "/v1/users/{userID}/device", self._device, True),
+            _Route(b"DELETE", "/v1/users/{userID}/device", self._log_out),
+            _Route(b"GET", "/v1/users/{userID}/presence", self._presence),
+            _Route(b"GET", "/v1/users/{userID}/session", self._session),
+            _Route(b"POST", "/v1/users/{userID}/disconnect", self._disconnect, True, True),
+            _Route(b"DELETE", "/v1/users/{userID}", self._delete_user),
+            _Route(b"GET", "/v1/orders/{o_id}/messages", self._history),
+            _Route(b"GET", "/healthz", self._health),
+            _Route(b"GET", "/metrics", self._metrics),
         )
 
     def replace_tokens(self, tokens: Sequence[str]) -> None:
@@ -281,9 +312,17 @@ class ApiResource(Resource):
         )
         return NOT_DONE_YET
 
+    @property
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path template) of every route, for the API's documentation."""
+        return [(route.method.decode(), route.template) for route in self._routes]
+
     async def _answer(self, request: Request) -> None:
+        started = self._clock.seconds()
+        segments = request.path.split(b"/")[1:]
+        lookup = self._lookup(request.method, segments)
         try:
-            answer = await self._dispatch(request)
+            answer = await self._dispatch(request, segments, lookup)
         except _Refusal as e:
             answer = _Answer(e.status, _error_body(e.code, e.message), headers=e.headers)
         except InvalidRequest as e:
@@ -302,28 +341,38 @@ class ApiResource(Resource):
             answer = _Answer(500, _error_body("internal_error", "The server failed; see its log."))
         if not _gone(request):
             _send(request, answer)
+            metrics = self._app.metrics
+            metrics.api_requests.labels(*lookup.labels, str(answer.status)).inc()
+            metrics.api_latency.labels(*lookup.labels).observe(self._clock.seconds() - started)
 
-    async def _dispatch(self, request: Request) -> _Answer:
-        segments = request.path.split(b"/")[1:]
-        if segments[0] == b"v1":
-            self._authorize(request)
+    def _lookup(self, method: bytes, segments: list[bytes]) -> _Lookup:
         allowed = []
         for route in self._routes:
-            params = _match(route.pattern, segments)
-            if params is None:
+            raw = _match(route.pattern, segments)
+            if raw is None:
                 continue
-            if route.method == request.method:
-                body = _json_body(request, route.body_optional) if route.json_body else {}
-                return await route.handler(_Call(params, request.args, body))
+            if route.method == method:
+                return _Lookup(route, raw)
             allowed.append(route.method)
-        if allowed:
-            raise _Refusal(
-                405,
-                "method_not_allowed",
-                f"Use {b', '.join(allowed).decode()} here.",
-                ((b"Allow", b", ".join(allowed)),),
-            )
-        raise _Refusal(404, "not_found", "There is nothing at this path.")
+        return _Lookup(None, allowed=tuple(allowed))
+
+    async def _dispatch(self, request: Request, segments: list[bytes], lookup: _Lookup) -> _Answer:
+        # The token first: without one, no path tells what routes exist.
+        if segments[0] == b"v1":
+            self._authorize(request)
+        route = lookup.route
+        if route is None:
+            if lookup.allowed:
+                raise _Refusal(
+                    405,
+                    "method_not_allowed",
+                    f"Use {b', '.join(lookup.allowed).decode()} here.",
+                    ((b"Allow", b", ".join(lookup.allowed)),),
+                )
+            raise _Refusal(404, "not_found", "There is nothing at this path.")
+        params = lookup.params()
+        body = _json_body(request, route.body_optional) if route.json_body else {}
+        return await route.handler(_Call(params, request.args, body))
 
     def _authorize(self, request: Request) -> None:
         if self._tokens is None:
@@ -451,9 +500,10 @@ class _BoundedRequest(Request):
 
     _refused = False
 
-    def __init__(self, channel: HTTPChannel, max_body: int) -> None:
+    def __init__(self, channel: HTTPChannel, max_body: int, metrics: Metrics) -> None:
         super().__init__(channel)
         self._max_body = max_body
+        self._metrics = metrics
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._max_body:
@@ -491,6 +541,7 @@ class _BoundedRequest(Request):
             max_body=self._max_body,
             peer=self.client,
         )
+        self._metrics.api_requests.labels("other", "other", "413").inc()
         self.channel.write(head + body)
         self.channel.loseConnection()
 
@@ -499,11 +550,12 @@ class _BoundedRequest(Request):
 @attrs.frozen
 class _BoundedRequestFactory:
     max_body: int
+    metrics: Metrics
 
     # HTTP/1.1 channels call this with the channel only; queued is accepted
     # for the callers that still pass it, and has long been meaningless.
     def __call__(self, channel: HTTPChannel, queued: object = None) -> _BoundedRequest:
-        return _BoundedRequest(channel, self.max_body)
+        return _BoundedRequest(channel, self.max_body, self.metrics)
 
 
 class _ApiChannel(HTTPChannel):
@@ -583,8 +635,8 @@ def api_site(
     """
     The API as a Site to listen with.  tokens are the accepted bearer tokens;
     None turns every ``/v1/*`` call into 503.  Request bodies over max_body
-    bytes are refused with 413.  reactor times the connections out (the
-    global one if None).
+    bytes are refused with 413.  reactor times the connections out, and the
+    requests for the metrics (the global one if None).
     """
     if isinstance(tokens, str):
         raise TypeError("tokens is a sequence of tokens, not one string.")
@@ -592,10 +644,18 @@ def api_site(
         raise ValueError("api_site needs at least one token, or None for no API.")
     if max_body < 1:
         raise ValueError("max_body must be at least 1 byte.")
+    if reactor is None:
+        from twisted.internet import reactor as default
+
+        reactor = cast(IReactorTime, default)
+    resource = ApiResource(app, reactor, tokens)
+    # A route's first 500 must be seen by the alerting rules: from 0, not from nothing.
+    for method, template in [*resource.routes, ("other", "other")]:
+        app.metrics.api_requests.labels(method, template, "500")
     # Bodies are JSON only: never parse them as HTML forms.
     return _ApiSite(
-        ApiResource(app, tokens),
-        requestFactory=_BoundedRequestFactory(max_body),
+        resource,
+        requestFactory=_BoundedRequestFactory(max_body, app.metrics),
         parsePOSTFormSubmission=False,
         timeout=idle_timeout,
         reactor=reactor,

@@ -301,12 +301,14 @@ class CallTalent:
         frame: Mapping[str, Any] | bytes,
         kind: str,
         notice: PushNotice | None = None,
+        since: float | None = None,
     ) -> None:
         """
         Queue frame (or its JSON bytes) durably for user_id's own topic; with
         a notice, to be pushed while it goes unacknowledged.  A chat or
         notification must be known to fit (has_room); a frame of _OWN_FRAMES
-        past the headroom is dropped and counted.
+        past the headroom is dropped and counted.  since, when given, is when
+        the message the frame answers arrived.
         """
         session = self._broker.ensure_session(plan, user_id)
         body = frame if isinstance(frame, bytes) else _json(frame).encode()
@@ -314,7 +316,16 @@ class CallTalent:
         kept = None if notice is None else encode_notice(notice)
         if self._broker.queue(plan, session, message, headroom=kind in _OWN_FRAMES, notice=kept):
             counter = self._counter(self.metrics.messages_out, kind)
-            plan.add(None, lambda _: counter.inc())
+            if since is None:
+                plan.add(None, lambda _: counter.inc())
+            else:
+                # The queueing effect before this one has written the frame,
+                # unless the client's window is full.
+                plan.add(None, lambda _: self._answered(counter, since))
+
+    def _answered(self, counter: Counter, since: float) -> None:
+        counter.inc()
+        self.metrics.sent_latency.observe(self._clock.seconds() - since)
 
     def _counter(self, family: Counter, label: str) -> Counter:
         # Looking a label up costs more than counting: keep what was found.
@@ -324,10 +335,12 @@ class CallTalent:
             counter = self._counters[key] = family.labels(label)
         return counter
 
-    def _send_later(self, user_id: str, frame: Mapping[str, Any], kind: str) -> None:
+    def _send_later(
+        self, user_id: str, frame: Mapping[str, Any], kind: str, since: float | None = None
+    ) -> None:
         """Send frame in a commit of its own: an answer a store result decided."""
         plan = Plan()
-        self._send(plan, user_id, frame, kind)
+        self._send(plan, user_id, frame, kind, since=since)
         self._broker.commit(plan).addErrback(
             logged(log, "Sending {kind} to {user} failed", kind=kind, user=user_id)
         )
@@ -358,7 +371,8 @@ class CallTalent:
         payload = envelope.payload
         assert payload is not None
         sender, to = envelope.sender, envelope.to
-        received_at = self._now_ms()
+        arrived = self._clock.seconds()
+        received_at = int(arrived * 1000)
         # Exactly the documented fields: nothing else a client sent goes on.
         delivered = {
             "msgid": envelope.msgid,
@@ -380,12 +394,12 @@ class CallTalent:
         chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
         inner = Plan()
         self._send(inner, to, body, "order_chat", self._texts.notice(delivered))
-        self._send(inner, sender, sent, "sent")
+        self._send(inner, sender, sent, "sent", since=arrived)
 
         def otherwise(result: Inserted) -> None:
             if result is Inserted.REPEATED:
                 # A retransmission: the sender did not see the first `sent`.
-                self._send_later(sender, sent, "sent")
+                self._send_later(sender, sent, "sent", arrived)
             else:
                 refusal = Refusal(
                     "duplicate_msgid",

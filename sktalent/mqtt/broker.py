@@ -413,6 +413,16 @@ class Broker:
         session = self._sessions.get(client_id)
         return session is not None and session.connection is not None
 
+    def oldest_queued_at(self) -> float | None:
+        """
+        When the oldest message still queued or in flight to any client was
+        queued; None when none is.  A scan of the sessions: for scrapes.
+        """
+        # A queue is in the order its messages joined it: its first is its oldest.
+        heads = (next(iter(s.queue.values())).queued_at for s in self._sessions.values() if s.queue)
+        oldest = min(heads, default=None)
+        return None if oldest is None else oldest / 1000
+
     def ensure_session(self, plan: Plan, client_id: str) -> Session:
         """
         The client's session, created persistent with the default

@@ -391,14 +391,18 @@ class UmengPusher:
         endpoint = self._config.endpoint
         body = request.body(self._timestamp())
         url = f"{endpoint}?sign={sign(endpoint, body, request.app.app_master_secret)}"
+        started = self._clock.seconds()
         exchange = Deferred.fromCoroutine(self._post(url, body))
         try:
             status, content = await exchange.addTimeout(self._config.delivery.timeout, self._clock)
         except Exception as e:
             if self._stopped:
                 raise
-            return Judgement(Verdict.RETRY, f"{type(e).__name__}: {e}", NETWORK)
-        return classify(status, content)
+            judged = Judgement(Verdict.RETRY, f"{type(e).__name__}: {e}", NETWORK)
+        else:
+            judged = classify(status, content)
+        self._metrics.push_latency.observe(self._clock.seconds() - started)
+        return judged
 
     async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
         # A Headers of its own: treq may add to what it is given.

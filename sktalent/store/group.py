@@ -50,6 +50,8 @@ class GroupCommitter:
     _first_retry: float = 0.1
     _max_retry: float = 30.0
     available: bool = attrs.field(default=True, init=False)
+    # Times available turned False: an outage shorter than a scrape still counts.
+    outages: int = attrs.field(default=0, init=False)
     # Batches landed: with `submits`, how well grouping works.
     commits: int = attrs.field(default=0, init=False)
     submits: int = attrs.field(default=0, init=False)
@@ -152,6 +154,7 @@ class GroupCommitter:
     def _down(self, error: StoreUnavailable) -> None:
         if self.available:
             self.available = False
+            self.outages += 1
             self._log.error(
                 "store {name} is unavailable, holding writes and retrying: {error}",
                 name=self._name,

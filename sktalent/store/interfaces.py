@@ -281,6 +281,7 @@ class IStore(Interface):
 
     name = Attribute("Short back-end name for logs and metrics, e.g. 'sqlite'.")
     available = Attribute("False while commits fail because the back end is unreachable.")
+    outages = Attribute("How many times available turned False since the store was made.")
 
     def start() -> Deferred[None]:
         """Open connections, create schema and indexes; fire when ready."""

@@ -51,6 +51,7 @@ class _Session:
 class MemoryStore:
     name = "memory"
     available = True
+    outages = 0
     _sessions: dict[str, _Session] = attrs.Factory(dict)
     _retained: dict[str, Message] = attrs.Factory(dict)
     # (sender, msgid) -> chat, in insertion order.

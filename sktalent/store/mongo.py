@@ -336,6 +336,10 @@ class MongoStore:
         return self._committer.available
 
     @property
+    def outages(self) -> int:
+        return self._committer.outages
+
+    @property
     def _db(self) -> Database:
         assert self._pool is not None, "MongoStore used before start()"
         return self._pool[self._database]

@@ -524,6 +524,10 @@ class SQLiteStore:
     def available(self) -> bool:
         return self._committer.available
 
+    @property
+    def outages(self) -> int:
+        return self._committer.outages
+
     def start(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._start())
 
