@@ -10,8 +10,10 @@ import difflib
 import math
 import os
 import re
+import signal
 import socket
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -23,8 +25,10 @@ from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
 
 from .api.resource import ApiResource, api_site, load_tokens
 from .authsign import load_or_create_secret, read_secret
@@ -34,6 +38,7 @@ from .calltalent.delivery import PushDelivery
 from .calltalent.pushtexts import PushTexts, TextTable, load_texts
 from .calltalent.rules import CallTalentRules
 from .failures import StartFailure
+from .logs import FORMATS, check_twistd_options, json_file_observer
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from .mqtt.broker import NOTHING_RETAINED, Broker, QueueLimits, RetainedLimits
@@ -52,6 +57,12 @@ from .store.interfaces import IStore, StoreUnavailable
 log = Logger()
 
 _RETAINED = RetainedLimits()
+
+
+def _log_format(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"{value!r} is not one of {', '.join(FORMATS)}")
+    return value
 
 
 def _positive_int(value: str) -> int:
@@ -168,6 +179,13 @@ class Options(usage.Options):
             20,
             "Messages a user may send per second (bursts of 3x).",
             _positive_int,
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text, or json: one JSON object a line, where twistd would log.",
+            _log_format,
         ],
     ]
     compData = usage.Completions(
@@ -295,6 +313,17 @@ class Options(usage.Options):
             )
         if self["auth-url"] and not self["auth-url"].startswith(("http://", "https://")):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
+        if self["log-format"] == "json":
+            try:
+                check_twistd_options(self.twistd)
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+
+    @property
+    def twistd(self) -> Mapping[str, Any]:
+        """twistd's own options (--logfile, -n, ...); empty outside twistd."""
+        parent = getattr(self, "parent", None)
+        return {} if parent is None else parent
 
 
 def _load(options: Options, option: str, loader: Callable[[str], Any]) -> Any:
@@ -338,6 +367,44 @@ class Listener:
     option: str
     description: str
     factory: IProtocolFactory
+
+
+class Root(service.MultiService):
+    """
+    The root of the service tree.  Adding it to twistd's application is a
+    plugin's only say in how twistd logs: the application's ILogObserver
+    is used unless twistd's --logger names another.
+    """
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def log_observer(options: Options, reactor: Any) -> ILogObserver | None:
+    """
+    The observer for --log-format json, writing where twistd would have:
+    --logfile (rotated on SIGUSR1, as twistd does), or stdout with -n and no
+    --logfile (the journal, under systemd).  None for text: twistd's own.
+    """
+    if options["log-format"] != "json":
+        return None
+    twistd = options.twistd
+    name = twistd.get("logfile") or ""
+    if not twistd or name == "-" or (not name and twistd.get("nodaemon")):
+        return json_file_observer(sys.stdout)
+    try:
+        log_file = LogFile.fromFullPath(name or "twistd.log")
+    except OSError as e:
+        raise SystemExit(f"sktalent: cannot write the log file: {e}") from None
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(log_file.rotate))
+    return json_file_observer(log_file)
 
 
 @attrs.define(eq=False, repr=False)
@@ -531,7 +598,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # The API first: once MQTT clients can connect, the backend can too.
     listeners = [Listener("--api", options["api"], site)]
     listeners += [Listener("--listen", d, factory) for d in options["listen"]]
-    root = service.MultiService()
+    root = Root(log_observer(options, reactor))
     retention = Retention(reactor, store, broker, metrics, options["retention-days"])
     core = Core(reactor, store, broker, factory, listeners, pusher, retention, delivery)
     core.setServiceParent(root)

@@ -74,10 +74,10 @@ def running(case: SynchronousTestCase, server: ServerProcess) -> ServerProcess:
 @attrs.define(eq=False)
 class ServerProcess:
     """
-    One server.  ``args`` are extra sktalent options; the store, listeners
-    and secret are chosen here unless given.  ``env`` adds environment
-    variables (the tests' own SKTALENT_* are not passed on otherwise), and
-    ``umask`` is the process's umask if given.
+    One server.  ``args`` are extra sktalent options, ``twistd_args``
+    twistd's own; the store, listeners and secret are chosen here unless
+    given.  ``env`` adds environment variables (the tests' own SKTALENT_* are
+    not passed on otherwise), and ``umask`` is the process's umask if given.
     """
 
     args: Sequence[str] = ()
@@ -88,6 +88,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes] | None = None
     env: Mapping[str, str] = attrs.Factory(dict)
     umask: int = -1
+    twistd_args: Sequence[str] = ()
 
     @property
     def secret(self) -> bytes:
@@ -129,6 +130,7 @@ class ServerProcess:
             "from twisted.scripts.twistd import run; run()",
             "-n",
             "--pidfile=",
+            *self.twistd_args,
             "sktalent",
             "--listen",
             f"tcp:{self.mqtt_port}:interface=127.0.0.1",
@@ -207,4 +209,5 @@ class ServerProcess:
             self.api_port,
             env=self.env,
             umask=self.umask,
+            twistd_args=self.twistd_args,
         ).start()

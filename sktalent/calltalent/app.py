@@ -353,6 +353,7 @@ class CallTalent:
             client=client_id,
             code=refusal.code,
             why=str(refusal),
+            msgid=refusal.msgid,
         )
         return {
             "msgid": refusal.msgid,

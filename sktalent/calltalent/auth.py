@@ -23,6 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import Interface, implementer
 
 from ..authsign import valid_user_id, verify
+from ..logs import without_credentials
 from ..mqtt.interfaces import IdentifierRejected, ServiceUnavailable
 
 log = Logger()
@@ -115,7 +116,7 @@ class HookChecker:
         except Exception as e:
             log.error(
                 "auth hook {url} failed for {user_id}: {error}",
-                url=self._url,
+                url=without_credentials(self._url),
                 user_id=user_id,
                 error=e,
             )
@@ -126,7 +127,7 @@ class HookChecker:
             raise UnauthorizedLogin(f"auth hook refused ({code})")
         log.error(
             "auth hook {url} answered {code} for {user_id}",
-            url=self._url,
+            url=without_credentials(self._url),
             code=code,
             user_id=user_id,
         )
