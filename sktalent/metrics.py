@@ -96,6 +96,7 @@ class Metrics:
     messages_out: Counter = attrs.field(init=False)
     refusals: Counter = attrs.field(init=False)
     dropped: Counter = attrs.field(init=False)
+    logins: Counter = attrs.field(init=False)
     auth_failures: Counter = attrs.field(init=False)
     pushes: Counter = attrs.field(init=False)
     push_requests: Counter = attrs.field(init=False)
@@ -136,6 +137,7 @@ class Metrics:
             r, "sktalent_refusals", "Client messages refused, by error code.", "code"
         )
         self.dropped = _counter(r, "sktalent_dropped", "Messages dropped, by reason.", "reason")
+        self.logins = _counter(r, "sktalent_logins", "Accepted CONNECTs.")
         self.auth_failures = _counter(
             r, "sktalent_auth_failures", "Refused CONNECTs, by reason.", "reason"
         )

@@ -152,6 +152,20 @@ class ConnectTests(CallTalentCase):
         self.assertEqual(packets, [p.ConnAck(4)])
         self.assertTrue(c.closed)
 
+    def test_logins_and_failures_counted(self) -> None:
+        """Each accepted CONNECT counts as a login, each refused one by its reason."""
+        self.login("alice")
+        self.login("alice")
+        self.h.client().connect("bob", username="bob", password=b"wrong")
+        registry = self.h.metrics.registry
+        self.assertEqual(registry.get_sample_value("sktalent_logins_total"), 2)
+        self.assertEqual(
+            registry.get_sample_value(
+                "sktalent_auth_failures_total", {"reason": "bad_credentials"}
+            ),
+            1,
+        )
+
     def test_expired_sign(self) -> None:
         """An expired authSign gets CONNACK 4; one still valid is accepted."""
         now = int(self.h.clock.seconds())

@@ -255,6 +255,7 @@ class MQTTServerProtocol(Protocol):
                 self._metrics.dropped.labels("will_not_allowed").inc()
         self._session, present = self._broker.connect(client_id, connect.clean_session, self)
         self._state = _CONNECTED
+        self._metrics.logins.inc()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
