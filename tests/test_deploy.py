@@ -49,6 +49,15 @@ SANDBOXING = {
 }
 
 
+def all_options() -> list[str]:
+    """The long name of every option of the server."""
+    return (
+        [flag[0] for flag in Options.optFlags]
+        + [parameter[0] for parameter in Options.optParameters]
+        + ["listen", "refuse-subscribe"]
+    )
+
+
 def service_settings(unit: str) -> dict[str, str]:
     """The [Service] section's settings; a setting given twice keeps the last."""
     settings: dict[str, str] = {}
@@ -100,17 +109,20 @@ class ServiceUnitTests(SynchronousTestCase):
         """
         example = DEPLOY.child("sktalent.env.example").getContent().decode("utf-8")
         names = re.findall(r"^#(SKTALENT_[A-Z_]+)=", example, re.MULTILINE)
-        options = (
-            [flag[0] for flag in Options.optFlags]
-            + [parameter[0] for parameter in Options.optParameters]
-            + ["listen", "refuse-subscribe"]
-        )
-        for option in options:
+        for option in all_options():
             name = "SKTALENT_" + option.upper().replace("-", "_")
             with self.subTest(name=name):
                 self.assertIn(name, names)
         self.assertEqual(len(names), len(set(names)))
         self.assertNotRegex(example, r"(?m)^SKTALENT_")
+
+    def test_readme_options(self) -> None:
+        """The README's option table names every server option."""
+        readme = DEPLOY.parent().child("README.md").getContent().decode("utf-8")
+        table = "\n".join(line for line in readme.splitlines() if line.startswith("| `--"))
+        for option in all_options():
+            with self.subTest(option=option):
+                self.assertIn(f"`--{option}", table)
 
     def test_systemd_analyze_verify(self) -> None:
         """

@@ -26,6 +26,7 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "sktalent.json"
 RUNBOOK = DEPLOY / "README.md"
+METRICS_DOC = ROOT / "docs" / "metrics.md"
 # What a metric name in a query looks like; `up` is Prometheus's own.
 METRIC = re.compile(r"\b(?:sktalent|process)_[a-z0-9_]+\b")
 # Grafana's variables, replaced by what they stand for in a plain query.
@@ -192,15 +193,29 @@ class DashboardTests(SynchronousTestCase):
 
 
 class MetricNamesTests(SynchronousTestCase):
+    def exposition(self) -> str:
+        """A running server's /metrics."""
+        server = running(self, ServerProcess())
+        status, body = server.api("/metrics")
+        self.assertEqual(status, 200)
+        return body.decode()
+
+    def test_every_metric_documented(self) -> None:
+        """docs/metrics.md lists exactly the metrics a running server exports."""
+        exported = set()
+        for family in text_string_to_metric_families(self.exposition()):
+            # The parser takes a counter's _created series for a gauge of its own.
+            if not family.name.endswith("_created"):
+                exported.add(family.name + ("_total" if family.type == "counter" else ""))
+        listed = set(re.findall(r"(?m)^\| `([a-z_]+)` \|", METRICS_DOC.read_text(encoding="utf-8")))
+        self.assertEqual(listed, exported)
+
     def test_every_name_exported(self) -> None:
         """
         Every metric the dashboard, the alerts and their tests name is one a
         running server exports: renaming a metric breaks this, not a board.
         """
-        server = running(self, ServerProcess())
-        status, body = server.api("/metrics")
-        self.assertEqual(status, 200)
-        exported = exported_names(body.decode())
+        exported = exported_names(self.exposition())
         sources = {
             "dashboard": "\n".join(dashboard_queries()),
             "alerts": ALERTS.read_text(encoding="utf-8"),
