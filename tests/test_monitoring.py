@@ -184,6 +184,8 @@ class DashboardTests(SynchronousTestCase):
             "Queued messages by node",
             "Oldest queued message",
             "Pushes by outcome",
+            "Pushes by reason",
+            "Push failures by Umeng code",
             "Store commit",
             "Store outages",
             "API requests by status",
