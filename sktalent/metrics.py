@@ -46,6 +46,17 @@ PUSH_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# Label values the alerting rules watch (deploy/prometheus/alerts.yml), exported
+# at 0 from the start: rate() and increase() see a counter's first step only
+# when a sample precedes it.
+WATCHED = {
+    "auth_failures": ("bad_credentials", "auth_unavailable", "client_id", "empty_client_id"),
+    "pushes": ("sent", "failed", "given_up", "no_device", "disabled"),
+    "dropped": ("queue_full",),
+    "refusals": ("queue_full",),
+}
+
+
 def _counter(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Counter:
     return Counter(name, doc, labels, registry=registry)
 
@@ -195,6 +206,11 @@ class Metrics:
             "method",
             "route",
         )
+
+        for name, values in WATCHED.items():
+            family: Counter = getattr(self, name)
+            for value in values:
+                family.labels(value)
 
     def watch_store(self, available: Callable[[], bool], outages: Callable[[], int]) -> None:
         """Report the store's availability and outages, read at each scrape."""

@@ -29,6 +29,9 @@ RUNBOOK = DEPLOY / "README.md"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 # What a metric name in a query looks like; `up` is Prometheus's own.
 METRIC = re.compile(r"\b(?:sktalent|process)_[a-z0-9_]+\b")
+# A counter selected by label values in a rule, and one matcher of it.
+SELECTOR = re.compile(r"\b(sktalent_[a-z0-9_]+_total)\{([^}]*)\}")
+MATCHER = re.compile(r'(\w+)\s*(=~|=)\s*"([^"]*)"')
 # Grafana's variables, replaced by what they stand for in a plain query.
 VARIABLES = {
     "$__rate_interval": "5m",
@@ -211,6 +214,26 @@ class MetricNamesTests(SynchronousTestCase):
                 exported.add(family.name + ("_total" if family.type == "counter" else ""))
         listed = set(re.findall(r"(?m)^\| `([a-z_]+)` \|", METRICS_DOC.read_text(encoding="utf-8")))
         self.assertEqual(listed, exported)
+
+    def test_watched_series_start_at_zero(self) -> None:
+        """
+        Every counter series an alert selects by label value is exported at 0
+        by a server that has seen no traffic: rate() and increase() see a
+        counter's first step only when a sample precedes it.
+        """
+        samples = {
+            (sample.name, name, value)
+            for family in text_string_to_metric_families(self.exposition())
+            for sample in family.samples
+            for name, value in sample.labels.items()
+        }
+        watched = set()
+        for metric, matchers in SELECTOR.findall(ALERTS.read_text(encoding="utf-8")):
+            for label, _, values in MATCHER.findall(matchers):
+                if label != "job":
+                    watched.update((metric, label, value) for value in values.split("|"))
+        self.assertIn(("sktalent_api_requests_total", "status", "500"), watched)
+        self.assertEqual(watched - samples, set())
 
     def test_every_name_exported(self) -> None:
         """

@@ -640,7 +640,7 @@ class SessionTests(SynchronousTestCase):
         _connected(self.h, "p2").send(p.Publish("t", b"kept", 1, packet_id=1))
         store.release()
         self.assertEqual(self.queued_payloads(), [b"kept"])
-        self.assertEqual(self.dropped(), None)
+        self.assertEqual(self.dropped(), 0)
 
     def test_room_after_acknowledgement(self) -> None:
         """What the client acknowledges leaves the queue and frees its room."""
