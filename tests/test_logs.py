@@ -223,7 +223,9 @@ class JsonLogsEndToEnd(SynchronousTestCase):
             self.assertLessEqual({"time", "level", "namespace", "message"}, set(record))
         messages = [r["message"] for r in logged]
         self.assertTrue(any(m.startswith("twistd ") for m in messages), messages)
-        self.assertIn(f"MQTT listening on tcp:{server.mqtt_port}:interface=127.0.0.1", messages)
+        self.assertIn(
+            f"Listening on tcp:{server.mqtt_port}:interface=127.0.0.1 (--listen)", messages
+        )
         self.assertEqual(messages[-1], "Server Shut Down.")
         self.assertRefusalLogged(logged)
 
@@ -247,7 +249,7 @@ class JsonLogsEndToEnd(SynchronousTestCase):
         self.assertTrue(lines)
         for line in lines:
             self.assertRegex(line, r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
-        self.assertIn("[sktalent.tap#info] MQTT listening on", server.log)
+        self.assertIn("[sktalent.tap#info] Listening on", server.log)
 
 
 class SecretsNotLoggedTests(SynchronousTestCase):

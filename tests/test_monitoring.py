@@ -227,7 +227,7 @@ class MetricNamesTests(SynchronousTestCase):
             for sample in family.samples
             for name, value in sample.labels.items()
         }
-        watched = set()
+        watched: set[tuple[str, str, str]] = set()
         for metric, matchers in SELECTOR.findall(ALERTS.read_text(encoding="utf-8")):
             for label, _, values in MATCHER.findall(matchers):
                 if label != "job":
