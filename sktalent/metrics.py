@@ -98,6 +98,8 @@ class _StoreCollector:
 @attrs.define
 class Metrics:
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
+    # This server's name (as GET /v1/users/{id}/session says it), for build_info.
+    node: str = attrs.field(default="", kw_only=True)
     connections: Gauge = attrs.field(init=False)
     sessions: Gauge = attrs.field(init=False)
     queued: Gauge = attrs.field(init=False)
@@ -122,7 +124,7 @@ class Metrics:
     def __attrs_post_init__(self) -> None:
         r = self.registry
         Info("sktalent_build", "The running version; always 1.", registry=r).info(
-            {"version": __version__, "python": platform.python_version()}
+            {"version": __version__, "python": platform.python_version(), "node": self.node}
         )
         ProcessCollector(registry=r)
         self.connections = _gauge(r, "sktalent_connections", "Open MQTT connections.")

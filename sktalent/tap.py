@@ -539,7 +539,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     from twisted.web.client import Agent
 
     http = treq.client.HTTPClient(Agent(reactor))
-    metrics = Metrics()
+    node = node_name(options["listen"])
+    metrics = Metrics(node=node)
     store = open_store(
         options["store"],
         reactor,
@@ -579,7 +580,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             burst=options["chat-rate"] * 3,
         ),
         texts,
-        node=node_name(options["listen"]),
+        node=node,
     )
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:

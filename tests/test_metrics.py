@@ -39,9 +39,14 @@ class ScrapedMetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("sktalent_oldest_queued_seconds"), 59.5)
 
     def test_build_info(self) -> None:
-        """sktalent_build_info names the running version."""
-        labels = {"version": sktalent.__version__, "python": platform.python_version()}
-        self.assertEqual(self.value("sktalent_build_info", labels), 1)
+        """sktalent_build_info names the running version and the node."""
+        metrics = Metrics(node="mqtt-1:8075")
+        labels = {
+            "version": sktalent.__version__,
+            "python": platform.python_version(),
+            "node": "mqtt-1:8075",
+        }
+        self.assertEqual(metrics.registry.get_sample_value("sktalent_build_info", labels), 1)
 
     def test_process(self) -> None:
         """The process's own metrics (memory, CPU, descriptors) are exported."""
