@@ -724,6 +724,18 @@ class DisconnectTests(ApiTestCase):
             ],
         )
 
+    async def test_ban_written_with_a_fraction(self) -> None:
+        """
+        A whole number written as 3600.0 is that number (JSON does not tell
+        them apart, nor does the API document): the ban is 3600 seconds.
+        """
+        data = b'{"ban_seconds": 3600.0}'
+        headers = {"Content-Type": "application/json"}
+        reply = await self.call("POST", "/v1/users/bob/disconnect", data=data, headers=headers)
+        self.assertEqual(reply.status, 204, reply.body)
+        self.assertEqual(self.app.disconnects, [("bob", 3600)])
+        self.assertIsInstance(self.app.disconnects[0][1], int)
+
     async def test_refused(self) -> None:
         """A bad body is 400 and disconnects nobody; no session is 404."""
         await self.assertRefusals(

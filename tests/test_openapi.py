@@ -139,4 +139,4 @@ class SchemathesisTests(SynchronousTestCase):
             timeout=600,
         )
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("8 selected / 8 total", done.stdout)
+        self.assertIn("11 selected / 11 total", done.stdout)

@@ -452,6 +452,9 @@ class ApiResource(Resource):
         body = call.body
         _fields(body, (), ("ban_seconds",))
         ban = body.get("ban_seconds")
+        if isinstance(ban, float) and ban.is_integer():
+            # JSON numbers 3600 and 3600.0 are the same; Python parses them apart.
+            ban = int(ban)
         if ban is not None and (
             not isinstance(ban, int) or isinstance(ban, bool) or not 0 <= ban <= MAX_BAN
         ):
