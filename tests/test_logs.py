@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +27,15 @@ from .umengstub import ANDROID, IOS, UmengStub
 
 TOKEN = "backend-Token.7f3a9c"
 WRONG_TOKEN = "someone-elses-Token.55e1"
+NEW_TOKEN = "backend-Token.rotated.91c4"
+# Not a bearer token (a space): the file is refused on reload.
+BROKEN_TOKEN = "half-pasted Token.0d7e"
 HOOK_PASSWORD = "hook-Password-91b2"
+
+
+def logged(server: ServerProcess, text: str) -> Callable[[], bool]:
+    """Whether the server has logged text yet."""
+    return lambda: text in server.log
 
 
 def records(text: str) -> list[dict[str, Any]]:
@@ -305,6 +315,10 @@ class SecretsNotLoggedTests(SynchronousTestCase):
             self.assertNotIn(secret, log)
 
     def check_secret_checker(self, log_format: str) -> None:
+        """
+        Logins with good, expiring, wrong and expired signs, API calls with
+        good and wrong tokens, a push, and a token file reloaded and refused.
+        """
         server = ServerProcess(
             [
                 "--log-format",
@@ -343,6 +357,17 @@ class SecretsNotLoggedTests(SynchronousTestCase):
         )
         alice.frames(1)
         wait_for(lambda: "Umeng push" in server.log, what="the push to be logged")
+        # SIGHUP: a new token file is taken, then a broken one refused.
+        tokens = self.directory / "tokens"
+        for content, said in (
+            (NEW_TOKEN, f"--api-token-file {tokens} reloaded"),
+            (BROKEN_TOKEN, f"refused --api-token-file {tokens}"),
+        ):
+            tokens.write_text(f"{content}\n")
+            assert server.process is not None
+            server.process.send_signal(signal.SIGHUP)
+            wait_for(logged(server, said), what=said)
+        self.assertEqual(self.api(server, NEW_TOKEN), 200)
         self.assertEqual(server.stop(), 0)
         self.assertClean(
             server.log,
@@ -351,6 +376,8 @@ class SecretsNotLoggedTests(SynchronousTestCase):
                 *signs,
                 TOKEN,
                 WRONG_TOKEN,
+                NEW_TOKEN,
+                BROKEN_TOKEN,
                 IOS.app_master_secret,
                 ANDROID.app_master_secret,
             ],
