@@ -56,6 +56,20 @@ class ServerProbe:
         with open(f"/proc/{self.pid}/statm") as f:
             return int(f.read().split()[1]) * _PAGE
 
+    def status_bytes(self, field: str) -> int:
+        """A memory figure of /proc/PID/status, such as VmRSS or VmHWM (peak RSS)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == field:
+                    return int(value.split()[0]) * 1024
+        raise KeyError(f"no {field} in /proc/{self.pid}/status")
+
+    def reset_peak(self) -> None:
+        """Start VmHWM afresh from the current RSS."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")
+
 
 # -- one run's clock --------------------------------------------------------
 
@@ -238,11 +252,17 @@ class Connection(asyncio.Protocol):
         await asyncio.wait([self._lost], timeout=5)
 
 
-async def connect(run: Run, port: int, connect: p.Connect) -> Connection:
-    """A connection the server has accepted (CONNACK 0)."""
+async def connect(
+    run: Run, port: int, connect: p.Connect, on_message: OnMessage = _ignore
+) -> Connection:
+    """
+    A connection the server has accepted (CONNACK 0); on_message is in place
+    before the CONNACK, for what the server sends right after it.
+    """
     loop = asyncio.get_running_loop()
     _, conn = await run.bounded(
-        loop.create_connection(lambda: Connection(run.event()), HOST, port), "TCP connect"
+        loop.create_connection(lambda: Connection(run.event(), on_message), HOST, port),
+        "TCP connect",
     )
     reply = conn.expect(p.ConnAck)
     conn.write(encode(connect))
@@ -360,6 +380,15 @@ async def _scenario(limit: float, body: Callable[[Run], Awaitable[Result]]) -> R
 
 def _client(client_id: str, keepalive: int = 60, clean: bool = True) -> p.Connect:
     return p.Connect(client_id, clean_session=clean, keepalive=keepalive)
+
+
+def login(secret: bytes, user_id: str, clean: bool = True, keepalive: int = 60) -> p.Connect:
+    """A CallTalent CONNECT: clientid = username = userID, password = authSign."""
+    # Imported here: only the CallTalent scenarios need the server's signing code.
+    from sktalent.authsign import sign
+
+    password = sign(secret, user_id).encode()
+    return p.Connect(user_id, clean, keepalive, None, user_id, password)
 
 
 # -- scenarios --------------------------------------------------------------
@@ -578,19 +607,12 @@ class Chat:
     async def __call__(self, port: int, probe: ServerProbe) -> Result:
         return await _scenario(self.limit, lambda run: self._run(run, port, probe))
 
-    def _login(self, user_id: str) -> p.Connect:
-        # Imported here: only this scenario needs the server's signing code.
-        from sktalent.authsign import sign
-
-        password = sign(self.secret, user_id).encode()
-        return p.Connect(user_id, True, 60, None, user_id, password)
-
     async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
         senders = await connect_many(
-            run, port, [self._login(f"bench-a{i}") for i in range(self.pairs)]
+            run, port, [login(self.secret, f"bench-a{i}") for i in range(self.pairs)]
         )
         recipients = await connect_many(
-            run, port, [self._login(f"bench-b{i}") for i in range(self.pairs)]
+            run, port, [login(self.secret, f"bench-b{i}") for i in range(self.pairs)]
         )
         share = self.messages // self.pairs
         expected = share * self.pairs

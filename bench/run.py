@@ -2,7 +2,7 @@
 sktalent next to a reference broker (mosquitto), measured in the same run
 with the same load on 127.0.0.1.
 
-    python bench/run.py [--quick]
+    python bench/run.py [--quick] [--only N ...]
 
 Each scenario starts a fresh server of each kind, runs the load generator
 against it and stops it; the figures are printed as one table.
@@ -169,7 +169,7 @@ def run_case(case: Case) -> tuple[Result, Result]:
 Row = tuple[str, str, float | None, float | None]
 
 
-def _number(value: float | None) -> str:
+def number(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "-"
     if abs(value) >= 100:
@@ -183,12 +183,9 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}x"
 
 
-def table(rows: Sequence[Row]) -> str:
-    header = ("scenario", "metric", "sktalent", "mosquitto", "ratio")
-    cells = [header] + [
-        (scenario, metric, _number(ours), _number(theirs), _ratio(ours, theirs))
-        for scenario, metric, ours, theirs in rows
-    ]
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, its columns padded to line up."""
+    cells = [header, *rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [
         "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
@@ -196,6 +193,16 @@ def table(rows: Sequence[Row]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def table(rows: Sequence[Row]) -> str:
+    return markdown(
+        ("scenario", "metric", "sktalent", "mosquitto", "ratio"),
+        [
+            (scenario, metric, number(ours), number(theirs), _ratio(ours, theirs))
+            for scenario, metric, ours, theirs in rows
+        ],
+    )
 
 
 def rows_of(case: Case, ours: Result, theirs: Result) -> list[Row]:
@@ -217,6 +224,14 @@ def raise_fd_limit() -> None:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
+    parser.add_argument(
+        "--only",
+        type=int,
+        action="append",
+        choices=range(1, 5),
+        metavar="N",
+        help="run scenario N only (repeatable)",
+    )
     options = parser.parse_args(argv)
     sizes = QUICK if options.quick else FULL
     raise_fd_limit()
@@ -226,7 +241,9 @@ def main(argv: Sequence[str]) -> int:
     started = time.monotonic()
     rows = []
     timed_out = []
-    for case in cases(sizes):
+    for index, case in enumerate(cases(sizes), start=1):
+        if options.only and index not in options.only:
+            continue
         ours, theirs = run_case(case)
         rows += rows_of(case, ours, theirs)
         timed_out += [
