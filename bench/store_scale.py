@@ -227,7 +227,7 @@ class Start:
             return "-" if value is None else number(value / MiB)
 
         settled = self.settled_rss
-        more = "-" if settled is None or baseline is None else f"{(settled - baseline) / MiB:+.1f}"
+        more = "-" if settled is None or baseline is None else f"{(settled - baseline) / MiB:+,.1f}"
         seconds = self.started.seconds
         return [
             f"{self.users:,}",
