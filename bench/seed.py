@@ -70,14 +70,15 @@ def _queued(
     topic = client_topic(client_id)
     yield PutSession(client_id, ((topic, 1),), has_connected)
     for seq in range(1, messages + 1):
-        body, notice = notification(client_id, msgid(now_ms // 1000, first + seq), seq)
+        index = first + seq
+        body, notice = notification(client_id, msgid(now_ms // 1000, index), index)
         yield Enqueue(client_id, seq, Message(topic, body, 1), now_ms, notice)
         # Pushed when it was committed, as its user had no connection.
         yield MarkPushed(client_id, seq)
 
 
 def operations(users: int, backlog: int, backlog_user: str, now_ms: int) -> Iterator[Op]:
-    """Every operation of the seed, in the order the keys sort."""
+    """Every operation of the seed: the users in the order their keys sort, then the backlog."""
     for index in range(users):
         yield from _queued(user_id(index), False, 1, now_ms, first=index)
     if backlog:
