@@ -90,7 +90,7 @@ def start(server: ServerProcess, wait: float, max_rss: int) -> Started:
         rss = probe.status_bytes("VmRSS")
         if rss > max_rss or elapsed > wait:
             return Started(
-                None, f"not listening after {elapsed:.0f} s, at {rss / MiB:,.0f} MiB RSS: killed"
+                None, f"not listening after {elapsed:.1f} s, at {rss / MiB:,.0f} MiB RSS: killed"
             )
         time.sleep(0.01)
 
