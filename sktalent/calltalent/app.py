@@ -26,8 +26,9 @@ from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
-from ..mqtt.broker import Broker, Plan
+from ..mqtt.broker import Broker
 from ..mqtt.interfaces import IApplication
+from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import (
     ChatRecord,

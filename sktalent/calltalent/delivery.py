@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..mqtt.broker import Broker, IConnection, IQueueWatcher, Outgoing, Plan, Session
+from ..mqtt.broker import Broker, IConnection, IQueueWatcher, Outgoing, Session
+from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import MarkPushed
 

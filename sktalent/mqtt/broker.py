@@ -10,12 +10,11 @@ so that acknowledgements go out in the order their packets arrived.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface
 
@@ -28,7 +27,6 @@ from ..store.interfaces import (
     Enqueue,
     IStore,
     Message,
-    Op,
     PutSession,
     Release,
     RemoveInbound,
@@ -36,11 +34,10 @@ from ..store.interfaces import (
 )
 from .interfaces import IAuthorizer
 from .packets import Packet, Publish, PubRel
+from .plan import Pipeline, Plan
 from .topics import SubscriptionTrie, topic_matches
 
 log = Logger()
-
-Effect = Callable[[Any], object]
 
 
 class IConnection(Interface):
@@ -158,74 +155,6 @@ class QueueLimits:
         return held < messages and held_bytes + size <= limit
 
 
-@attrs.define(eq=False)
-class Plan:
-    """
-    Store operations to commit together, each with what to do in memory once
-    it is durable.  An entry with no operation is an effect that only has to
-    wait its turn.  What a plan reserves up front (room in a queue) is given
-    back by its abandon callbacks when its effects will never run.
-    """
-
-    _entries: list[tuple[Op | None, Effect | None]] = attrs.Factory(list)
-    _ops: list[Op] = attrs.Factory(list)
-    _abandon: list[Callable[[], object]] = attrs.Factory(list)
-
-    def add(self, op: Op | None, effect: Effect | None = None) -> None:
-        self._entries.append((op, effect))
-        if op is not None:
-            self._ops.append(op)
-
-    def add_guarded(
-        self,
-        op: Op,
-        inner: Plan,
-        otherwise: Callable[[Any], object] | None = None,
-        passed: Callable[[Any], bool] = bool,
-    ) -> None:
-        """
-        Add a guarded operation whose ``then`` are inner's operations: inner's
-        effects run when ``passed(result)``; otherwise inner is abandoned and
-        ``otherwise(result)`` called.
-        """
-
-        def decided(result: object) -> None:
-            if passed(result):
-                inner.apply([None] * len(inner.ops))
-                return
-            inner.abandon()
-            if otherwise is not None:
-                otherwise(result)
-
-        self.add(op, decided)
-        self.on_abandon(inner.abandon)
-
-    def on_abandon(self, undo: Callable[[], object]) -> None:
-        """Call undo if this plan's effects will never run."""
-        self._abandon.append(undo)
-
-    def abandon(self) -> None:
-        undo, self._abandon = self._abandon, []
-        for callback in undo:
-            callback()
-
-    @property
-    def empty(self) -> bool:
-        """True when nothing in it needs the store."""
-        return not self._ops
-
-    @property
-    def ops(self) -> tuple[Op, ...]:
-        return tuple(self._ops)
-
-    def apply(self, results: Iterable[object]) -> None:
-        it = iter(results)
-        for op, effect in self._entries:
-            result = next(it) if op is not None else None
-            if effect is not None:
-                effect(result)
-
-
 @attrs.frozen
 class RetainedLimits:
     """
@@ -247,14 +176,6 @@ def _retained_size(message: Message) -> int:
 
 
 @attrs.define(eq=False)
-class _Pending:
-    plan: Plan
-    done: Deferred[None]
-    results: list[object] | None = None
-    failure: Any = None
-
-
-@attrs.define(eq=False)
 class Broker:
     _store: IStore
     _authorizer: IAuthorizer
@@ -272,14 +193,13 @@ class Broker:
     _retained_bytes: int = 0
     # Refusing retained messages at the limits since space was last freed.
     _retained_full: bool = False
-    _pending: deque[_Pending] = attrs.Factory(deque)
-    # Bookkeeping that nobody waits for (acknowledged messages leaving a
-    # queue), committed once per reactor turn rather than once each.
-    _loose: list[Op] = attrs.Factory(list)
-    _loose_flush: IDelayedCall | None = None
     _watcher: IQueueWatcher | None = None
     # client id -> clock seconds when its ban ends.
     _bans: dict[str, float] = attrs.Factory(dict)
+    _pipeline: Pipeline = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._pipeline = Pipeline(self._store, self._clock)
 
     def watch(self, watcher: IQueueWatcher) -> None:
         """Tell watcher what happens to queued messages with a notice."""
@@ -355,54 +275,18 @@ class Broker:
         Make plan's operations durable, then run its effects; plans complete
         in the order committed.  Fails when the store failed the commit.
         """
-        pending = _Pending(plan, Deferred())
-        self._pending.append(pending)
-        if plan.empty:
-            pending.results = []
-            self._drain()
-        else:
-
-            def landed(results: list[object]) -> None:
-                pending.results = results
-                self._drain()
-
-            def failed(failure: Any) -> None:
-                pending.failure = failure
-                self._drain()
-
-            self._store.submit(plan.ops).addCallbacks(landed, failed)
-        return pending.done
+        return self._pipeline.commit(plan)
 
     def apply_now(self, plan: Plan) -> bool:
         """
         Apply a plan that needs no store at once, when no commit is under way
-        for it to wait behind: the hot path of a plain broker.  False when it
-        must go through commit().
+        for it to wait behind.  False when it must go through commit().
         """
-        if self._pending or not plan.empty:
-            return False
-        plan.apply(())
-        return True
-
-    def _drain(self) -> None:
-        while self._pending and (
-            self._pending[0].results is not None or self._pending[0].failure is not None
-        ):
-            head = self._pending.popleft()
-            if head.failure is not None:
-                head.plan.abandon()
-                head.done.errback(head.failure)
-                continue
-            assert head.results is not None
-            try:
-                head.plan.apply(head.results)
-            except Exception:  # noqa: BLE001 - one bad effect must not stall every later plan
-                log.failure("Applying a committed plan failed")
-            head.done.callback(None)
+        return self._pipeline.apply_now(plan)
 
     def barrier(self) -> Deferred[None]:
         """Fire once everything committed before now has completed."""
-        return self.commit(Plan())
+        return self._pipeline.barrier()
 
     # -- sessions ----------------------------------------------------------
 
@@ -770,19 +654,6 @@ class Broker:
             self._watcher.queued(session, out)
         self._pump(session)
 
-    def _fire_and_forget(self, op: Op) -> None:
-        self._loose.append(op)
-        if self._loose_flush is None:
-            self._loose_flush = self._clock.callLater(0, self._flush_loose)
-
-    def _flush_loose(self) -> None:
-        self._loose_flush = None
-        plan = Plan()
-        for op in self._loose:
-            plan.add(op)
-        self._loose = []
-        self.commit(plan).addErrback(logged(log, "Committing queue bookkeeping failed"))
-
     # -- the outbound window ----------------------------------------------
 
     def resume(self, session: Session) -> None:
@@ -835,7 +706,7 @@ class Broker:
         self._metrics.queued.dec()
         self._metrics.queued_bytes.dec(size)
         if session.persistent:
-            self._fire_and_forget(Dequeue(session.client_id, out.seq))
+            self._pipeline.later(Dequeue(session.client_id, out.seq))
         self._pump(session)
 
     def received(self, session: Session, packet_id: int) -> Deferred[bool]:
@@ -866,4 +737,4 @@ class Broker:
         if packet_id in session.inbound:
             session.inbound.discard(packet_id)
             if session.persistent:
-                self._fire_and_forget(RemoveInbound(session.client_id, packet_id))
+                self._pipeline.later(RemoveInbound(session.client_id, packet_id))

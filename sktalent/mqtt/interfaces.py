@@ -4,16 +4,12 @@ The seams of the MQTT core: who may do what, and what the application adds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, Interface
 
 from ..store.interfaces import Message
 from .packets import Will
-
-if TYPE_CHECKING:
-    from .broker import Plan
+from .plan import Plan
 
 
 class ServiceUnavailable(Exception):

@@ -24,7 +24,7 @@ from ..failures import logged
 from ..metrics import Metrics
 from ..store.interfaces import Message
 from . import packets as p
-from .broker import Broker, IConnection, Plan, Session
+from .broker import Broker, IConnection, Session
 from .codec import Decoder, encode_all
 from .interfaces import (
     IApplication,
@@ -33,6 +33,7 @@ from .interfaces import (
     IMQTTUser,
     ServiceUnavailable,
 )
+from .plan import Plan
 
 log = Logger()
 
