@@ -315,7 +315,7 @@ class CallTalent:
         body = frame if isinstance(frame, bytes) else _json(frame).encode()
         message = Message(client_topic(user_id), body, 1)
         kept = None if notice is None else encode_notice(notice)
-        if self._broker.queue(plan, session, message, headroom=kind in _OWN_FRAMES, notice=kept):
+        if session.enqueue(plan, message, headroom=kind in _OWN_FRAMES, notice=kept):
             counter = self._counter(self.metrics.messages_out, kind)
             if since is None:
                 plan.add(None, lambda _: counter.inc())

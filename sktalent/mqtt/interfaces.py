@@ -4,11 +4,14 @@ The seams of the MQTT core: who may do what, and what the application adds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
 from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, Interface
 
 from ..store.interfaces import Message
-from .packets import Will
+from .packets import Packet, Will
 from .plan import Plan
 
 
@@ -72,3 +75,73 @@ class IApplication(Interface):
         Act on a publish from client_id by adding to plan what must become
         durable (and what to do then) before the publish is acknowledged.
         """
+
+
+class IConnection(Interface):
+    """
+    What the broker needs of a client's live connection.
+    """
+
+    def send(packets: list[Packet]) -> None:
+        """Write packets to the client, in order, in one write."""
+
+    def take_over() -> None:
+        """Another connection claimed this client id: close this one."""
+
+    def end(why: str) -> None:
+        """Close the connection (an operator's disconnect, a deleted account)."""
+
+
+class QueuedView(Protocol):
+    """What those outside the broker see of a queued message."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def notice(self) -> str | None: ...
+
+    # The IQueueWatcher's own mark: it pushed the message.
+    pushed: bool
+
+
+class SessionView(Protocol):
+    """
+    What those outside the broker see of a session.  Only the broker changes
+    it: a queued message stays in ``queue`` until acknowledged or expired.
+    """
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def persistent(self) -> bool: ...
+
+    @property
+    def connection(self) -> IConnection | None: ...
+
+    @property
+    def queue(self) -> Mapping[int, QueuedView]: ...
+
+    # How many queued messages carry a notice.
+    @property
+    def notices(self) -> int: ...
+
+
+class IQueueWatcher(Interface):
+    """
+    Follows the queued messages that carry a notice, to push them while they
+    go unacknowledged.
+    """
+
+    def queued(session: SessionView, out: QueuedView) -> None:
+        """out, which has a notice, is now durable in session's queue."""
+
+    def resumed(session: SessionView) -> None:
+        """
+        session's queue is handed over afresh: to a new connection, or to no
+        connection after the server restored it.
+        """
+
+    def detached(session: SessionView) -> None:
+        """session's connection ended; its queue is still there."""

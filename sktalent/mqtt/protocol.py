@@ -24,16 +24,18 @@ from ..failures import logged
 from ..metrics import Metrics
 from ..store.interfaces import Message
 from . import packets as p
-from .broker import Broker, IConnection, Session
+from .broker import Broker
 from .codec import Decoder, encode_all
 from .interfaces import (
     IApplication,
     IAuthorizer,
+    IConnection,
     IdentifierRejected,
     IMQTTUser,
     ServiceUnavailable,
 )
 from .plan import Plan
+from .session import Session
 
 log = Logger()
 
@@ -265,7 +267,7 @@ class MQTTServerProtocol(Protocol):
             self._timer = self._clock.callLater(connect.keepalive * 1.5, self._check_keepalive)
         # CONNACK must precede what the session resends.
         self.send([p.ConnAck(p.ACCEPTED, present)])
-        self._broker.resume(self._session)
+        self._session.resume()
         waiting, self._waiting = self._waiting, []
         for packet in waiting:
             if self._state != _CONNECTED:
@@ -293,7 +295,7 @@ class MQTTServerProtocol(Protocol):
             self._metrics.dropped.labels("publish_not_allowed").inc()
             if publish.qos == 2:
                 assert pid is not None
-                self._broker.hold_inbound(plan, session, pid)
+                session.hold_inbound(plan, pid)
         else:
             message = Message(publish.topic, publish.payload, publish.qos, publish.retain)
             if self._app is not None and self._app.owns(publish.topic):
@@ -303,7 +305,7 @@ class MQTTServerProtocol(Protocol):
                 self._broker.route(plan, message)
             if publish.qos == 2:
                 assert pid is not None
-                self._broker.hold_inbound(plan, session, pid)
+                session.hold_inbound(plan, pid)
         if self._broker.apply_now(plan):
             return
         self._track(+1)
@@ -335,7 +337,7 @@ class MQTTServerProtocol(Protocol):
 
     def _on_pubrel(self, pubrel: p.PubRel) -> None:
         assert self._session is not None
-        self._broker.release_inbound(self._session, pubrel.packet_id)
+        self._session.release_inbound(pubrel.packet_id)
         # Behind any commit still under way, so PUBCOMP never overtakes PUBREC.
         self._broker.barrier().addCallback(lambda _: self.send([p.PubComp(pubrel.packet_id)]))
 
@@ -343,11 +345,11 @@ class MQTTServerProtocol(Protocol):
 
     def _on_puback(self, puback: p.PubAck) -> None:
         assert self._session is not None
-        self._broker.acknowledged(self._session, puback.packet_id, 1)
+        self._session.acknowledged(puback.packet_id, 1)
 
     def _on_pubcomp(self, pubcomp: p.PubComp) -> None:
         assert self._session is not None
-        self._broker.acknowledged(self._session, pubcomp.packet_id, 2)
+        self._session.acknowledged(pubcomp.packet_id, 2)
 
     def _on_pubrec(self, pubrec: p.PubRec) -> None:
         assert self._session is not None
@@ -356,7 +358,7 @@ class MQTTServerProtocol(Protocol):
             if known:
                 self.send([p.PubRel(pubrec.packet_id)])
 
-        self._broker.received(self._session, pubrec.packet_id).addCallback(answer).addErrback(
+        self._session.received(pubrec.packet_id).addCallback(answer).addErrback(
             self._unexpected, "Could not record a PUBREC"
         )
 
