@@ -18,29 +18,14 @@ from twisted.logger import Logger
 
 from ..failures import logged
 from ..metrics import Metrics
-from ..store.interfaces import DropSession, IStore, Message, SetRetained
+from ..store.interfaces import DropSession, IStore, Message
 from .interfaces import IAuthorizer, IConnection, IQueueWatcher
 from .plan import Pipeline, Plan
+from .router import RetainedLimits, Router
 from .session import QueueLimits, Queues, Session
-from .topics import SubscriptionTrie, topic_matches
 
 log = Logger()
 
-
-@attrs.frozen
-class RetainedLimits:
-    """
-    How much a plain broker retains: MQTT 3.1.1 sets no bound, memory and
-    the store do.
-    """
-
-    max_count: int = 10_000
-    # Topic and payload bytes of every retained message together.
-    max_bytes: int = 64 * 1024 * 1024
-
-
-# For an application whose clients have no use for retained messages.
-NOTHING_RETAINED = RetainedLimits(0, 0)
 
 _QUEUE_LIMITS = QueueLimits()
 _RETAINED_LIMITS = RetainedLimits()
@@ -58,16 +43,8 @@ class Broker:
     _clock: IReactorTime
     _pipeline: Pipeline
     _queues: Queues
-    retained_limits: RetainedLimits
+    _router: Router
     _sessions: dict[str, Session] = attrs.Factory(dict)
-    _trie: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
-    _retained: dict[str, Message] = attrs.Factory(dict)
-    # What the retained messages will be once every commit under way has
-    # landed, which is what the limits are checked against.
-    _retained_sizes: dict[str, int] = attrs.Factory(dict)
-    _retained_bytes: int = 0
-    # Refusing retained messages at the limits since space was last freed.
-    _retained_full: bool = False
     # client id -> clock seconds when its ban ends.
     _bans: dict[str, float] = attrs.Factory(dict)
 
@@ -83,7 +60,8 @@ class Broker:
     ) -> None:
         pipeline = Pipeline(store, clock)
         queues = Queues(pipeline, metrics, clock, max_inflight, limits)
-        self.__attrs_init__(store, authorizer, metrics, clock, pipeline, queues, retained_limits)
+        router = Router(metrics, retained_limits)
+        self.__attrs_init__(store, authorizer, metrics, clock, pipeline, queues, router)
 
     @property
     def max_inflight(self) -> int:
@@ -115,40 +93,16 @@ class Broker:
             session = Session.restored(record, self._queues)
             self._register(session)
             session.handed_over()
-        await self._restore_retained()
+        beyond = self._router.restore(await self._store.load_retained())
+        if not beyond.empty:
+            await self.commit(beyond)
         self._metrics.sessions.set(len(self._sessions))
         self._metrics.queued.set(sum(s.held for s in self._sessions.values()))
         self._metrics.queued_bytes.set(sum(s.held_bytes for s in self._sessions.values()))
         log.info(
             "Restored {sessions} sessions and {retained} retained messages",
             sessions=len(self._sessions),
-            retained=len(self._retained),
-        )
-
-    async def _restore_retained(self) -> None:
-        # The limits may be lower than when the messages were retained (and
-        # nothing at all for an application that keeps none): what does not
-        # fit leaves the store too.
-        beyond = Plan()
-        for message in await self._store.load_retained():
-            size = _retained_size(message)
-            if self._fits(message.topic, size):
-                self._retained[message.topic] = message
-                self._retained_sizes[message.topic] = size
-                self._retained_bytes += size
-            else:
-                beyond.add(SetRetained(message.topic, None))
-        if beyond.empty:
-            return
-        await self.commit(beyond)
-        removed = len(beyond.ops)
-        self._metrics.dropped.labels("retained_limit").inc(removed)
-        log.warn(
-            "Removed {removed} stored retained messages beyond the limits"
-            " ({count} messages, {bytes} bytes)",
-            removed=removed,
-            count=self.retained_limits.max_count,
-            bytes=self.retained_limits.max_bytes,
+            retained=self._router.retained_count,
         )
 
     # -- plans -------------------------------------------------------------
@@ -209,8 +163,7 @@ class Broker:
         return session
 
     def _register(self, session: Session) -> None:
-        for filter_, qos in session.subscriptions.items():
-            self._trie.subscribe(filter_, session.client_id, qos)
+        self._router.add(session)
         self._sessions[session.client_id] = session
 
     def connect(self, client_id: str, clean: bool, connection: IConnection) -> tuple[Session, bool]:
@@ -249,8 +202,7 @@ class Broker:
             self._discard(None, session)
 
     def _discard(self, plan: Plan | None, session: Session) -> None:
-        for filter_ in session.subscriptions:
-            self._trie.unsubscribe(filter_, session.client_id)
+        self._router.forget(session)
         if self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
         self._metrics.sessions.set(len(self._sessions))
@@ -339,19 +291,21 @@ class Broker:
         await self.commit(plan)
         return messages, removed
 
-    # -- subscriptions -----------------------------------------------------
-
-    def _subscribe(self, session: Session, filter_: str, qos: int) -> None:
-        session.subscriptions[filter_] = qos
-        self._trie.subscribe(filter_, session.client_id, qos)
+    # -- subscriptions and routing -------------------------------------------
 
     def subscribe(self, session: Session, granted: list[tuple[str, int]]) -> Deferred[None]:
         """
         Add granted (filter, QoS) subscriptions; fire once they are durable.
         """
+        self._router.subscribe(session, granted)
+        return self._save_subscriptions(session)
+
+    def unsubscribe(self, session: Session, filters: Iterable[str]) -> Deferred[None]:
+        self._router.unsubscribe(session, filters)
+        return self._save_subscriptions(session)
+
+    def _save_subscriptions(self, session: Session) -> Deferred[None]:
         plan = Plan()
-        for filter_, qos in granted:
-            self._subscribe(session, filter_, qos)
         if session.persistent:
             plan.add(session.subscription_record())
         return self.commit(plan)
@@ -359,82 +313,17 @@ class Broker:
     def deliver_retained(self, session: Session, granted: list[tuple[str, int]]) -> Deferred[None]:
         """Send the retained messages matching newly granted filters."""
         plan = Plan()
-        for topic, retained in self._retained.items():
-            qos = max((q for f, q in granted if topic_matches(f, topic)), default=None)
-            if qos is not None:
-                session.deliver(plan, attrs.evolve(retained, qos=min(qos, retained.qos)))
+        for message in self._router.retained_for(granted):
+            session.deliver(plan, message)
         return self.commit(plan)
-
-    def unsubscribe(self, session: Session, filters: Iterable[str]) -> Deferred[None]:
-        plan = Plan()
-        for filter_ in filters:
-            if session.subscriptions.pop(filter_, None) is not None:
-                self._trie.unsubscribe(filter_, session.client_id)
-        if session.persistent:
-            plan.add(session.subscription_record())
-        return self.commit(plan)
-
-    # -- routing -----------------------------------------------------------
 
     def route(self, plan: Plan, message: Message) -> None:
         """
         Deliver message (its QoS the publisher's) to every matching
         subscription, and keep or clear it as retained.
         """
-        if message.retain:
-            self._retain(plan, message)
-            message = attrs.evolve(message, retain=False)
-        # One copy per delivered QoS, shared by every subscriber at that QoS.
-        copies = {message.qos: message}
-        for client_id, granted in self._trie.match(message.topic).items():
-            qos = min(granted, message.qos)
-            copy = copies.get(qos)
-            if copy is None:
-                copy = copies[qos] = attrs.evolve(message, qos=qos)
+        for client_id, copy in self._router.route(plan, message):
             self._sessions[client_id].deliver(plan, copy)
-
-    def _retain(self, plan: Plan, message: Message) -> None:
-        """Keep message as its topic's retained message, or clear it, within the limits."""
-        topic = message.topic
-        if not message.payload:
-            if topic in self._retained_sizes:
-                self._retained_full = False  # Space freed: a new episode may start.
-            self._unretain(plan, topic)
-            return
-        size = _retained_size(message)
-        if self._fits(topic, size):
-            self._retained_bytes += size - self._retained_sizes.get(topic, 0)
-            self._retained_sizes[topic] = size
-            plan.add(
-                SetRetained(topic, message), lambda _: self._retained.__setitem__(topic, message)
-            )
-            return
-        self._metrics.dropped.labels("retained_limit").inc()
-        if not self._retained_full:
-            # Once per episode: a client at the limits may keep trying.
-            self._retained_full = True
-            log.warn(
-                "Retained messages at their limits ({count} messages, {bytes} bytes);"
-                " further retained publishes are delivered but not retained",
-                count=self.retained_limits.max_count,
-                bytes=self.retained_limits.max_bytes,
-            )
-        if topic in self._retained_sizes:
-            # The message it could not keep still supersedes the old one.
-            self._unretain(plan, topic)
-
-    def _unretain(self, plan: Plan, topic: str) -> None:
-        self._retained_bytes -= self._retained_sizes.pop(topic, 0)
-        plan.add(SetRetained(topic, None), lambda _: self._retained.pop(topic, None))
-
-    def _fits(self, topic: str, size: int) -> bool:
-        """Whether topic's retained message may be one of size bytes."""
-        old = self._retained_sizes.get(topic)
-        count = len(self._retained_sizes) + (old is None)
-        limits = self.retained_limits
-        return count <= limits.max_count and (
-            self._retained_bytes - (old or 0) + size <= limits.max_bytes
-        )
 
     def has_room(self, client_id: str, size: int) -> bool:
         """
