@@ -1,10 +1,7 @@
 """
-Sessions, subscriptions and routing: the broker behind every connection.
-
-Live state is in memory.  Every change a client could rely on is described as
-store operations in a Plan; a Plan's in-memory effects run only after its
-operations are durable, and Plans complete in the order they were committed,
-so that acknowledgements go out in the order their packets arrived.
+The broker behind every connection, composed of its parts: the commit
+pipeline (plan.py), the sessions with their queues (session.py), the router
+(router.py) and the registry of who is connected (registry.py).
 """
 
 from __future__ import annotations
@@ -18,35 +15,34 @@ from twisted.logger import Logger
 
 from ..failures import logged
 from ..metrics import Metrics
-from ..store.interfaces import DropSession, IStore, Message
+from ..store.interfaces import IStore, Message
 from .interfaces import IAuthorizer, IConnection, IQueueWatcher
 from .plan import Pipeline, Plan
+from .registry import Registry
 from .router import RetainedLimits, Router
 from .session import QueueLimits, Queues, Session
 
 log = Logger()
 
-
 _QUEUE_LIMITS = QueueLimits()
 _RETAINED_LIMITS = RetainedLimits()
 
 
-def _retained_size(message: Message) -> int:
-    return len(message.topic.encode("utf-8")) + len(message.payload)
-
-
 @attrs.define(eq=False, init=False)
 class Broker:
+    """
+    Sessions, subscriptions and routing for the MQTT connections.
+
+    Live state is in memory.  Every change a client could rely on is
+    described as store operations in a Plan, and shows in memory only once
+    those are durable, in the order plans were committed (see Pipeline).
+    """
+
     _store: IStore
-    _authorizer: IAuthorizer
-    _metrics: Metrics
-    _clock: IReactorTime
     _pipeline: Pipeline
     _queues: Queues
     _router: Router
-    _sessions: dict[str, Session] = attrs.Factory(dict)
-    # client id -> clock seconds when its ban ends.
-    _bans: dict[str, float] = attrs.Factory(dict)
+    _registry: Registry
 
     def __init__(
         self,
@@ -61,7 +57,8 @@ class Broker:
         pipeline = Pipeline(store, clock)
         queues = Queues(pipeline, metrics, clock, max_inflight, limits)
         router = Router(metrics, retained_limits)
-        self.__attrs_init__(store, authorizer, metrics, clock, pipeline, queues, router)
+        registry = Registry(router, queues, authorizer, metrics, clock)
+        self.__attrs_init__(store, pipeline, queues, router, registry)
 
     @property
     def max_inflight(self) -> int:
@@ -85,23 +82,15 @@ class Broker:
         """Tell watcher what happens to queued messages with a notice."""
         self._queues.watcher = watcher
 
-    # -- start -------------------------------------------------------------
-
     async def restore(self) -> None:
         """Load every persistent session and retained message from the store."""
-        for record in await self._store.load_sessions():
-            session = Session.restored(record, self._queues)
-            self._register(session)
-            session.handed_over()
+        self._registry.restore(await self._store.load_sessions())
         beyond = self._router.restore(await self._store.load_retained())
         if not beyond.empty:
             await self.commit(beyond)
-        self._metrics.sessions.set(len(self._sessions))
-        self._metrics.queued.set(sum(s.held for s in self._sessions.values()))
-        self._metrics.queued_bytes.set(sum(s.held_bytes for s in self._sessions.values()))
         log.info(
             "Restored {sessions} sessions and {retained} retained messages",
-            sessions=len(self._sessions),
+            sessions=self._registry.count,
             retained=self._router.retained_count,
         )
 
@@ -128,43 +117,29 @@ class Broker:
     # -- sessions ----------------------------------------------------------
 
     def session(self, client_id: str) -> Session | None:
-        return self._sessions.get(client_id)
+        return self._registry.get(client_id)
 
     def is_online(self, client_id: str) -> bool:
-        session = self._sessions.get(client_id)
-        return session is not None and session.connection is not None
+        return self._registry.is_online(client_id)
 
     def oldest_queued_at(self) -> float | None:
-        """
-        When the oldest message still queued or in flight to any client was
-        queued; None when none is.  A scan of the sessions: for scrapes.
-        """
-        # A queue is in the order its messages joined it: its first is its oldest.
-        heads = (next(iter(s.queue.values())).queued_at for s in self._sessions.values() if s.queue)
-        oldest = min(heads, default=None)
-        return None if oldest is None else oldest / 1000
+        """See Registry.oldest_queued_at."""
+        return self._registry.oldest_queued_at()
 
     def ensure_session(self, plan: Plan, client_id: str) -> Session:
         """
         The client's session, created persistent with the default
         subscriptions when it has none.
         """
-        session = self._sessions.get(client_id)
-        if session is None:
-            session = self._new_session(client_id, persistent=True)
-            plan.add(session.subscription_record())
-        return session
+        return self._registry.ensure(plan, client_id)
 
-    def _new_session(self, client_id: str, persistent: bool) -> Session:
-        session = Session(client_id, persistent, self._queues)
-        session.subscriptions = dict(self._authorizer.default_subscriptions(client_id))
-        self._register(session)
-        self._metrics.sessions.set(len(self._sessions))
-        return session
-
-    def _register(self, session: Session) -> None:
-        self._router.add(session)
-        self._sessions[session.client_id] = session
+    def has_room(self, client_id: str, size: int) -> bool:
+        """
+        Whether client_id's queue (empty if it has no session yet) has room
+        for a message of size payload bytes, counting what plans not yet
+        committed have reserved.
+        """
+        return self._queues.has_room(self._registry.get(client_id), size)
 
     def connect(self, client_id: str, clean: bool, connection: IConnection) -> tuple[Session, bool]:
         """
@@ -173,42 +148,14 @@ class Broker:
         Call resume() on the session once the CONNACK is out.
         """
         plan = Plan()
-        old = self._sessions.get(client_id)
-        if old is not None and old.connection is not None:
-            old.connection.take_over()
-            old.connection = None
-        if old is not None and (clean or not old.persistent):
-            self._discard(plan, old)
-            old = None
-        if clean:
-            session = self._new_session(client_id, persistent=False)
-        else:
-            session = self.ensure_session(plan, client_id)
-            if not session.has_connected:
-                session.has_connected = True
-                plan.add(session.subscription_record())
-        session.connection = connection
-        session.connected_since = self._clock.seconds()
+        session, present = self._registry.connect(plan, client_id, clean, connection)
         if plan.ops:
             self.commit(plan).addErrback(logged(log, "Saving session {id} failed", id=client_id))
-        return session, old is not None
+        return session, present
 
     def disconnected(self, session: Session, connection: IConnection) -> None:
         """The connection of session went away."""
-        if session.connection is not connection:
-            return  # Taken over already.
-        session.detach()
-        if not session.persistent:
-            self._discard(None, session)
-
-    def _discard(self, plan: Plan | None, session: Session) -> None:
-        self._router.forget(session)
-        if self._sessions.get(session.client_id) is session:
-            del self._sessions[session.client_id]
-        self._metrics.sessions.set(len(self._sessions))
-        session.forget()
-        if session.persistent and plan is not None:
-            plan.add(DropSession(session.client_id))
+        self._registry.disconnected(session, connection)
 
     # -- operators ----------------------------------------------------------
 
@@ -218,40 +165,18 @@ class Broker:
         replaces its ban: CONNECTs are refused until that many seconds from
         now (0 lifts the ban).  False when the client has no session.
         """
-        session = self._sessions.get(client_id)
-        if session is None:
-            return False
-        if ban_seconds is not None:
-            now = self._clock.seconds()
-            # Ended bans go whenever one is set, so the table stays small.
-            self._bans = {c: end for c, end in self._bans.items() if end > now}
-            if ban_seconds > 0:
-                self._bans[client_id] = now + ban_seconds
-            else:
-                self._bans.pop(client_id, None)
-        if session.connection is not None:
-            session.connection.end("disconnected by an operator")
-        return True
+        return self._registry.disconnect(client_id, ban_seconds)
 
     def banned(self, client_id: str) -> bool:
         """Whether the client's CONNECTs are refused now."""
-        end = self._bans.get(client_id)
-        return end is not None and end > self._clock.seconds()
+        return self._registry.banned(client_id)
 
     def remove(self, plan: Plan, client_id: str) -> None:
         """
         Forget the client's session and its queue, now in memory and with
         plan in the store, and close its connection: the account is gone.
         """
-        plan.add(DropSession(client_id))
-        session = self._sessions.get(client_id)
-        if session is None:
-            return
-        # Detached first, so that closing the connection pushes nothing.
-        connection, session.connection = session.connection, None
-        self._discard(None, session)
-        if connection is not None:
-            connection.end("the account was deleted")
+        self._registry.remove(plan, client_id)
 
     # -- retention ----------------------------------------------------------
 
@@ -267,14 +192,14 @@ class Broker:
     async def _expire(self, before: int) -> tuple[int, int]:
         messages = 0
         commits = []
-        for session in list(self._sessions.values()):
+        for session in self._registry.sessions():
             plan = Plan()
             messages += session.expire(plan, before)
             if not plan.empty:
                 commits.append(self.commit(plan))
         # A message to an idle session may be on its way to the store: keep
         # the session unless, once all that has landed, none was planned.
-        idle = [(s, s.next_seq) for s in self._sessions.values() if s.idle]
+        idle = [(s, s.next_seq) for s in self._registry.sessions() if s.idle]
         landed = self.barrier()
         await gatherResults(commits, consumeErrors=True)
         await landed
@@ -282,11 +207,11 @@ class Broker:
         removed = 0
         for session, next_seq in idle:
             if (
-                self._sessions.get(session.client_id) is session
+                self._registry.get(session.client_id) is session
                 and session.next_seq == next_seq
                 and session.idle
             ):
-                self._discard(plan, session)
+                self._registry.discard(plan, session)
                 removed += 1
         await self.commit(plan)
         return messages, removed
@@ -323,12 +248,6 @@ class Broker:
         subscription, and keep or clear it as retained.
         """
         for client_id, copy in self._router.route(plan, message):
-            self._sessions[client_id].deliver(plan, copy)
-
-    def has_room(self, client_id: str, size: int) -> bool:
-        """
-        Whether client_id's queue (empty if it has no session yet) has room
-        for a message of size payload bytes, counting what plans not yet
-        committed have reserved.
-        """
-        return self._queues.has_room(self._sessions.get(client_id), size)
+            session = self._registry.get(client_id)
+            assert session is not None, "the router routes only to registered sessions"
+            session.deliver(plan, copy)

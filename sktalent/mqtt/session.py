@@ -183,6 +183,13 @@ class Session:
         """Never connected to and nothing queued: a session that serves nobody."""
         return not self.has_connected and not self.queue and self.connection is None
 
+    @property
+    def oldest_queued_at(self) -> int | None:
+        """When its oldest queued message was queued, in milliseconds since the epoch."""
+        # The queue is in the order its messages joined it: its first is its oldest.
+        oldest = next(iter(self.queue.values()), None)
+        return None if oldest is None else oldest.queued_at
+
     # -- connections --------------------------------------------------------
 
     def resume(self) -> None:
