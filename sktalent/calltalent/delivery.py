@@ -28,8 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..mqtt.broker import Broker
-from ..mqtt.interfaces import IConnection, IQueueWatcher, QueuedView, SessionView
+from ..mqtt.interfaces import IBroker, IConnection, IQueueWatcher, QueuedView, SessionView
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import MarkPushed
@@ -66,7 +65,7 @@ class _Wait:
 @implementer(IQueueWatcher)
 @attrs.define(eq=False)
 class PushDelivery:
-    _broker: Broker
+    _broker: IBroker
     _pusher: IPusher
     _clock: IReactorTime
     push_after: float = 5.0

@@ -12,11 +12,12 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
 from ..store.interfaces import IStore, Message
-from .interfaces import IAuthorizer, IConnection, IQueueWatcher
+from .interfaces import IAuthorizer, IBroker, IConnection, IQueueWatcher, SessionStatus
 from .plan import Pipeline, Plan
 from .registry import Registry
 from .router import RetainedLimits, Router
@@ -28,6 +29,7 @@ _QUEUE_LIMITS = QueueLimits()
 _RETAINED_LIMITS = RetainedLimits()
 
 
+@implementer(IBroker)
 @attrs.define(eq=False, init=False)
 class Broker:
     """
@@ -94,13 +96,9 @@ class Broker:
             retained=self._router.retained_count,
         )
 
-    # -- plans -------------------------------------------------------------
+    # -- plans (IBroker.commit) -----------------------------------------------
 
     def commit(self, plan: Plan) -> Deferred[None]:
-        """
-        Make plan's operations durable, then run its effects; plans complete
-        in the order committed.  Fails when the store failed the commit.
-        """
         return self._pipeline.commit(plan)
 
     def apply_now(self, plan: Plan) -> bool:
@@ -114,7 +112,7 @@ class Broker:
         """Fire once everything committed before now has completed."""
         return self._pipeline.barrier()
 
-    # -- sessions ----------------------------------------------------------
+    # -- sessions (IBroker and the protocol) ----------------------------------
 
     def session(self, client_id: str) -> Session | None:
         return self._registry.get(client_id)
@@ -134,12 +132,23 @@ class Broker:
         return self._registry.ensure(plan, client_id)
 
     def has_room(self, client_id: str, size: int) -> bool:
-        """
-        Whether client_id's queue (empty if it has no session yet) has room
-        for a message of size payload bytes, counting what plans not yet
-        committed have reserved.
-        """
         return self._queues.has_room(self._registry.get(client_id), size)
+
+    def enqueue(
+        self,
+        plan: Plan,
+        client_id: str,
+        message: Message,
+        *,
+        headroom: bool = False,
+        notice: str | None = None,
+    ) -> bool:
+        session = self._registry.ensure(plan, client_id)
+        return session.enqueue(plan, message, headroom=headroom, notice=notice)
+
+    def status(self, client_id: str) -> SessionStatus | None:
+        session = self._registry.get(client_id)
+        return None if session is None else session.status()
 
     def connect(self, client_id: str, clean: bool, connection: IConnection) -> tuple[Session, bool]:
         """
@@ -160,11 +169,6 @@ class Broker:
     # -- operators ----------------------------------------------------------
 
     def disconnect(self, client_id: str, ban_seconds: float | None = None) -> bool:
-        """
-        Close the client's connection, if any.  ban_seconds, when given,
-        replaces its ban: CONNECTs are refused until that many seconds from
-        now (0 lifts the ban).  False when the client has no session.
-        """
         return self._registry.disconnect(client_id, ban_seconds)
 
     def banned(self, client_id: str) -> bool:
@@ -172,21 +176,11 @@ class Broker:
         return self._registry.banned(client_id)
 
     def remove(self, plan: Plan, client_id: str) -> None:
-        """
-        Forget the client's session and its queue, now in memory and with
-        plan in the store, and close its connection: the account is gone.
-        """
         self._registry.remove(plan, client_id)
 
     # -- retention ----------------------------------------------------------
 
     def expire(self, before: int) -> Deferred[tuple[int, int]]:
-        """
-        Drop the messages queued before ``before`` (milliseconds since the
-        epoch), except those in flight on a connection, and then the sessions
-        that no client ever connected to and that have nothing queued.  Fire
-        with how many messages and sessions went, once that is durable.
-        """
         return Deferred.fromCoroutine(self._expire(before))
 
     async def _expire(self, before: int) -> tuple[int, int]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+import attrs
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from ..store.interfaces import Message
@@ -145,3 +147,85 @@ class IQueueWatcher(Interface):
 
     def detached(session: SessionView) -> None:
         """session's connection ended; its queue is still there."""
+
+
+@attrs.frozen
+class SessionStatus:
+    """A session as it is now, for operators."""
+
+    online: bool
+    # Clock seconds when its connection attached; None when offline.
+    connected_since: float | None
+    # Messages queued and not yet acknowledged.
+    queued: int
+    # Milliseconds since the epoch when the oldest of them was queued.
+    oldest_queued_at: int | None
+
+
+class IBroker(Interface):
+    """
+    What the application and the operators' jobs use of the broker: sessions
+    by client id, and plans to commit.
+    """
+
+    def commit(plan: Plan) -> Deferred[None]:
+        """
+        Make plan's operations durable, then run its effects; plans complete
+        in the order committed.  Fails when the store failed the commit.
+        """
+
+    def session(client_id: str) -> SessionView | None:
+        """The client's session, if it has one."""
+
+    def is_online(client_id: str) -> bool:
+        """Whether the client has a live connection."""
+
+    def status(client_id: str) -> SessionStatus | None:
+        """The client's session as it is now, if it has one."""
+
+    def has_room(client_id: str, size: int) -> bool:
+        """
+        Whether client_id's queue (empty if it has no session yet) has room
+        for a message of size payload bytes, counting what plans not yet
+        committed have reserved.
+        """
+
+    def enqueue(
+        plan: Plan,
+        client_id: str,
+        message: Message,
+        *,
+        headroom: bool = False,
+        notice: str | None = None,
+    ) -> bool:
+        """
+        Queue message (QoS 1 or 2) for client_id once plan is durable, in a
+        persistent session with the default subscriptions if it has none,
+        reserving its room now so that no later plan can take it.  Without
+        room the message is dropped, counted, and False answered: never what
+        is queued already, which may have been promised to someone.
+        headroom lets the queue exceed its limits by a tenth, for frames
+        about the client's own actions.  A notice goes with the message, for
+        the IQueueWatcher.
+        """
+
+    def disconnect(client_id: str, ban_seconds: float | None = None) -> bool:
+        """
+        Close the client's connection, if any.  ban_seconds, when given,
+        replaces its ban: CONNECTs are refused until that many seconds from
+        now (0 lifts the ban).  False when the client has no session.
+        """
+
+    def remove(plan: Plan, client_id: str) -> None:
+        """
+        Forget the client's session and its queue, now in memory and with
+        plan in the store, and close its connection: the account is gone.
+        """
+
+    def expire(before: int) -> Deferred[tuple[int, int]]:
+        """
+        Drop the messages queued before ``before`` (milliseconds since the
+        epoch), except those in flight on a connection, and then the sessions
+        that no client ever connected to and that have nothing queued.  Fire
+        with how many messages and sessions went, once that is durable.
+        """

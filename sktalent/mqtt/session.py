@@ -23,7 +23,7 @@ from ..store.interfaces import (
     RemoveInbound,
     SessionRecord,
 )
-from .interfaces import IConnection, IQueueWatcher
+from .interfaces import IConnection, IQueueWatcher, SessionStatus
 from .packets import Packet, Publish, PubRel
 from .plan import Pipeline, Plan
 
@@ -35,7 +35,7 @@ class QueueLimits:
     """
     What one client's queue may hold: messages, and bytes of their payloads.
     Frames about the client's own actions may use a tenth more of each (at
-    least one message); see Session.enqueue.
+    least one message); see IBroker.enqueue.
     """
 
     messages: int = 10_000
@@ -190,6 +190,14 @@ class Session:
         oldest = next(iter(self.queue.values()), None)
         return None if oldest is None else oldest.queued_at
 
+    def status(self) -> SessionStatus:
+        return SessionStatus(
+            online=self.connection is not None,
+            connected_since=self.connected_since,
+            queued=len(self.queue),
+            oldest_queued_at=self.oldest_queued_at,
+        )
+
     # -- connections --------------------------------------------------------
 
     def resume(self) -> None:
@@ -244,14 +252,7 @@ class Session:
         headroom: bool = False,
         notice: str | None = None,
     ) -> bool:
-        """
-        Queue message (QoS 1 or 2) once plan is durable, reserving its room
-        now so that no later plan can take it.  Without room the message is
-        dropped, counted, and False answered: never what is queued already,
-        which may have been promised to someone.  headroom lets the queue
-        exceed its limits by a tenth, for frames about the client's own
-        actions.  A notice goes with the message, for the IQueueWatcher.
-        """
+        """Queue message once plan is durable, as IBroker.enqueue says."""
         size = len(message.payload)
         if not self._queues.limits.admit(self.held, self.held_bytes, size, headroom):
             plan.add(None, lambda _: self._overflowed())
