@@ -102,14 +102,11 @@ class Broker:
         return self._pipeline.commit(plan)
 
     def apply_now(self, plan: Plan) -> bool:
-        """
-        Apply a plan that needs no store at once, when no commit is under way
-        for it to wait behind.  False when it must go through commit().
-        """
+        """See Pipeline.apply_now."""
         return self._pipeline.apply_now(plan)
 
     def barrier(self) -> Deferred[None]:
-        """Fire once everything committed before now has completed."""
+        """See Pipeline.barrier."""
         return self._pipeline.barrier()
 
     # -- sessions (IBroker and the protocol) ----------------------------------
@@ -125,10 +122,7 @@ class Broker:
         return self._registry.oldest_queued_at()
 
     def ensure_session(self, plan: Plan, client_id: str) -> Session:
-        """
-        The client's session, created persistent with the default
-        subscriptions when it has none.
-        """
+        """See Registry.ensure."""
         return self._registry.ensure(plan, client_id)
 
     def has_room(self, client_id: str, size: int) -> bool:
@@ -152,9 +146,8 @@ class Broker:
 
     def connect(self, client_id: str, clean: bool, connection: IConnection) -> tuple[Session, bool]:
         """
-        Attach connection to the client's session, taking it over from any
-        other connection; answer the session and whether it was present.
-        Call resume() on the session once the CONNACK is out.
+        Registry.connect, committing what the store must keep of it.  Call
+        resume() on the session once the CONNACK is out.
         """
         plan = Plan()
         session, present = self._registry.connect(plan, client_id, clean, connection)
@@ -163,7 +156,7 @@ class Broker:
         return session, present
 
     def disconnected(self, session: Session, connection: IConnection) -> None:
-        """The connection of session went away."""
+        """See Registry.disconnected."""
         self._registry.disconnected(session, connection)
 
     # -- operators ----------------------------------------------------------
@@ -172,7 +165,7 @@ class Broker:
         return self._registry.disconnect(client_id, ban_seconds)
 
     def banned(self, client_id: str) -> bool:
-        """Whether the client's CONNECTs are refused now."""
+        """See Registry.banned."""
         return self._registry.banned(client_id)
 
     def remove(self, plan: Plan, client_id: str) -> None:

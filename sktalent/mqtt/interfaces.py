@@ -170,8 +170,9 @@ class IBroker(Interface):
 
     def commit(plan: Plan) -> Deferred[None]:
         """
-        Make plan's operations durable, then run its effects; plans complete
-        in the order committed.  Fails when the store failed the commit.
+        Commit plan in the broker's pipeline: its effects run once its
+        operations are durable, behind every plan committed before it.
+        Fails when the store failed the commit.
         """
 
     def session(client_id: str) -> SessionView | None:

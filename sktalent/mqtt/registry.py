@@ -152,11 +152,7 @@ class Registry:
     # -- operators -----------------------------------------------------------
 
     def disconnect(self, client_id: str, ban_seconds: float | None = None) -> bool:
-        """
-        Close the client's connection, if any.  ban_seconds, when given,
-        replaces its ban: CONNECTs are refused until that many seconds from
-        now (0 lifts the ban).  False when the client has no session.
-        """
+        """See IBroker.disconnect."""
         session = self._sessions.get(client_id)
         if session is None:
             return False
@@ -177,10 +173,7 @@ class Registry:
         return end is not None and end > self._clock.seconds()
 
     def remove(self, plan: Plan, client_id: str) -> None:
-        """
-        Forget the client's session and its queue, now in memory and with
-        plan in the store, and close its connection: the account is gone.
-        """
+        """See IBroker.remove."""
         plan.add(DropSession(client_id))
         session = self._sessions.get(client_id)
         if session is None:

@@ -90,11 +90,7 @@ class Queues:
     watcher: IQueueWatcher | None = None
 
     def has_room(self, session: Session | None, size: int) -> bool:
-        """
-        Whether session's queue (empty if there is no session yet) has room
-        for a message of size payload bytes, counting what plans not yet
-        committed have reserved.
-        """
+        """See IBroker.has_room; None stands for a session not made yet."""
         held, held_bytes = (0, 0) if session is None else (session.held, session.held_bytes)
         return self.limits.admit(held, held_bytes, size, headroom=False)
 
