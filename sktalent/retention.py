@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from .failures import logged
 from .metrics import Metrics
-from .mqtt.broker import Broker
+from .mqtt.interfaces import IBroker
 from .store.interfaces import IStore
 
 log = Logger()
@@ -26,7 +26,7 @@ DAY = 86400.0
 class Retention:
     _clock: IReactorTime
     _store: IStore
-    _broker: Broker
+    _broker: IBroker
     _metrics: Metrics
     days: int = 30
     # Between purges, in seconds.

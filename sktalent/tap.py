@@ -41,9 +41,11 @@ from .failures import StartFailure
 from .logs import FORMATS, check_twistd_options, json_file_observer
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
-from .mqtt.broker import NOTHING_RETAINED, Broker, QueueLimits, RetainedLimits
+from .mqtt.broker import Broker
 from .mqtt.interfaces import IApplication, IAuthorizer
 from .mqtt.protocol import Limits, MQTTFactory
+from .mqtt.router import NOTHING_RETAINED, RetainedLimits
+from .mqtt.session import QueueLimits
 from .push.coalesce import Coalescer
 from .push.config import UmengConfig, load_config
 from .push.disabled import DisabledPusher

@@ -18,10 +18,11 @@ from twisted.internet.testing import StringTransport
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEveryone, AllowEverything, portal_for
-from sktalent.mqtt.broker import Broker, RetainedLimits
+from sktalent.mqtt.broker import Broker
 from sktalent.mqtt.codec import Decoder, encode_all
 from sktalent.mqtt.interfaces import IApplication, IAuthorizer
 from sktalent.mqtt.protocol import Limits, MQTTFactory, MQTTServerProtocol
+from sktalent.mqtt.router import RetainedLimits
 from sktalent.store.interfaces import IStore, Op, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 

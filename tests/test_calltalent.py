@@ -27,7 +27,9 @@ from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topi
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
-from sktalent.mqtt.broker import NOTHING_RETAINED, Plan, QueueLimits
+from sktalent.mqtt.plan import Plan
+from sktalent.mqtt.router import NOTHING_RETAINED
+from sktalent.mqtt.session import QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice
 from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable

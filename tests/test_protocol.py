@@ -14,8 +14,9 @@ from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEverything, portal_for
-from sktalent.mqtt.broker import QueueLimits, RetainedLimits
 from sktalent.mqtt.protocol import Limits
+from sktalent.mqtt.router import RetainedLimits
+from sktalent.mqtt.session import QueueLimits
 from sktalent.store.interfaces import Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 

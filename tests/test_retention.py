@@ -15,7 +15,8 @@ from sktalent.authsign import sign
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEverything
-from sktalent.mqtt.broker import Broker, Plan
+from sktalent.mqtt.broker import Broker
+from sktalent.mqtt.plan import Plan
 from sktalent.retention import DAY, Retention
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore

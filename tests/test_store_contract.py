@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -89,6 +89,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@attrs.frozen
+class Unhandled:
+    """Not an operation: no store handles it."""
+
+    what: str
 
 
 if TYPE_CHECKING:
@@ -570,6 +577,18 @@ class StoreContract(_Mixin):
         ]
         results = [await d for d in submits]
         self.assertEqual(results, [[NEW if n < 7 else REPEATED, None] for n in range(20)])
+
+    async def test_unhandled_operation_fails(self) -> None:
+        """
+        An operation the store does not handle fails its commit, naming the
+        operation, instead of answering None as if it were done; the store
+        still commits what comes after.
+        """
+        with self.assertRaises(AssertionError) as caught:
+            await self.store.submit([PutSession("a", ()), cast(Op, Unhandled("x"))])
+        self.assertIn("Unhandled(what='x')", str(caught.exception))
+        self.flushLoggedErrors(AssertionError)
+        self.assertEqual(await self.store.submit([PutSession("b", ())]), [None])
 
 
 class DurableContract(StoreContract):

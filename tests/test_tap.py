@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.pushtexts import TextTable
-from sktalent.mqtt.broker import RetainedLimits
+from sktalent.mqtt.router import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.retention import Retention
 from sktalent.store.interfaces import StoreUnavailable

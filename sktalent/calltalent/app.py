@@ -26,8 +26,8 @@ from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
-from ..mqtt.broker import Broker, Plan
-from ..mqtt.interfaces import IApplication
+from ..mqtt.interfaces import IApplication, IBroker
+from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import (
     ChatRecord,
@@ -174,7 +174,7 @@ def _text_field(payload: Mapping[str, Any], name: str, msgid: str) -> str:
 @implementer(IApplication, ICallTalent)
 @attrs.define(eq=False)
 class CallTalent:
-    _broker: Broker
+    _broker: IBroker
     _store: IStore
     _pusher: IPusher
     _clock: IReactorTime
@@ -310,11 +310,11 @@ class CallTalent:
         past the headroom is dropped and counted.  since, when given, is when
         the message the frame answers arrived.
         """
-        session = self._broker.ensure_session(plan, user_id)
         body = frame if isinstance(frame, bytes) else _json(frame).encode()
         message = Message(client_topic(user_id), body, 1)
         kept = None if notice is None else encode_notice(notice)
-        if self._broker.queue(plan, session, message, headroom=kind in _OWN_FRAMES, notice=kept):
+        own = kind in _OWN_FRAMES
+        if self._broker.enqueue(plan, user_id, message, headroom=own, notice=kept):
             counter = self._counter(self.metrics.messages_out, kind)
             if since is None:
                 plan.add(None, lambda _: counter.inc())
@@ -506,17 +506,16 @@ class CallTalent:
             return None
         device = await self._store.get_device(user_id)
         # As it is now, not as it was before the store answered.
-        session = self._broker.session(user_id)
-        if session is None:
+        status = self._broker.status(user_id)
+        if status is None:
             return None
-        oldest = next(iter(session.queue.values()), None)
-        since = session.connected_since
+        since = status.connected_since
         return SessionInfo(
-            online=session.connection is not None,
-            node=None if session.connection is None else self.node,
+            online=status.online,
+            node=self.node if status.online else None,
             connected_since=None if since is None else int(since * 1000),
-            queued=len(session.queue),
-            oldest_queued_at=None if oldest is None else oldest.queued_at,
+            queued=status.queued,
+            oldest_queued_at=status.oldest_queued_at,
             platform=None if device is None else device.platform,
         )
 

@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..mqtt.broker import Broker, IConnection, IQueueWatcher, Outgoing, Plan, Session
+from ..mqtt.interfaces import IBroker, IConnection, IQueueWatcher, QueuedView, SessionView
+from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import MarkPushed
 
@@ -54,7 +55,7 @@ def decode_notice(text: str) -> PushNotice:
 @attrs.frozen
 class _Wait:
     due: float
-    session: Session
+    session: SessionView
     # The message's seq, not the message: one acknowledged is freed at once.
     seq: int
     # The connection it waits on; None after a restart.
@@ -64,31 +65,31 @@ class _Wait:
 @implementer(IQueueWatcher)
 @attrs.define(eq=False)
 class PushDelivery:
-    _broker: Broker
+    _broker: IBroker
     _pusher: IPusher
     _clock: IReactorTime
     push_after: float = 5.0
     _waits: deque[_Wait] = attrs.Factory(deque)
     _timer: IDelayedCall | None = None
     # Decided this reactor turn, marked in the store together.
-    _due: list[tuple[Session, Outgoing, str]] = attrs.Factory(list)
+    _due: list[tuple[SessionView, QueuedView, str]] = attrs.Factory(list)
     _marking: IDelayedCall | None = None
     _stopped: bool = False
 
     # -- IQueueWatcher --------------------------------------------------------
 
-    def queued(self, session: Session, out: Outgoing) -> None:
+    def queued(self, session: SessionView, out: QueuedView) -> None:
         if session.connection is None:
             self._push(session, out, "offline")
         else:
             self._wait(session, out)
 
-    def resumed(self, session: Session) -> None:
+    def resumed(self, session: SessionView) -> None:
         for out in session.queue.values():
             if out.notice is not None and not out.pushed:
                 self._wait(session, out)
 
-    def detached(self, session: Session) -> None:
+    def detached(self, session: SessionView) -> None:
         for out in session.queue.values():
             if out.notice is not None and not out.pushed:
                 self._push(session, out, "connection_lost")
@@ -108,7 +109,7 @@ class PushDelivery:
         self._waits.clear()
         self._due = []
 
-    def _wait(self, session: Session, out: Outgoing) -> None:
+    def _wait(self, session: SessionView, out: QueuedView) -> None:
         if self._stopped:
             return
         due = self._clock.seconds() + self.push_after
@@ -136,7 +137,7 @@ class PushDelivery:
         if waits:
             self._timer = self._clock.callLater(waits[0].due - now, self._expired)
 
-    def _push(self, session: Session, out: Outgoing, reason: str) -> None:
+    def _push(self, session: SessionView, out: QueuedView, reason: str) -> None:
         if self._stopped:
             return
         out.pushed = True
@@ -153,7 +154,7 @@ class PushDelivery:
                 plan.add(MarkPushed(session.client_id, out.seq))
         self._broker.commit(plan).addBoth(self._send, due)
 
-    def _send(self, marked: None | Failure, due: list[tuple[Session, Outgoing, str]]) -> None:
+    def _send(self, marked: None | Failure, due: list[tuple[SessionView, QueuedView, str]]) -> None:
         if isinstance(marked, Failure):
             # Better a push that may come again after a restart than none.
             log.failure("Marking {n} pushes failed; pushing anyway", marked, n=len(due))

@@ -5,6 +5,7 @@ broker.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -24,19 +25,34 @@ from ..failures import logged
 from ..metrics import Metrics
 from ..store.interfaces import Message
 from . import packets as p
-from .broker import Broker, IConnection, Plan, Session
+from .broker import Broker
 from .codec import Decoder, encode_all
 from .interfaces import (
     IApplication,
     IAuthorizer,
+    IConnection,
     IdentifierRejected,
     IMQTTUser,
     ServiceUnavailable,
 )
+from .plan import Plan
+from .session import Session
 
 log = Logger()
 
-_AWAIT_CONNECT, _AUTHENTICATING, _CONNECTED, _CLOSED = range(4)
+
+class State(enum.Enum):
+    """Where a connection is in its life; it only ever moves down this list."""
+
+    # Only a CONNECT may come.
+    AWAITING_CONNECT = enum.auto()
+    # The CONNECT is being checked; what else arrives waits for the CONNACK.
+    AUTHENTICATING = enum.auto()
+    # CONNACK accepted sent; the session is attached.
+    CONNECTED = enum.auto()
+    # Closing or closed: nothing more is read or sent.
+    CLOSED = enum.auto()
+
 
 # Inbound publishes awaiting their commit before the transport is paused.
 _HIGH_WATER = 256
@@ -52,6 +68,31 @@ class Limits:
 @implementer(IConnection)
 @attrs.define(eq=False, repr=False)
 class MQTTServerProtocol(Protocol):
+    """
+    One client's connection, from its first byte to its close.
+
+    Invariants:
+
+    - The state only moves forward (see State); from any state it may jump
+      to CLOSED, and a closed connection reads and sends nothing more.
+    - The first CONNECT gets a CONNACK unless the connection is gone first:
+      accepted, refused with the reason, or server unavailable when handling
+      it failed; a second CONNECT closes the connection.  Nothing else is
+      sent before the CONNACK, and the session's resent messages follow it.
+    - Packets that arrive while the CONNECT is being checked wait (more than
+      _HIGH_WATER of them close the connection) and are handled in order
+      once it is accepted.
+    - A publish is acknowledged (PUBACK, PUBREC) only once what it causes is
+      durable, and acknowledgements go out in the order the publishes came
+      (the broker's commit pipeline); PUBCOMP never overtakes PUBREC.
+    - Reading pauses while _HIGH_WATER publishes await the store and resumes
+      at _LOW_WATER.
+    - ``_session`` is the broker's session for this connection from the
+      accepted CONNECT until the connection ends or is taken over.
+    - The will is published only when the connection ends otherwise than by
+      DISCONNECT or the server stopping.
+    """
+
     _broker: Broker
     _portal: Portal
     _authorizer: IAuthorizer
@@ -62,7 +103,7 @@ class MQTTServerProtocol(Protocol):
     _decoder: Decoder = attrs.field(init=False)
     # Publishes routed to subscribers (the application counts its own).
     _routed: Any = attrs.field(init=False)
-    _state: int = _AWAIT_CONNECT
+    _state: State = State.AWAITING_CONNECT
     _waiting: list[p.Packet] = attrs.Factory(list)
     _timer: IDelayedCall | None = None
     _keepalive: float = 0.0
@@ -87,12 +128,12 @@ class MQTTServerProtocol(Protocol):
         self._timer = self._clock.callLater(self._limits.connect_timeout, self._connect_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._state == _CLOSED:
+        if self._state == State.CLOSED:
             return
         try:
             received = self._decoder.feed(data)
         except p.UnacceptableProtocolLevel as e:
-            if self._state == _AWAIT_CONNECT:
+            if self._state == State.AWAITING_CONNECT:
                 self._write([p.ConnAck(p.REFUSED_PROTOCOL_VERSION)])
             self._close(f"unacceptable protocol level {e.level}")
             return
@@ -106,9 +147,9 @@ class MQTTServerProtocol(Protocol):
         if received:
             self._last_heard = self._clock.seconds()
         for packet in received:
-            if self._state == _CLOSED:
+            if self._state == State.CLOSED:
                 return
-            if self._state == _AUTHENTICATING:
+            if self._state == State.AUTHENTICATING:
                 if len(self._waiting) >= _HIGH_WATER:
                     self._close("too many packets before CONNACK")
                     return
@@ -120,7 +161,7 @@ class MQTTServerProtocol(Protocol):
         self._metrics.connections.dec()
         if isinstance(self.factory, MQTTFactory):
             self.factory.closed(self)
-        self._state = _CLOSED
+        self._state = State.CLOSED
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._will is not None:
@@ -133,7 +174,7 @@ class MQTTServerProtocol(Protocol):
     # -- IConnection --------------------------------------------------------
 
     def send(self, packets: list[p.Packet]) -> None:
-        if self._state == _CONNECTED:
+        if self._state == State.CONNECTED:
             self._write(packets)
 
     def server_stopping(self) -> None:
@@ -161,7 +202,7 @@ class MQTTServerProtocol(Protocol):
     def _close(self, why: str | None) -> None:
         if why is not None:
             log.info("Closing connection of {client!r}: {why}", client=self._client_id, why=why)
-        self._state = _CLOSED
+        self._state = State.CLOSED
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -179,7 +220,7 @@ class MQTTServerProtocol(Protocol):
             self._timer = self._clock.callLater(deadline - now, self._check_keepalive)
 
     def _dispatch(self, packet: p.Packet) -> None:
-        if self._state == _AWAIT_CONNECT:
+        if self._state == State.AWAITING_CONNECT:
             if isinstance(packet, p.Connect):
                 self._on_connect(packet)
             else:
@@ -194,11 +235,11 @@ class MQTTServerProtocol(Protocol):
     # -- CONNECT ------------------------------------------------------------
 
     def _on_connect(self, connect: p.Connect) -> None:
-        self._state = _AUTHENTICATING
+        self._state = State.AUTHENTICATING
         Deferred.fromCoroutine(self._login(connect)).addErrback(self._login_failed)
 
     def _login_failed(self, failure: Failure) -> None:
-        if self._state != _AUTHENTICATING:
+        if self._state != State.AUTHENTICATING:
             self._unexpected(failure, "CONNECT handling failed")
             return
         # A bug, not the client's doing: still, every CONNECT gets a CONNACK.
@@ -238,7 +279,7 @@ class MQTTServerProtocol(Protocol):
         except ServiceUnavailable:
             self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "auth_unavailable")
             return
-        if self._state == _CLOSED:
+        if self._state == State.CLOSED:
             return
         code = self._authorizer.check_client_id(user, client_id)
         if code:
@@ -254,7 +295,7 @@ class MQTTServerProtocol(Protocol):
             else:
                 self._metrics.dropped.labels("will_not_allowed").inc()
         self._session, present = self._broker.connect(client_id, connect.clean_session, self)
-        self._state = _CONNECTED
+        self._state = State.CONNECTED
         self._metrics.logins.inc()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -264,16 +305,16 @@ class MQTTServerProtocol(Protocol):
             self._timer = self._clock.callLater(connect.keepalive * 1.5, self._check_keepalive)
         # CONNACK must precede what the session resends.
         self.send([p.ConnAck(p.ACCEPTED, present)])
-        self._broker.resume(self._session)
+        self._session.resume()
         waiting, self._waiting = self._waiting, []
         for packet in waiting:
-            if self._state != _CONNECTED:
+            if self._state != State.CONNECTED:
                 break
             self._dispatch(packet)
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         log.failure(what, failure)
-        if self._state != _CLOSED:
+        if self._state != State.CLOSED:
             self._close(what)
 
     # -- PUBLISH ------------------------------------------------------------
@@ -292,7 +333,7 @@ class MQTTServerProtocol(Protocol):
             self._metrics.dropped.labels("publish_not_allowed").inc()
             if publish.qos == 2:
                 assert pid is not None
-                self._broker.hold_inbound(plan, session, pid)
+                session.hold_inbound(plan, pid)
         else:
             message = Message(publish.topic, publish.payload, publish.qos, publish.retain)
             if self._app is not None and self._app.owns(publish.topic):
@@ -302,7 +343,7 @@ class MQTTServerProtocol(Protocol):
                 self._broker.route(plan, message)
             if publish.qos == 2:
                 assert pid is not None
-                self._broker.hold_inbound(plan, session, pid)
+                session.hold_inbound(plan, pid)
         if self._broker.apply_now(plan):
             return
         self._track(+1)
@@ -334,7 +375,7 @@ class MQTTServerProtocol(Protocol):
 
     def _on_pubrel(self, pubrel: p.PubRel) -> None:
         assert self._session is not None
-        self._broker.release_inbound(self._session, pubrel.packet_id)
+        self._session.release_inbound(pubrel.packet_id)
         # Behind any commit still under way, so PUBCOMP never overtakes PUBREC.
         self._broker.barrier().addCallback(lambda _: self.send([p.PubComp(pubrel.packet_id)]))
 
@@ -342,11 +383,11 @@ class MQTTServerProtocol(Protocol):
 
     def _on_puback(self, puback: p.PubAck) -> None:
         assert self._session is not None
-        self._broker.acknowledged(self._session, puback.packet_id, 1)
+        self._session.acknowledged(puback.packet_id, 1)
 
     def _on_pubcomp(self, pubcomp: p.PubComp) -> None:
         assert self._session is not None
-        self._broker.acknowledged(self._session, pubcomp.packet_id, 2)
+        self._session.acknowledged(pubcomp.packet_id, 2)
 
     def _on_pubrec(self, pubrec: p.PubRec) -> None:
         assert self._session is not None
@@ -355,7 +396,7 @@ class MQTTServerProtocol(Protocol):
             if known:
                 self.send([p.PubRel(pubrec.packet_id)])
 
-        self._broker.received(self._session, pubrec.packet_id).addCallback(answer).addErrback(
+        self._session.received(pubrec.packet_id).addCallback(answer).addErrback(
             self._unexpected, "Could not record a PUBREC"
         )
 

@@ -6,9 +6,10 @@ without durability.  It is the reference for what each operation means.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import assert_never
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from zope.interface import implementer
 
 from .interfaces import (
@@ -68,11 +69,16 @@ class MemoryStore:
         return succeed(None)
 
     def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
-        return succeed([self._apply(op) for op in ops])
+        return maybeDeferred(lambda: [self._apply(op) for op in ops])
 
     def _session(self, client_id: str) -> _Session:
         # Queue entries may precede the session's own record in a batch.
         return self._sessions.setdefault(client_id, _Session(()))
+
+    def _queue(self, client_id: str) -> dict[int, QueuedMessage]:
+        # Removals on an unknown session change nothing: an empty queue, not kept.
+        session = self._sessions.get(client_id)
+        return {} if session is None else session.queue
 
     def _apply(self, op: Op) -> object:
         match op:
@@ -85,24 +91,26 @@ class MemoryStore:
             case Enqueue(client_id, seq, message, queued_at, notice):
                 queued = QueuedMessage(seq, message, queued_at=queued_at, notice=notice)
                 self._session(client_id).queue[seq] = queued
-            case MarkPushed(client_id, seq) if client_id in self._sessions:
-                queue = self._sessions[client_id].queue
+            case MarkPushed(client_id, seq):
+                queue = self._queue(client_id)
                 if seq in queue:
                     queue[seq] = attrs.evolve(queue[seq], pushed=True)
-            case Release(client_id, seq) if client_id in self._sessions:
-                queue = self._sessions[client_id].queue
+            case Release(client_id, seq):
+                queue = self._queue(client_id)
                 if seq in queue:
                     queue[seq] = attrs.evolve(queue[seq], released=True)
-            case Dequeue(client_id, seq) if client_id in self._sessions:
-                self._sessions[client_id].queue.pop(seq, None)
+            case Dequeue(client_id, seq):
+                self._queue(client_id).pop(seq, None)
             case AddInbound(client_id, packet_id):
                 self._session(client_id).inbound.add(packet_id)
-            case RemoveInbound(client_id, packet_id) if client_id in self._sessions:
-                self._sessions[client_id].inbound.discard(packet_id)
-            case SetRetained(topic, None):
-                self._retained.pop(topic, None)
-            case SetRetained(topic, message) if message is not None:
-                self._retained[topic] = message
+            case RemoveInbound(client_id, packet_id):
+                if client_id in self._sessions:
+                    self._sessions[client_id].inbound.discard(packet_id)
+            case SetRetained(topic, message):
+                if message is None:
+                    self._retained.pop(topic, None)
+                else:
+                    self._retained[topic] = message
             case InsertChat(chat, then, token, digest):
                 key = (chat.sender, chat.msgid)
                 if key in self._chats:
@@ -132,6 +140,8 @@ class MemoryStore:
                 self._devices[user_id] = attrs.evolve(known, logged_out=True)
             case DropDevice(user_id):
                 self._devices.pop(user_id, None)
+            case _:
+                assert_never(op)
         return None
 
     def load_sessions(self) -> Deferred[list[SessionRecord]]:

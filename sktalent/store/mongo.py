@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import attrs
 from bson import Binary
@@ -120,6 +120,23 @@ def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
                 yield from _chat_keys(then)
             case ChatStored(sender, msgid):
                 yield (sender, msgid)
+            case (
+                PutSession()
+                | DropSession()
+                | Enqueue()
+                | MarkPushed()
+                | Release()
+                | Dequeue()
+                | AddInbound()
+                | RemoveInbound()
+                | SetRetained()
+                | PutDevice()
+                | LogOut()
+                | DropDevice()
+            ):
+                pass  # No chat to look up.
+            case _:
+                assert_never(op)
 
 
 def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
@@ -228,12 +245,12 @@ class _Plan:
                 )
             case RemoveInbound(client_id, packet_id):
                 self._write("inbound", DeleteOne({"_id": _id(client_id, packet_id)}))
-            case SetRetained(topic, None):
-                self._write("retained", DeleteOne({"_id": topic}))
-            case SetRetained(topic, message) if message is not None:
-                self._write(
-                    "retained", ReplaceOne({"_id": topic}, _message_doc(message), upsert=True)
-                )
+            case SetRetained(topic, message):
+                if message is None:
+                    self._write("retained", DeleteOne({"_id": topic}))
+                else:
+                    doc = _message_doc(message)
+                    self._write("retained", ReplaceOne({"_id": topic}, doc, upsert=True))
             case InsertChat(chat, then, token, digest):
                 key = (chat.sender, chat.msgid)
                 stored = self._chats.get(key)
@@ -297,6 +314,8 @@ class _Plan:
                 )
             case DropDevice(user_id):
                 self._write("devices", DeleteOne({"_id": user_id}))
+            case _:
+                assert_never(op)
         return None
 
 

@@ -11,7 +11,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar, cast
+from typing import TypeVar, assert_never, cast
 
 import attrs
 from prometheus_client import Histogram
@@ -322,13 +322,15 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
                 "DELETE FROM inbound WHERE client_id = ? AND packet_id = ?",
                 (client_id, packet_id),
             )
-        case SetRetained(topic, None):
-            conn.execute("DELETE FROM retained WHERE topic = ?", (topic,))
-        case SetRetained(topic, message) if message is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO retained (topic, payload, qos, retain) VALUES (?, ?, ?, ?)",
-                (topic, message.payload, message.qos, message.retain),
-            )
+        case SetRetained(topic, message):
+            if message is None:
+                conn.execute("DELETE FROM retained WHERE topic = ?", (topic,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO retained (topic, payload, qos, retain)"
+                    " VALUES (?, ?, ?, ?)",
+                    (topic, message.payload, message.qos, message.retain),
+                )
         case InsertChat(chat, then, token, digest):
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO chats"
@@ -389,6 +391,8 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
             )
         case DropDevice(user_id):
             conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+        case _:
+            assert_never(op)
     return None
 
 

@@ -1,0 +1,199 @@
+"""
+Plans and the ordered commit pipeline: how a change a client could rely on
+becomes durable before anyone sees it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ..failures import logged
+from ..store.interfaces import IStore, Op
+
+log = Logger()
+
+Effect = Callable[[Any], object]
+
+
+@attrs.define(eq=False)
+class Plan:
+    """
+    Store operations to commit together, each with what to do in memory once
+    it is durable.  An entry with no operation is an effect that only has to
+    wait its turn.  What a plan reserves up front (room in a queue) is given
+    back by its abandon callbacks when its effects will never run.
+
+    Effects run in the order they were added, each with its operation's
+    result (None for an entry without one), and either all run or, when
+    abandoned, none.
+    """
+
+    _entries: list[tuple[Op | None, Effect | None]] = attrs.Factory(list)
+    _ops: list[Op] = attrs.Factory(list)
+    _abandon: list[Callable[[], object]] = attrs.Factory(list)
+
+    def add(self, op: Op | None, effect: Effect | None = None) -> None:
+        self._entries.append((op, effect))
+        if op is not None:
+            self._ops.append(op)
+
+    def add_guarded(
+        self,
+        op: Op,
+        inner: Plan,
+        otherwise: Callable[[Any], object] | None = None,
+        passed: Callable[[Any], bool] = bool,
+    ) -> None:
+        """
+        Add a guarded operation whose ``then`` are inner's operations: inner's
+        effects run when ``passed(result)``; otherwise inner is abandoned and
+        ``otherwise(result)`` called.
+        """
+
+        def decided(result: object) -> None:
+            if passed(result):
+                inner.apply([None] * len(inner.ops))
+                return
+            inner.abandon()
+            if otherwise is not None:
+                otherwise(result)
+
+        self.add(op, decided)
+        self.on_abandon(inner.abandon)
+
+    def on_abandon(self, undo: Callable[[], object]) -> None:
+        """Call undo if this plan's effects will never run."""
+        self._abandon.append(undo)
+
+    def abandon(self) -> None:
+        undo, self._abandon = self._abandon, []
+        for callback in undo:
+            callback()
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing in it needs the store."""
+        return not self._ops
+
+    @property
+    def ops(self) -> tuple[Op, ...]:
+        return tuple(self._ops)
+
+    def apply(self, results: Iterable[object]) -> None:
+        it = iter(results)
+        for op, effect in self._entries:
+            result = next(it) if op is not None else None
+            if effect is not None:
+                effect(result)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    plan: Plan
+    done: Deferred[None]
+    results: list[object] | None = None
+    failure: Any = None
+
+
+@attrs.define(eq=False)
+class Pipeline:
+    """
+    Commits plans to the store and runs their effects.
+
+    Invariants:
+
+    - A plan's effects run only once all its operations are durable; a plan
+      that needs no store still waits for every plan committed before it.
+    - Plans complete (effects run, then the Deferred fires) in the order they
+      were committed, whatever order the store answers in: acknowledgements
+      go out in the order their packets arrived.
+    - A plan whose commit failed is abandoned (its reservations given back),
+      its Deferred fails, and the plans behind it still complete.
+    - An effect that raises is logged; it never stalls the plans behind it.
+    """
+
+    _store: IStore
+    _clock: IReactorTime
+    _pending: deque[_Pending] = attrs.Factory(deque)
+    # Bookkeeping that nobody waits for (acknowledged messages leaving a
+    # queue), committed once per reactor turn rather than once each.
+    _loose: list[Op] = attrs.Factory(list)
+    _loose_flush: IDelayedCall | None = None
+
+    def commit(self, plan: Plan) -> Deferred[None]:
+        """
+        Make plan's operations durable, then run its effects; plans complete
+        in the order committed.  Fails when the store failed the commit.
+        """
+        pending = _Pending(plan, Deferred())
+        self._pending.append(pending)
+        if plan.empty:
+            pending.results = []
+            self._drain()
+        else:
+
+            def landed(results: list[object]) -> None:
+                pending.results = results
+                self._drain()
+
+            def failed(failure: Any) -> None:
+                pending.failure = failure
+                self._drain()
+
+            self._store.submit(plan.ops).addCallbacks(landed, failed)
+        return pending.done
+
+    def apply_now(self, plan: Plan) -> bool:
+        """
+        Apply a plan that needs no store at once, when no commit is under way
+        for it to wait behind: the hot path of a plain broker.  False when it
+        must go through commit().
+        """
+        if self._pending or not plan.empty:
+            return False
+        plan.apply(())
+        return True
+
+    def barrier(self) -> Deferred[None]:
+        """Fire once everything committed before now has completed."""
+        return self.commit(Plan())
+
+    def later(self, op: Op) -> None:
+        """
+        Commit op with this reactor turn's other bookkeeping: for what nobody
+        waits for, so a failure is only logged.
+        """
+        self._loose.append(op)
+        if self._loose_flush is None:
+            self._loose_flush = self._clock.callLater(0, self._flush_loose)
+
+    def _drain(self) -> None:
+        while self._pending and (
+            self._pending[0].results is not None or self._pending[0].failure is not None
+        ):
+            head = self._pending.popleft()
+            if head.failure is not None:
+                head.plan.abandon()
+                head.done.errback(head.failure)
+                continue
+            assert head.results is not None
+            try:
+                head.plan.apply(head.results)
+            except Exception:  # noqa: BLE001 - one bad effect must not stall every later plan
+                log.failure("Applying a committed plan failed")
+            head.done.callback(None)
+
+    def _flush_loose(self) -> None:
+        self._loose_flush = None
+        plan = Plan()
+        for op in self._loose:
+            plan.add(op)
+        self._loose = []
+        self.commit(plan).addErrback(logged(log, "Committing queue bookkeeping failed"))
