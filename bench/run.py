@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from loadgen import Chat, FanIn, Idle, Pairs, Result, Scenario, ServerProbe  # noqa: E402
 
-from tests.server import ServerProcess, free_port, wait_for  # noqa: E402
+from sktalent.testing.server import ServerProcess, free_port, wait_for  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 # Not the per-user limit under test here: the bench measures the data path.

@@ -52,7 +52,7 @@ from run import markdown, number  # noqa: E402
 from seed import BACKLOG_USER, seed, user_id  # noqa: E402
 
 from sktalent.mqtt import packets as p  # noqa: E402
-from tests.server import ServerProcess, listening  # noqa: E402
+from sktalent.testing.server import ServerProcess, listening  # noqa: E402
 
 MiB = 2**20
 # The server is taken to have settled when it uses less CPU than this.

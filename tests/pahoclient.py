@@ -12,7 +12,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .server import wait_for
+from sktalent.testing.server import wait_for
 
 # paho reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes.
 _CONNACK_CODES = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}

@@ -17,10 +17,10 @@ import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.mqtt import packets as p
+from sktalent.testing.server import ServerProcess, running
 
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .server import ServerProcess, running
 
 # The contract's default limit on a packet's remaining length: 64 KiB.
 MAX_PACKET = 64 * 1024

@@ -8,9 +8,10 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
+from sktalent.testing.server import ServerProcess, running
 
+from .helpers import mongo_store
 from .pahoclient import PahoUser
-from .server import ServerProcess, mongo_store, running
 
 COUNT = 300
 

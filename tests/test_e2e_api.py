@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
+from sktalent.testing.server import ServerProcess, running, wait_for
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, running, wait_for
 from .umengstub import ANDROID, IOS, Received, UmengStub
 
 TOKEN = "backend-Token.1"

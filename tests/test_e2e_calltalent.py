@@ -16,10 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 from sktalent.calltalent.rules import SERVER_TOPIC
 from sktalent.mqtt import packets as p
+from sktalent.testing.server import ROOT, ServerProcess, running
 
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .server import ROOT, ServerProcess, running
 
 
 def msgid(n: int) -> str:

@@ -14,11 +14,11 @@ from typing import Any
 
 from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
+from sktalent.testing.server import wait_for
 
+from .helpers import mongo_store
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .server import wait_for
-from .test_crash import mongo_store
 from .test_e2e_api import UmengServerCase, chat, msgid, to
 from .umengstub import Received
 

@@ -19,9 +19,9 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sktalent.authsign import sign
 from sktalent.store.sqlite import MIGRATIONS, connect, migrate
+from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, running, wait_for
 from .umengstub import ANDROID, IOS, UmengStub
 
 OLD_TOKEN = "old-token"

@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
+from sktalent.testing.server import ServerProcess, free_port, listening, running, wait_for
+
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, listening, running, wait_for
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

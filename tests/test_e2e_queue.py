@@ -18,10 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
+from sktalent.testing.server import ServerProcess, running
 
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .server import ServerProcess, running
 
 TOKEN = "backend-Token.1"
 SERVER_TOPIC = "$sktalent/server/mqttserver"

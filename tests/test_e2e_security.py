@@ -22,10 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
+from sktalent.testing.server import ServerProcess, running, wait_for
 
+from .helpers import mongo_store
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .server import ServerProcess, mongo_store, running, wait_for
 
 SERVER_TOPIC = "$sktalent/server/mqttserver"
 BOB_TOPIC = "$sktalent/clients/bob"

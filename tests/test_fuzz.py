@@ -25,10 +25,10 @@ from sktalent.calltalent.app import AppLimits
 from sktalent.calltalent.rules import SERVER_TOPIC
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.codec import encode, encode_all
+from sktalent.testing.server import ServerProcess, running
 
 from .mqttclient import Client
 from .rawclient import RawClient
-from .server import ServerProcess, running
 from .test_calltalent import SECRET, CallTalentCase
 
 SEED = 8

@@ -20,9 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
 from sktalent.logs import event_as_json, without_credentials
+from sktalent.testing.server import ServerProcess, running, wait_for
 
 from .pahoclient import PahoUser
-from .server import ServerProcess, running, wait_for
 from .umengstub import ANDROID, IOS, UmengStub
 
 TOKEN = "backend-Token.7f3a9c"

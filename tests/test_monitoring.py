@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from .server import ROOT, ServerProcess, running
+from sktalent.testing.server import ROOT, ServerProcess, running
 
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"

@@ -22,9 +22,9 @@ import sktalent
 from sktalent.api.resource import ApiResource
 from sktalent.authsign import sign
 from sktalent.calltalent.interfaces import ICallTalent
+from sktalent.testing.server import ROOT, ServerProcess, running
 
 from .pahoclient import PahoUser
-from .server import ROOT, ServerProcess, running
 
 DOCUMENT = ROOT / "docs" / "openapi.yaml"
 TOKEN = "schemathesis-Token.1"

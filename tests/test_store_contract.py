@@ -8,13 +8,11 @@ open_store.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 from bson import Binary
@@ -26,7 +24,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.portforward import ProxyFactory
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txmongo.connection import ConnectionPool
 
 from sktalent.store import open_store
@@ -60,6 +58,8 @@ from sktalent.store.interfaces import (
 from sktalent.store.memory import MemoryStore
 from sktalent.store.mongo import MongoStore
 from sktalent.store.sqlite import SQLiteStore
+
+from .helpers import mongo_store, with_database
 
 EVERY_BYTE = bytes(range(256))
 NEW, REPEATED, CONFLICT = Inserted.NEW, Inserted.REPEATED, Inserted.CONFLICT
@@ -676,21 +676,6 @@ class SQLiteStoreTests(DurableContract, TestCase):
         return SQLiteStore(reactor, self.path)
 
 
-def mongo_uri() -> str:
-    """The test server's URI; skip without one, except in CI where it must run."""
-    uri = os.environ.get("SKTALENT_TEST_MONGO_URI")
-    if uri:
-        return uri
-    if os.environ.get("CI") == "true":
-        raise AssertionError("CI=true but SKTALENT_TEST_MONGO_URI is unset: run .ci/ferretdb")
-    raise SkipTest('SKTALENT_TEST_MONGO_URI is unset (eval "$(.ci/ferretdb)" to set it)')
-
-
-def with_database(uri: str, database: str) -> str:
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
 async def drop_database(uri: str) -> None:
     pool = ConnectionPool(uri)
     try:
@@ -702,7 +687,7 @@ async def drop_database(uri: str) -> None:
 class MongoStoreTests(DurableContract, TestCase):
     def prepare(self) -> None:
         # A database of its own per test, dropped after.
-        self.uri = with_database(mongo_uri(), f"sktalent_test_{uuid.uuid4().hex[:12]}")
+        self.uri = mongo_store()
         self.addCleanup(lambda: Deferred.fromCoroutine(drop_database(self.uri)))
 
     def make_store(self) -> MongoStore:

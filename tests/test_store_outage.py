@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
+from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
+from .helpers import mongo_store
 from .pahoclient import PahoUser
-from .server import ServerProcess, free_port, mongo_store, running, wait_for
 
 BEFORE, DURING = 20, 30
 

@@ -1,6 +1,6 @@
 """
-A real server process for end-to-end tests: `twistd -n sktalent` on free
-ports of 127.0.0.1, in a directory of its own.
+A real server process for end-to-end tests and benchmarks: `twistd -n
+sktalent` on free ports of 127.0.0.1, in a directory of its own.
 """
 
 from __future__ import annotations
@@ -15,30 +15,20 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import attrs
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
-MONGO_URI = os.environ.get("SKTALENT_TEST_MONGO_URI")
-
-
-def mongo_store() -> str:
-    """A fresh database on the test MongoDB server; skip without one, except in CI."""
-    if MONGO_URI is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("CI must provide SKTALENT_TEST_MONGO_URI")
-        raise SkipTest("SKTALENT_TEST_MONGO_URI is not set")
-    base = MONGO_URI.rsplit("/", 1)[0]
-    return f"{base}/test_{uuid.uuid4().hex[:12]}"
+# Where the server imports sktalent (and its twistd plugin) from: this code's.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
