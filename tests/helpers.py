@@ -1,14 +1,49 @@
 """
-What many test modules build the same way: a MongoDB database of a test's own.
+What many test modules build the same way: msgids, chat envelopes, and a
+MongoDB database of a test's own.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.trial.unittest import SkipTest
+
+
+def msgid(n: int) -> str:
+    """The nth msgid: 24 hex characters, as clients write them."""
+    return f"{n:024x}"
+
+
+def chat(
+    sender: str,
+    to: str,
+    n: int,
+    content: str | None = None,
+    *,
+    o_id: str = "o1",
+    expert: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """
+    An order_chat envelope with msgid(n), its content m<n> unless given;
+    extra goes into the payload.
+    """
+    return {
+        "msgid": msgid(n),
+        "from": sender,
+        "to": to,
+        "type": "order_chat",
+        "payload": {
+            "o_id": o_id,
+            "expert": expert,
+            "content": f"m{n}" if content is None else content,
+            **extra,
+        },
+    }
 
 
 def with_database(uri: str, database: str) -> str:

@@ -35,6 +35,7 @@ from sktalent.push.interfaces import IPusher, PushNotice
 from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
+from .helpers import chat, msgid
 from .mqttclient import Client, Harness, HeldStore, only
 
 SECRET = b"test secret"
@@ -72,20 +73,6 @@ class RecordingPusher:
 
     def stop(self) -> None:
         pass
-
-
-def msgid(n: int) -> str:
-    return f"{n:024x}"
-
-
-def chat(sender: str, to: str, n: int, content: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {
-        "msgid": msgid(n),
-        "from": sender,
-        "to": to,
-        "type": "order_chat",
-        "payload": {"o_id": "o1", "expert": True, "content": content, **extra},
-    }
 
 
 class CallTalentCase(SynchronousTestCase):
@@ -645,7 +632,9 @@ class EnvelopeTests(CallTalentCase):
         pid = 0
         for constant in (b"NaN", b"Infinity", b"-Infinity"):
             for body in (
-                json.dumps(chat("alice", "bob", 1)).encode().replace(b"true", constant),
+                json.dumps(chat("alice", "bob", 1, expert=True))
+                .encode()
+                .replace(b"true", constant),
                 json.dumps(dict(chat("alice", "bob", 1), n="X")).encode().replace(b'"X"', constant),
             ):
                 pid += 1

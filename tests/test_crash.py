@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 from sktalent.testing.server import ServerProcess, running
 
-from .helpers import mongo_store
+from .helpers import chat, mongo_store, msgid
 from .pahoclient import PahoUser
 
 COUNT = 300
@@ -30,17 +30,9 @@ class CrashMixin:
         alice = PahoUser(server.mqtt_port, "alice", "alice", sign(server.secret, "alice"))
         case.addCleanup(alice.drop)
         for n in range(COUNT):
-            alice.send(
-                {
-                    "msgid": f"{n:024x}",
-                    "from": "alice",
-                    "to": "bob",
-                    "type": "order_chat",
-                    "payload": {"o_id": "o-9", "expert": True, "content": f"m{n}"},
-                }
-            )
+            alice.send(chat("alice", "bob", n))
         acknowledged = [f["msgid"] for f in alice.frames(COUNT, timeout=60)]
-        case.assertEqual(acknowledged, [f"{n:024x}" for n in range(COUNT)])
+        case.assertEqual(acknowledged, [msgid(n) for n in range(COUNT)])
         server.kill()
         alice.drop()
 

@@ -17,8 +17,9 @@ from sktalent.mqtt import packets as p
 from sktalent.push.interfaces import PushNotice
 from sktalent.store.interfaces import MarkPushed
 
+from .helpers import chat, msgid
 from .mqttclient import Client
-from .test_calltalent import PUSH_AFTER, CallTalentCase, HeldStore, chat, msgid
+from .test_calltalent import PUSH_AFTER, CallTalentCase, HeldStore
 
 
 class DeliveryCase(CallTalentCase):

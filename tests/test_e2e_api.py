@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 from sktalent.testing.server import ServerProcess, running, wait_for
 
+from .helpers import chat, msgid
 from .pahoclient import PahoUser
 from .umengstub import ANDROID, IOS, Received, UmengStub
 
@@ -44,20 +45,6 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def msgid(n: int) -> str:
-    return f"{n:024x}"
-
-
-def chat(n: int, content: str, o_id: str = "o-1001") -> dict[str, object]:
-    return {
-        "msgid": msgid(n),
-        "from": "alice",
-        "to": "bob",
-        "type": "order_chat",
-        "payload": {"o_id": o_id, "expert": False, "content": content},
-    }
 
 
 def to(alias: str, app: str | None = None) -> Callable[[Received], bool]:
@@ -225,7 +212,7 @@ class APIEndToEnd(UmengServerCase):
         """
         self.register("bob", "ios")
         self.stub.unavailable(1)
-        self.send_chats(self.user("alice"), [chat(1, "你好，在吗？")])
+        self.send_chats(self.user("alice"), [chat("alice", "bob", 1, "你好，在吗？")])
         first, second = self.stub.wait(2, to("bob"))
         self.stub.settle()
         self.assertEqual(self.stub.received(to("bob")), [first, second])
@@ -241,7 +228,7 @@ class APIEndToEnd(UmengServerCase):
                     "payload": {
                         "aps": {"alert": "你好，在吗？", "sound": "default", "badge": 1},
                         "action": "order_chat",
-                        "o_id": "o-1001",
+                        "o_id": "o1",
                         "msgid": msgid(1),
                     },
                 },
@@ -369,16 +356,16 @@ class APIEndToEnd(UmengServerCase):
         """
         alice = self.user("alice")
         chats = [
-            chat(1, "你好，在吗？"),
-            chat(2, "second"),
-            chat(3, "other", "o-2"),
-            chat(4, "third"),
+            chat("alice", "bob", 1, "你好，在吗？"),
+            chat("alice", "bob", 2, "second"),
+            chat("alice", "bob", 3, "other", o_id="o2"),
+            chat("alice", "bob", 4, "third"),
         ]
         self.send_chats(alice, chats)
         wanted = [chats[0], chats[1], chats[3]]
 
         def page(query: str) -> list[dict[str, Any]]:
-            reply = self.call("GET", "/v1/orders/o-1001/messages" + query)
+            reply = self.call("GET", "/v1/orders/o1/messages" + query)
             self.assertEqual(reply.status, 200, reply.body)
             messages: list[dict[str, Any]] = reply.json()["messages"]
             return messages
@@ -392,7 +379,7 @@ class APIEndToEnd(UmengServerCase):
         # The same envelopes bob is delivered, t included.
         with_t = page("")
         bob = self.user("bob")
-        self.assertEqual([f for f in bob.frames(4) if f["payload"]["o_id"] == "o-1001"], with_t)
+        self.assertEqual([f for f in bob.frames(4) if f["payload"]["o_id"] == "o1"], with_t)
 
         newest = page("?limit=2")
         self.assertEqual([m["msgid"] for m in newest], [msgid(2), msgid(4)])
@@ -409,7 +396,7 @@ class APIEndToEnd(UmengServerCase):
         health = self.call("GET", "/healthz", token=None)
         self.assertEqual((health.status, health.json()), (200, {"status": "ok"}))
         alice = self.user("alice")
-        self.send_chats(alice, [chat(1, "hi")])
+        self.send_chats(alice, [chat("alice", "bob", 1, "hi")])
         # bob has no device: one push through each app, counted once
         # Umeng's answer is read, so after the stub has seen the request.
         sent = ("sktalent_pushes_total", (("outcome", "sent"),))
@@ -502,7 +489,7 @@ class PushEndToEnd(UmengServerCase):
         self.register("bob", "android")
         self.register("carol", "android")
         alice = self.user("alice")
-        self.send_chats(alice, [chat(1, "你好，在吗？")])
+        self.send_chats(alice, [chat("alice", "bob", 1, "你好，在吗？")])
         [push] = self.stub.wait(1, to("bob"))
         assert push.body is not None
         expected = (
@@ -512,14 +499,14 @@ class PushEndToEnd(UmengServerCase):
             '{"ticker":"问答CallTalent，您有一条新消息！","title":"问答CallTalent",'
             '"text":"你好，在吗？","play_vibrate":"true","play_lights":"true",'
             '"play_sound":"true","after_open":"go_activity","activity":"' + ACTIVITY + '"},'
-            '"extra":{"o_id":"o-1001","msgid":"' + msgid(1) + '","action":"order_chat"}},'
+            '"extra":{"o_id":"o1","msgid":"' + msgid(1) + '","action":"order_chat"}},'
             '"production_mode":"false"}'
         )
         self.assertEqual(push.raw, expected.encode())
         self.assertEqual(push.outcome, "sent")
 
         long = "专家回复了您的问题😀" * 400
-        self.send_chats(alice, [dict(chat(2, long), to="carol")])
+        self.send_chats(alice, [chat("alice", "carol", 2, long)])
         [cut] = self.stub.wait(1, to("carol"))
         assert cut.body is not None
         self.assertEqual(cut.outcome, "sent")

@@ -18,22 +18,9 @@ from sktalent.calltalent.rules import SERVER_TOPIC
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import ROOT, ServerProcess, running
 
+from .helpers import chat, msgid
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-
-
-def msgid(n: int) -> str:
-    return f"{n:024x}"
-
-
-def chat(sender: str, to: str, n: int, content: str = "hi") -> dict[str, object]:
-    return {
-        "msgid": msgid(n),
-        "from": sender,
-        "to": to,
-        "type": "order_chat",
-        "payload": {"o_id": "o-1", "expert": False, "content": content},
-    }
 
 
 class CallTalentEndToEnd(SynchronousTestCase):
@@ -156,7 +143,7 @@ class CallTalentEndToEnd(SynchronousTestCase):
         bodies = [
             text.encode().replace(b"X", b"\xed\xa0\x80"),
             text.replace("X", "\\ud800").encode(),
-            text.replace('"o-1"', '"\\udc00"').encode(),
+            text.replace('"o1"', '"\\udc00"').encode(),
             text.replace('"00000', '"\\ud83d0').encode(),
             text.replace("false", "NaN").encode(),
             text.replace("false", "-Infinity").encode(),
@@ -177,7 +164,7 @@ class CallTalentEndToEnd(SynchronousTestCase):
         a, b = self.user("alice"), self.user("bob")
         frame = chat("alice", "bob", 1)
         frame |= {"alert": "x", "from_name": "system"}
-        frame["payload"] |= {"url": "javascript:alert(1)"}  # type: ignore[operator]
+        frame["payload"] |= {"url": "javascript:alert(1)"}
         a.send(frame)
         [delivered] = b.frames(1)
         self.assertEqual(list(delivered), ["msgid", "from", "to", "type", "payload"])

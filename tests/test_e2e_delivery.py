@@ -16,10 +16,10 @@ from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import wait_for
 
-from .helpers import mongo_store
+from .helpers import chat, mongo_store, msgid
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .test_e2e_api import UmengServerCase, chat, msgid, to
+from .test_e2e_api import UmengServerCase, to
 from .umengstub import Received
 
 PUSH_AFTER = 1.0
@@ -42,7 +42,7 @@ class DeliveryCase(UmengServerCase):
         return client
 
     def chats_to_bob(self, alice: PahoUser, numbers: range) -> None:
-        self.send_chats(alice, [chat(n, f"m{n}") for n in numbers])
+        self.send_chats(alice, [chat("alice", "bob", n) for n in numbers])
 
     def bob_pushes(self) -> list[Received]:
         return self.stub.received(to("bob"))
@@ -255,11 +255,11 @@ class OperatorTests(DeliveryCase):
         self.assertTrue(bob.closed_by_server())
         reply = self.call("GET", "/v1/users/bob/session")
         self.assertEqual(reply.status, 404)
-        history = self.call("GET", "/v1/orders/o-1001/messages").json()["messages"]
+        history = self.call("GET", "/v1/orders/o1/messages").json()["messages"]
         self.assertEqual([m["msgid"] for m in history], [msgid(1), msgid(2)])
         self.stub.settle(idle=0.5)
         self.assertEqual(self.bob_pushes(), [])
-        self.notify("bob", {"status": "paid", "o_id": "o-1001"})
+        self.notify("bob", {"status": "paid", "o_id": "o1"})
         self.stub.wait(2, to("bob"))
         self.assertEqual(sorted(r.app or "" for r in self.bob_pushes()), ["android", "ios"])
         self.assertEqual(self.session("bob")["queued"], 1)

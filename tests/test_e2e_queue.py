@@ -20,6 +20,7 @@ from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import ServerProcess, running
 
+from .helpers import chat, msgid
 from .pahoclient import PahoUser
 from .rawclient import RawClient
 
@@ -27,20 +28,6 @@ TOKEN = "backend-Token.1"
 SERVER_TOPIC = "$sktalent/server/mqttserver"
 MAX_QUEUED = 50
 MAX_QUEUED_BYTES = 65536
-
-
-def msgid(n: int) -> str:
-    return f"{n:024x}"
-
-
-def chat(sender: str, to: str, n: int, content: str = "") -> dict[str, Any]:
-    return {
-        "msgid": msgid(n),
-        "from": sender,
-        "to": to,
-        "type": "order_chat",
-        "payload": {"o_id": "o-1", "expert": False, "content": content or f"m{n}"},
-    }
 
 
 class FullQueueEndToEnd(SynchronousTestCase):

@@ -27,6 +27,7 @@ from sktalent.mqtt import packets as p
 from sktalent.mqtt.codec import encode, encode_all
 from sktalent.testing.server import ServerProcess, running
 
+from .helpers import chat
 from .mqttclient import Client
 from .rawclient import RawClient
 from .test_calltalent import SECRET, CallTalentCase
@@ -36,17 +37,6 @@ SEED = 8
 UNLIMITED = AppLimits(rate=1e9, burst=1e9)
 _MSGID = re.compile(r"[0-9a-f]{24}\Z")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def chat(n: int) -> dict[str, Any]:
-    """A valid chat from alice to bob with a msgid of its own."""
-    return {
-        "msgid": f"{n:024x}",
-        "from": "alice",
-        "to": "bob",
-        "type": "order_chat",
-        "payload": {"o_id": "o1", "expert": False, "content": f"m{n}"},
-    }
 
 
 def _text(rng: random.Random) -> str:
@@ -113,7 +103,7 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
 def bad_envelopes(rng: random.Random, count: int, first: int = 1) -> Iterator[bytes]:
     """count payloads for the server topic, nearly all of them invalid."""
     for n in range(first, first + count):
-        frame = chat(n)
+        frame = chat("alice", "bob", n)
         style = rng.randrange(8)
         if style == 0:
             yield bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
@@ -134,7 +124,9 @@ def bad_frames(rng: random.Random, count: int) -> Iterator[tuple[bool, bytes]]:
     """
     valid = [
         encode(p.Connect("alice", username="alice", password=b"x")),
-        encode(p.Publish(SERVER_TOPIC, json.dumps(chat(1)).encode(), 1, packet_id=7)),
+        encode(
+            p.Publish(SERVER_TOPIC, json.dumps(chat("alice", "bob", 1)).encode(), 1, packet_id=7)
+        ),
         encode(p.Publish(SERVER_TOPIC, b"{}", 2, packet_id=8)),
         encode(p.Publish("a/b", b"x", 0)),
         encode(p.Subscribe(3, (("$sktalent/clients/alice", 1), ("#", 2)))),
@@ -303,7 +295,7 @@ class InMemoryFuzz(CallTalentCase):
     def test_any_value_in_any_field(self, field: str, value: Any) -> None:
         """Any JSON value (NaN, lone surrogates included) in any field is answered."""
         self.pid += 1
-        frame = chat(self.pid)
+        frame = chat("alice", "bob", self.pid)
         target = frame["payload"] if field in ("o_id", "expert", "content") else frame
         target[field] = value
         self.answer(json.dumps(frame).encode())

@@ -10,7 +10,8 @@ from sktalent.mqtt import packets as p
 from sktalent.store.interfaces import Device, PutDevice, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
-from .test_calltalent import CallTalentCase, chat, msgid
+from .helpers import chat, msgid
+from .test_calltalent import CallTalentCase
 
 NOW_MS = 1_700_000_000_000
 

@@ -21,8 +21,9 @@ from sktalent.retention import DAY, Retention
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
+from .helpers import chat
 from .mqttclient import Client, only
-from .test_calltalent import SECRET, CallTalentCase, HeldStore, chat
+from .test_calltalent import SECRET, CallTalentCase, HeldStore
 
 RETENTION = 30 * DAY
 

@@ -8,7 +8,6 @@ open_store.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
@@ -58,8 +57,9 @@ from sktalent.store.interfaces import (
 from sktalent.store.memory import MemoryStore
 from sktalent.store.mongo import MongoStore
 from sktalent.store.sqlite import SQLiteStore
+from sktalent.testing.server import free_port
 
-from .helpers import mongo_store, with_database
+from .helpers import mongo_store, msgid, with_database
 
 EVERY_BYTE = bytes(range(256))
 NEW, REPEATED, CONFLICT = Inserted.NEW, Inserted.REPEATED, Inserted.CONFLICT
@@ -76,19 +76,8 @@ def chat(
     return ChatRecord(msgid, sender, recipient, o_id, envelope, at)
 
 
-def msgid(n: int) -> str:
-    return f"{n:024x}"
-
-
 def by_client(sessions: Sequence[SessionRecord]) -> list[SessionRecord]:
     return sorted(sessions, key=lambda s: s.client_id)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @attrs.frozen

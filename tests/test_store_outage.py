@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
-from .helpers import mongo_store
+from .helpers import chat, mongo_store, msgid
 from .pahoclient import PahoUser
 
 BEFORE, DURING = 20, 30
@@ -87,16 +87,6 @@ class Relay:
             self._sockets = []
 
 
-def chat(n: int) -> dict[str, object]:
-    return {
-        "msgid": f"{n:024x}",
-        "from": "alice",
-        "to": "bob",
-        "type": "order_chat",
-        "payload": {"o_id": "o-5", "expert": False, "content": f"m{n}"},
-    }
-
-
 class OutageMixin:
     """The scenario; subclasses say how the store goes away and comes back."""
 
@@ -121,20 +111,22 @@ class OutageMixin:
         alice = PahoUser(self.server.mqtt_port, "alice", "alice", sign(self.server.secret, "alice"))
         case.addCleanup(alice.close)
         for n in range(BEFORE):
-            alice.send(chat(n))
+            alice.send(chat("alice", "bob", n))
         case.assertEqual(len(alice.frames(BEFORE)), BEFORE)
         case.assertEqual(self.server.api("/healthz")[0], 200)
 
         self.break_store()
         for n in range(BEFORE, BEFORE + DURING):
-            alice.client.publish("$sktalent/server/mqttserver", json.dumps(chat(n)), 1)
+            alice.client.publish(
+                "$sktalent/server/mqttserver", json.dumps(chat("alice", "bob", n)), 1
+            )
         wait_for(lambda: self.server.api("/healthz")[0] == 503, 30, "/healthz to say 503")
         case.assertTrue(alice.nothing_more(2.0), "acknowledged while the store was away")
         case.assertTrue(alice.client.is_connected())
 
         self.mend_store()
         sent = [f["msgid"] for f in alice.frames(DURING, timeout=60)]
-        case.assertEqual(sent, [f"{n:024x}" for n in range(BEFORE, BEFORE + DURING)])
+        case.assertEqual(sent, [msgid(n) for n in range(BEFORE, BEFORE + DURING)])
         wait_for(lambda: self.server.api("/healthz")[0] == 200, 30, "/healthz to recover")
         bob = PahoUser(self.server.mqtt_port, "bob", "bob", sign(self.server.secret, "bob"))
         case.addCleanup(bob.close)
