@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import queue
 import ssl
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -16,6 +18,8 @@ from sktalent.testing.server import wait_for
 
 # paho reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes.
 _CONNACK_CODES = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+# Bounds the wait for a probe: no test has more than this on its way.
+_MOST_BEFORE_A_PROBE = 1000
 
 
 class PahoUser:
@@ -89,6 +93,36 @@ class PahoUser:
         except queue.Empty:
             return True
         return False
+
+    def until(
+        self, is_probe: Callable[[mqtt.MQTTMessage], bool], timeout: float = 10.0
+    ) -> list[mqtt.MQTTMessage]:
+        """
+        The messages received before the first one is_probe accepts, which
+        is taken too.  With a probe sent behind everything already on its
+        way to this client, that is all of it: an empty list proves nothing
+        more was coming, however late it would have arrived.
+        """
+        before: list[mqtt.MQTTMessage] = []
+        for _ in range(_MOST_BEFORE_A_PROBE):
+            try:
+                message = self.messages.get(timeout=timeout)
+            except queue.Empty:
+                payloads = [m.payload for m in before]
+                raise AssertionError(f"the probe never came; before it: {payloads}") from None
+            if is_probe(message):
+                return before
+            before.append(message)
+        raise AssertionError(f"no probe among {_MOST_BEFORE_A_PROBE} messages")
+
+    def probe(self, topic: str) -> list[mqtt.MQTTMessage]:
+        """
+        Publish a probe to topic, which this client subscribes to, at QoS 1:
+        what the client receives before it (see until).
+        """
+        payload = f"probe {uuid.uuid4().hex}".encode()
+        self.publish(topic, payload, 1)
+        return self.until(lambda m: m.topic == topic and m.payload == payload)
 
     def close(self) -> None:
         """

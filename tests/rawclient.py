@@ -9,12 +9,15 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TypeVar
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.codec import MAX_REMAINING_LENGTH, Decoder, encode_all
 
 P = TypeVar("P", bound=p.Packet)
+# Bounds the wait for a probe: no test has more than this on its way.
+_MOST_BEFORE_A_PROBE = 10_000
 
 
 class RawClient:
@@ -105,6 +108,42 @@ class RawClient:
         if not isinstance(packet, kind):
             raise AssertionError(f"expected {kind.__name__}, got {packet!r}")
         return packet
+
+    def until(
+        self,
+        is_probe: Callable[[p.Packet], bool],
+        acknowledge: bool = False,
+        timeout: float | None = None,
+    ) -> list[p.Packet]:
+        """
+        The packets received before the first one is_probe accepts, which
+        is taken too; with acknowledge, each QoS 1 PUBLISH taken, the probe
+        included, is acknowledged (so that the server's window lets the
+        rest through).
+        With a probe sent behind everything already on its way, an empty
+        list proves that nothing more was coming.
+        """
+        before: list[p.Packet] = []
+        for _ in range(_MOST_BEFORE_A_PROBE):
+            packet = self.receive(timeout)
+            if packet is None:
+                raise AssertionError(f"the probe never came; before it: {before!r}")
+            if acknowledge and isinstance(packet, p.Publish) and packet.qos == 1:
+                assert packet.packet_id is not None
+                self.send(p.PubAck(packet.packet_id))
+            if is_probe(packet):
+                return before
+            before.append(packet)
+        raise AssertionError(f"no probe among {_MOST_BEFORE_A_PROBE} packets")
+
+    def ping(self) -> list[p.Packet]:
+        """
+        A PINGREQ round trip: the packets received before the PINGRESP.
+        Whatever the server wrote on this connection before reading the
+        PINGREQ comes first; a close instead is an AssertionError.
+        """
+        self.send(p.PingReq())
+        return self.until(lambda packet: isinstance(packet, p.PingResp))
 
     def closed_by_server(self, timeout: float | None = None) -> bool:
         """
