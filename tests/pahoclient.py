@@ -87,13 +87,6 @@ class PahoUser:
         """The next count JSON frames received."""
         return [json.loads(m.payload) for m in self.take(count, timeout)]
 
-    def nothing_more(self, wait: float = 0.5) -> bool:
-        try:
-            self.messages.get(timeout=wait)
-        except queue.Empty:
-            return True
-        return False
-
     def until(
         self, is_probe: Callable[[mqtt.MQTTMessage], bool], timeout: float = 10.0
     ) -> list[mqtt.MQTTMessage]:

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sktalent.authsign import sign
 from sktalent.testing.server import ServerProcess, running
 
-from .helpers import chat, mongo_store, msgid
+from .helpers import chat, mongo_store, msgid, nothing_more
 from .pahoclient import PahoUser
 
 COUNT = 300
@@ -43,7 +43,7 @@ class CrashMixin:
         case.assertEqual((bob.rc, bob.session_present), (0, True))
         contents = [f["payload"]["content"] for f in bob.frames(COUNT, timeout=60)]
         case.assertEqual(contents, [f"m{n}" for n in range(COUNT)])
-        case.assertTrue(bob.nothing_more())
+        nothing_more(bob)
         case.assertEqual(again.stop(), 0)
 
 

@@ -19,10 +19,9 @@ import attrs
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from sktalent.authsign import sign
 from sktalent.testing.server import ServerProcess, running, wait_for
 
-from .helpers import chat, msgid
+from .helpers import chat, msgid, nothing_more, paho_user
 from .pahoclient import PahoUser
 from .umengstub import ANDROID, IOS, Received, UmengStub
 
@@ -115,10 +114,7 @@ class UmengServerCase(SynchronousTestCase):
             return Reply(e.code, dict(e.headers), e.read())
 
     def user(self, name: str) -> PahoUser:
-        u = PahoUser(self.server.mqtt_port, name, name, sign(self.server.secret, name))
-        self.addCleanup(u.close)
-        self.assertEqual(u.rc, 0)
-        return u
+        return paho_user(self, self.server, name)
 
     def register(self, user_id: str, platform: str) -> None:
         reply = self.call(
@@ -202,7 +198,7 @@ class APIEndToEnd(UmengServerCase):
         good = self.notify("carol", {"status": "confirmed", "o_id": "o-7"})
         carol = self.user("carol")
         self.assertEqual([f["msgid"] for f in carol.frames(1)], [good])
-        self.assertTrue(carol.nothing_more(0.3))
+        nothing_more(carol)
 
     def test_chat_to_offline_ios_user_pushed_once_after_retry(self) -> None:
         """

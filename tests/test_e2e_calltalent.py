@@ -18,9 +18,8 @@ from sktalent.calltalent.rules import SERVER_TOPIC
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import ROOT, ServerProcess, running
 
-from .helpers import chat, msgid
+from .helpers import chat, msgid, nothing_more, paho_user, raw_user
 from .pahoclient import PahoUser
-from .rawclient import RawClient
 
 
 class CallTalentEndToEnd(SynchronousTestCase):
@@ -85,7 +84,7 @@ class CallTalentEndToEnd(SynchronousTestCase):
         # A retransmission is confirmed again but not delivered again.
         a.send(chat("alice", "bob", 1, "你好"))
         self.assertEqual(a.frames(1), [{"msgid": msgid(1), "type": "sent"}])
-        self.assertTrue(b.nothing_more())
+        nothing_more(b)
 
     def test_refusals(self) -> None:
         """Each bad message gets its error code and nothing is forwarded."""
@@ -108,7 +107,7 @@ class CallTalentEndToEnd(SynchronousTestCase):
             self.assertEqual((error["type"], error["error"]), ("error", code))
         a.publish("$sktalent/server/mqttserver", b"{not json")
         self.assertEqual(a.frames(1)[0]["error"], "bad_json")
-        self.assertTrue(b.nothing_more())
+        nothing_more(b)
 
     def test_offline_in_order(self) -> None:
         """Chat sent while B is offline arrives in order at B's reconnect."""
@@ -186,8 +185,8 @@ class CallTalentEndToEnd(SynchronousTestCase):
             self.assertEqual((error["msgid"], error["error"]), (msgid(1), "duplicate_msgid"))
         a.send(chat("alice", "bob", 1, "first"))
         self.assertEqual(a.frames(1), [{"msgid": msgid(1), "type": "sent"}])
-        self.assertTrue(b.nothing_more())
-        self.assertTrue(c.nothing_more(0.1))
+        nothing_more(b)
+        nothing_more(c)
 
     def test_upper_case_msgid(self) -> None:
         """
@@ -204,7 +203,7 @@ class CallTalentEndToEnd(SynchronousTestCase):
         self.assertEqual(a.frames(1), [{"msgid": upper.lower(), "type": "sent"}])
         b.send({"msgid": upper, "from": "bob", "to": "alice", "type": "received"})
         self.assertEqual(a.frames(1), [{"msgid": upper.lower(), "type": "received"}])
-        self.assertTrue(b.nothing_more(0.1))
+        nothing_more(b)
 
     def test_receipts_have_their_own_bucket(self) -> None:
         """A chat page confirming 90 messages at once gets every receipt through."""
@@ -226,17 +225,7 @@ class CallTalentEndToEnd(SynchronousTestCase):
         self.assertEqual([b.expect(p.PubAck).packet_id for _ in receipts], list(range(1, 91)))
         for sender in senders:
             self.assertEqual({f["type"] for f in sender.frames(30)}, {"received"})
-        self.assertIsNone(b.receive(0.3))
-
-
-def raw_user(case: SynchronousTestCase, server: ServerProcess, user: str) -> RawClient:
-    """A raw connection of user, logged in with its session kept."""
-    raw = RawClient(server.mqtt_port)
-    case.addCleanup(raw.close)
-    password = sign(server.secret, user).encode()
-    raw.send(p.Connect(user, clean_session=False, username=user, password=password))
-    case.assertEqual(raw.expect(p.ConnAck).return_code, 0)
-    return raw
+        nothing_more(b)
 
 
 def refusals(server: ServerProcess) -> dict[str, float]:
@@ -276,9 +265,16 @@ class RateEndToEnd(SynchronousTestCase):
             else:
                 self.fail(f"the flood ended in {packet!r}")
         elapsed = time.monotonic() - started
-        while (packet := alice.receive(0.2)) is not None:
-            assert isinstance(packet, p.Publish) and packet.packet_id is not None
-            alice.send(p.PubAck(packet.packet_id))
+        # alice is over her rate, so the probe behind her errors is bob's chat.
+        paho_user(self, server, "bob").send(chat("bob", "alice", 1))
+        rest = alice.until(
+            lambda packet: (
+                isinstance(packet, p.Publish) and json.loads(packet.payload)["msgid"] == msgid(1)
+            ),
+            acknowledge=True,
+        )
+        for packet in rest:
+            assert isinstance(packet, p.Publish), packet
             errors.append(json.loads(packet.payload)["error"])
         # A burst of 6, 2 a second after it, and a warning a second.
         self.assertEqual(errors[:7], ["bad_json"] * 6 + ["rate_limited"])

@@ -16,11 +16,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sktalent.authsign import sign
-from sktalent.mqtt import packets as p
 from sktalent.testing.server import ServerProcess, running
 
-from .helpers import chat, msgid
+from .helpers import chat, msgid, nothing_more, paho_user, queued, raw_user
 from .pahoclient import PahoUser
 from .rawclient import RawClient
 
@@ -47,30 +45,11 @@ class FullQueueEndToEnd(SynchronousTestCase):
         self.server = running(self, ServerProcess(args, directory=directory))
 
     def user(self, name: str) -> PahoUser:
-        u = PahoUser(self.server.mqtt_port, name, name, sign(self.server.secret, name))
-        self.addCleanup(u.close)
-        self.assertEqual(u.rc, 0)
-        return u
+        return paho_user(self, self.server, name)
 
     def silent(self, name: str) -> RawClient:
         """name connected on a socket that reads nothing until the test says so."""
-        c = RawClient(self.server.mqtt_port)
-        self.addCleanup(c.close)
-        password = sign(self.server.secret, name).encode()
-        self.assertEqual(c.connect(name, clean=False, password=password).return_code, 0)
-        return c
-
-    def read_all(self, c: RawClient) -> list[dict[str, Any]]:
-        """Everything queued for c, acknowledged one by one, until 1 s of quiet."""
-        frames: list[dict[str, Any]] = []
-        for _ in range(10 * MAX_QUEUED):
-            packet = c.receive(1.0)
-            if packet is None:
-                return frames
-            assert isinstance(packet, p.Publish) and packet.packet_id is not None, packet
-            frames.append(json.loads(packet.payload))
-            c.send(p.PubAck(packet.packet_id))
-        raise AssertionError("more frames than any queue may hold")
+        return raw_user(self, self.server, name)
 
     def send_chats(self, sender: PahoUser, frames: list[dict[str, Any]]) -> list[str]:
         """Each chat's one answer, sent or the error code, in the order sent."""
@@ -80,7 +59,7 @@ class FullQueueEndToEnd(SynchronousTestCase):
         for answer in sender.frames(len(frames)):
             self.assertNotIn(answer["msgid"], answers)
             answers[answer["msgid"]] = answer.get("error", answer["type"])
-        self.assertTrue(sender.nothing_more(0.3))
+        nothing_more(sender)
         return [answers[str(frame["msgid"])] for frame in frames]
 
     def notify(self, to: str) -> tuple[int, dict[str, Any]]:
@@ -113,13 +92,13 @@ class FullQueueEndToEnd(SynchronousTestCase):
         status, answer = self.notify("bob")
         self.assertEqual((status, answer["error"]), (429, "queue_full"))
         self.assertIsInstance(answer["message"], str)
-        delivered = self.read_all(bob)
+        delivered = queued(bob)
         self.assertEqual(
             [f["msgid"] for f in delivered], [msgid(n) for n in range(1, MAX_QUEUED + 1)]
         )
         self.assertEqual(self.send_chats(alice, [chat("alice", "bob", count)]), ["sent"])
         self.assertEqual(self.notify("bob")[0], 202)
-        again = self.read_all(bob)
+        again = queued(bob)
         self.assertEqual([f["from"] for f in again], ["alice", "system"])
         self.assertEqual(again[0]["msgid"], msgid(count))
 
@@ -144,7 +123,7 @@ class FullQueueEndToEnd(SynchronousTestCase):
         codes = sorted(a.get("error", a["type"]) for a in answers)
         self.assertEqual(codes, ["queue_full", "sent"])
         winner = next(f for (_, f), a in zip(racing, answers, strict=True) if a["type"] == "sent")
-        delivered = [f["msgid"] for f in self.read_all(carol)]
+        delivered = [f["msgid"] for f in queued(carol)]
         self.assertEqual(delivered, [msgid(n) for n in range(1, MAX_QUEUED)] + [winner["msgid"]])
 
     def test_byte_bound_across_restart(self) -> None:
@@ -171,5 +150,5 @@ class FullQueueEndToEnd(SynchronousTestCase):
         self.assertEqual(
             self.send_chats(alice, [chat("alice", "erin", 31, content)]), ["queue_full"]
         )
-        delivered = self.read_all(self.silent("erin"))
+        delivered = queued(self.silent("erin"))
         self.assertEqual([f["msgid"] for f in delivered], [msgid(n) for n in range(1, kept + 1)])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import queue
 import sqlite3
 import tempfile
 import urllib.request
@@ -24,15 +23,13 @@ from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import ServerProcess, running, wait_for
 
-from .helpers import mongo_store
+from .helpers import mongo_store, nothing_more, paho_user
 from .pahoclient import PahoUser
 from .rawclient import RawClient
 
 SERVER_TOPIC = "$sktalent/server/mqttserver"
 BOB_TOPIC = "$sktalent/clients/bob"
 TOKEN = "backend-token"
-# How long "nothing more arrives" is watched for.
-QUIET = 1.0
 FORGED = json.dumps(
     {
         "msgid": "5f1d7c3a9b2e4d6f8a0b1c2d",
@@ -89,9 +86,8 @@ class StoreMixin(_Mixin):
     def paho(self, server: ServerProcess, client_id: str, auth: bool = True) -> PahoUser:
         """A connected paho client, with its authSign unless the server is anonymous."""
         if auth:
-            user = PahoUser(server.mqtt_port, client_id, client_id, sign(server.secret, client_id))
-        else:
-            user = PahoUser(server.mqtt_port, client_id, clean=True)
+            return paho_user(self, server, client_id)
+        user = PahoUser(server.mqtt_port, client_id, clean=True)
         self.addCleanup(user.close)
         self.assertEqual(user.rc, 0)
         return user
@@ -146,13 +142,13 @@ class CallTalentWillMixin(StoreMixin):
         )
         self.assertEqual(connack, p.ConnAck(0))
         self.dropped(mallory, self.server, 1)
-        self.assertTrue(bob.nothing_more())
+        nothing_more(bob)
         self.assertEqual(bob.subscribe(BOB_TOPIC, 1), [1])
-        self.assertTrue(bob.nothing_more())
+        nothing_more(bob)
         bob.close()
         again = self.paho(self.server, "bob")
         self.assertTrue(again.session_present)
-        self.assertTrue(again.nothing_more())
+        nothing_more(again)
         self.assertEqual(
             metric(self.server, "sktalent_dropped_total", reason="will_not_allowed"), 1
         )
@@ -171,7 +167,7 @@ class CallTalentWillMixin(StoreMixin):
         self.assertEqual(json.loads(delivered.payload)["msgid"], CHAT["msgid"])
         self.assertFalse(delivered.retain)
         self.assertEqual(bob.subscribe(BOB_TOPIC, 1), [1])
-        self.assertTrue(bob.nothing_more())
+        nothing_more(bob)
         if self.durable:
             alice.close()
             bob.close()
@@ -233,12 +229,7 @@ class AnonymousRetainedMixin(StoreMixin):
         subscriber = self.paho(server, "subscriber", auth=False)
         self.assertEqual(subscriber.subscribe("bound/#", 1), [1])
         got = {}
-        # Bounded: the server holds at most 5 retained messages.
-        for _ in range(10):
-            try:
-                message = subscriber.messages.get(timeout=QUIET)
-            except queue.Empty:
-                break
+        for message in subscriber.probe("bound/probe"):
             self.assertTrue(message.retain)
             got[message.topic] = bytes(message.payload)
         subscriber.close()
@@ -372,8 +363,7 @@ class ReservedSystemTests(SynchronousTestCase):
         """
         A chat to "system" gets bad_envelope.
         """
-        alice = PahoUser(self.server.mqtt_port, "alice", "alice", sign(self.server.secret, "alice"))
-        self.addCleanup(alice.close)
+        alice = paho_user(self, self.server, "alice")
         alice.send(dict(CHAT, to="system"))
         [error] = alice.frames(1)
         self.assertEqual((error["type"], error["error"]), ("error", "bad_envelope"))
