@@ -18,7 +18,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from loadgen import Chat, FanIn, Idle, Pairs, Result, Scenario, ServerProbe  # noqa: E402
 
-from sktalent.testing.server import ServerProcess, free_port, wait_for  # noqa: E402
+from sktalent.testing.server import ServerProcess, free_port, listening, wait_for  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 # Not the per-user limit under test here: the bench measures the data path.
@@ -103,11 +102,7 @@ def mosquitto(persistence: bool) -> Iterator[tuple[int, int]]:
 def _listening(process: subprocess.Popen[bytes], port: int) -> bool:
     if process.poll() is not None:
         raise RuntimeError(f"mosquitto exited with status {process.returncode}")
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-    except OSError:
-        return False
-    return True
+    return listening(port)
 
 
 # -- cases ------------------------------------------------------------------
