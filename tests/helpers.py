@@ -1,7 +1,7 @@
 """
-What many test modules build the same way: msgids, chat envelopes, users
-logged in, the proof that nothing more is on its way to one, and a MongoDB
-database of a test's own.
+What many test modules need alike: what clients send, users logged in to
+a server process and its metrics, the proof that nothing more is on its
+way to a user, and a test's own files, ports and MongoDB database.
 """
 
 from __future__ import annotations
@@ -9,11 +9,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sktalent.authsign import sign
@@ -23,6 +27,8 @@ from sktalent.testing.server import ServerProcess
 
 from .pahoclient import PahoUser
 from .rawclient import RawClient
+
+# -- what clients send and the server pushes --------------------------------
 
 
 def msgid(n: int) -> str:
@@ -58,24 +64,23 @@ def chat(
     }
 
 
-def with_database(uri: str, database: str) -> str:
-    """uri naming database instead of its own."""
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path="/" + database))
+# INTERFACE section 8: a notification sent without an alert, and its push text.
+DEFAULT_PUSH_TEXTS: list[tuple[str, dict[str, str], str]] = [
+    ("order", {"status": "pending", "o_id": "o1"}, "订单提出，待专家确认"),
+    ("order", {"status": "confirmed", "o_id": "o1"}, "专家已确认，待用户支付"),
+    ("order", {"status": "rejected", "o_id": "o1"}, "专家已拒绝"),
+    ("order", {"status": "paid", "o_id": "o1"}, "用户已支付，可以沟通"),
+    ("order", {"status": "toBeFinished", "o_id": "o1"}, "专家已确认完成，待用户评价"),
+    ("order", {"status": "finished", "o_id": "o1"}, "用户已评价"),
+    ("note", {"status": "paid", "note_id": "n1"}, "小纸条提出，待专家回答"),
+    ("note", {"status": "replied", "note_id": "n1"}, "专家已回答"),
+    ("feedback", {"content": "已修复，谢谢"}, "客服回复了您的意见反馈：已修复，谢谢"),
+    ("expert", {"status": "verified", "content": "apply"}, "专家资格审核成功"),
+    ("expert", {"status": "fail", "content": "证书不清晰"}, "专家资格审核失败：证书不清晰"),
+]
 
 
-def mongo_store() -> str:
-    """
-    The URI of a fresh database on the test MongoDB server
-    (SKTALENT_TEST_MONGO_URI); the test is skipped without one, except in
-    CI, where it must run.
-    """
-    uri = os.environ.get("SKTALENT_TEST_MONGO_URI")
-    if not uri:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("CI=true but SKTALENT_TEST_MONGO_URI is unset: run .ci/ferretdb")
-        raise SkipTest('SKTALENT_TEST_MONGO_URI is unset (eval "$(.ci/ferretdb)" to set it)')
-    return with_database(uri, f"sktalent_test_{uuid.uuid4().hex[:12]}")
+# -- a server process's users and metrics -----------------------------------
 
 
 def paho_user(case: SynchronousTestCase, server: ServerProcess, user: str) -> PahoUser:
@@ -100,6 +105,19 @@ def raw_user(
     case.assertEqual(connack.return_code, expect)
     return client
 
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """A sample of the server's /metrics; 0 when it is not there."""
+    status, body = server.api("/metrics")
+    assert status == 200, body
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+# -- nothing more on its way ------------------------------------------------
 
 # The msgids of probes: far from those tests give their own.
 _probes = itertools.count(0xF0_0000_0000)
@@ -159,3 +177,52 @@ def queued(user: RawClient) -> list[dict[str, Any]]:
         assert isinstance(packet, p.Publish), packet
         frames.append(json.loads(packet.payload))
     return frames
+
+
+# -- a test's own resources -------------------------------------------------
+
+
+def temp_file(case: SynchronousTestCase, content: str | bytes) -> str:
+    """The path of a new file of case's holding content (str as UTF-8)."""
+    path = case.mktemp()
+    with open(path, "wb") as f:
+        f.write(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+def port_taken(case: SynchronousTestCase) -> int:
+    """A port of 127.0.0.1 that the test listens on until it ends."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    case.addCleanup(taken.close)
+    return int(taken.getsockname()[1])
+
+
+def mongo_store() -> str:
+    """
+    The URI of a fresh database on the test MongoDB server
+    (SKTALENT_TEST_MONGO_URI); the test is skipped without one, except in
+    CI, where it must run.
+    """
+    uri = os.environ.get("SKTALENT_TEST_MONGO_URI")
+    if not uri:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("CI=true but SKTALENT_TEST_MONGO_URI is unset: run .ci/ferretdb")
+        raise SkipTest('SKTALENT_TEST_MONGO_URI is unset (eval "$(.ci/ferretdb)" to set it)')
+    return with_database(uri, f"sktalent_test_{uuid.uuid4().hex[:12]}")
+
+
+def with_database(uri: str, database: str) -> str:
+    """uri naming database instead of its own."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+async def eventually(condition: Callable[[], bool], what: str = "the condition") -> None:
+    """Wait on the reactor, at most 5 seconds, until condition holds."""
+    for _ in range(500):
+        if condition():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError(f"{what} never held")

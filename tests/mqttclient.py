@@ -59,6 +59,12 @@ class HeldStore(MemoryStore):
             fail(StoreUnavailable("the test failed this commit")).chainDeferred(d)
 
 
+class DownStore(MemoryStore):
+    """A MemoryStore that says it is unavailable."""
+
+    available = False
+
+
 @attrs.define(eq=False)
 class Client:
     """

@@ -7,7 +7,7 @@ keeps devices and chat in a MemoryStore; and the notification rules.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import attrs
@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -48,6 +48,7 @@ from sktalent.store.interfaces import (
 )
 from sktalent.store.memory import MemoryStore
 
+from .helpers import eventually, temp_file
 from .tracking import ConnectionTracker
 
 TOKEN = "s3cret-Token_1"
@@ -265,14 +266,6 @@ class ApiTestCase(TestCase):
         client.transport.write(request)
         return client, client.closed
 
-    async def until(self, condition: Callable[[], bool]) -> None:
-        """Wait (at most 5 seconds) for condition to hold."""
-        for _ in range(500):
-            if condition():
-                return
-            await deferLater(reactor, 0.01, lambda: None)
-        self.fail("the condition never held")
-
     def assertError(self, reply: Reply, status: int, code: str) -> None:
         """reply is a JSON error answer with that status and code."""
         self.assertEqual((reply.status, reply.header("Content-Type")), (status, JSON), reply.body)
@@ -415,12 +408,12 @@ class NotificationTests(ApiTestCase):
                 body,
             )
         )
-        await self.until(lambda: bool(self.app.held))
+        await eventually(lambda: bool(self.app.held))
         self.assertEqual(self.app.cancelled, [])
         assert client.transport is not None
         client.transport.loseConnection()
         self.assertEqual(await closed, b"")
-        await self.until(lambda: bool(self.app.cancelled))
+        await eventually(lambda: bool(self.app.cancelled))
         self.assertEqual(self.app.cancelled, self.app.held)
 
 
@@ -1187,29 +1180,22 @@ class SlowHeadSocketTests(TestCase):
 
 
 class TokenFileTests(SynchronousTestCase):
-    def write(self, text: str) -> str:
-        """A new file holding text."""
-        path = self.mktemp()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-
     def test_tokens(self) -> None:
         """One token a line; blank lines, comments and surrounding space are ignored."""
-        path = self.write(f"# API tokens\n\n  {TOKEN}  \n#{OTHER_TOKEN}\n{OTHER_TOKEN}\n")
+        path = temp_file(self, f"# API tokens\n\n  {TOKEN}  \n#{OTHER_TOKEN}\n{OTHER_TOKEN}\n")
         self.assertEqual(load_tokens(path), [TOKEN, OTHER_TOKEN])
 
     def test_no_token(self) -> None:
         """A file without a token is refused with one clear sentence."""
         for text in ["", "\n\n", "# nothing yet\n"]:
             with self.assertRaises(ValueError) as raised:
-                load_tokens(self.write(text))
+                load_tokens(temp_file(self, text))
             self.assertIn("holds no token", str(raised.exception))
 
     def test_not_a_token(self) -> None:
         """A line that cannot follow "Bearer " is refused, naming the line."""
         with self.assertRaises(ValueError) as raised:
-            load_tokens(self.write(f"{TOKEN}\ntwo words\n"))
+            load_tokens(temp_file(self, f"{TOKEN}\ntwo words\n"))
         self.assertIn("Line 2", str(raised.exception))
 
     def test_empty_token_list(self) -> None:

@@ -35,25 +35,11 @@ from sktalent.push.interfaces import IPusher, PushNotice
 from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
-from .helpers import chat, msgid
-from .mqttclient import Client, Harness, HeldStore, only
+from .helpers import DEFAULT_PUSH_TEXTS, chat, msgid
+from .mqttclient import Client, DownStore, Harness, HeldStore, only
 
 SECRET = b"test secret"
 
-# INTERFACE section 8: what a notification without an alert is pushed with.
-DEFAULT_PUSH_TEXTS: list[tuple[str, dict[str, str], str]] = [
-    ("order", {"status": "pending", "o_id": "o1"}, "订单提出，待专家确认"),
-    ("order", {"status": "confirmed", "o_id": "o1"}, "专家已确认，待用户支付"),
-    ("order", {"status": "rejected", "o_id": "o1"}, "专家已拒绝"),
-    ("order", {"status": "paid", "o_id": "o1"}, "用户已支付，可以沟通"),
-    ("order", {"status": "toBeFinished", "o_id": "o1"}, "专家已确认完成，待用户评价"),
-    ("order", {"status": "finished", "o_id": "o1"}, "用户已评价"),
-    ("note", {"status": "paid", "note_id": "n1"}, "小纸条提出，待专家回答"),
-    ("note", {"status": "replied", "note_id": "n1"}, "专家已回答"),
-    ("feedback", {"content": "已修复，谢谢"}, "客服回复了您的意见反馈：已修复，谢谢"),
-    ("expert", {"status": "verified", "content": "apply"}, "专家资格审核成功"),
-    ("expert", {"status": "fail", "content": "证书不清晰"}, "专家资格审核失败：证书不清晰"),
-]
 DEFAULT_LIMITS = AppLimits()
 PUSH_AFTER = 5.0
 
@@ -863,10 +849,6 @@ class NotificationTests(CallTalentCase):
 
     def test_store_down(self) -> None:
         """While the store is down, notifications and devices are refused at once."""
-
-        class DownStore(MemoryStore):
-            available = False
-
         self.h = self.harness(DownStore())
         self.assertRaises(
             StoreUnavailable, self.app.notify, "bob", "feedback", {"content": "x"}, None

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.testing.server import ServerProcess, running, wait_for
 
-from .helpers import chat, msgid, nothing_more, paho_user
+from .helpers import DEFAULT_PUSH_TEXTS, chat, metric, msgid, nothing_more, paho_user
 from .pahoclient import PahoUser
 from .umengstub import ANDROID, IOS, Received, UmengStub
 
@@ -171,7 +171,7 @@ class UmengServerCase(SynchronousTestCase):
 
     def sample(self, name: str, **labels: str) -> float:
         """One sample of /metrics, 0 when absent."""
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+        return metric(self.server, name, **labels)
 
 
 class APIEndToEnd(UmengServerCase):
@@ -415,26 +415,6 @@ class APIEndToEnd(UmengServerCase):
         wait_for(lambda: self.presence("bob") == {"online": False}, 10, "bob offline")
 
 
-# INTERFACE section 8: each notification sent without an alert, and its push text.
-DEFAULT_TEXTS: list[tuple[str, dict[str, str], str]] = [
-    ("order", {"status": "pending", "o_id": "o-1"}, "订单提出，待专家确认"),
-    ("order", {"status": "confirmed", "o_id": "o-1"}, "专家已确认，待用户支付"),
-    ("order", {"status": "rejected", "o_id": "o-1"}, "专家已拒绝"),
-    ("order", {"status": "paid", "o_id": "o-1"}, "用户已支付，可以沟通"),
-    ("order", {"status": "toBeFinished", "o_id": "o-1"}, "专家已确认完成，待用户评价"),
-    ("order", {"status": "finished", "o_id": "o-1"}, "用户已评价"),
-    ("note", {"status": "paid", "note_id": "n-1"}, "小纸条提出，待专家回答"),
-    ("note", {"status": "replied", "note_id": "n-1"}, "专家已回答"),
-    (
-        "feedback",
-        {"content": "已修复，谢谢您的反馈"},
-        "客服回复了您的意见反馈：已修复，谢谢您的反馈",
-    ),
-    ("expert", {"status": "verified", "content": "apply"}, "专家资格审核成功"),
-    ("expert", {"status": "fail", "content": "证书照片不清晰"}, "专家资格审核失败：证书照片不清晰"),
-]
-
-
 def compact(body: object) -> bytes:
     """JSON as Umeng bodies are sent: compact, UTF-8 unescaped."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -452,7 +432,7 @@ class PushEndToEnd(UmengServerCase):
         """
         sent = [
             (f"user{n}", type, payload, text, self.notify(f"user{n}", payload, type=type))
-            for n, (type, payload, text) in enumerate(DEFAULT_TEXTS)
+            for n, (type, payload, text) in enumerate(DEFAULT_PUSH_TEXTS)
         ]
         self.stub.wait(2 * len(sent))
         self.stub.settle()
@@ -558,7 +538,7 @@ class PushEndToEnd(UmengServerCase):
         last = self.assertSignedBody(pushes[-1], "ios")["payload"]
         self.assertEqual(last["msgid"], frames[-1]["msgid"])
         self.assertEqual(last["aps"]["badge"], 20)
-        texts = {p["status"]: text for type, p, text in DEFAULT_TEXTS if type == "order"}
+        texts = {p["status"]: text for type, p, text in DEFAULT_PUSH_TEXTS if type == "order"}
         self.assertEqual(last["aps"]["alert"], texts[frames[-1]["payload"]["status"]])
         self.assertEqual(self.sample("sktalent_push_requests_total", reason="offline"), 20)
         self.assertEqual(self.sample("sktalent_pushes_total", outcome="coalesced"), 18)

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from sktalent.authsign import sign
 from sktalent.store.sqlite import MIGRATIONS, connect, migrate
 from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
+from .helpers import port_taken
 from .pahoclient import PahoUser
 from .umengstub import ANDROID, IOS, UmengStub
 
@@ -62,15 +62,6 @@ def store_file(path: Path, sessions: int = 0) -> None:
     )
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-
-
-def port_taken(case: SynchronousTestCase) -> int:
-    """A port of 127.0.0.1 that the test listens on until it ends."""
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    case.addCleanup(taken.close)
-    return int(taken.getsockname()[1])
 
 
 class StartFailureTests(SynchronousTestCase):

@@ -9,7 +9,6 @@ import datetime
 import ipaddress
 import json
 import shutil
-import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.testing.server import ServerProcess, free_port, listening, running, wait_for
 
+from .helpers import port_taken
 from .pahoclient import PahoUser
 
 
@@ -89,11 +89,7 @@ class TLSTests(SynchronousTestCase):
 class ListenTests(SynchronousTestCase):
     def test_port_taken(self) -> None:
         """A listener that cannot listen stops the start with status 1."""
-        taken = socket.socket()
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        self.addCleanup(taken.close)
-        server = ServerProcess(mqtt_port=taken.getsockname()[1])
+        server = ServerProcess(mqtt_port=port_taken(self))
         self.addCleanup(shutil.rmtree, server.directory, True)
         server.start()  # The taken port answers, so this returns at once.
         assert server.process is not None

@@ -16,14 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import ServerProcess, running, wait_for
 
-from .helpers import mongo_store, nothing_more, paho_user
+from .helpers import metric, mongo_store, nothing_more, paho_user
 from .pahoclient import PahoUser
 from .rawclient import RawClient
 
@@ -46,17 +45,6 @@ CHAT = {
     "type": "order_chat",
     "payload": {"o_id": "o-1", "expert": False, "content": "hi"},
 }
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """A sample of the server's /metrics; 0 when it is not there."""
-    status, body = server.api("/metrics")
-    assert status == 200, body
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 def hmac_hex(secret: bytes, message: str) -> str:

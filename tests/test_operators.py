@@ -8,9 +8,9 @@ from __future__ import annotations
 from sktalent.calltalent.interfaces import SessionInfo
 from sktalent.mqtt import packets as p
 from sktalent.store.interfaces import Device, PutDevice, StoreUnavailable
-from sktalent.store.memory import MemoryStore
 
 from .helpers import chat, msgid
+from .mqttclient import DownStore
 from .test_calltalent import CallTalentCase
 
 NOW_MS = 1_700_000_000_000
@@ -153,10 +153,6 @@ class DeleteUserTests(CallTalentCase):
 
     def test_store_down(self) -> None:
         """While the store is down, a deletion is refused at once and nothing changes."""
-
-        class DownStore(MemoryStore):
-            available = False
-
         self.h = self.harness(DownStore())
         b = self.user("bob")
         self.assertRaises(StoreUnavailable, self.app.delete_user, "bob")

@@ -22,6 +22,8 @@ from sktalent.calltalent.pushtexts import (
 )
 from sktalent.push.interfaces import PushNotice
 
+from .helpers import temp_file
+
 
 def every_key() -> set[str]:
     keys = set()
@@ -53,12 +55,6 @@ class TextTableTests(SynchronousTestCase):
 
 
 class FileTests(SynchronousTestCase):
-    def write(self, content: str | bytes) -> str:
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
-        return path
-
     def test_overrides_some_keeps_the_rest(self) -> None:
         """The texts of the file replace their defaults; the others stay."""
         doc = {
@@ -66,7 +62,7 @@ class FileTests(SynchronousTestCase):
             "feedback": "客服：{content}",
             "expert": {"fail": "未通过（{content}）", "verified": "已通过"},
         }
-        table = load_texts(self.write(json.dumps(doc, ensure_ascii=False)))
+        table = load_texts(temp_file(self, json.dumps(doc, ensure_ascii=False)))
         self.assertEqual(
             dict(table.texts),
             dict(
@@ -79,10 +75,10 @@ class FileTests(SynchronousTestCase):
                 },
             ),
         )
-        self.assertEqual(load_texts(self.write("{}")), TextTable())
+        self.assertEqual(load_texts(temp_file(self, "{}")), TextTable())
 
     def assertRefused(self, content: str | bytes, *words: str) -> None:
-        path = self.write(content)
+        path = temp_file(self, content)
         with self.assertRaises(ValueError) as raised:
             load_texts(path)
         message = str(raised.exception)

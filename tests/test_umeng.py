@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
@@ -16,7 +15,6 @@ from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -45,6 +43,8 @@ from sktalent.push.umeng import (
 )
 from sktalent.store.interfaces import Device, LogOut, PutDevice
 from sktalent.store.memory import MemoryStore
+
+from .helpers import eventually, temp_file
 
 reactor = cast(PosixReactorBase, _reactor)
 
@@ -414,14 +414,7 @@ class RoundTripTests(TestCase):
 
     async def settled(self, outcome: str, count: int) -> None:
         """Wait until count pushes ended with outcome."""
-        await self.until(lambda: pushes(self.metrics, outcome) >= count)
-
-    async def until(self, check: Callable[[], bool]) -> None:
-        for _ in range(500):
-            if check():
-                return
-            await deferLater(reactor, 0.01)
-        self.fail("not reached within 5 seconds")
+        await eventually(lambda: pushes(self.metrics, outcome) >= count)
 
     def base(self, app: UmengApp, body: dict[str, object]) -> dict[str, object]:
         """The fields every body has, checked and removed."""
@@ -587,7 +580,7 @@ class RoundTripTests(TestCase):
         with_device(self.store, "u1", "ios")
         self.store.submit([LogOut("u1"), LogOut("u2")])
         self.pusher.push_to_users(["u1", "u2"], PushNotice("order_chat", "在吗", o_id="o1"))
-        await self.until(lambda: pushes(self.metrics, "logged_out") == 2)
+        await eventually(lambda: pushes(self.metrics, "logged_out") == 2)
         self.assertEqual(self.umeng.received, [])
         with_device(self.store, "u1", "ios")
         self.pusher.push_to_users(["u1"], PushNotice("order_chat", "在吗", o_id="o1"))
@@ -622,12 +615,6 @@ class RoundTripTests(TestCase):
 class ConfigTests(SynchronousTestCase):
     """Loading and checking --umeng-config."""
 
-    def write(self, content: str) -> str:
-        path = self.mktemp()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(content)
-        return path
-
     def document(self, **changes: object) -> dict[str, object]:
         doc: dict[str, object] = {
             "ios": {"appkey": "ik", "app_master_secret": "is"},
@@ -638,7 +625,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_minimal_with_defaults(self) -> None:
         """The two apps alone give Umeng's endpoint, production mode and alias type."""
-        loaded = load_config(self.write(json.dumps(self.document())))
+        loaded = load_config(temp_file(self, json.dumps(self.document())))
         self.assertEqual(
             loaded,
             UmengConfig(
@@ -673,7 +660,7 @@ class ConfigTests(SynchronousTestCase):
         )
 
     def assertRefused(self, content: str, *words: str) -> None:
-        path = self.write(content)
+        path = temp_file(self, content)
         with self.assertRaises(ValueError) as raised:
             load_config(path)
         message = str(raised.exception)
