@@ -48,7 +48,7 @@ from sktalent.store.interfaces import (
 )
 from sktalent.store.memory import MemoryStore
 
-from .helpers import eventually, temp_file
+from .helpers import eventually, msgid, temp_file
 from .tracking import ConnectionTracker
 
 TOKEN = "s3cret-Token_1"
@@ -103,7 +103,7 @@ class RecordingApp:
             held: Deferred[str] = Deferred(self.cancelled.append)
             self.held.append(held)
             return held
-        return self._result(f"{len(self.notified):024x}")
+        return self._result(msgid(len(self.notified)))
 
     def push_webview(
         self, users: Sequence[str] | None, tag: str | None, url: str, alert: str
@@ -295,7 +295,7 @@ class NotificationTests(ApiTestCase):
         """A notification reaches the application, and its msgid the caller."""
         body = notification(alert="Your order was paid")
         reply = await self.call("POST", "/v1/notifications", body)
-        self.assertJSON(reply, 202, {"msgid": f"{1:024x}"})
+        self.assertJSON(reply, 202, {"msgid": msgid(1)})
         self.assertEqual(
             self.app.notified, [("bob", "order", PAYLOADS["order"], "Your order was paid")]
         )
@@ -790,13 +790,13 @@ class HistoryTests(ApiTestCase):
         """Store five chat messages of order o1 and one of o2; return o1's."""
         records = [
             ChatRecord(
-                msgid=f"{i:024x}",
+                msgid=msgid(i),
                 sender="alice",
                 recipient="bob",
                 o_id=o_id,
                 envelope=json.dumps(
                     {
-                        "msgid": f"{i:024x}",
+                        "msgid": msgid(i),
                         "from": "alice",
                         "to": "bob",
                         "type": "order_chat",

@@ -22,6 +22,7 @@ from sktalent.authsign import sign
 from sktalent.logs import event_as_json, without_credentials
 from sktalent.testing.server import ServerProcess, running, wait_for
 
+from .helpers import paho_user
 from .pahoclient import PahoUser
 from .umengstub import ANDROID, IOS, UmengStub
 
@@ -203,9 +204,7 @@ class JsonLogsEndToEnd(SynchronousTestCase):
     """A real server with --log-format json."""
 
     def refuse_one(self, server: ServerProcess) -> None:
-        alice = PahoUser(server.mqtt_port, "alice", "alice", sign(server.secret, "alice"))
-        self.addCleanup(alice.close)
-        self.assertEqual(alice.rc, 0)
+        alice = paho_user(self, server, "alice")
         alice.send({"msgid": "ab" * 12, "from": "mallory", "to": "bob", "type": "order_chat"})
         [refusal] = alice.frames(1)
         self.assertEqual(refusal["error"], "from_mismatch")

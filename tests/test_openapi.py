@@ -20,11 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import sktalent
 from sktalent.api.resource import ApiResource
-from sktalent.authsign import sign
 from sktalent.calltalent.interfaces import ICallTalent
 from sktalent.testing.server import ROOT, ServerProcess, running
 
-from .pahoclient import PahoUser
+from .helpers import paho_user
 
 DOCUMENT = ROOT / "docs" / "openapi.yaml"
 TOKEN = "schemathesis-Token.1"
@@ -96,8 +95,7 @@ class SchemathesisTests(SynchronousTestCase):
         )
         # The document's example order gets a real chat, so the history
         # answers are checked with a message in them.
-        alice = PahoUser(server.mqtt_port, "alice", "alice", sign(server.secret, "alice"))
-        self.addCleanup(alice.close)
+        alice = paho_user(self, server, "alice")
         alice.send(
             {
                 "msgid": "65f1c0a2e4b0a1b2c3d4e5f6",
