@@ -180,11 +180,14 @@ class UmengStub:
                 )
             return [r for r in self._received if where(r)]
 
-    def settle(self, idle: float = 0.5, timeout: float = 5.0) -> None:
+    def settle(self, idle: float = 0.5, timeout: float | None = None) -> None:
         """
         Wait until no request has arrived for idle seconds, counted from now
-        at the earliest; give up after timeout.
+        at the earliest; give up after timeout (by default, idle and ten
+        seconds more: a push burst ends within its 2 s coalescing window).
         """
+        if timeout is None:
+            timeout = idle + 10.0
         start = time.monotonic()
         deadline = start + timeout
         with self._lock:
