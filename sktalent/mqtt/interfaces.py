@@ -103,7 +103,7 @@ class QueuedView(Protocol):
     @property
     def notice(self) -> str | None: ...
 
-    # The IQueueWatcher's own mark: it pushed the message.
+    # The IQueueWatcher's own mark: it decided to push the message.
     pushed: bool
 
 
