@@ -115,7 +115,7 @@ class CallTalentCase(SynchronousTestCase):
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
         self.delivery = PushDelivery(h.broker, self.pusher, h.clock, PUSH_AFTER)
         h.broker.watch(self.delivery)
-        self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
+        self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits, bans=h.bans)
         h.app = self.app
         h.factory = h.make_factory()
         return h
@@ -867,7 +867,13 @@ class NotificationTests(CallTalentCase):
         """Texts put in force by use() say what the next push says."""
         texts = PushTexts()
         self.app = CallTalent(
-            self.h.broker, self.store, self.pusher, self.h.clock, self.h.metrics, texts=texts
+            self.h.broker,
+            self.store,
+            self.pusher,
+            self.h.clock,
+            self.h.metrics,
+            texts=texts,
+            bans=self.h.bans,
         )
         payload = {"status": "paid", "o_id": "o9"}
         self.successResultOf(self.app.notify("carol", "order", payload, None))

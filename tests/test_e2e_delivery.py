@@ -264,6 +264,39 @@ class SQLiteOutageRestartTests(DeliveryCase):
         self.assertGreaterEqual(len(self.pushed_msgids("unavailable")), 6)
 
 
+class SQLiteBanTests(DeliveryCase):
+    BAN = 6.0
+
+    def test_ban_survives_restart_and_ends_on_time(self) -> None:
+        """
+        bob is banned for a few seconds and the server is SIGKILLed: the
+        restarted server still refuses him (CONNACK 5), a second before the
+        ban ends too, and takes him back with his session once it has ended.
+        """
+        self.raw_user("bob")
+        reply = self.call("POST", "/v1/users/bob/disconnect", {"ban_seconds": int(self.BAN)})
+        ends = time.monotonic() + self.BAN
+        self.assertEqual(reply.status, 204)
+        self.server.kill()
+        again = self.server.restarted()
+        self.addCleanup(again.stop)
+        self.raw_user("bob", expect=p.REFUSED_NOT_AUTHORIZED)
+        self.assertLess(time.monotonic(), ends - 1.5, "the restart took too long to tell")
+        time.sleep(max(0.0, ends - 1.0 - time.monotonic()))
+        self.raw_user("bob", expect=p.REFUSED_NOT_AUTHORIZED)
+        time.sleep(max(0.0, ends + 0.2 - time.monotonic()))
+        bob = RawClient(self.server.mqtt_port)
+        self.addCleanup(bob.close)
+        password = sign(self.server.secret, "bob").encode()
+        bob.send(p.Connect("bob", clean_session=False, username="bob", password=password))
+        self.assertEqual(bob.expect(p.ConnAck), p.ConnAck(0, True))
+
+
+class MongoBanTests(SQLiteBanTests):
+    def store(self) -> str | None:
+        return mongo_store()
+
+
 class MongoRestartTests(SQLiteRestartTests):
     def store(self) -> str | None:
         return mongo_store()
