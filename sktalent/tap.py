@@ -41,6 +41,7 @@ from .failures import StartFailure
 from .logs import FORMATS, check_twistd_options, json_file_observer
 from .metrics import Metrics
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
+from .mqtt.bans import Bans
 from .mqtt.broker import Broker
 from .mqtt.interfaces import IApplication, IAuthorizer
 from .mqtt.protocol import Limits, MQTTFactory
@@ -564,6 +565,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     metrics.watch_store(lambda: store.available, lambda: store.outages)
     metrics.watch_queues(broker.oldest_queued_at, reactor.seconds)
+    bans = Bans(store, broker, reactor)
     umeng = _pusher(options["umeng"], reactor, http, store, metrics)
     pusher = Coalescer(reactor, umeng, metrics)
     delivery = PushDelivery(broker, pusher, reactor, options["push-after"])
@@ -583,6 +585,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         ),
         texts,
         node=node,
+        bans=bans,
     )
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:
@@ -596,6 +599,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor,
         metrics,
         Limits(max_packet_size=options["max-packet"]),
+        bans=bans,
     )
     site = api_site(calltalent, options["tokens"], reactor=reactor)
     # The API first: once MQTT clients can connect, the backend can too.

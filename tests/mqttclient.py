@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from sktalent.metrics import Metrics
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEveryone, AllowEverything, portal_for
+from sktalent.mqtt.bans import Bans
 from sktalent.mqtt.broker import Broker
 from sktalent.mqtt.codec import Decoder, encode_all
 from sktalent.mqtt.interfaces import IApplication, IAuthorizer
@@ -108,12 +109,14 @@ class Harness:
     limits: Limits = attrs.Factory(Limits)
     retained: RetainedLimits = attrs.Factory(RetainedLimits)
     broker: Broker = attrs.field(init=False)
+    bans: Bans = attrs.field(init=False)
     factory: MQTTFactory = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.broker = Broker(
             self.store, self.authorizer, self.metrics, self.clock, retained_limits=self.retained
         )
+        self.bans = Bans(self.store, self.broker, self.clock)
         self.factory = self.make_factory()
 
     def make_factory(self) -> MQTTFactory:
@@ -125,6 +128,7 @@ class Harness:
             self.clock,
             self.metrics,
             self.limits,
+            bans=self.bans,
         )
 
     def client(self) -> Client:

@@ -127,9 +127,9 @@ class RecordingApp:
     def session_info(self, user_id: str) -> Deferred[SessionInfo | None]:
         return self._result(self.sessions.get(user_id))
 
-    def disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
+    def disconnect(self, user_id: str, ban_seconds: int | None) -> Deferred[bool]:
         self.disconnects.append((user_id, ban_seconds))
-        return user_id in self.sessions
+        return self._result(user_id in self.sessions)
 
     def delete_user(self, user_id: str) -> Deferred[None]:
         self.deleted.append(user_id)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -31,7 +31,7 @@ from sktalent.mqtt.plan import Plan
 from sktalent.mqtt.router import NOTHING_RETAINED
 from sktalent.mqtt.session import QueueLimits
 from sktalent.push.disabled import DisabledPusher
-from sktalent.push.interfaces import IPusher, PushNotice
+from sktalent.push.interfaces import IPusher, PushNotice, Wanted
 from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
@@ -47,12 +47,27 @@ PUSH_AFTER = 5.0
 @implementer(IPusher)
 @attrs.define
 class RecordingPusher:
-    """Keeps what would have been pushed."""
+    """
+    Keeps what would have been pushed; each push is settled at once, or with
+    settle_at_once False when the test fires it from ``unsettled``.
+    """
 
     pushed: list[tuple[tuple[str, ...], PushNotice]] = attrs.Factory(list)
+    wanted: list[Wanted] = attrs.Factory(list)
+    settle_at_once: bool = True
+    unsettled: list[Deferred[bool]] = attrs.Factory(list)
 
-    def push_to_users(self, user_ids: Sequence[str], notice: PushNotice) -> None:
+    def push_to_users(
+        self, user_ids: Sequence[str], notice: PushNotice, wanted: Wanted | None = None
+    ) -> Deferred[bool]:
         self.pushed.append((tuple(user_ids), notice))
+        if wanted is not None:
+            self.wanted.append(wanted)
+        if self.settle_at_once:
+            return succeed(True)
+        settled: Deferred[bool] = Deferred()
+        self.unsettled.append(settled)
+        return settled
 
     def push_to_tag(self, tag: str, notice: PushNotice) -> None:
         self.pushed.append((("tag:" + tag,), notice))
@@ -73,7 +88,7 @@ class CallTalentCase(SynchronousTestCase):
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
         self.delivery = PushDelivery(h.broker, self.pusher, h.clock, PUSH_AFTER)
         h.broker.watch(self.delivery)
-        self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits)
+        self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits, bans=h.bans)
         h.app = self.app
         h.factory = h.make_factory()
         return h
@@ -362,7 +377,10 @@ class ChatTests(CallTalentCase):
         self.assertEqual(len(self.frames(b)), 1)
 
     def test_offline_in_order_and_pushed(self) -> None:
-        """Chat to an offline user waits, in order, and each is pushed once."""
+        """
+        Chat to an offline user waits, in order, and each is pushed once at
+        once, its badge counting what was queued by then.
+        """
         a = self.user("alice")
         for n in range(1, 6):
             self.publish(a, chat("alice", "bob", n, f"m{n}"), n)
@@ -370,7 +388,7 @@ class ChatTests(CallTalentCase):
         self.h.clock.advance(0)
         self.assertEqual(
             [(users, n.kind, n.alert, n.o_id, n.msgid, n.badge) for users, n in self.pusher.pushed],
-            [(("bob",), "order_chat", f"m{n}", "o1", msgid(n), 5) for n in range(1, 6)],
+            [(("bob",), "order_chat", f"m{n}", "o1", msgid(n), n) for n in range(1, 6)],
         )
         b, packets = self.login("bob")
         self.assertEqual(packets[0], p.ConnAck(0, True))
@@ -824,7 +842,13 @@ class NotificationTests(CallTalentCase):
         """Texts put in force by use() say what the next push says."""
         texts = PushTexts()
         self.app = CallTalent(
-            self.h.broker, self.store, self.pusher, self.h.clock, self.h.metrics, texts=texts
+            self.h.broker,
+            self.store,
+            self.pusher,
+            self.h.clock,
+            self.h.metrics,
+            texts=texts,
+            bans=self.h.bans,
         )
         payload = {"status": "paid", "o_id": "o9"}
         self.successResultOf(self.app.notify("carol", "order", payload, None))

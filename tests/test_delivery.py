@@ -1,28 +1,73 @@
 """
 When chats and notifications are pushed, in memory with a Clock: at once for
 an offline recipient, after push-after when unacknowledged on a live
-connection, when the connection ends first; at most once, and across a
-restart.
+connection, when the connection ends first; at most once, marked pushed only
+once the push is settled, and so pushed again after a restart when it was
+not; withdrawn when acknowledged while held in the coalescing window.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import attrs
+from twisted.internet.defer import Deferred
 
 from sktalent.calltalent.app import AppLimits
-from sktalent.calltalent.delivery import decode_notice, encode_notice
+from sktalent.calltalent.delivery import PushDelivery, decode_notice, encode_notice
 from sktalent.mqtt import packets as p
+from sktalent.push.coalesce import WINDOW, Coalescer
 from sktalent.push.interfaces import PushNotice
-from sktalent.store.interfaces import MarkPushed
+from sktalent.store.interfaces import MarkPushed, Op
+from sktalent.store.memory import MemoryStore
 
 from .helpers import chat, msgid
 from .mqttclient import Client
 from .test_calltalent import PUSH_AFTER, CallTalentCase, HeldStore
 
 
+@attrs.define
+class OpsStore(MemoryStore):
+    """A MemoryStore that keeps every operation submitted to it."""
+
+    ops: list[Op] = attrs.Factory(list)
+
+    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        self.ops += ops
+        return MemoryStore.submit(self, ops)
+
+
 class DeliveryCase(CallTalentCase):
+    coalesced = False
+
+    def coalescing(self) -> None:
+        """
+        Pushes go through a Coalescer (on the test's clock) to the recording
+        pusher, also after a restart.
+        """
+        self.coalesced = True
+        coalescer = Coalescer(self.h.clock, self.pusher, self.h.metrics)
+        self.delivery = PushDelivery(self.h.broker, coalescer, self.h.clock, PUSH_AFTER)
+        self.h.broker.watch(self.delivery)
+
+    def restart(self) -> None:
+        """A new server on the same store: what a SIGKILL leaves."""
+        self.h = self.harness(self.store)
+        if self.coalesced:
+            self.coalescing()
+        self.successResultOf(self.h.broker.restore())
+
+    def marked(self, user: str) -> list[tuple[str, bool]]:
+        """(msgid, pushed) of each message queued for user in the store."""
+        sessions = self.successResultOf(self.store.load_sessions())
+        return [
+            (json.loads(q.message.payload)["msgid"], q.pushed)
+            for s in sessions
+            if s.client_id == user
+            for q in s.queue
+        ]
+
     def pushes(self) -> list[tuple[str, str | None, int | None, str]]:
         """(user, msgid, badge, reason) of each push since the last call."""
         self.h.clock.advance(0)
@@ -64,7 +109,7 @@ class PushRuleTests(DeliveryCase):
         a = self.user("alice")
         self.chats(a, "bob", range(1, 3))
         self.assertEqual(
-            self.pushes(), [("bob", msgid(1), 2, "offline"), ("bob", msgid(2), 2, "offline")]
+            self.pushes(), [("bob", msgid(1), 1, "offline"), ("bob", msgid(2), 2, "offline")]
         )
         b, resent = self.reconnect("bob")
         self.assertEqual(len(resent), 2)
@@ -214,18 +259,76 @@ class PushRuleTests(DeliveryCase):
         self.h.clock.advance(PUSH_AFTER)
         self.assertEqual(len(self.pushes()), 199)
 
-    def test_marked_before_pushed(self) -> None:
-        """A push goes out only once the store has it marked as pushed."""
+    def test_marked_once_settled(self) -> None:
+        """
+        A push goes out at once; its message is marked pushed in the store
+        only once the pusher has settled it, in one commit with the others
+        settled in the same turn.
+        """
         store = HeldStore()
         self.h = self.harness(store)
+        self.pusher.settle_at_once = False
+        a = self.user("alice")
+        for n in (1, 2):
+            self.publish(a, chat("alice", "bob", n), n)
+        store.release()
+        self.assertEqual(
+            self.pushes(), [("bob", msgid(1), 1, "offline"), ("bob", msgid(2), 2, "offline")]
+        )
+        self.h.clock.advance(PUSH_AFTER)
+        store.release()
+        self.assertEqual(store.held, [])
+        for settled in self.pusher.unsettled:
+            settled.callback(True)
+        self.h.clock.advance(0)
+        [(_, ops)] = store.held
+        self.assertEqual(list(ops), [MarkPushed("bob", 1), MarkPushed("bob", 2)])
+
+    def test_not_settled_not_marked(self) -> None:
+        """A push the pusher did not settle (it stopped) leaves its message unmarked."""
+        self.pusher.settle_at_once = False
         a = self.user("alice")
         self.publish(a, chat("alice", "bob", 1))
-        store.release()
-        self.assertEqual(self.pushes(), [])
-        [(_, ops)] = store.held
-        self.assertEqual(list(ops), [MarkPushed("bob", 1)])
-        store.release()
-        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+        self.assertEqual(len(self.pushes()), 1)
+        self.pusher.unsettled[0].callback(False)
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(self.marked("bob"), [(msgid(1), False)])
+
+    def test_acknowledged_before_settled_not_marked(self) -> None:
+        """
+        A push settled after its message was acknowledged marks nothing, and
+        asks the pusher to withdraw it if it has not left yet.
+        """
+        self.store = OpsStore()
+        self.h = self.harness(self.store)
+        self.pusher.settle_at_once = False
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 2))
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(len(self.pushes()), 1)
+        [wanted] = self.pusher.wanted
+        self.assertIs(wanted(), True)
+        [pid] = self.unacknowledged(b)
+        b.send(p.PubAck(pid))
+        self.assertIs(wanted(), False)
+        self.pusher.unsettled[0].callback(True)
+        self.h.clock.advance(0)
+        self.assertNotIn(MarkPushed("bob", 1), self.store.ops)
+
+    def test_stop_marks_what_is_settled(self) -> None:
+        """
+        Stopping marks at once the pushes settled in the last turn, before
+        the store closes; what is not settled by then stays unmarked.
+        """
+        self.pusher.settle_at_once = False
+        a = self.user("alice")
+        for n in (1, 2):
+            self.publish(a, chat("alice", "bob", n), n)
+        self.assertEqual(len(self.pushes()), 2)
+        self.pusher.unsettled[0].callback(True)
+        self.delivery.stop()
+        self.pusher.unsettled[1].callback(False)
+        self.assertEqual(self.marked("bob"), [(msgid(1), True), (msgid(2), False)])
 
     def test_stopping_server_pushes_nothing(self) -> None:
         """
@@ -251,11 +354,6 @@ class PushRuleTests(DeliveryCase):
 
 
 class RestartTests(DeliveryCase):
-    def restart(self) -> None:
-        """A new server on the same store: what a SIGKILL leaves."""
-        self.h = self.harness(self.store)
-        self.successResultOf(self.h.broker.restore())
-
     def test_neither_acknowledged_nor_pushed_is_pushed_after_restart(self) -> None:
         """
         A chat delivered and not acknowledged when the server died is pushed
@@ -295,10 +393,27 @@ class RestartTests(DeliveryCase):
         self.h.clock.advance(PUSH_AFTER * 3)
         self.assertEqual(self.pushes(), [])
 
-    def test_push_not_marked_in_time_comes_again(self) -> None:
+    def test_push_not_settled_comes_again(self) -> None:
         """
-        A push decided but not yet marked in the store when the server died
-        is decided again after the restart.
+        A push not yet settled when the server died (queued, being sent or
+        retried) is pushed again push-after seconds after the restart, once.
+        """
+        self.pusher.settle_at_once = False
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1))
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+        self.pusher.settle_at_once = True
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_settled_but_not_marked_in_time_comes_again(self) -> None:
+        """
+        A push settled but whose mark had not landed when the server died is
+        pushed again after the restart: at least once across a crash.
         """
         store = HeldStore()
         self.store = store
@@ -306,12 +421,98 @@ class RestartTests(DeliveryCase):
         a = self.user("alice")
         self.publish(a, chat("alice", "bob", 1))
         store.release()
-        self.h.clock.advance(0)
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+        [(_, ops)] = store.held
+        self.assertEqual(list(ops), [MarkPushed("bob", 1)])
         store.held.clear()  # The MarkPushed never lands.
         self.restart()
         self.h.clock.advance(PUSH_AFTER)
         store.release()
         self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+
+    def test_held_in_the_window_pushed_after_restart(self) -> None:
+        """
+        The server dies with a push held in the coalescing window: that
+        message was not marked, and is pushed after the restart; the one
+        pushed before the window is not pushed again.
+        """
+        self.coalescing()
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1), 1)
+        self.publish(a, chat("alice", "bob", 2), 2)
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
+        self.assertEqual(self.marked("bob"), [(msgid(1), True), (msgid(2), False)])
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(self.pushes(), [("bob", msgid(2), 2, "offline")])
+        self.assertEqual(self.marked("bob"), [(msgid(1), True), (msgid(2), True)])
+
+
+class WithdrawnTests(DeliveryCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.coalescing()
+
+    def cut_with_three(self) -> Client:
+        """
+        bob's connection ends with chats 1 to 3 unacknowledged: 1 is pushed,
+        2 and 3 are held in the window; bob is connected again.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 4))
+        self.assertEqual(len(self.unacknowledged(b)), 3)
+        b.lose()
+        self.assertEqual(self.pushes(), [("bob", msgid(1), 3, "connection_lost")])
+        again, resent = self.reconnect("bob")
+        self.resent = resent
+        return again
+
+    def withdrawn(self) -> float:
+        value = self.h.metrics.registry.get_sample_value(
+            "sktalent_pushes_total", {"outcome": "withdrawn"}
+        )
+        return value or 0.0
+
+    def test_acknowledged_while_held_not_pushed(self) -> None:
+        """
+        The messages held in the window are acknowledged before it ends: the
+        held push is withdrawn (counted), and they are not pushed after a
+        restart either.
+        """
+        again = self.cut_with_three()
+        for pid in self.resent[1:]:
+            again.send(p.PubAck(pid))
+        self.h.clock.advance(WINDOW)
+        self.assertEqual(self.pushes(), [])
+        self.assertEqual(self.withdrawn(), 2)
+        again.lose()
+        self.assertEqual(self.pushes(), [])
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER * 3)
+        self.assertEqual(self.pushes(), [])
+
+    def test_latest_acknowledged_earlier_pushed(self) -> None:
+        """
+        Of the two held, the latest is acknowledged: the earlier one is
+        pushed at the end of the window, and marked with it.
+        """
+        again = self.cut_with_three()
+        again.send(p.PubAck(self.resent[2]))
+        self.h.clock.advance(WINDOW)
+        self.assertEqual(self.pushes(), [("bob", msgid(2), 3, "connection_lost")])
+        self.assertEqual(self.withdrawn(), 1)
+        self.assertEqual(self.marked("bob"), [(msgid(1), True), (msgid(2), True)])
+
+    def test_held_not_acknowledged_pushed(self) -> None:
+        """
+        Nothing acknowledged: the latest held is pushed at the end of the
+        window and settles the one it covers: both are marked.
+        """
+        self.cut_with_three()
+        self.h.clock.advance(WINDOW)
+        self.assertEqual(self.pushes(), [("bob", msgid(3), 3, "connection_lost")])
+        self.assertEqual([pushed for _, pushed in self.marked("bob")], [True] * 3)
+        self.assertEqual(self.withdrawn(), 0)
 
 
 class NoticeTests(DeliveryCase):

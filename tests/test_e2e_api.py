@@ -10,7 +10,7 @@ import json
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,10 @@ class UmengServerCase(SynchronousTestCase):
         """The store the server uses; None: its default."""
         return None
 
+    def delivery(self) -> Mapping[str, object]:
+        """The Umeng config's delivery policy."""
+        return DELIVERY
+
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="sktalent-api-"))
         self.stub = UmengStub()
@@ -85,7 +89,7 @@ class UmengServerCase(SynchronousTestCase):
                         "app_master_secret": ANDROID.app_master_secret,
                         "activity": ACTIVITY,
                     },
-                    "delivery": DELIVERY,
+                    "delivery": self.delivery(),
                 }
             )
         )

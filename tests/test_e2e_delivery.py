@@ -1,24 +1,27 @@
 """
 Acknowledged or pushed, end to end: a real server with a short --push-after,
 the local Umeng stand-in, clients that stop reading, acknowledge in time or
-lose their socket, and a SIGKILL between delivery and acknowledgement on
-SQLite and on MongoDB.  Also the operator endpoints against a real server.
+lose their socket; a SIGKILL between delivery and acknowledgement, with a
+push held in the coalescing window, or with Umeng answering 503, on SQLite
+and on MongoDB.  Also the operator endpoints against a real server.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sktalent.authsign import sign
 from sktalent.mqtt import packets as p
 from sktalent.testing.server import wait_for
 
 from .helpers import chat, mongo_store, msgid, raw_user
 from .pahoclient import PahoUser
 from .rawclient import RawClient
-from .test_e2e_api import UmengServerCase, to
+from .test_e2e_api import DELIVERY, UmengServerCase, to
 from .umengstub import Received
 
 PUSH_AFTER = 1.0
@@ -40,6 +43,25 @@ class DeliveryCase(UmengServerCase):
 
     def bob_pushes(self) -> list[Received]:
         return self.stub.received(to("bob"))
+
+    def answered(self, sent: int) -> None:
+        """
+        Wait until the server has had Umeng's answer to sent pushes: they
+        are settled, and their marks on the way to the store.
+        """
+        wait_for(
+            lambda: self.sample("sktalent_pushes_total", outcome="sent") >= sent,
+            10,
+            f"{sent} pushes answered",
+        )
+
+    def pushed_msgids(self, outcome: str = "sent") -> list[object]:
+        """The msgid of each push to bob that the stand-in answered with outcome."""
+        return [
+            r.body["payload"]["msgid"]
+            for r in self.bob_pushes()
+            if r.outcome == outcome and r.body is not None
+        ]
 
 
 class UnacknowledgedTests(DeliveryCase):
@@ -108,6 +130,30 @@ class ConnectionLostTests(DeliveryCase):
         )
         self.assertEqual(self.sample("sktalent_push_requests_total", reason="connection_lost"), 3)
 
+    def test_acknowledged_while_held_not_pushed(self) -> None:
+        """
+        bob's socket is cut with three chats unacknowledged: the first is
+        pushed at once, the other two are held in the 2 s window; bob
+        connects again and acknowledges them within it, so nothing more is
+        pushed (counted withdrawn).
+        """
+        self.register("bob", "ios")
+        bob = self.raw_user("bob")
+        self.chats_to_bob(self.user("alice"), range(1, 4))
+        for _ in range(3):
+            bob.expect(p.Publish)
+        bob.close()
+        self.stub.wait(1, to("bob"))
+        again = self.raw_user("bob")
+        resent = [again.expect(p.Publish) for _ in range(3)]
+        self.assertEqual(
+            [json.loads(x.payload)["msgid"] for x in resent], [msgid(n) for n in range(1, 4)]
+        )
+        again.send(*(p.PubAck(x.packet_id or 0) for x in resent))
+        self.stub.settle(idle=3)
+        self.assertEqual(self.pushed_msgids(), [msgid(1)])
+        self.assertEqual(self.sample("sktalent_pushes_total", outcome="withdrawn"), 2)
+
 
 class SQLiteRestartTests(DeliveryCase):
     def server_args(self, directory: Path) -> list[str]:
@@ -131,6 +177,8 @@ class SQLiteRestartTests(DeliveryCase):
         self.addCleanup(again.stop)
         [push] = self.stub.wait(1, to("bob"))
         self.assertEqual((push.outcome, alert(push)), ("sent", "m1"))
+        # Stopped before it has the answer, it would push again: at least once.
+        self.answered(1)
         self.assertEqual(again.stop(), 0)
         third = again.restarted()
         self.addCleanup(third.stop)
@@ -156,8 +204,101 @@ class SQLiteRestartTests(DeliveryCase):
         self.stub.settle(idle=3)
         self.assertEqual(self.bob_pushes(), [push])
 
+    def test_sigkill_with_a_push_held(self) -> None:
+        """
+        The server dies (SIGKILL) with a push held in bob's coalescing
+        window: after the restart it is pushed, once; the push Umeng took
+        before is not pushed again.
+        """
+        self.register("bob", "ios")
+        alice = self.user("alice")
+        self.chats_to_bob(alice, range(1, 2))
+        self.answered(1)
+        time.sleep(0.3)  # Its mark lands; the window has over a second left.
+        self.chats_to_bob(alice, range(2, 3))
+        self.server.kill()
+        alice.drop()
+        self.assertEqual(self.pushed_msgids(), [msgid(1)])
+        again = self.server.restarted()
+        self.addCleanup(again.stop)
+        self.stub.wait(2, to("bob"))
+        self.stub.settle(idle=3)
+        self.assertEqual(self.pushed_msgids(), [msgid(1), msgid(2)])
+        last = self.assertSignedBody(self.bob_pushes()[-1], "ios")["payload"]
+        self.assertEqual((last["aps"]["alert"], last["aps"]["badge"]), ("m2", 2))
+
+
+class SQLiteOutageRestartTests(DeliveryCase):
+    def server_args(self, directory: Path) -> list[str]:
+        return ["--push-after", "1"]
+
+    def delivery(self) -> Mapping[str, object]:
+        # Retrying for many seconds, so that the SIGKILL comes while it does.
+        return {**DELIVERY, "max_attempts": 100, "backoff_base": 0.1, "backoff_cap": 0.2}
+
+    def test_sigkill_while_umeng_answers_503(self) -> None:
+        """
+        The server dies while Umeng answers 503 and bob's push is being
+        retried: after the restart, it is retried again through three more
+        503s until Umeng accepts it, once.
+        """
+        self.register("bob", "ios")
+        self.stub.unavailable(10_000)
+        alice = self.user("alice")
+        self.chats_to_bob(alice, range(1, 2))
+        self.stub.wait(3, to("bob"))
+        self.server.kill()
+        alice.drop()
+        self.stub.settle(idle=0.3)
+        self.assertEqual(self.pushed_msgids(), [])
+        self.stub.unavailable(3)
+        again = self.server.restarted()
+        self.addCleanup(again.stop)
+        wait_for(lambda: self.pushed_msgids(), 15, "the push after the restart")
+        self.stub.settle(idle=2)
+        self.assertEqual(self.pushed_msgids(), [msgid(1)])
+        self.assertGreaterEqual(len(self.pushed_msgids("unavailable")), 6)
+
+
+class SQLiteBanTests(DeliveryCase):
+    BAN = 6.0
+
+    def test_ban_survives_restart_and_ends_on_time(self) -> None:
+        """
+        bob is banned for a few seconds and the server is SIGKILLed: the
+        restarted server still refuses him (CONNACK 5), a second before the
+        ban ends too, and takes him back with his session once it has ended.
+        """
+        self.raw_user("bob")
+        reply = self.call("POST", "/v1/users/bob/disconnect", {"ban_seconds": int(self.BAN)})
+        ends = time.monotonic() + self.BAN
+        self.assertEqual(reply.status, 204)
+        self.server.kill()
+        again = self.server.restarted()
+        self.addCleanup(again.stop)
+        self.raw_user("bob", expect=p.REFUSED_NOT_AUTHORIZED)
+        self.assertLess(time.monotonic(), ends - 1.5, "the restart took too long to tell")
+        time.sleep(max(0.0, ends - 1.0 - time.monotonic()))
+        self.raw_user("bob", expect=p.REFUSED_NOT_AUTHORIZED)
+        time.sleep(max(0.0, ends + 0.2 - time.monotonic()))
+        bob = RawClient(self.server.mqtt_port)
+        self.addCleanup(bob.close)
+        password = sign(self.server.secret, "bob").encode()
+        bob.send(p.Connect("bob", clean_session=False, username="bob", password=password))
+        self.assertEqual(bob.expect(p.ConnAck), p.ConnAck(0, True))
+
+
+class MongoBanTests(SQLiteBanTests):
+    def store(self) -> str | None:
+        return mongo_store()
+
 
 class MongoRestartTests(SQLiteRestartTests):
+    def store(self) -> str | None:
+        return mongo_store()
+
+
+class MongoOutageRestartTests(SQLiteOutageRestartTests):
     def store(self) -> str | None:
         return mongo_store()
 

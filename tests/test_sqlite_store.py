@@ -30,6 +30,7 @@ from sktalent.store.interfaces import (
     PutDevice,
     QueuedMessage,
     SessionRecord,
+    SetBan,
 )
 from sktalent.store.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore, connect
 
@@ -173,12 +174,12 @@ class SQLiteStoreTests(TestCase):
 
     async def test_push_state_upgrades(self) -> None:
         """
-        A file of the schema before this one upgrades in place: a message queued in it
+        A file of the schema before push state upgrades in place: a message queued in it
         counts as queued at the upgrade, without a notice and not pushed, and
         its session as one whose client has connected; a session made by a
         message after the upgrade has not.
         """
-        before_push = await self.started(migrations=MIGRATIONS[:-1])
+        before_push = await self.started(migrations=MIGRATIONS[:4])
         conn = sqlite3.connect(self.path)
         conn.execute("INSERT INTO sessions (client_id, subscriptions) VALUES ('bob', '[]')")
         conn.execute(
@@ -201,6 +202,16 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual(
             queued, QueuedMessage(1, Message("t", b"\x01", 1), queued_at=queued.queued_at)
         )
+
+    async def test_bans_upgrade(self) -> None:
+        """A file of the schema before bans upgrades in place, keeping its data, and keeps bans."""
+        before = await self.started(migrations=MIGRATIONS[:5])
+        await before.submit([PutDevice(Device("u", "ios", "t"))])
+        await before.stop()
+        store = await self.started()
+        self.assertEqual(await store.get_device("u"), Device("u", "ios", "t"))
+        await store.submit([SetBan("u", 5000)])
+        self.assertEqual(await store.get_ban("u"), 5000)
 
     async def test_refuses_newer_schema(self) -> None:
         """A file from a newer server is refused with a clear error."""

@@ -51,6 +51,7 @@ from sktalent.store.interfaces import (
     Release,
     RemoveInbound,
     SessionRecord,
+    SetBan,
     SetRetained,
     StoreUnavailable,
 )
@@ -548,6 +549,34 @@ class StoreContract(_Mixin):
             [False, NEW],
         )
 
+    async def test_bans(self) -> None:
+        """
+        SetBan stores when a client's ban ends, replacing the one before;
+        None lifts it; another client's ban is its own.
+        """
+        self.assertIsNone(await self.store.get_ban("bob"))
+        await self.store.submit([SetBan("bob", 5000), SetBan("carol", 7000)])
+        self.assertEqual(await self.store.get_ban("bob"), 5000)
+        await self.store.submit([SetBan("bob", 9000)])
+        self.assertEqual(await self.store.get_ban("bob"), 9000)
+        self.assertEqual(
+            await self.store.submit([SetBan("bob", None), SetBan("dave", None)]),
+            [
+                None,
+                None,
+            ],
+        )
+        self.assertIsNone(await self.store.get_ban("bob"))
+        self.assertIsNone(await self.store.get_ban("dave"))
+        self.assertEqual(await self.store.get_ban("carol"), 7000)
+
+    async def test_purge_removes_ended_bans(self) -> None:
+        """purge removes the bans that ended before the cut, and only those."""
+        await self.store.submit([SetBan("bob", 2999), SetBan("carol", 3000)])
+        self.assertEqual(await self.store.purge(3000), 0)
+        self.assertIsNone(await self.store.get_ban("bob"))
+        self.assertEqual(await self.store.get_ban("carol"), 3000)
+
     async def test_ping(self) -> None:
         """A started store answers ping."""
         await self.store.ping()
@@ -602,6 +631,7 @@ class DurableContract(StoreContract):
                 SetRetained("r", Message("r", b"kept", 1, True)),
                 PutDevice(Device("bob", "ios", "tok")),
                 LogOut("carol"),
+                SetBan("dave", 10_000),
             ]
         )
         sessions = await self.store.load_sessions()
@@ -627,6 +657,7 @@ class DurableContract(StoreContract):
         self.assertEqual(await again.chat_history("o1", 10, None), [c])
         self.assertEqual(await again.get_device("bob"), Device("bob", "ios", "tok"))
         self.assertEqual(await again.get_device("carol"), Device("carol", None, None, True))
+        self.assertEqual(await again.get_ban("dave"), 10_000)
         self.assertEqual(await again.submit([InsertChat(c)]), [REPEATED])
 
     async def test_stop_flushes_pending(self) -> None:

@@ -237,11 +237,11 @@ class ScheduleTests(SynchronousTestCase):
         """
         Each attempt is abandoned after the timeout, the next comes after
         the jittered backoff, and after max_attempts the push is given up
-        with no timer left.
+        with no timer left: settled then, and not before.
         """
         pusher = self.pusher(max_attempts=3, timeout=10, backoff_base=1, backoff_cap=60)
         with_device(self.store, "u1", "ios")
-        pusher.push_to_users(["u1"], PushNotice("order_chat", "你好", o_id="o1"))
+        settled = pusher.push_to_users(["u1"], PushNotice("order_chat", "你好", o_id="o1"))
         self.assertEqual(self.connects(), 1)
         self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 8999))
         # Timeout, then 0.5 * 1 s.
@@ -257,7 +257,9 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(self.connects(), 2)
         self.reactor.advance(0.01)
         self.assertEqual(self.connects(), 3)
+        self.assertNoResult(settled)
         self.reactor.advance(10)
+        self.assertIs(self.successResultOf(settled), True)
         self.assertEqual(pushes(self.metrics, "retried"), 2)
         self.assertEqual(pushes(self.metrics, "given_up"), 1)
         self.assertEqual(failures(self.metrics, "network"), 3)
@@ -281,17 +283,23 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(registry.get_sample_value(f"{name}_bucket", {"le": "10.0"}), 2)
 
     def test_stop_cancels_retry_timer(self) -> None:
-        """stop() leaves no timer, and later pushes are refused."""
+        """
+        stop() leaves no timer, and the push waiting to be retried is not
+        settled; later pushes are refused, not settled either.
+        """
         pusher = self.pusher(timeout=5)
-        pusher.push_to_users(["u1"], PushNotice("feedback", "已回复"))
+        retrying = pusher.push_to_users(["u1"], PushNotice("feedback", "已回复"))
         self.reactor.advance(5)
         self.assertEqual(pushes(self.metrics, "retried"), 1)
         self.assertNotEqual(self.reactor.getDelayedCalls(), [])
         pusher.stop()
+        self.assertIs(self.successResultOf(retrying), False)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(pushes(self.metrics, "cancelled"), 1)
         pusher.push_to_tag("user", PushNotice("feedback", "已回复"))
-        self.assertEqual(pushes(self.metrics, "cancelled"), 2)
+        late = pusher.push_to_users(["u1"], PushNotice("feedback", "已回复"))
+        self.assertIs(self.successResultOf(late), False)
+        self.assertEqual(pushes(self.metrics, "cancelled"), 3)
         self.reactor.advance(100)
         self.assertEqual(self.connects(), 1)
 
@@ -304,10 +312,17 @@ class ScheduleTests(SynchronousTestCase):
         for user in ("u1", "u2", "u3", "u4", "u5"):
             with_device(self.store, user, "android")
         notice = PushNotice("order", "订单已支付", o_id="o1", status="paid")
-        pusher.push_to_users(["u1", "u2", "u3", "u4", "u5"], notice)
+        settled = [pusher.push_to_users([user], notice) for user in ("u1", "u2", "u3", "u4")]
         self.assertEqual(self.connects(), 1)
+        self.assertEqual(pushes(self.metrics, "dropped"), 1)
+        # Given up without trying: settled.
+        self.assertIs(self.successResultOf(settled[3]), True)
+        pusher.push_to_users(["u5"], notice)
         self.assertEqual(pushes(self.metrics, "dropped"), 2)
+        for waiting in settled[:3]:
+            self.assertNoResult(waiting)
         pusher.stop()
+        self.assertEqual([self.successResultOf(d) for d in settled[:3]], [False] * 3)
         self.assertEqual(pushes(self.metrics, "cancelled"), 3)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -336,12 +351,32 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(self.connects(), 0)
 
     def test_invalid_notice_refused(self) -> None:
-        """An unknown kind, or a webview without url, is refused and counted."""
+        """An unknown kind, or a webview without url, is refused, counted and settled."""
         pusher = self.pusher()
-        pusher.push_to_users(["u1"], PushNotice("birthday", "生日快乐"))
+        settled = pusher.push_to_users(["u1"], PushNotice("birthday", "生日快乐"))
         pusher.push_to_tag("user", PushNotice("webview", "看看"))
         self.assertEqual(pushes(self.metrics, "invalid"), 2)
         self.assertEqual(self.connects(), 0)
+        self.assertIs(self.successResultOf(settled), True)
+
+    def test_no_longer_wanted_withdrawn(self) -> None:
+        """
+        A push whose wanted says no when its turn comes is not sent: counted
+        withdrawn, and settled.  One still wanted is sent.
+        """
+        pusher = self.pusher(concurrency=1, max_attempts=1, timeout=5)
+        notice = PushNotice("feedback", "已回复")
+        wanted = {"u2": True, "u3": True}
+        for user in ("u1", "u2", "u3"):
+            with_device(self.store, user, "ios")
+        pusher.push_to_users(["u1"], notice)
+        withdrawn = pusher.push_to_users(["u2"], notice, lambda: wanted["u2"])
+        pusher.push_to_users(["u3"], notice, lambda: wanted["u3"])
+        wanted["u2"] = False
+        self.reactor.advance(5)
+        self.assertIs(self.successResultOf(withdrawn), True)
+        self.assertEqual(pushes(self.metrics, "withdrawn"), 1)
+        self.assertEqual(self.connects(), 2)
 
 
 @attrs.define
@@ -433,8 +468,11 @@ class RoundTripTests(TestCase):
         """
         with_device(self.store, "u1", "ios")
         self.umeng.script = [(503, b"Service Unavailable")]
-        self.pusher.push_to_users(["u1"], PushNotice("order_chat", "张三：你好", o_id="o1"))
-        await self.settled("sent", 1)
+        settled = self.pusher.push_to_users(
+            ["u1"], PushNotice("order_chat", "张三：你好", o_id="o1")
+        )
+        self.assertIs(await settled, True)
+        self.assertEqual(pushes(self.metrics, "sent"), 1)
         self.assertEqual(len(self.umeng.received), 2)
         [accepted] = self.umeng.accepted
         self.assertEqual(
@@ -484,11 +522,15 @@ class RoundTripTests(TestCase):
         )
 
     async def test_unknown_platform_pushes_both_apps(self) -> None:
-        """A user without a registered device is pushed through both apps."""
-        self.pusher.push_to_users(
+        """
+        A user without a registered device is pushed through both apps; the
+        push is settled once both have answered.
+        """
+        settled = self.pusher.push_to_users(
             ["u3"], PushNotice("note", "小纸条已回答", note_id="n1", status="replied")
         )
-        await self.settled("sent", 2)
+        self.assertIs(await settled, True)
+        self.assertEqual(pushes(self.metrics, "sent"), 2)
         bodies = {r.body["appkey"]: r.body for r in self.umeng.accepted}
         self.assertEqual(set(bodies), {IOS.appkey, ANDROID.appkey})
         ios = bodies[IOS.appkey]["payload"]
@@ -532,10 +574,12 @@ class RoundTripTests(TestCase):
         """An answer that cannot change (appkey unknown) ends the push at once."""
         with_device(self.store, "u1", "ios")
         self.umeng.script = [umeng_error("2021", "appkey不存在")]
-        self.pusher.push_to_users(
+        settled = self.pusher.push_to_users(
             ["u1"], PushNotice("expert", "专家资格审核通过", status="verified")
         )
-        await self.settled("failed", 1)
+        # Settled for good: it never will be sent.
+        self.assertIs(await settled, True)
+        self.assertEqual(pushes(self.metrics, "failed"), 1)
         self.assertEqual(len(self.umeng.received), 1)
         self.assertEqual(
             self.umeng.received[0].body["payload"],
@@ -579,8 +623,11 @@ class RoundTripTests(TestCase):
         """
         with_device(self.store, "u1", "ios")
         self.store.submit([LogOut("u1"), LogOut("u2")])
-        self.pusher.push_to_users(["u1", "u2"], PushNotice("order_chat", "在吗", o_id="o1"))
-        await eventually(lambda: pushes(self.metrics, "logged_out") == 2)
+        settled = self.pusher.push_to_users(
+            ["u1", "u2"], PushNotice("order_chat", "在吗", o_id="o1")
+        )
+        self.assertIs(await settled, True)
+        self.assertEqual(pushes(self.metrics, "logged_out"), 2)
         self.assertEqual(self.umeng.received, [])
         with_device(self.store, "u1", "ios")
         self.pusher.push_to_users(["u1"], PushNotice("order_chat", "在吗", o_id="o1"))

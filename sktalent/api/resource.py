@@ -459,7 +459,7 @@ class ApiResource(Resource):
             not isinstance(ban, int) or isinstance(ban, bool) or not 0 <= ban <= MAX_BAN
         ):
             _bad_request(f"ban_seconds must be a whole number from 0 to {MAX_BAN}.")
-        if not self._app.disconnect(user_id, ban):
+        if not await self._app.disconnect(user_id, ban):
             _no_session(user_id)
         return _Answer(204, content_type=None)
 

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
+from ..mqtt.bans import Bans
 from ..mqtt.interfaces import IApplication, IBroker
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
@@ -185,6 +186,7 @@ class CallTalent:
     _senders: OrderedDict[str, _Sender] = attrs.Factory(OrderedDict)
     # This server's name, for operators.
     node: str = attrs.field(factory=socket.gethostname, kw_only=True)
+    _bans: Bans = attrs.field(kw_only=True)
     _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
 
     # -- IApplication: what clients publish --------------------------------
@@ -519,14 +521,27 @@ class CallTalent:
             platform=None if device is None else device.platform,
         )
 
-    def disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
-        return self._broker.disconnect(user_id, ban_seconds)
+    def disconnect(self, user_id: str, ban_seconds: int | None) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._disconnect(user_id, ban_seconds))
+
+    async def _disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
+        if self._broker.session(user_id) is None:
+            return False
+        if ban_seconds is not None:
+            self._check_store()
+            plan = Plan()
+            self._bans.set(plan, user_id, ban_seconds)
+            # Durable first: a ban that could not be kept disconnects nobody.
+            await self._broker.commit(plan)
+        return self._broker.disconnect(user_id)
 
     def delete_user(self, user_id: str) -> Deferred[None]:
         self._check_store()
         plan = Plan()
         self._broker.remove(plan, user_id)
         plan.add(DropDevice(user_id))
+        # No one could lift a ban on a user without a session.
+        self._bans.set(plan, user_id, 0)
         self._senders.pop(user_id, None)
         return self._broker.commit(plan)
 

@@ -13,8 +13,14 @@ restart does for what was neither acknowledged nor pushed.
 The waits are one FIFO for the whole server, since every wait is equally long,
 behind one timer: an acknowledged message is not looked for, only skipped when
 its turn comes (a wait holds its seq, not the message, which is freed at once).
-A push is marked in the store before it goes out, so a crash can lose a push
-that was about to leave but never repeats one.
+
+A message is decided for a push once in the life of the process (its
+``pushed`` mark in memory), and marked pushed in the store only once the
+pusher has settled its push (IPusher): until then a crash or a stop leaves it
+to be pushed after the restart, so that a push held in the coalescing window,
+queued, or being retried is never lost.  Across a crash a push may thus come twice (Umeng took
+it, and the mark had not landed); the app drops the second by its msgid.  A
+push is withdrawn when its message is acknowledged before it leaves.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from collections import deque
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..failures import logged
 from ..mqtt.interfaces import IBroker, IConnection, IQueueWatcher, QueuedView, SessionView
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
@@ -71,8 +77,8 @@ class PushDelivery:
     push_after: float = 5.0
     _waits: deque[_Wait] = attrs.Factory(deque)
     _timer: IDelayedCall | None = None
-    # Decided this reactor turn, marked in the store together.
-    _due: list[tuple[SessionView, QueuedView, str]] = attrs.Factory(list)
+    # Settled this reactor turn, marked in the store together.
+    _marks: list[MarkPushed] = attrs.Factory(list)
     _marking: IDelayedCall | None = None
     _stopped: bool = False
 
@@ -100,14 +106,16 @@ class PushDelivery:
         """
         The server is stopping: its connections ending are not the clients'
         doing, so nothing more is pushed; what was not is after the restart.
+        The pushes settled so far are marked now, before the store closes.
         """
         self._stopped = True
-        for call in (self._timer, self._marking):
-            if call is not None and call.active():
-                call.cancel()
-        self._timer = self._marking = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self._waits.clear()
-        self._due = []
+        if self._marking is not None and self._marking.active():
+            self._marking.cancel()
+            self._mark()
 
     def _wait(self, session: SessionView, out: QueuedView) -> None:
         if self._stopped:
@@ -141,26 +149,37 @@ class PushDelivery:
         if self._stopped:
             return
         out.pushed = True
-        self._due.append((session, out, reason))
-        if self._marking is None:
-            self._marking = self._clock.callLater(0, self._mark)
+        assert out.notice is not None
+        notice = attrs.evolve(decode_notice(out.notice), badge=session.notices, reason=reason)
+        settled = self._pusher.push_to_users(
+            [session.client_id], notice, lambda: self._unacknowledged(session, out)
+        )
+        settled.addCallback(self._settled, session, out)
+
+    def _unacknowledged(self, session: SessionView, out: QueuedView) -> bool:
+        """
+        Whether out still waits in session, and session is the client's now:
+        a persistent one may have been deleted, or discarded by a clean
+        connection; a clean one ends with its connection, pushed all the same.
+        """
+        if session.queue.get(out.seq) is not out:
+            return False
+        return not session.persistent or self._broker.session(session.client_id) is session
+
+    def _settled(self, settled: bool, session: SessionView, out: QueuedView) -> None:
+        # One acknowledged is gone from the store; and a session deleted since
+        # may have been made again, reusing seqs.
+        if settled and session.persistent and self._unacknowledged(session, out):
+            self._marks.append(MarkPushed(session.client_id, out.seq))
+            if self._marking is None:
+                self._marking = self._clock.callLater(0, self._mark)
 
     def _mark(self) -> None:
         self._marking = None
-        due, self._due = self._due, []
         plan = Plan()
-        for session, out, _ in due:
-            if session.persistent:
-                plan.add(MarkPushed(session.client_id, out.seq))
-        self._broker.commit(plan).addBoth(self._send, due)
-
-    def _send(self, marked: None | Failure, due: list[tuple[SessionView, QueuedView, str]]) -> None:
-        if isinstance(marked, Failure):
-            # Better a push that may come again after a restart than none.
-            log.failure("Marking {n} pushes failed; pushing anyway", marked, n=len(due))
-        if self._stopped:
-            return
-        for session, out, reason in due:
-            assert out.notice is not None
-            notice = attrs.evolve(decode_notice(out.notice), badge=session.notices, reason=reason)
-            self._pusher.push_to_users([session.client_id], notice)
+        for mark in self._marks:
+            plan.add(mark)
+        n, self._marks = len(self._marks), []
+        self._broker.commit(plan).addErrback(
+            logged(log, "Marking {n} settled pushes failed; they come again after a restart", n=n)
+        )

@@ -77,17 +77,18 @@ class ICallTalent(Interface):
     def session_info(user_id: str) -> Deferred[SessionInfo | None]:
         """The user's session, or None for a user without one."""
 
-    def disconnect(user_id: str, ban_seconds: int | None) -> bool:
+    def disconnect(user_id: str, ban_seconds: int | None) -> Deferred[bool]:
         """
         Close the user's connection; ban_seconds, when given, refuses the user
-        (CONNACK 5) until that many seconds from now, 0 lifting a ban.  False
+        (CONNACK 5) until that many seconds from now, also after a restart, 0
+        lifting a ban: the connection is closed once that is durable.  False
         for a user without a session.
         """
 
     def delete_user(user_id: str) -> Deferred[None]:
         """
-        The account is gone: close its connection, forget its session, queue
-        and device (not its chat history); fire when durable.
+        The account is gone: close its connection, forget its session, queue,
+        device and ban (not its chat history); fire when durable.
         """
 
     def history(o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:

@@ -161,12 +161,8 @@ class Broker:
 
     # -- operators ----------------------------------------------------------
 
-    def disconnect(self, client_id: str, ban_seconds: float | None = None) -> bool:
-        return self._registry.disconnect(client_id, ban_seconds)
-
-    def banned(self, client_id: str) -> bool:
-        """See Registry.banned."""
-        return self._registry.banned(client_id)
+    def disconnect(self, client_id: str) -> bool:
+        return self._registry.disconnect(client_id)
 
     def remove(self, plan: Plan, client_id: str) -> None:
         self._registry.remove(plan, client_id)

@@ -103,7 +103,7 @@ class QueuedView(Protocol):
     @property
     def notice(self) -> str | None: ...
 
-    # The IQueueWatcher's own mark: it pushed the message.
+    # The IQueueWatcher's own mark: it decided to push the message.
     pushed: bool
 
 
@@ -210,11 +210,10 @@ class IBroker(Interface):
         the IQueueWatcher.
         """
 
-    def disconnect(client_id: str, ban_seconds: float | None = None) -> bool:
+    def disconnect(client_id: str) -> bool:
         """
-        Close the client's connection, if any.  ban_seconds, when given,
-        replaces its ban: CONNECTs are refused until that many seconds from
-        now (0 lifts the ban).  False when the client has no session.
+        Close the client's connection, if any (a ban is Bans's).  False when
+        the client has no session.
         """
 
     def remove(plan: Plan, client_id: str) -> None:

@@ -23,8 +23,9 @@ from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
-from ..store.interfaces import Message
+from ..store.interfaces import Message, StoreUnavailable
 from . import packets as p
+from .bans import Bans
 from .broker import Broker
 from .codec import Decoder, encode_all
 from .interfaces import (
@@ -100,6 +101,7 @@ class MQTTServerProtocol(Protocol):
     _clock: IReactorTime
     _metrics: Metrics
     _limits: Limits
+    _bans: Bans = attrs.field(kw_only=True)
     _decoder: Decoder = attrs.field(init=False)
     # Publishes routed to subscribers (the application counts its own).
     _routed: Any = attrs.field(init=False)
@@ -285,7 +287,17 @@ class MQTTServerProtocol(Protocol):
         if code:
             self._refuse(code, "client_id")
             return
-        if self._broker.banned(client_id):
+        banned: bool | None
+        try:
+            banned = await self._bans.banned(client_id)
+        except StoreUnavailable:
+            banned = None  # Cannot tell.
+        if self._state == State.CLOSED:
+            return
+        if banned is None:
+            self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "store_unavailable")
+            return
+        if banned:
             self._refuse(p.REFUSED_NOT_AUTHORIZED, "banned")
             return
         self._user, self._client_id = user, client_id
@@ -472,6 +484,7 @@ class MQTTFactory(Factory):
     _clock: IReactorTime
     _metrics: Metrics
     _limits: Limits = attrs.Factory(Limits)
+    _bans: Bans = attrs.field(kw_only=True)
     _live: set[MQTTServerProtocol] = attrs.Factory(set)
 
     def buildProtocol(self, addr: object) -> MQTTServerProtocol:
@@ -483,6 +496,7 @@ class MQTTFactory(Factory):
             self._clock,
             self._metrics,
             self._limits,
+            bans=self._bans,
         )
         protocol.factory = self
         return protocol

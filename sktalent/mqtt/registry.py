@@ -1,5 +1,5 @@
 """
-Who has a session, who is connected, and who may not connect.
+Who has a session, and who is connected (who may not connect: bans.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .session import Queues, Session
 @attrs.define(eq=False)
 class Registry:
     """
-    The sessions by client id, their connections, and the bans.
+    The sessions by client id, and their connections.
 
     Invariants:
 
@@ -32,8 +32,6 @@ class Registry:
       its end cannot detach the new one.
     - A clean session lives as long as its connection; a persistent one until
       it is removed, replaced by a clean one, or expired as idle.
-    - A ban belongs to the client id, not to a connection or a session; ended
-      bans are dropped whenever a ban is set, so the table stays small.
     """
 
     _router: Router
@@ -42,8 +40,6 @@ class Registry:
     _metrics: Metrics
     _clock: IReactorTime
     _sessions: dict[str, Session] = attrs.Factory(dict)
-    # client id -> clock seconds when its ban ends.
-    _bans: dict[str, float] = attrs.Factory(dict)
 
     def get(self, client_id: str) -> Session | None:
         return self._sessions.get(client_id)
@@ -151,26 +147,14 @@ class Registry:
 
     # -- operators -----------------------------------------------------------
 
-    def disconnect(self, client_id: str, ban_seconds: float | None = None) -> bool:
+    def disconnect(self, client_id: str) -> bool:
         """See IBroker.disconnect."""
         session = self._sessions.get(client_id)
         if session is None:
             return False
-        if ban_seconds is not None:
-            now = self._clock.seconds()
-            self._bans = {c: end for c, end in self._bans.items() if end > now}
-            if ban_seconds > 0:
-                self._bans[client_id] = now + ban_seconds
-            else:
-                self._bans.pop(client_id, None)
         if session.connection is not None:
             session.connection.end("disconnected by an operator")
         return True
-
-    def banned(self, client_id: str) -> bool:
-        """Whether the client's CONNECTs are refused now."""
-        end = self._bans.get(client_id)
-        return end is not None and end > self._clock.seconds()
 
     def remove(self, plan: Plan, client_id: str) -> None:
         """See IBroker.remove."""

@@ -64,7 +64,8 @@ class Outgoing:
     released: bool = False
     # Milliseconds since the epoch.
     queued_at: int = 0
-    # For the IQueueWatcher: what to push for it, and whether that happened.
+    # For the IQueueWatcher: what to push for it, and whether its push was
+    # decided (the store's flag says whether it was settled).
     notice: str | None = None
     pushed: bool = False
 

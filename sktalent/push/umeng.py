@@ -3,7 +3,8 @@ Offline pushes through Umeng's send API (seed sections 3 and 6).
 
 Callers only queue.  A bounded queue feeds a few concurrent deliveries; each
 finds the user's platform, builds and signs the Umeng body, and retries what
-may succeed later.  Chat delivery never waits for any of it.
+may succeed later.  Chat delivery never waits for any of it: a push to a user
+tells when it is settled (IPusher) through the Deferred it answers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from zope.interface import implementer
 from ..metrics import Metrics
 from ..store.interfaces import Device, IStore
 from .config import DeliveryPolicy, UmengApp, UmengConfig
-from .interfaces import IPusher, PushNotice
+from .interfaces import IPusher, PushNotice, Wanted, all_settled
 
 log = Logger()
 
@@ -87,7 +88,7 @@ class Verdict(Enum):
 _FINAL = (Verdict.SENT, Verdict.FAILED, Verdict.NO_DEVICE)
 
 # Outcomes in the normal course of things, logged at info; the rest warn.
-_NORMAL = frozenset({"sent", "retried", "resigned", "no_device", "logged_out"})
+_NORMAL = frozenset({"sent", "retried", "resigned", "no_device", "logged_out", "withdrawn"})
 
 # The failure label of a request that got no answer at all.
 NETWORK = "network"
@@ -264,6 +265,13 @@ class _Item:
     notice: PushNotice
     user_id: str | None = None
     tag: str | None = None
+    wanted: Wanted | None = None
+    # Fired when a push to a user is settled, or not (IPusher).
+    settled: Deferred[bool] | None = attrs.field(default=None, eq=False)
+
+    def settle(self, settled: bool) -> None:
+        if self.settled is not None:
+            self.settled.callback(settled)
 
 
 @implementer(IPusher)
@@ -281,9 +289,16 @@ class UmengPusher:
     _pumping: bool = attrs.field(default=False, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
 
-    def push_to_users(self, user_ids: Sequence[str], notice: PushNotice) -> None:
+    def push_to_users(
+        self, user_ids: Sequence[str], notice: PushNotice, wanted: Wanted | None = None
+    ) -> Deferred[bool]:
+        settled = []
         for user_id in user_ids:
-            self._queue(_Item(notice, user_id=user_id))
+            item = _Item(notice, user_id=user_id, wanted=wanted, settled=Deferred())
+            self._queue(item)
+            assert item.settled is not None
+            settled.append(item.settled)
+        return all_settled(settled)
 
     def push_to_tag(self, tag: str, notice: PushNotice) -> None:
         self._queue(_Item(notice, tag=tag))
@@ -297,7 +312,9 @@ class UmengPusher:
         """Drop what is queued and cancel deliveries with their timers."""
         self._stopped = True
         while self._pending:
-            self._outcome("cancelled", self._pending.popleft(), None, "stopping")
+            item = self._pending.popleft()
+            self._outcome("cancelled", item, None, "stopping")
+            item.settle(False)
         for running in list(self._running):
             running.cancel()
 
@@ -305,10 +322,14 @@ class UmengPusher:
         notice = item.notice
         if self._stopped:
             self._outcome("cancelled", item, None, "pusher stopped")
+            item.settle(False)
         elif notice.kind not in KIND_FIELDS or (notice.kind == "webview" and notice.url is None):
             self._outcome("invalid", item, None, f"bad notice {notice!r}")
+            item.settle(True)
         elif len(self._pending) >= self._config.delivery.queue_size:
+            # Given up without trying: what bounds memory in a long outage.
             self._outcome("dropped", item, None, "queue full")
+            item.settle(True)
         else:
             self._pending.append(item)
             self._pump()
@@ -331,9 +352,13 @@ class UmengPusher:
         self._running.discard(running)
         if self._stopped:
             self._outcome("cancelled", item, None, "stopping")
+            item.settle(False)
             return
-        if isinstance(result, Failure):
+        broke = isinstance(result, Failure)
+        if broke:
             log.failure("Umeng push to {target} broke", result, target=_target(item))
+        # A push that broke is not settled: it comes again after a restart.
+        item.settle(not broke)
         self._pump()
 
     async def _deliver(self, item: _Item) -> None:
@@ -343,6 +368,9 @@ class UmengPusher:
             target = groupcast(item.tag)
         else:
             assert item.user_id is not None
+            if item.wanted is not None and not item.wanted():
+                self._outcome("withdrawn", item, None, "no longer wanted")
+                return
             device = await self._device(item.user_id)
             if device is not None and device.logged_out:
                 self._outcome("logged_out", item, None, "the user logged out")

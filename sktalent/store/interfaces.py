@@ -248,6 +248,17 @@ class DropDevice:
     user_id: str
 
 
+@attrs.frozen
+class SetBan:
+    """
+    Refuse the client's CONNECTs until ``until``, in milliseconds since the
+    epoch, replacing its ban if it had one; None lifts its ban.
+    """
+
+    client_id: str
+    until: int | None
+
+
 Op = (
     PutSession
     | DropSession
@@ -264,6 +275,7 @@ Op = (
     | PutDevice
     | LogOut
     | DropDevice
+    | SetBan
 )
 
 
@@ -312,11 +324,18 @@ class IStore(Interface):
     def get_device(user_id: str) -> Deferred[Device | None]:
         """The user's device, if any was registered or logged out."""
 
+    def get_ban(client_id: str) -> Deferred[int | None]:
+        """
+        When the client's ban ends, in milliseconds since the epoch, if one
+        was set (SetBan); it may have ended already.
+        """
+
     def ping() -> Deferred[None]:
         """Fire when the back end answers a trivial query; fail otherwise."""
 
     def purge(older_than: int) -> Deferred[int]:
         """
         Delete chat history (and its receipts) received before older_than,
-        in milliseconds since the epoch; fire with how many were removed.
+        in milliseconds since the epoch, and the bans that ended before it;
+        fire with how many chat messages were removed.
         """

@@ -35,6 +35,7 @@ from .interfaces import (
     Release,
     RemoveInbound,
     SessionRecord,
+    SetBan,
     SetRetained,
 )
 
@@ -61,6 +62,8 @@ class MemoryStore:
     _inserts: dict[tuple[str, str], tuple[str, str]] = attrs.Factory(dict)
     _receipts: dict[tuple[str, str], int] = attrs.Factory(dict)
     _devices: dict[str, Device] = attrs.Factory(dict)
+    # client id -> when its ban ends.
+    _bans: dict[str, int] = attrs.Factory(dict)
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -140,6 +143,11 @@ class MemoryStore:
                 self._devices[user_id] = attrs.evolve(known, logged_out=True)
             case DropDevice(user_id):
                 self._devices.pop(user_id, None)
+            case SetBan(client_id, until):
+                if until is None:
+                    self._bans.pop(client_id, None)
+                else:
+                    self._bans[client_id] = until
             case _:
                 assert_never(op)
         return None
@@ -174,6 +182,9 @@ class MemoryStore:
     def get_device(self, user_id: str) -> Deferred[Device | None]:
         return succeed(self._devices.get(user_id))
 
+    def get_ban(self, client_id: str) -> Deferred[int | None]:
+        return succeed(self._bans.get(client_id))
+
     def ping(self) -> Deferred[None]:
         return succeed(None)
 
@@ -183,4 +194,5 @@ class MemoryStore:
             del self._chats[key]
             del self._inserts[key]
             self._receipts.pop(key, None)
+        self._bans = {c: until for c, until in self._bans.items() if until >= older_than}
         return succeed(len(old))

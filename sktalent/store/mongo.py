@@ -55,6 +55,7 @@ from .interfaces import (
     Release,
     RemoveInbound,
     SessionRecord,
+    SetBan,
     SetRetained,
     StoreUnavailable,
 )
@@ -133,6 +134,7 @@ def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
                 | PutDevice()
                 | LogOut()
                 | DropDevice()
+                | SetBan()
             ):
                 pass  # No chat to look up.
             case _:
@@ -314,6 +316,12 @@ class _Plan:
                 )
             case DropDevice(user_id):
                 self._write("devices", DeleteOne({"_id": user_id}))
+            case SetBan(client_id, until):
+                if until is None:
+                    self._write("bans", DeleteOne({"_id": client_id}))
+                else:
+                    doc = {"until": until}
+                    self._write("bans", ReplaceOne({"_id": client_id}, doc, upsert=True))
             case _:
                 assert_never(op)
         return None
@@ -392,6 +400,9 @@ class MongoStore:
     def get_device(self, user_id: str) -> Deferred[Device | None]:
         return self._guard(self._get_device(user_id))
 
+    def get_ban(self, client_id: str) -> Deferred[int | None]:
+        return self._guard(self._get_ban(client_id))
+
     def ping(self) -> Deferred[None]:
         return self._guard(self._ping())
 
@@ -425,6 +436,7 @@ class MongoStore:
             ("chats", ("o_id", "received_at", "msgid"), False),
             ("chats", ("received_at",), False),
             ("receipts", ("sender", "msgid"), True),
+            ("bans", ("until",), False),
         ):
             keys = asc(fields[0])
             for f in fields[1:]:
@@ -555,11 +567,16 @@ class MongoStore:
         # Devices stored before logging out existed have no logged_out field.
         return Device(user_id, doc.get("platform"), doc.get("token"), doc.get("logged_out", False))
 
+    async def _get_ban(self, client_id: str) -> int | None:
+        doc = await self._q(self._db.bans.find_one({"_id": client_id}))
+        return None if doc is None else int(doc["until"])
+
     async def _ping(self) -> None:
         await self._q(self._db.command("ping"))
 
     async def _purge(self, older_than: int) -> int:
         db = self._db
+        await self._q(db.bans.delete_many({"until": {"$lt": older_than}}))
         old = await self._q(
             db.chats.find({"received_at": {"$lt": older_than}}, {"sender": 1, "msgid": 1})
         )

@@ -46,6 +46,7 @@ from .interfaces import (
     Release,
     RemoveInbound,
     SessionRecord,
+    SetBan,
     SetRetained,
     StoreUnavailable,
 )
@@ -137,6 +138,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE queue ADD COLUMN notice TEXT;
     ALTER TABLE queue ADD COLUMN pushed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE sessions ADD COLUMN has_connected INTEGER NOT NULL DEFAULT 1;
+    """,
+    # Operators' bans, kept across restarts; ended ones go with the purge.
+    """
+    CREATE TABLE bans (
+        client_id TEXT PRIMARY KEY,
+        until INTEGER NOT NULL
+    );
+    CREATE INDEX bans_by_end ON bans (until);
     """,
 )
 
@@ -391,6 +400,12 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
             )
         case DropDevice(user_id):
             conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+        case SetBan(client_id, None):
+            conn.execute("DELETE FROM bans WHERE client_id = ?", (client_id,))
+        case SetBan(client_id, until):
+            conn.execute(
+                "INSERT OR REPLACE INTO bans (client_id, until) VALUES (?, ?)", (client_id, until)
+            )
         case _:
             assert_never(op)
     return None
@@ -485,6 +500,11 @@ def _get_device(conn: sqlite3.Connection, user_id: str) -> Device | None:
     return None if row is None else Device(row[0], row[1], row[2], bool(row[3]))
 
 
+def _get_ban(conn: sqlite3.Connection, client_id: str) -> int | None:
+    row = conn.execute("SELECT until FROM bans WHERE client_id = ?", (client_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def _ping(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT 1").fetchone()
 
@@ -496,6 +516,7 @@ def _purge(conn: sqlite3.Connection, older_than: int) -> int:
             " (SELECT sender, msgid FROM chats WHERE received_at < ?)",
             (older_than,),
         )
+        conn.execute("DELETE FROM bans WHERE until < ?", (older_than,))
         return conn.execute("DELETE FROM chats WHERE received_at < ?", (older_than,)).rowcount
 
 
@@ -567,6 +588,9 @@ class SQLiteStore:
 
     def get_device(self, user_id: str) -> Deferred[Device | None]:
         return self._call(_get_device, user_id)
+
+    def get_ban(self, client_id: str) -> Deferred[int | None]:
+        return self._call(_get_ban, client_id)
 
     def ping(self) -> Deferred[None]:
         return self._call(_ping)
