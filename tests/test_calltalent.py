@@ -1000,6 +1000,26 @@ class QueueFullTests(CallTalentCase):
         self.assertEqual(self.frames(a), [{"msgid": msgid(3), "type": "sent"}])
         self.assertEqual(len(self.arrive("bob")[1]), 3)
 
+    def test_msgid_reused_when_full(self) -> None:
+        """
+        A msgid kept for another recipient, or for other content, reused for
+        a full queue gets duplicate_msgid, as it would with room, never sent;
+        a new msgid gets queue_full and the recipient gets only what was sent.
+        """
+        a = self.user("alice")
+        self.publish(a, chat("alice", "carol", 7, "for carol"), 1)
+        for n in range(1, 4):
+            self.publish(a, chat("alice", "bob", n), n + 1)
+        self.assertEqual(set(self.answers(a).values()), {"sent"})
+        self.publish(a, chat("alice", "bob", 7, "for bob"), 5)
+        self.assertEqual(self.answers(a), {msgid(7): "duplicate_msgid"})
+        self.publish(a, chat("alice", "bob", 1, "other content"), 6)
+        self.assertEqual(self.answers(a), {msgid(1): "duplicate_msgid"})
+        self.publish(a, chat("alice", "bob", 8), 7)
+        self.assertEqual(self.answers(a), {msgid(8): "queue_full"})
+        _, frames = self.arrive("bob")
+        self.assertEqual([f["msgid"] for f in frames], [msgid(1), msgid(2), msgid(3)])
+
     def test_byte_limit(self) -> None:
         """The payload bytes queued are bounded as well as their number."""
         self.limit(100, 3000)

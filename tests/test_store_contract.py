@@ -385,18 +385,30 @@ class StoreContract(_Mixin):
         )
 
     async def test_chat_stored(self) -> None:
-        """ChatStored tells whether the sender's msgid is stored, seeing its own batch."""
-        await self.store.submit([InsertChat(chat(msgid(1), 1000))])
+        """
+        ChatStored answers what InsertChat of the same chat would find, seeing
+        its own batch and storing nothing: None for a msgid not stored,
+        REPEATED for the same recipient and digest, CONFLICT for another
+        recipient or digest.
+        """
+        await self.store.submit([InsertChat(chat(msgid(1), 1000), digest="d1")])
         results = await self.store.submit(
             [
-                ChatStored("alice", msgid(1)),
-                ChatStored("carol", msgid(1)),
-                ChatStored("alice", msgid(2)),
-                InsertChat(chat(msgid(2), 2000)),
-                ChatStored("alice", msgid(2)),
+                ChatStored("alice", msgid(1), "bob", "d1"),
+                ChatStored("alice", msgid(1), "carol", "d1"),
+                ChatStored("alice", msgid(1), "bob", "d2"),
+                ChatStored("carol", msgid(1), "bob", "d1"),
+                ChatStored("alice", msgid(2), "bob", "d1"),
+                InsertChat(chat(msgid(2), 2000), digest="d1"),
+                ChatStored("alice", msgid(2), "bob", "d1"),
+                ChatStored("alice", msgid(2), "bob", "d2"),
             ]
         )
-        self.assertEqual(results, [True, False, False, NEW, True])
+        self.assertEqual(
+            results, [REPEATED, CONFLICT, CONFLICT, None, None, NEW, REPEATED, CONFLICT]
+        )
+        history = await self.store.chat_history("o1", 10, None)
+        self.assertEqual([c.msgid for c in history], [msgid(1), msgid(2)])
 
     async def test_insert_chat_conflict(self) -> None:
         """

@@ -391,53 +391,43 @@ class CallTalent:
         }
         body = _json(delivered).encode()
         sent = {"msgid": envelope.echo, "type": "sent"}
-        if not self._broker.has_room(to, len(body)):
-            self._cannot_keep(plan, envelope, sent)
-            return
-        chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
-        inner = Plan()
-        self._send(inner, to, body, "order_chat", self._texts.notice(delivered))
-        self._send(inner, sender, sent, "sent", since=arrived)
 
-        def otherwise(result: Inserted) -> None:
-            if result is Inserted.REPEATED:
+        def not_new(found: Inserted | None) -> None:
+            """Answer the sender for a chat not stored now, by what is stored."""
+            if found is Inserted.REPEATED:
                 # A retransmission: the sender did not see the first `sent`.
                 self._send_later(sender, sent, "sent", arrived)
-            else:
+                return
+            if found is Inserted.CONFLICT:
                 refusal = Refusal(
                     "duplicate_msgid",
                     "you sent another message with this msgid; use a new msgid",
                     envelope.echo,
                 )
-                self._send_later(sender, self._refusal(sender, refusal), "error")
-
-        plan.add_guarded(
-            InsertChat(chat, inner.ops, digest=payload.digest()),
-            inner,
-            otherwise,
-            passed=lambda result: result is Inserted.NEW,
-        )
-
-    def _cannot_keep(self, plan: Plan, envelope: _Envelope, sent: Mapping[str, str]) -> None:
-        """
-        The recipient's queue is full: store nothing, so that the chat is
-        taken when sent again later, and refuse it with queue_full; unless
-        it is a retransmission of a chat already kept, which gets its sent.
-        """
-        sender = envelope.sender
-
-        def answered(stored: object) -> None:
-            if stored:
-                self._send_later(sender, sent, "sent")
             else:
                 refusal = Refusal(
                     "queue_full",
                     "the recipient's queue is full; send it again later",
                     envelope.echo,
                 )
-                self._send_later(sender, self._refusal(sender, refusal), "error")
+            self._send_later(sender, self._refusal(sender, refusal), "error")
 
-        plan.add(ChatStored(sender, envelope.msgid), answered)
+        digest = payload.digest()
+        if not self._broker.has_room(to, len(body)):
+            # Store nothing, so that the chat is taken when sent again
+            # later; but answer a msgid already stored as InsertChat would.
+            plan.add(ChatStored(sender, envelope.msgid, to, digest), not_new)
+            return
+        chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
+        inner = Plan()
+        self._send(inner, to, body, "order_chat", self._texts.notice(delivered))
+        self._send(inner, sender, sent, "sent", since=arrived)
+        plan.add_guarded(
+            InsertChat(chat, inner.ops, digest=digest),
+            inner,
+            not_new,
+            passed=lambda result: result is Inserted.NEW,
+        )
 
     def _received(self, plan: Plan, envelope: _Envelope) -> None:
         msgid, recipient, sender = envelope.msgid, envelope.sender, envelope.to

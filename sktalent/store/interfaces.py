@@ -194,20 +194,34 @@ class InsertChat:
         """The result where (sender, msgid) is stored already with these."""
         if token == self.token:
             return Inserted.NEW
-        if recipient == self.chat.recipient and digest in (None, self.digest):
-            return Inserted.REPEATED
-        return Inserted.CONFLICT
+        return _compared(self.chat.recipient, self.digest, recipient, digest)
+
+
+def _compared(
+    recipient: str, digest: str, stored_recipient: str, stored_digest: str | None
+) -> Inserted:
+    """REPEATED when the stored chat is this one (no digest: by recipient only), else CONFLICT."""
+    if stored_recipient == recipient and stored_digest in (None, digest):
+        return Inserted.REPEATED
+    return Inserted.CONFLICT
 
 
 @attrs.frozen
 class ChatStored:
     """
-    Result: True when the sender's chat msgid is stored.  Changes nothing: it
-    tells a retransmission from a new chat when the chat cannot be kept.
+    What an InsertChat of this chat would find, changing nothing: None when
+    the sender's msgid is not stored, else REPEATED or CONFLICT as InsertChat
+    compares them.  It answers a chat that cannot be kept (a full queue).
     """
 
     sender: str
     msgid: str
+    recipient: str
+    digest: str
+
+    def against(self, recipient: str, digest: str | None) -> Inserted:
+        """The result where (sender, msgid) is stored already with these."""
+        return _compared(self.recipient, self.digest, recipient, digest)
 
 
 @attrs.frozen

@@ -127,7 +127,10 @@ class MemoryStore:
                     self._apply(inner)
                 return Inserted.NEW
             case ChatStored(sender, msgid):
-                return (sender, msgid) in self._chats
+                key = (sender, msgid)
+                if key not in self._chats:
+                    return None
+                return op.against(self._chats[key].recipient, self._inserts[key][1])
             case MarkReceived(sender, msgid, recipient, at, then):
                 found = self._chats.get((sender, msgid))
                 if found is None or found.recipient != recipient:

@@ -278,7 +278,8 @@ class _Plan:
                 )
                 return Inserted.NEW
             case ChatStored(sender, msgid):
-                return (sender, msgid) in self._chats
+                stored = self._chats.get((sender, msgid))
+                return None if stored is None else op.against(stored.recipient, stored.digest)
             case MarkReceived(sender, msgid, recipient, at, then):
                 stored = self._chats.get((sender, msgid))
                 if stored is None or stored.recipient != recipient:

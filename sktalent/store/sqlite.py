@@ -369,9 +369,10 @@ def _apply(conn: sqlite3.Connection, op: Op) -> object:
             return Inserted.NEW
         case ChatStored(sender, msgid):
             found = conn.execute(
-                "SELECT 1 FROM chats WHERE sender = ? AND msgid = ?", (sender, msgid)
+                "SELECT recipient, digest FROM chats WHERE sender = ? AND msgid = ?",
+                (sender, msgid),
             ).fetchone()
-            return found is not None
+            return None if found is None else op.against(*found)
         case MarkReceived(sender, msgid, recipient, at, then):
             found = conn.execute(
                 "SELECT 1 FROM chats WHERE sender = ? AND msgid = ? AND recipient = ?",
