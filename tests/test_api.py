@@ -347,6 +347,11 @@ class NotificationTests(ApiTestCase):
                 (notification(payload="paid"), "bad_payload"),
                 (notification(payload={**order, "status": "shipped"}), "bad_payload"),
                 (notification(payload={**order, "o_id": ""}), "bad_payload"),
+                (notification(payload={**order, "o_id": "o" * 129}), "bad_payload"),
+                (
+                    notification(type="note", payload={"status": "paid", "note_id": "n" * 129}),
+                    "bad_payload",
+                ),
                 (notification(payload={**order, "extra": "x"}), "bad_payload"),
                 (notification(payload={"status": "paid"}), "bad_payload"),
                 (notification(type="note", payload={**order}), "bad_payload"),
@@ -536,6 +541,7 @@ class WebviewTests(ApiTestCase):
                 ({**ok, "to": ["alice", 5]}, "bad_request"),
                 ({**ok, "tag": ""}, "bad_request"),
                 ({**ok, "tag": ["expert"]}, "bad_request"),
+                ({**ok, "tag": "t" * 129}, "bad_request"),
                 ({"tag": "expert", "alert": "a"}, "bad_request"),
                 ({"tag": "expert", "url": "https://example.com/"}, "bad_request"),
                 ({**ok, "tag": "expert", "alert": ""}, "bad_request"),
@@ -580,6 +586,7 @@ class DeviceTests(ApiTestCase):
                 ({"platform": "ios"}, "bad_request"),
                 ({"platform": "ios", "device_token": ""}, "bad_request"),
                 ({"platform": "ios", "device_token": 12}, "bad_request"),
+                ({"platform": "ios", "device_token": "t" * 129}, "bad_request"),
                 ({"platform": "ios", "device_token": "t", "user": "bob"}, "bad_request"),
             ],
         )
@@ -838,6 +845,14 @@ class HistoryTests(ApiTestCase):
             self.assertJSON(reply, 200, {"messages": []})
         self.assertEqual(self.app.histories, [("o 1", 1, None), ("o 1", 500, None)])
 
+    async def test_longest_o_id(self) -> None:
+        """An order id may be 128 characters; a longer one names no order and is refused."""
+        reply = await self.call("GET", f"/v1/orders/{'o' * 128}/messages")
+        self.assertJSON(reply, 200, {"messages": []})
+        reply = await self.call("GET", f"/v1/orders/{'o' * 129}/messages")
+        self.assertError(reply, 400, "bad_request")
+        self.assertEqual(self.app.histories, [("o" * 128, 50, None)])
+
     async def test_refused(self) -> None:
         """Bad paging parameters are refused before the application is asked."""
         for query in [
@@ -1036,6 +1051,13 @@ class ValidateNotificationTests(SynchronousTestCase):
             validate_notification(type, payload)
         self.assertEqual(raised.exception.code, code, (type, payload))
         self.assertTrue(str(raised.exception))
+
+    def test_ids_bounded(self) -> None:
+        """o_id and note_id may be 128 characters, not more."""
+        for type, field in [("order", "o_id"), ("note", "note_id")]:
+            payload = {**PAYLOADS[type], field: "i" * 128}
+            self.assertEqual(validate_notification(type, payload), (type, payload))
+            self.assertRefused(type, {**payload, field: "i" * 129}, "bad_payload")
 
     def test_every_status(self) -> None:
         """Every status of the seed is accepted with its type, and returned."""

@@ -526,6 +526,20 @@ class RefusalTests(CallTalentCase):
         del frame["payload"]
         self.assertEqual(self.refused(frame)["error"], "bad_payload")
 
+    def test_long_o_id(self) -> None:
+        """
+        An o_id of 128 characters is taken; one longer, which no push could
+        carry, gets bad_payload and is neither stored nor forwarded.
+        """
+        self.publish(self.a, chat("alice", "bob", 1, o_id="o" * 128))
+        self.assertEqual([f["type"] for f in self.frames(self.a)], ["sent"])
+        self.assertEqual(len(self.frames(self.b)), 1)
+        self.assertEqual(
+            self.refused(chat("alice", "bob", 2, o_id="o" * 129))["error"], "bad_payload"
+        )
+        history = self.successResultOf(self.store.chat_history("o" * 129, 10, None))
+        self.assertEqual(history, [])
+
     def test_too_large(self) -> None:
         """Content over the limit gets too_large."""
         self.assertEqual(self.refused(chat("alice", "bob", 1, "x" * 4001))["error"], "too_large")

@@ -28,6 +28,8 @@ from zope.interface import implementer
 
 from ..calltalent.interfaces import ICallTalent, InvalidRequest, QueueFull
 from ..calltalent.notifications import (
+    ID_RULE,
+    bounded_id,
     nonempty_text,
     validate_notification,
     validate_user_id,
@@ -180,6 +182,13 @@ def _text(body: Mapping[str, object], name: str) -> str:
     if value is None:
         _bad_request(f"{name} must be a non-empty string.")
     return value
+
+
+def _id(name: str, value: object) -> str:
+    checked = bounded_id(value)
+    if checked is None:
+        _bad_request(f"{name} must be {ID_RULE}.")
+    return checked
 
 
 def _choice(body: Mapping[str, object], name: str, choices: Sequence[str]) -> str:
@@ -418,7 +427,7 @@ class ApiResource(Resource):
                 _bad_request(f"to must be a list of 1 to {MAX_WEBVIEW_USERS} userIDs.")
             users = [validate_user_id(user_id, "every userID in to") for user_id in to]
         else:
-            tag = _text(body, "tag")
+            tag = _id("tag", body["tag"])
         url = _web_url(body, "url")
         alert = _text(body, "alert")
         self._app.push_webview(users, tag, url, alert)
@@ -428,7 +437,8 @@ class ApiResource(Resource):
         user_id = validate_user_id(call.params[0], "userID")
         body = call.body
         _fields(body, ("platform", "device_token"))
-        device = Device(user_id, _choice(body, "platform", PLATFORMS), _text(body, "device_token"))
+        platform = _choice(body, "platform", PLATFORMS)
+        device = Device(user_id, platform, _id("device_token", body["device_token"]))
         await self._app.register_device(device)
         return _Answer(204, content_type=None)
 
@@ -469,7 +479,7 @@ class ApiResource(Resource):
         return _Answer(204, content_type=None)
 
     async def _history(self, call: _Call) -> _Answer:
-        o_id = call.params[0]
+        o_id = _id("o_id", call.params[0])
         query = _query(call.query, ("limit", "before"))
         limit = query.get("limit", str(DEFAULT_HISTORY))
         if not _LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_HISTORY:

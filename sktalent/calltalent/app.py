@@ -47,7 +47,7 @@ from ..store.interfaces import (
 from .auth import valid_user_id
 from .delivery import encode_notice
 from .interfaces import ICallTalent, InvalidRequest, QueueFull, SessionInfo
-from .notifications import validate_notification, validate_user_id
+from .notifications import ID_RULE, bounded_id, validate_notification, validate_user_id
 from .pushtexts import PushTexts
 from .rules import SERVER_TOPIC, client_topic
 
@@ -249,6 +249,8 @@ class CallTalent:
         if not isinstance(payload, dict):
             raise Refusal("bad_payload", "payload must be a JSON object", msgid)
         o_id = _text_field(payload, "o_id", msgid)
+        if bounded_id(o_id) is None:
+            raise Refusal("bad_payload", f"payload.o_id must be {ID_RULE}", msgid)
         expert = payload.get("expert")
         if not isinstance(expert, bool):
             raise Refusal("bad_payload", "payload.expert must be true or false", msgid)

@@ -23,6 +23,11 @@ PAYLOADS: Mapping[str, Mapping[str, tuple[str, ...] | None]] = {
     "feedback": {"content": None},
     "expert": {"status": EXPERT_STATUSES, "content": None},
 }
+# Identifiers the server stores and passes on (an order, a note, a device
+# token, a push tag) are at most this many characters: each must fit in a push.
+MAX_ID_LENGTH = 128
+ID_RULE = f"a non-empty string of at most {MAX_ID_LENGTH} characters"
+_ID_FIELDS = frozenset({"o_id", "note_id"})
 
 
 def nonempty_text(value: object) -> str | None:
@@ -37,6 +42,12 @@ def nonempty_text(value: object) -> str | None:
     except UnicodeEncodeError:
         return None
     return value
+
+
+def bounded_id(value: object) -> str | None:
+    """value if it is text that can be an identifier (ID_RULE), else None."""
+    text = nonempty_text(value)
+    return None if text is None or len(text) > MAX_ID_LENGTH else text
 
 
 def validate_user_id(user_id: object, field: str = "to") -> str:
@@ -80,6 +91,8 @@ def validate_notification(type: object, payload: object) -> tuple[str, Mapping[s
             raise InvalidRequest(
                 "bad_payload", f"{type} payload needs {name} as a non-empty string."
             )
+        if name in _ID_FIELDS and bounded_id(value) is None:
+            raise InvalidRequest("bad_payload", f"{type} payload {name} must be {ID_RULE}.")
         if allowed is not None and value not in allowed:
             raise InvalidRequest(
                 "bad_payload",
