@@ -1125,12 +1125,17 @@ class ValidateNotificationTests(SynchronousTestCase):
 
 
 class TimeoutTests(SynchronousTestCase):
-    """Idle connections and slow request heads, timed with a Clock."""
+    """Idle connections and slow requests, timed with a Clock."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         site = api_site(
-            RecordingApp(), [TOKEN], reactor=self.clock, idle_timeout=60, header_timeout=10
+            RecordingApp(),
+            [TOKEN],
+            reactor=self.clock,
+            idle_timeout=60,
+            header_timeout=10,
+            request_timeout=30,
         )
         self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.transport = StringTransport()
@@ -1153,6 +1158,40 @@ class TimeoutTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_slow_body(self) -> None:
+        """
+        A request whose body is still incomplete 30 s after its first byte is
+        answered 408 and its connection closed, however steadily its bytes
+        come, with no token needed to hold it open.
+        """
+        self.send(b"POST /v1/notifications HTTP/1.1\r\nContent-Length: 100\r\n")
+        self.clock.advance(9)
+        self.send(b"Content-Type: application/json\r\n\r\n")
+        for _ in range(20):
+            self.clock.advance(1)
+            self.send(b" ")
+        self.clock.advance(0.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_body_in_time(self) -> None:
+        """
+        A request all in within 30 s is answered, and its clock stops: the
+        kept-alive connection then idles up to 60 s, no 408 coming.
+        """
+        body = b"{}"
+        self.send(b"POST /v1/notifications HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+        self.clock.advance(29)
+        self.send(body)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 401 "))
+        self.clock.advance(59.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertNotIn(b" 408 ", self.transport.value())
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnecting)
 
     def test_idle(self) -> None:
         """
@@ -1195,6 +1234,31 @@ class SlowHeadSocketTests(TestCase):
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", address.port), client)
         assert client.transport is not None
         client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = cast(IReactorTime, reactor).seconds()
+        received = await client.closed
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received)
+        self.assertLess(cast(IReactorTime, reactor).seconds() - started, 5)
+
+
+class SlowBodySocketTests(TestCase):
+    timeout = 20
+
+    async def test_slow_body_closed(self) -> None:
+        """Over a real socket, a body trickled past the deadline is answered 408 and closed."""
+        site = api_site(RecordingApp(), [TOKEN], header_timeout=5, request_timeout=1)
+        tracker = ConnectionTracker(site)
+        port, _ = listen(tracker)  # type: ignore[arg-type]
+        self.addCleanup(port.stopListening)
+        self.addCleanup(tracker.all_closed)
+        client = _RawClient()
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", address.port), client)
+        assert client.transport is not None
+        client.transport.write(
+            b"POST /v1/notifications HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         started = cast(IReactorTime, reactor).seconds()
         received = await client.closed
         self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received)

@@ -40,11 +40,13 @@ from ..store.interfaces import Device, StoreUnavailable
 JSON_TYPE = b"application/json; charset=utf-8"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_MAX_BODY = 65536
-# Seconds: a connection with no request under way is closed after IDLE_TIMEOUT,
-# and one whose request head (line and headers) takes longer than
-# HEADER_TIMEOUT, counted from its first byte, is closed too.
+# Seconds: a connection with no request under way is closed after IDLE_TIMEOUT;
+# one whose request head (line and headers) takes longer than HEADER_TIMEOUT,
+# or whose whole request (head and body) takes longer than REQUEST_TIMEOUT,
+# both counted from the request's first byte, is answered 408 and closed.
 IDLE_TIMEOUT = 60.0
 HEADER_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 30.0
 MAX_WEBVIEW_USERS = 1000
 DEFAULT_HISTORY = 50
 MAX_HISTORY = 500
@@ -574,27 +576,43 @@ class _BoundedRequestFactory:
 class _ApiChannel(HTTPChannel):
     """
     An HTTP channel that closes a connection whose request head is slower
-    than header_timeout: the idle timeout alone is reset by every byte, so
-    a client trickling its headers (slowloris) would keep it open forever.
+    than header_timeout, or whose whole request is slower than
+    request_timeout: the idle timeout alone is reset by every byte, so a
+    client trickling its head or its body (slowloris) would keep it open
+    forever.
     """
 
     header_timeout = HEADER_TIMEOUT
-    _reading_head = True
-    _head_deadline: IDelayedCall | None = None
+    request_timeout = REQUEST_TIMEOUT
+    # The site's reactor: it times the request.
+    clock: IReactorTime
+    # True until the request under way is all in: its bytes are timed.
+    _receiving = True
+    _started = 0.0
+    _deadline: IDelayedCall | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._reading_head and self._head_deadline is None:
-            self._head_deadline = self.callLater(self.header_timeout, self._head_too_slow)
+        if self._receiving and self._deadline is None:
+            self._started = self.clock.seconds()
+            self._deadline = self._after(self.header_timeout, "request head")
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._reading_head = False
-        self._cancel_deadline()
+        if self._deadline is not None:
+            # The body, if any, may take what is left of the whole request's time.
+            self._deadline.cancel()
+            left = self._started + self.request_timeout - self.clock.seconds()
+            self._deadline = self._after(max(0.0, left), "whole request")
         super().allHeadersReceived()
 
+    def allContentReceived(self) -> None:
+        self._receiving = False
+        self._cancel_deadline()
+        super().allContentReceived()
+
     def requestDone(self, request: Request) -> None:
-        # Set first: the next request's head may be waiting in the buffer.
-        self._reading_head = True
+        # Set first: the next request may be waiting in the buffer.
+        self._receiving = True
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -602,19 +620,24 @@ class _ApiChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def _cancel_deadline(self) -> None:
-        if self._head_deadline is not None:
-            if self._head_deadline.active():
-                self._head_deadline.cancel()
-            self._head_deadline = None
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
 
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
+    def _after(self, delay: float, what: str) -> IDelayedCall:
+        limit = self.header_timeout if what == "request head" else self.request_timeout
+        return self.clock.callLater(delay, self._too_slow, what, limit)
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._deadline = None
         # Cancelled when the connection is lost, so the transport is still there.
         assert self.transport is not None
         log.info(
-            "Closed a connection from {peer}: no request head within {seconds} s",
+            "Closed a connection from {peer}: no {what} within {seconds} s",
             peer=self.transport.getPeer(),
-            seconds=self.header_timeout,
+            what=what,
+            seconds=seconds,
         )
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -626,13 +649,18 @@ class _ApiSite(Site):
     # HTTP/1.1 itself, without the wrapper that could switch to HTTP/2 after TLS.
     protocol = _ApiChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: Resource, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, resource: Resource, *, header_timeout: float, request_timeout: float, **kwargs: Any
+    ) -> None:
         super().__init__(resource, **kwargs)
         self._header_timeout = header_timeout
+        self._request_timeout = request_timeout
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = super().buildProtocol(addr)
         channel.header_timeout = self._header_timeout
+        channel.request_timeout = self._request_timeout
+        channel.clock = self.reactor
         return channel
 
 
@@ -644,6 +672,7 @@ def api_site(
     reactor: IReactorTime | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
     header_timeout: float = HEADER_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT,
 ) -> Site:
     """
     The API as a Site to listen with.  tokens are the accepted bearer tokens;
@@ -673,6 +702,7 @@ def api_site(
         timeout=idle_timeout,
         reactor=reactor,
         header_timeout=header_timeout,
+        request_timeout=request_timeout,
     )
 
 
