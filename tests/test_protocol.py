@@ -8,6 +8,7 @@ import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IAnonymous
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -31,6 +32,19 @@ class NeverAnswers:
 
     def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
         return Deferred()
+
+
+@implementer(ICredentialsChecker)
+@attrs.define
+class Slow:
+    """A credentials checker that answers after `seconds` on `clock`."""
+
+    clock: Clock
+    seconds: float
+    credentialInterfaces = (IAnonymous,)
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
+        return deferLater(self.clock, self.seconds, lambda: b"a")
 
 
 @implementer(ICredentialsChecker)
@@ -67,6 +81,41 @@ class ConnectTests(SynchronousTestCase):
         self.assertFalse(c.closed)
         self.h.clock.advance(0.2)
         self.assertTrue(c.closed)
+
+    def test_slow_login_after_a_late_connect(self) -> None:
+        """
+        A CONNECT that came in time is answered however late in the connect
+        timeout it came and however long its login took within its own time.
+        """
+        clock = Clock()
+        h = Harness(clock=clock, portal=portal_for(Slow(clock, 4.5)))
+        c = h.client()
+        clock.advance(6)
+        c.send(p.Connect("a"))
+        clock.advance(4.4)
+        self.assertEqual((c.received(), c.closed), ([], False))
+        clock.advance(0.2)
+        self.assertEqual(c.received(), [p.ConnAck(0)])
+        self.assertFalse(c.closed)
+
+    def test_login_timeout(self) -> None:
+        """
+        A login still undecided the connect timeout after its CONNECT is
+        answered CONNACK 3 (server unavailable), counted, and closed.
+        """
+        h = Harness(portal=portal_for(NeverAnswers()))
+        c = h.client()
+        h.clock.advance(9)
+        c.send(p.Connect("a"))
+        h.clock.advance(9.9)
+        self.assertEqual((c.received(), c.closed), ([], False))
+        h.clock.advance(0.2)
+        self.assertEqual(c.received(), [p.ConnAck(3)])
+        self.assertTrue(c.closed)
+        counted = h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "auth_unavailable"}
+        )
+        self.assertEqual(counted, 1)
 
     def test_keepalive_expiry(self) -> None:
         """Silence for 1.5 times the keepalive closes; any packet resets it."""

@@ -63,6 +63,7 @@ _LOW_WATER = 64
 @attrs.frozen
 class Limits:
     max_packet_size: int = 65536
+    # Seconds for the CONNECT to arrive, then as long again for its login.
     connect_timeout: float = 10.0
 
 
@@ -78,7 +79,8 @@ class MQTTServerProtocol(Protocol):
       to CLOSED, and a closed connection reads and sends nothing more.
     - The first CONNECT gets a CONNACK unless the connection is gone first:
       accepted, refused with the reason, or server unavailable when handling
-      it failed; a second CONNECT closes the connection.  Nothing else is
+      it failed or took longer than the connect timeout (counted from the
+      CONNECT); a second CONNECT closes the connection.  Nothing else is
       sent before the CONNACK, and the session's resent messages follow it.
     - Packets that arrive while the CONNECT is being checked wait (more than
       _HIGH_WATER of them close the connection) and are handled in order
@@ -164,8 +166,7 @@ class MQTTServerProtocol(Protocol):
         if isinstance(self.factory, MQTTFactory):
             self.factory.closed(self)
         self._state = State.CLOSED
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._cancel_timer()
         if self._will is not None:
             # Only DISCONNECT clears the will: any other loss is abnormal.
             self._publish_will(self._will)
@@ -208,6 +209,11 @@ class MQTTServerProtocol(Protocol):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     def _connect_timed_out(self) -> None:
         self._timer = None
         self._close("no CONNECT in time")
@@ -238,7 +244,15 @@ class MQTTServerProtocol(Protocol):
 
     def _on_connect(self, connect: p.Connect) -> None:
         self._state = State.AUTHENTICATING
+        # The CONNECT came in time: its login gets a time of its own (the
+        # auth hook times out sooner), and whatever happens, a CONNACK.
+        self._cancel_timer()
+        self._timer = self._clock.callLater(self._limits.connect_timeout, self._login_timed_out)
         Deferred.fromCoroutine(self._login(connect)).addErrback(self._login_failed)
+
+    def _login_timed_out(self) -> None:
+        self._timer = None
+        self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "auth_unavailable")
 
     def _login_failed(self, failure: Failure) -> None:
         if self._state != State.AUTHENTICATING:
@@ -249,6 +263,8 @@ class MQTTServerProtocol(Protocol):
         self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "internal_error")
 
     def _refuse(self, code: int, reason: str) -> None:
+        if self._state == State.CLOSED:
+            return  # Timed out already, or the client left: nobody to answer.
         self._metrics.auth_failures.labels(reason).inc()
         self._write([p.ConnAck(code)])
         self._close(f"CONNECT refused ({reason})")
@@ -309,9 +325,7 @@ class MQTTServerProtocol(Protocol):
         self._session, present = self._broker.connect(client_id, connect.clean_session, self)
         self._state = State.CONNECTED
         self._metrics.logins.inc()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancel_timer()
         if connect.keepalive:
             self._keepalive = connect.keepalive
             self._timer = self._clock.callLater(connect.keepalive * 1.5, self._check_keepalive)
