@@ -28,6 +28,7 @@ from sktalent.mqtt.packets import (
     UnacceptableProtocolLevel,
     UnsubAck,
     Unsubscribe,
+    UnusableIdentifier,
     Will,
 )
 
@@ -415,6 +416,30 @@ class ValidationTests(SynchronousTestCase):
             self.assertRejected(_frame(0x10, body))
             self.assertRejected(_frame(0xA2, b"\x00\x01" + _utf8(raw)))
         self.assertRejected(encode(Connect("c", username="a\x00")))
+
+    def test_unusable_identifier(self) -> None:
+        """
+        A CONNECT whose client identifier or user name is not a string of
+        MQTT raises UnusableIdentifier, to be answered CONNACK 2, once the
+        rest of it is found well-formed; anything else wrong with it is a
+        plain protocol error.
+        """
+        good = _utf8(b"MQTT") + b"\x04"
+        for raw in (b"\xff", b"\xed\xa0\x80", b"a\x00b", b"\xe2\x82"):
+            for body in (
+                good + b"\x02\x00\x3c" + _utf8(raw),
+                good + b"\xc2\x00\x3c" + _utf8(b"c") + _utf8(raw) + _utf8(b"pw"),
+                good + b"\x82\x00\x3c" + _utf8(raw) + _utf8(raw),
+            ):
+                with self.assertRaises(UnusableIdentifier, msg=repr(body)):
+                    Decoder().feed(_frame(0x10, body))
+            for body in (
+                good + b"\x03\x00\x3c" + _utf8(raw),
+                good + b"\x06\x00\x3c" + _utf8(raw) + _utf8(b"a/+") + _utf8(b""),
+                good + b"\x02\x00\x3c" + _utf8(raw) + b"\x00",
+            ):
+                error = self.assertRejected(_frame(0x10, body))
+                self.assertNotIsInstance(error, UnusableIdentifier)
 
     def test_publish_topic(self) -> None:
         """

@@ -142,6 +142,32 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual(c.connect("a", protocol_level=3), [p.ConnAck(1)])
         self.assertTrue(c.closed)
 
+    def test_unusable_identifier(self) -> None:
+        """
+        A CONNECT whose client id or user name is not UTF-8 text (bad bytes,
+        an encoded surrogate, U+0000) gets CONNACK 2, counted, then the
+        close; a second CONNECT so made is only closed.
+        """
+        head = b"\x00\x04MQTT\x04\xc2\x00\x3c"
+        for raw in (b"\xff", b"al\xed\xa0\x80", b"al\x00"):
+            for body in (
+                head + _utf8(raw) + _utf8(b"alice") + _utf8(b"pw"),
+                head + _utf8(b"alice") + _utf8(raw) + _utf8(b"pw"),
+            ):
+                c = self.h.client()
+                c.protocol.dataReceived(b"\x10" + bytes([len(body)]) + body)
+                self.assertEqual(c.received(), [p.ConnAck(2)], body)
+                self.assertTrue(c.closed)
+        counted = self.h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "bad_user_id"}
+        )
+        self.assertEqual(counted, 6)
+        c = self.h.client()
+        c.connect("a")
+        body = head + _utf8(b"\xff") + _utf8(b"a") + _utf8(b"pw")
+        c.protocol.dataReceived(b"\x10" + bytes([len(body)]) + body)
+        self.assertEqual((c.received(), c.closed), ([], True))
+
     def test_second_connect(self) -> None:
         """A second CONNECT on one connection is a protocol violation."""
         c = self.h.client()
@@ -219,6 +245,11 @@ class ConnectTests(SynchronousTestCase):
         c = self.h.client()
         c.send(p.Connect("a"), p.Subscribe(1, (("t", 1),)), p.PingReq())
         self.assertEqual(c.received(), [p.ConnAck(0), p.SubAck(1, (1,)), p.PingResp()])
+
+
+def _utf8(raw: bytes) -> bytes:
+    """A length-prefixed string field holding raw bytes, valid or not."""
+    return len(raw).to_bytes(2, "big") + raw
 
 
 def _connected(h: Harness, client_id: str, clean: bool = True, **kw: object) -> Client:

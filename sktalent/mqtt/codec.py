@@ -31,6 +31,7 @@ from .packets import (
     UnacceptableProtocolLevel,
     UnsubAck,
     Unsubscribe,
+    UnusableIdentifier,
     Will,
 )
 from .topics import validate_topic_filter, validate_topic_name
@@ -197,12 +198,19 @@ class _Reader:
         A UTF-8 string without NUL (MQTT-1.5.3-1, MQTT-1.5.3-2); the strict
         decoder already refuses overlong forms and encoded surrogates.
         """
+        text = self.text()
+        if isinstance(text, ProtocolError):
+            raise text
+        return text
+
+    def text(self) -> str | ProtocolError:
+        """A string as string() reads it, or the error it is instead."""
         try:
             text = str(self._take(self.uint16()), "utf-8")
         except UnicodeDecodeError as e:
-            raise ProtocolError(f"invalid UTF-8: {e}") from e
+            return ProtocolError(f"invalid UTF-8: {e}")
         if "\x00" in text:
-            raise ProtocolError("NUL in a string")
+            return ProtocolError("NUL in a string")
         return text
 
     def topic_name(self) -> str:
@@ -244,17 +252,25 @@ def _decode_connect(flags: int, r: _Reader) -> Connect:
     if has_password and not has_username:
         raise ProtocolError("password without user name")
     keepalive = r.uint16()
-    client_id = r.string()
+    client_id = r.text()
     will = None
     if has_will:
         will = Will(r.topic_name(), r.binary(), will_qos, will_retain)
+    username = r.text() if has_username else None
+    password = r.binary() if has_password else None
+    # The rest is checked first: only a CONNECT wrong in nothing else is answered.
+    r.finish()
+    if isinstance(client_id, ProtocolError):
+        raise UnusableIdentifier(f"client identifier: {client_id}")
+    if isinstance(username, ProtocolError):
+        raise UnusableIdentifier(f"user name: {username}")
     return Connect(
         client_id=client_id,
         clean_session=bool(connect_flags & 0x02),
         keepalive=keepalive,
         will=will,
-        username=r.string() if has_username else None,
-        password=r.binary() if has_password else None,
+        username=username,
+        password=password,
     )
 
 

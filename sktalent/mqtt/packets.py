@@ -33,6 +33,15 @@ class UnacceptableProtocolLevel(ProtocolError):
         self.level = level
 
 
+class UnusableIdentifier(ProtocolError):
+    """
+    A CONNECT, well-formed otherwise, whose client identifier or user name
+    is not well-formed UTF-8 or holds U+0000: answered with CONNACK 2
+    (identifier rejected) before the close, so that every CONNECT is
+    answered.
+    """
+
+
 @attrs.frozen
 class Will:
     topic: str

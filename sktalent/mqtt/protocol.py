@@ -141,6 +141,12 @@ class MQTTServerProtocol(Protocol):
                 self._write([p.ConnAck(p.REFUSED_PROTOCOL_VERSION)])
             self._close(f"unacceptable protocol level {e.level}")
             return
+        except p.UnusableIdentifier as e:
+            if self._state == State.AWAITING_CONNECT:
+                self._refuse(p.REFUSED_IDENTIFIER, "bad_user_id")
+            else:
+                self._close(f"malformed packet: {e}")
+            return
         except p.PacketTooLarge as e:
             self._metrics.dropped.labels("packet_too_large").inc()
             self._close(str(e))
