@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.logger import FileLogObserver, ILogObserver, LogEvent, formatEvent
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import FileLogObserver, ILogObserver, LogEvent, Logger, formatEvent
 
 FORMATS = ("text", "json")
 
@@ -81,3 +83,47 @@ def without_credentials(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+@attrs.define(eq=False)
+class ThrottledLog:
+    """
+    Info lines of one kind that a client can cause at will: at most
+    ``lines`` of them are logged in a window of ``every`` seconds, and the
+    window's others are summed up in one line at its end (``summary``, a
+    format with ``{count}`` and ``{seconds}``), so that a flood of them
+    cannot flood the log.
+    """
+
+    _log: Logger
+    _clock: IReactorTime
+    _summary: str
+    lines: int = 5
+    every: float = 1.0
+    _window: float = -math.inf
+    _written: int = 0
+    _held: int = 0
+    _summing: IDelayedCall | None = None
+
+    def info(self, format: str, **fields: object) -> None:
+        now = self._clock.seconds()
+        if now - self._window >= self.every:
+            self._window, self._written = now, 0
+        if self._written < self.lines:
+            self._written += 1
+            self._log.info(format, **fields)
+            return
+        self._held += 1
+        if self._summing is None:
+            self._summing = self._clock.callLater(self._window + self.every - now, self._sum_up)
+
+    def stop(self) -> None:
+        """Sum up at once what is held: no line is left pending."""
+        if self._summing is not None:
+            self._summing.cancel()
+            self._sum_up()
+
+    def _sum_up(self) -> None:
+        self._summing = None
+        held, self._held = self._held, 0
+        self._log.info(self._summary, count=held, seconds=self.every)

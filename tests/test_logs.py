@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, LogLevel, capturedLogs, formatEvent
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
-from sktalent.logs import event_as_json, without_credentials
+from sktalent.logs import ThrottledLog, event_as_json, without_credentials
 from sktalent.testing.server import ServerProcess, running, wait_for
 
 from .helpers import paho_user
@@ -407,3 +408,38 @@ class SecretsNotLoggedTests(SynchronousTestCase):
     def test_json_hook(self) -> None:
         """JSON format, authSign checked by a hook whose URL has a password."""
         self.check_hook("json")
+
+
+class ThrottledLogTests(SynchronousTestCase):
+    """A client's doings logged sparingly, timed with a Clock."""
+
+    def test_bounded_with_summary(self) -> None:
+        """
+        Of a flood of lines, the first few of each second are logged and the
+        rest summed up in one line at the end of that second; a later line
+        starts a new second.
+        """
+        clock = Clock()
+        throttled = ThrottledLog(Logger(), clock, "{count} more in {seconds} s", lines=3)
+        with capturedLogs() as events:
+            for n in range(100):
+                throttled.info("line {n}", n=n)
+                clock.advance(0.005)
+            self.assertEqual([formatEvent(e) for e in events], ["line 0", "line 1", "line 2"])
+            clock.advance(0.5)
+            self.assertEqual(formatEvent(events[-1]), "97 more in 1.0 s")
+            clock.advance(10)
+            self.assertEqual(len(events), 4)
+            throttled.info("line {n}", n=100)
+            self.assertEqual(formatEvent(events[-1]), "line 100")
+
+    def test_stop_sums_up(self) -> None:
+        """stop logs what is held at once and leaves no call pending."""
+        clock = Clock()
+        throttled = ThrottledLog(Logger(), clock, "{count} more", lines=1)
+        with capturedLogs() as events:
+            for _ in range(3):
+                throttled.info("line")
+            throttled.stop()
+        self.assertEqual([formatEvent(e) for e in events], ["line", "2 more"])
+        self.assertEqual(clock.getDelayedCalls(), [])

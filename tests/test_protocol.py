@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IAnonymous
+from twisted.cred.credentials import IAnonymous, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -45,6 +46,16 @@ class Slow:
 
     def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
         return deferLater(self.clock, self.seconds, lambda: b"a")
+
+
+@implementer(ICredentialsChecker)
+class Refuses:
+    """A credentials checker that refuses everyone."""
+
+    credentialInterfaces = (IAnonymous, IUsernamePassword)
+
+    def requestAvatarId(self, credentials: object) -> Deferred[bytes | tuple[()]]:
+        return fail(UnauthorizedLogin())
 
 
 @implementer(ICredentialsChecker)
@@ -116,6 +127,36 @@ class ConnectTests(SynchronousTestCase):
             "sktalent_auth_failures_total", {"reason": "auth_unavailable"}
         )
         self.assertEqual(counted, 1)
+
+    def test_refused_logins_logged_sparingly(self) -> None:
+        """
+        A refused login is logged with the peer address and the userID it
+        claimed; of 2,000 in a moment, with as many connections closed before
+        a login, a few lines and one summary are logged, while every refused
+        login is counted.
+        """
+        h = Harness(portal=portal_for(Refuses()))
+        with capturedLogs() as events:
+            for n in range(1000):
+                c = h.client()
+                c.send(p.Connect(f"u{n}", username=f"u{n}", password=b"wrong"))
+                self.assertEqual(c.received(), [p.ConnAck(4)])
+                h.client().send(p.PingReq())
+            h.clock.advance(1)
+        lines = [formatEvent(e) for e in events]
+        self.assertLessEqual(len(lines), 10, lines)
+        self.assertEqual(
+            lines[0], "Refused a login from 192.168.1.1:54321 as 'u0': bad_credentials (CONNACK 4)"
+        )
+        self.assertIn(
+            "Closed a connection from 192.168.1.1:54321 before a login: PingReq before CONNECT",
+            lines,
+        )
+        self.assertTrue(lines[-1].startswith(f"{2000 - len(lines) + 1} more refused logins"))
+        counted = h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "bad_credentials"}
+        )
+        self.assertEqual(counted, 1000)
 
     def test_keepalive_expiry(self) -> None:
         """Silence for 1.5 times the keepalive closes; any packet resets it."""

@@ -14,6 +14,7 @@ import attrs
 from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -22,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..failures import logged
+from ..logs import ThrottledLog
 from ..metrics import Metrics
 from ..store.interfaces import Message, StoreUnavailable
 from . import packets as p
@@ -118,6 +120,10 @@ class MQTTServerProtocol(Protocol):
     _will: p.Will | None = None
     _unacknowledged: int = 0
     _paused: bool = False
+    # What the CONNECT claimed to be (its username, else its client id).
+    _claimed: str | None = None
+    # Shared by every connection: what clients do before a login is logged sparingly.
+    _before_login: ThrottledLog = attrs.field(kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         self._decoder = Decoder(self._limits.max_packet_size)
@@ -209,11 +215,22 @@ class MQTTServerProtocol(Protocol):
             self.transport.write(encode_all(packets))
 
     def _close(self, why: str | None) -> None:
-        if why is not None:
+        if why is not None and self._user is None:
+            # Anyone can cause this, as often as they like.
+            self._before_login.info(
+                "Closed a connection from {peer} before a login: {why}", peer=self._peer(), why=why
+            )
+        elif why is not None:
             log.info("Closing connection of {client!r}: {why}", client=self._client_id, why=why)
         self._state = State.CLOSED
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def _peer(self) -> str:
+        address = None if self.transport is None else self.transport.getPeer()
+        if isinstance(address, IPv4Address | IPv6Address):
+            return f"{address.host}:{address.port}"
+        return str(address)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -250,6 +267,7 @@ class MQTTServerProtocol(Protocol):
 
     def _on_connect(self, connect: p.Connect) -> None:
         self._state = State.AUTHENTICATING
+        self._claimed = connect.client_id if connect.username is None else connect.username
         # The CONNECT came in time: its login gets a time of its own (the
         # auth hook times out sooner), and whatever happens, a CONNACK.
         self._cancel_timer()
@@ -272,8 +290,15 @@ class MQTTServerProtocol(Protocol):
         if self._state == State.CLOSED:
             return  # Timed out already, or the client left: nobody to answer.
         self._metrics.auth_failures.labels(reason).inc()
+        self._before_login.info(
+            "Refused a login from {peer} as {user_id!r}: {reason} (CONNACK {code})",
+            peer=self._peer(),
+            user_id=self._claimed,
+            reason=reason,
+            code=code,
+        )
         self._write([p.ConnAck(code)])
-        self._close(f"CONNECT refused ({reason})")
+        self._close(None)
 
     async def _login(self, connect: p.Connect) -> None:
         client_id = connect.client_id
@@ -506,6 +531,15 @@ class MQTTFactory(Factory):
     _limits: Limits = attrs.Factory(Limits)
     _bans: Bans = attrs.field(kw_only=True)
     _live: set[MQTTServerProtocol] = attrs.Factory(set)
+    _before_login: ThrottledLog = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._before_login = ThrottledLog(
+            log,
+            self._clock,
+            "{count} more refused logins (or connections closed before a login) in {seconds} s,"
+            " not logged one by one; sktalent_auth_failures_total counts the logins",
+        )
 
     def buildProtocol(self, addr: object) -> MQTTServerProtocol:
         protocol = MQTTServerProtocol(
@@ -517,6 +551,7 @@ class MQTTFactory(Factory):
             self._metrics,
             self._limits,
             bans=self._bans,
+            before_login=self._before_login,
         )
         protocol.factory = self
         return protocol
@@ -531,3 +566,4 @@ class MQTTFactory(Factory):
         """Close every connection: the server is stopping, not the clients failing."""
         for protocol in list(self._live):
             protocol.server_stopping()
+        self._before_login.stop()
