@@ -18,16 +18,29 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+import sktalent
 from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.pushtexts import TextTable
 from sktalent.mqtt.router import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
+from sktalent.reload import Reloader
 from sktalent.retention import Retention
 from sktalent.store.interfaces import StoreUnavailable
 from sktalent.store.memory import MemoryStore
-from sktalent.tap import Core, Listener, Options, node_name
+from sktalent.tap import Core, Listener, Options, makeService, node_name
 
 from .mqttclient import Harness
+from .umengstub import ANDROID, IOS
+
+ROOT = Path(sktalent.__file__).resolve().parent.parent
+UMENG = {
+    "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
+    "android": {
+        "appkey": ANDROID.appkey,
+        "app_master_secret": ANDROID.app_master_secret,
+        "activity": "x.Main",
+    },
+}
 
 
 class OptionsTests(SynchronousTestCase):
@@ -162,6 +175,36 @@ class OptionsTests(SynchronousTestCase):
             str(self.directory / "none"),
             self.refused(["--push-texts", str(self.directory / "none")]),
         )
+
+    def test_reloaded_files_documented(self) -> None:
+        """
+        Each file SIGHUP reloads, with every reloadable option given, is
+        named by its option where the README and the deployment notes say
+        what a reload rereads.
+        """
+        files = {"tokens": "t0ken\n", "texts.json": "{}", "umeng.json": json.dumps(UMENG)}
+        for name, content in files.items():
+            (self.directory / name).write_text(content, encoding="utf-8")
+        options = self.parse(
+            ["--store", "memory:"]
+            + ["--api-token-file", str(self.directory / "tokens")]
+            + ["--push-texts", str(self.directory / "texts.json")]
+            + ["--umeng-config", str(self.directory / "umeng.json")]
+        )
+        [reloader] = [
+            s for s in makeService(options, MemoryReactorClock()) if isinstance(s, Reloader)
+        ]
+        with capturedLogs() as events:
+            reloader.reload()
+        reloaded = {e["option"] for e in events if "option" in e}
+        self.assertEqual(len(reloaded), 4, reloaded)
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        deploy = (ROOT / "deploy" / "README.md").read_text(encoding="utf-8")
+        for text, marker in ((readme, "- SIGHUP"), (deploy, "systemctl reload sktalent`: it")):
+            paragraph = next(p for p in text.split("\n- ") if marker.lstrip("- ") in p)
+            for option in reloaded:
+                with self.subTest(option=option, marker=marker):
+                    self.assertIn(f"`{option}`", paragraph)
 
     def test_bad_values_name_the_option(self) -> None:
         """A bad value, and a file that cannot be used, name their option."""
