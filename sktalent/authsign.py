@@ -25,6 +25,7 @@ import secrets
 import string
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -44,6 +45,14 @@ _USABLE_USER_ID = re.compile(rf"[^/+#:\x00-\x1f\x7f-\x9f\ud800-\udfff]{{1,{MAX_U
 USER_ID_RULE = (
     f"1 to {MAX_USER_ID_LENGTH} characters, none of them '/', '+', '#', ':',"
     f" a control character or a lone surrogate, and not {RESERVED_USER_ID!r}"
+    " in any case, width or with invisible characters"
+)
+# Unicode's Default_Ignorable_Code_Point characters (DerivedCoreProperties):
+# invisible, so that "system\u200b" would look like "system".
+_IGNORABLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
 
 _DIGEST_LENGTH = 64
@@ -56,9 +65,22 @@ _MAX_TTL = 100 * 365 * 86400
 _EXPIRING_KEY_LABEL = b"sktalent expiring authSign"
 
 
+def _looks_reserved(user_id: str) -> bool:
+    """
+    Whether user_id reads as the reserved userID: the same once compatibility
+    forms (fullwidth letters), case and invisible (format and default
+    ignorable) characters are set aside.
+    """
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", user_id).casefold())
+    visible = "".join(
+        c for c in folded if unicodedata.category(c) != "Cf" and not _IGNORABLE.match(c)
+    )
+    return visible == RESERVED_USER_ID
+
+
 def valid_user_id(user_id: str) -> bool:
     """True when user_id can name a client (INTERFACE section 2)."""
-    return user_id != RESERVED_USER_ID and _USABLE_USER_ID.fullmatch(user_id) is not None
+    return _USABLE_USER_ID.fullmatch(user_id) is not None and not _looks_reserved(user_id)
 
 
 def _digest(key: bytes, message: str) -> str:

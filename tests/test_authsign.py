@@ -62,7 +62,7 @@ class ValidUserIdTests(SynchronousTestCase):
     def test_accepted(self) -> None:
         """
         Ordinary, non-ASCII, 1- and 128-character userIDs are usable, and so
-        is "system" in another case.
+        are those that only resemble "system".
         """
         for user_id in [
             "alice",
@@ -73,7 +73,11 @@ class ValidUserIdTests(SynchronousTestCase):
             "$x",
             "a b",
             "😀",
-            "System",
+            "systems",
+            "mysystem",
+            "sys tem",
+            "syst\u00e9m",
+            "\ufeffalice",
         ]:
             with self.subTest(user_id=user_id):
                 self.assertTrue(valid_user_id(user_id))
@@ -104,6 +108,44 @@ class ValidUserIdTests(SynchronousTestCase):
         ]:
             with self.subTest(user_id=user_id):
                 self.assertFalse(valid_user_id(user_id))
+
+    def test_reserved_lookalikes(self) -> None:
+        """
+        A userID that reads as "system" once case, compatibility forms
+        (fullwidth, the long s) and invisible characters are set aside is
+        reserved too.
+        """
+        for user_id in [
+            "System",
+            "SYSTEM",
+            "\uff53\uff59\uff53\uff54\uff45\uff4d",
+            "system\u200b",
+            "\ufeffsystem",
+            "sy\u00adstem",
+            "s\u034fystem",
+            "\u017fystem",
+            "system\U000e0041",
+            "\u2060S\u200dYSTEM\ufe0f",
+        ]:
+            with self.subTest(user_id=user_id):
+                self.assertFalse(valid_user_id(user_id))
+
+    @given(
+        st.sampled_from(["s", "S", "\uff53", "\uff33", "\u017f"]),
+        st.lists(st.sampled_from(["\u200b", "\u200d", "\u2060", "\ufeff", "\u00ad"])),
+        st.randoms(use_true_random=False),
+    )
+    def test_reserved_in_any_guise(self, first: str, invisible: list[str], rng: Any) -> None:
+        """
+        "system" with each letter in either case or fullwidth and invisible
+        characters anywhere is never a usable userID.
+        """
+        letters = [first] + [
+            rng.choice([c, c.upper(), chr(ord(c) - ord("a") + 0xFF41)]) for c in "ystem"
+        ]
+        for mark in invisible:
+            letters.insert(rng.randrange(len(letters) + 1), mark)
+        self.assertFalse(valid_user_id("".join(letters)))
 
 
 class SignTests(SynchronousTestCase):
@@ -457,6 +499,8 @@ class CommandLineTests(SynchronousTestCase):
             (("--secret-file", secret, "alice", "--bogus"), "--bogus"),
             (("--secret-file", secret, "a/b"), "'a/b' is not a usable userID"),
             (("--secret-file", secret, "system"), "'system' is not a usable userID"),
+            (("--secret-file", secret, "System"), "'System' is not a usable userID"),
+            (("--secret-file", secret, "system\u200b"), "is not a usable userID"),
             (("--secret-file", secret, "alice:4102444800"), "not a usable userID"),
             (("--secret-file", secret, "a\tb", "--ttl", "60"), "not a usable userID"),
             (("--secret-file", secret, "x" * 129), "not a usable userID"),
@@ -523,6 +567,25 @@ class DocumentationTests(SynchronousTestCase):
             exp = int(example["exp"]) if "exp" in example else None
             computed = namespace["auth_sign"](example["secret"].encode(), example["userID"], exp)
             self.assertEqual(computed, example["authSign"])
+
+    def test_reserved_examples(self) -> None:
+        """
+        The userIDs the page gives as reserved are refused, those it gives as
+        not reserved are usable (with their invisible characters as named).
+        """
+        section = self.page.split("## userID", 1)[1].split("\n## ", 1)[0]
+        reserved, _, rest = " ".join(section.split()).partition(" are all reserved;")
+        usable = rest.partition(" are not.")[0]
+        reserved = reserved.rpartition(". ")[2]
+        found = 0
+        for text, expected in ((reserved, False), (usable, True)):
+            for user_id in re.findall(r"`([^`]+)`", text):
+                self.assertEqual(valid_user_id(user_id), expected, user_id)
+                found += 1
+        self.assertGreaterEqual(found, 7)
+        for name, character in [("zero-width space (U+200B)", "\u200b"), ("(U+00AD)", "\u00ad")]:
+            self.assertIn(name, reserved)
+            self.assertFalse(valid_user_id("sys" + character + "tem"))
 
     def test_secret_is_the_text(self) -> None:
         """

@@ -201,6 +201,7 @@ class ConnectTests(CallTalentCase):
         character, or is the reserved "system".
         """
         unusable = ["a/b", "a+", "#", "x" * 129, "alice:4102444800", "a\x85", "system"]
+        unusable += ["System", "\uff53\uff59\uff53\uff54\uff45\uff4d", "system\u200b"]
         for bad in unusable:
             c = self.h.client()
             password = hmac.new(SECRET, bad.encode(), hashlib.sha256).hexdigest().encode()
@@ -319,14 +320,18 @@ class ReservedSystemTests(CallTalentCase):
 
     def test_not_a_chat_recipient(self) -> None:
         """
-        A chat or a receipt to "system" is refused with bad_envelope.
+        A chat or a receipt to "system", or to what reads as it, is refused
+        with bad_envelope.
         """
         alice = self.user("alice")
-        receipt = {"msgid": msgid(2), "from": "alice", "to": "system", "type": "received"}
-        for n, frame in enumerate([chat("alice", "system", 1), receipt], 1):
-            self.publish(alice, frame, n)
-            [error] = self.frames(alice)
-            self.assertEqual(error["error"], "bad_envelope")
+        n = 0
+        for to in ["system", "System", "\uff53\uff59\uff53\uff54\uff45\uff4d", "system\u200b"]:
+            receipt = {"msgid": msgid(2), "from": "alice", "to": to, "type": "received"}
+            for frame in [chat("alice", to, 1), receipt]:
+                n += 1
+                self.publish(alice, frame, n)
+                [error] = self.frames(alice)
+                self.assertEqual(error["error"], "bad_envelope", to)
         sessions = self.successResultOf(self.store.load_sessions())
         self.assertEqual([s.client_id for s in sessions], ["alice"])
 
