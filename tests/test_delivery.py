@@ -212,6 +212,33 @@ class PushRuleTests(DeliveryCase):
         self.h.clock.advance(0.001)
         self.assertEqual(self.pushes(), [("bob", msgid(2), 1, "unacknowledged")])
 
+    def test_takeovers_keep_one_wait_per_message(self) -> None:
+        """
+        However often a client with unacknowledged messages reconnects, each
+        message has one wait, the latest connection's: the waits are bounded
+        by the messages, not by the reconnects, and each message is pushed
+        once, push-after after the last connection got it.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 11))
+        for _ in range(300):
+            self.h.clock.advance(0.01)
+            again, resent = self.reconnect("bob")
+            self.assertEqual(len(resent), 10)
+            b.lose()
+            b = again
+        self.assertEqual(self.delivery.waiting, 10)
+        self.h.clock.advance(PUSH_AFTER - 0.001)
+        self.assertEqual(self.pushes(), [])
+        self.h.clock.advance(0.001)
+        pushed = self.pushes()
+        self.assertEqual([m for _, m, _, _ in pushed], [msgid(n) for n in range(1, 11)])
+        self.assertEqual({reason for *_, reason in pushed}, {"unacknowledged"})
+        self.assertEqual(self.delivery.waiting, 0)
+        self.h.clock.advance(PUSH_AFTER * 3)
+        b.lose()
+        self.assertEqual(self.pushes(), [])
+
     def test_notifications_pushed_frames_not(self) -> None:
         """
         Notifications are pushed like chats; sent, received and error frames

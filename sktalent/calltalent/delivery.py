@@ -13,6 +13,8 @@ restart does for what was neither acknowledged nor pushed.
 The waits are one FIFO for the whole server, since every wait is equally long,
 behind one timer: an acknowledged message is not looked for, only skipped when
 its turn comes (a wait holds its seq, not the message, which is freed at once).
+A message sent again (on a new connection) moves its wait to the end, so there
+is at most one wait per message, however often its client reconnects.
 
 A message is decided for a push once in the life of the process (its
 ``pushed`` mark in memory), and marked pushed in the store only once the
@@ -26,7 +28,7 @@ push is withdrawn when its message is acknowledged before it leaves.
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import OrderedDict
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -61,11 +63,13 @@ def decode_notice(text: str) -> PushNotice:
 @attrs.frozen
 class _Wait:
     due: float
-    session: SessionView
-    # The message's seq, not the message: one acknowledged is freed at once.
-    seq: int
     # The connection it waits on; None after a restart.
     connection: IConnection | None
+
+
+# A wait's message: its session and seq, not the message, so that one
+# acknowledged is freed at once.
+_Key = tuple[SessionView, int]
 
 
 @implementer(IQueueWatcher)
@@ -75,12 +79,18 @@ class PushDelivery:
     _pusher: IPusher
     _clock: IReactorTime
     push_after: float = 5.0
-    _waits: deque[_Wait] = attrs.Factory(deque)
+    # In order of due time: every wait is push_after long.
+    _waits: OrderedDict[_Key, _Wait] = attrs.Factory(OrderedDict)
     _timer: IDelayedCall | None = None
     # Settled this reactor turn, marked in the store together.
     _marks: list[MarkPushed] = attrs.Factory(list)
     _marking: IDelayedCall | None = None
     _stopped: bool = False
+
+    @property
+    def waiting(self) -> int:
+        """The waits held: at most one for each message in flight."""
+        return len(self._waits)
 
     # -- IQueueWatcher --------------------------------------------------------
 
@@ -121,7 +131,10 @@ class PushDelivery:
         if self._stopped:
             return
         due = self._clock.seconds() + self.push_after
-        self._waits.append(_Wait(due, session, out.seq, session.connection))
+        key = (session, out.seq)
+        # Sent again: the wait on the earlier connection is replaced, not kept.
+        self._waits.pop(key, None)
+        self._waits[key] = _Wait(due, session.connection)
         if self._timer is None:
             self._timer = self._clock.callLater(self.push_after, self._expired)
 
@@ -129,21 +142,20 @@ class PushDelivery:
         self._timer = None
         now = self._clock.seconds()
         waits = self._waits
-        while waits and waits[0].due <= now:
-            wait = waits.popleft()
-            session = wait.session
-            out = session.queue.get(wait.seq)
+        while waits and next(iter(waits.values())).due <= now:
+            (session, seq), wait = waits.popitem(last=False)
+            out = session.queue.get(seq)
             if (
                 out is not None
                 and not out.pushed
-                # Resent on another connection since: that one's wait counts.
+                # On a connection since gone: its end decided instead.
                 and session.connection is wait.connection
                 and self._broker.session(session.client_id) is session
             ):
                 reason = "offline" if session.connection is None else "unacknowledged"
                 self._push(session, out, reason)
         if waits:
-            self._timer = self._clock.callLater(waits[0].due - now, self._expired)
+            self._timer = self._clock.callLater(next(iter(waits.values())).due - now, self._expired)
 
     def _push(self, session: SessionView, out: QueuedView, reason: str) -> None:
         if self._stopped:
