@@ -78,7 +78,7 @@ def start(server: ServerProcess, wait: float, max_rss: int) -> Started:
     wait seconds pass or its RSS passes max_rss bytes.
     """
     began = time.monotonic()
-    server._spawn()
+    server.spawn()
     assert server.process is not None
     probe = ServerProbe(server.process.pid)
     while True:

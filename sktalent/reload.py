@@ -5,6 +5,10 @@ Each reloadable file has a loader, which raises ValueError in one sentence
 naming the file and what is wrong with it, and an apply step that puts the
 new content in force.  A file that does not load is refused and its old
 content stays in force.
+
+SIGHUP's default action ends the process: from the moment the server's code
+first runs (hold_hangups) until the Reloader is up, a SIGHUP is only noted,
+and the Reloader reloads once as it starts if one came.
 """
 
 from __future__ import annotations
@@ -22,6 +26,24 @@ from twisted.logger import Logger
 log = Logger()
 
 T = TypeVar("T")
+
+
+@attrs.define
+class _Held:
+    """The SIGHUP handler while the server starts: counts, nothing more."""
+
+    count: int = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+
+
+_HELD = _Held()
+
+
+def hold_hangups() -> None:
+    """Until a Reloader starts, a SIGHUP is held, not fatal."""
+    signal.signal(signal.SIGHUP, _HELD)
 
 
 @attrs.frozen
@@ -67,6 +89,13 @@ class Reloader(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)
         self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        if self._previous is _HELD and _HELD.count:
+            log.info(
+                "Reload: {count} SIGHUP came while the server was starting; reloading now",
+                count=_HELD.count,
+            )
+            _HELD.count = 0
+            self._reactor.callFromThread(self.reload)
 
     def stopService(self) -> None:
         signal.signal(signal.SIGHUP, self._previous)

@@ -12,13 +12,14 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sktalent.authsign import sign
 from sktalent.store.sqlite import MIGRATIONS, connect, migrate
-from sktalent.testing.server import ServerProcess, free_port, running, wait_for
+from sktalent.testing.server import ServerProcess, free_port, listening, running, wait_for
 
 from .helpers import port_taken
 from .pahoclient import PahoUser
@@ -294,6 +295,44 @@ class ReloadTests(SynchronousTestCase):
         self.stubs[1].wait(2)
         self.assertEqual(self.alerts(self.stubs[1]), ["用户付款了", "用户付款了"])
         self.assertEqual(self.server.stop(), 0)
+
+
+def takes_sighup(pid: int) -> bool:
+    """Whether process pid catches or ignores SIGHUP, by its /proc status."""
+    with open(f"/proc/{pid}/status") as status:
+        masks = [line.split()[1] for line in status if line.startswith(("SigCgt:", "SigIgn:"))]
+    return any(int(mask, 16) >> (signal.SIGHUP - 1) & 1 for mask in masks)
+
+
+class EarlyHangupTests(SynchronousTestCase):
+    def test_sighup_while_starting(self) -> None:
+        """
+        A SIGHUP as soon as the server's code can take it, well before it
+        listens (systemctl reload right after start), does not end it: it
+        starts, says in one line that the signal came, and reloads once up.
+        """
+        if not os.path.exists("/proc/self/status"):
+            raise SkipTest("needs /proc to see when the process takes SIGHUP")
+        server = ServerProcess()
+        (server.directory / "tokens").write_text(f"{OLD_TOKEN}\n")
+        server.args = ["--api-token-file", str(server.directory / "tokens")]
+        self.addCleanup(shutil.rmtree, server.directory, True)
+        self.addCleanup(server.stop)
+        server.spawn()
+        assert server.process is not None
+        deadline = time.monotonic() + 20
+        # Polled closely: the moment matters, the server being up in a fraction of a second.
+        while not takes_sighup(server.process.pid):
+            self.assertIsNone(server.process.poll(), server.log)
+            self.assertLess(time.monotonic(), deadline, "the server never took SIGHUP")
+            time.sleep(0.001)
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: listening(server.mqtt_port), what=f"the server to listen\n{server.log}")
+        wait_for(lambda: "reloaded" in server.log, what=f"the reload\n{server.log}")
+        one_line(self, server.log, "SIGHUP came while the server was starting")
+        one_line(self, server.log, "--api-token-file", "reloaded")
+        self.assertIsNone(server.process.poll())
+        self.assertEqual(server.stop(), 0)
 
 
 class CreatedFileTests(SynchronousTestCase):

@@ -15,7 +15,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from sktalent.reload import Reloadable, Reloader
+from sktalent.reload import Reloadable, Reloader, hold_hangups
 
 
 @implementer(IReactorFromThreads)
@@ -123,3 +123,32 @@ class ReloadTests(SynchronousTestCase):
         reloader.stopService()
         os.kill(os.getpid(), signal.SIGHUP)
         self.assertEqual((reactor.calls, seen), (1, [signal.SIGHUP]))
+
+    def test_sighup_held_while_starting(self) -> None:
+        """
+        A SIGHUP after hold_hangups and before the Reloader starts is only
+        noted: the Reloader says in one line that it came and reloads once;
+        a SIGHUP after that reloads as ever.
+        """
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        hold_hangups()
+        self.write("4")
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(self.applied, [])
+        reactor = ImmediateReactor()
+        reloader = Reloader(reactor, [self.file])
+        with capturedLogs() as events:
+            reloader.startService()
+        self.addCleanup(reloader.stopService)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "Reload: 2 SIGHUP came while the server was starting; reloading now",
+                f"Reload: --number-file {self.path} reloaded",
+            ],
+        )
+        self.assertEqual(self.applied, [4])
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual((reactor.calls, self.applied), (2, [4, 4]))

@@ -90,7 +90,7 @@ class ServerProcess:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self) -> ServerProcess:
-        self._spawn()
+        self.spawn()
         wait_for(self._ready, what=f"the server to listen\n{self.log}")
         return self
 
@@ -100,7 +100,7 @@ class ServerProcess:
         exited.  None of its ports but those in taken (held by the test)
         may accept a connection meanwhile.
         """
-        self._spawn()
+        self.spawn()
         assert self.process is not None
         ports = {self.mqtt_port, self.api_port} - set(taken)
         deadline = time.monotonic() + timeout
@@ -113,7 +113,8 @@ class ServerProcess:
             time.sleep(0.02)
         return self.process.returncode
 
-    def _spawn(self) -> None:
+    def spawn(self) -> None:
+        """Start the process, not waiting for anything."""
         command = [
             sys.executable,
             "-c",
