@@ -52,6 +52,7 @@ from .push.config import UmengConfig, load_config
 from .push.disabled import DisabledPusher
 from .push.interfaces import IPusher
 from .push.umeng import UmengPusher
+from .readiness import notify_ready
 from .reload import Reloadable, Reloader
 from .retention import Retention
 from .store import check_store_uri, open_store
@@ -450,6 +451,7 @@ class Core(service.Service):
                 option=listener.option,
             )
         self._retention.start()
+        notify_ready()
 
     def _failed(self, failure: Any) -> None:
         if failure.check(CancelledError):

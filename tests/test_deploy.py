@@ -20,6 +20,8 @@ DEPLOY = FilePath(os.path.abspath(sktalent.__file__)).parent().parent().child("d
 UNIT = DEPLOY.child("sktalent.service")
 
 SANDBOXING = {
+    # The server says when it is up: start and a reload behind it wait for that.
+    "Type": "notify",
     "User": "sktalent",
     "DynamicUser": "no",
     "EnvironmentFile": "/etc/sktalent/sktalent.env",
