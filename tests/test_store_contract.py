@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txmongo.connection import ConnectionPool
 
 from sktalent.store import open_store
-from sktalent.store.group import GroupCommitter
+from sktalent.store.group import GroupCommitter, op_bytes
 from sktalent.store.interfaces import (
     AddInbound,
     ChatRecord,
@@ -847,11 +847,18 @@ class HandBackend:
 
     store: MemoryStore = attrs.Factory(MemoryStore)
     calls: list[tuple[list[Op], Deferred[list[object]]]] = attrs.Factory(list)
+    # The operations of every commit the committer cancelled.
+    cancelled: list[list[Op]] = attrs.Factory(list)
 
     def commit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
-        d: Deferred[list[object]] = Deferred()
-        self.calls.append((list(ops), d))
+        batch = list(ops)
+        d: Deferred[list[object]] = Deferred(lambda _: self._cancel(batch, d))
+        self.calls.append((batch, d))
         return d
+
+    def _cancel(self, ops: list[Op], d: Deferred[list[object]]) -> None:
+        self.calls.remove((ops, d))
+        self.cancelled.append(ops)
 
     def land(self) -> list[Op]:
         ops, d = self.calls.pop(0)
@@ -866,6 +873,18 @@ class HandBackend:
 
 def device(n: int) -> PutDevice:
     return PutDevice(Device(f"u{n}", "ios", f"t{n}"))
+
+
+@attrs.define
+class HandProbe:
+    """A liveness probe that answers when the test says."""
+
+    calls: list[Deferred[None]] = attrs.Factory(list)
+
+    def __call__(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.calls.append(d)
+        return d
 
 
 class GroupCommitterTests(SynchronousTestCase):
@@ -1024,6 +1043,206 @@ class GroupCommitterTests(SynchronousTestCase):
         self.backend.land()
         self.assertEqual(registry.get_sample_value("commit_seconds_count"), 2)
         self.assertEqual(registry.get_sample_value("commit_seconds_sum"), 0.5 + 0.25)
+
+
+class PatientCommitterTests(SynchronousTestCase):
+    """
+    A committer whose back end is probed while a commit waits, and whose
+    batches follow how long commits take.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = HandBackend()
+        self.probe = HandProbe()
+
+    def committer(self, max_batch: int = 1000, max_bytes: int = 2**20) -> GroupCommitter:
+        return GroupCommitter(
+            self.backend.commit,
+            self.clock,
+            "hand",
+            alive=self.probe,
+            patience=10.0,
+            max_batch=max_batch,
+            max_bytes=max_bytes,
+        )
+
+    def test_slow_commit_is_waited_for(self) -> None:
+        """
+        While the back end answers its probe, a commit is waited for however
+        long it takes: never cancelled or sent again, and the store stays
+        available (slow, and said so once).
+        """
+        committer = self.committer()
+        d = committer.submit([device(1)])
+        self.clock.advance(0)
+        with capturedLogs() as events:
+            for n in range(1, 4):
+                self.clock.advance(10)
+                self.assertEqual(len(self.probe.calls), n)
+                self.probe.calls[-1].callback(None)
+            self.assertEqual((len(self.backend.calls), self.backend.cancelled), (1, []))
+            self.assertTrue(committer.available)
+            self.assertTrue(committer.slow)
+            self.backend.land()
+        self.assertEqual(self.successResultOf(d), [None])
+        self.assertFalse(committer.slow)
+        self.clock.advance(100)
+        self.assertEqual(len(self.probe.calls), 3)
+        levels = [(e["log_level"], e["log_format"].split(" is ")[1][:4]) for e in events]
+        self.assertEqual(levels, [(LogLevel.warn, "slow"), (LogLevel.info, "no l")])
+        self.assertEqual(committer.outages, 0)
+
+    def test_quick_commit_is_not_probed(self) -> None:
+        """A commit that lands within patience costs no probe."""
+        committer = self.committer()
+        d = committer.submit([device(1)])
+        self.clock.advance(9)
+        self.backend.land()
+        self.successResultOf(d)
+        self.clock.advance(100)
+        self.assertEqual(self.probe.calls, [])
+
+    def test_gone_store_gives_the_commit_up(self) -> None:
+        """
+        A probe that fails gives the waiting commit up as unavailable; the
+        retry sends the same operations, not what arrived meanwhile.
+        """
+        committer = self.committer()
+        first = committer.submit([device(1)])
+        self.clock.advance(0)
+        later = committer.submit([device(2)])
+        self.clock.advance(10)
+        self.probe.calls[0].errback(StoreUnavailable("no answer"))
+        self.assertEqual(self.backend.cancelled, [[device(1)]])
+        self.assertEqual((committer.available, committer.outages), (False, 1))
+        self.assertEqual(self.backend.calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.backend.land(), [device(1)])
+        self.assertEqual(self.successResultOf(first), [None])
+        self.assertTrue(committer.available)
+        self.assertEqual(self.backend.land(), [device(2)])
+        self.assertEqual(self.successResultOf(later), [None])
+
+    def test_silent_probe_is_a_gone_store(self) -> None:
+        """A probe unanswered for patience seconds counts as a failed one."""
+        committer = self.committer()
+        d = committer.submit([device(1)])
+        self.clock.advance(0)
+        self.clock.advance(10)
+        self.assertEqual(len(self.probe.calls), 1)
+        with capturedLogs() as events:
+            self.clock.advance(10)
+        self.assertEqual(self.backend.cancelled, [[device(1)]])
+        self.assertFalse(committer.available)
+        [event] = events
+        self.assertIn("did not answer within 10 s", str(event["error"]))
+        self.assertNoResult(d)
+
+    def test_batch_never_grows_on_retry(self) -> None:
+        """
+        However many submits pile up during an outage, each retry sends the
+        batch it started with; they follow in batches of their own.
+        """
+        committer = self.committer(max_batch=4)
+        committer.submit([device(0)])
+        self.clock.advance(0)
+        for n in range(1, 10):
+            committer.submit([device(n)])
+        for delay in (0.1, 0.2, 0.4):
+            self.backend.fail(StoreUnavailable("down"))
+            self.clock.advance(delay)
+            self.assertEqual(self.backend.calls[0][0], [device(0)])
+        self.assertEqual(self.backend.land(), [device(0)])
+        self.assertEqual(self.backend.land(), [device(n) for n in range(1, 5)])
+        self.assertEqual(self.backend.land(), [device(n) for n in range(5, 9)])
+        self.assertEqual(self.backend.land(), [device(9)])
+
+    def test_batch_bounded_by_bytes(self) -> None:
+        """
+        A batch also stops at max_bytes of operations (roughly, by op_bytes),
+        and a single larger submit still goes whole.
+        """
+        big = Enqueue("c", 1, Message("t", b"x" * 1000, 1))
+        self.assertEqual(op_bytes(big), op_bytes(Dequeue("c", 1)) + 1000)
+        self.assertEqual(
+            op_bytes(InsertChat(chat(msgid(1), 1), (big,))),
+            op_bytes(Dequeue("c", 1)) + len(chat(msgid(1), 1).envelope) + op_bytes(big),
+        )
+        committer = self.committer(max_bytes=3 * op_bytes(big))
+        for _ in range(5):
+            committer.submit([big])
+        committer.submit([big] * 4)
+        self.clock.advance(0)
+        self.assertEqual([len(self.backend.land()) for _ in range(3)], [3, 2, 4])
+
+    def test_slow_commits_shrink_batches(self) -> None:
+        """
+        A commit slower than the target halves the batch; a full batch landing
+        in under half the target doubles it back, up to max_batch.
+        """
+        committer = self.committer(max_batch=8)
+        ds = [committer.submit([device(n)]) for n in range(30)]
+        self.clock.advance(0)
+        sizes = []
+        for took in (2.0, 1.2, 0.0, 0.0, 0.0, 0.0):
+            self.clock.advance(took)
+            sizes.append(len(self.backend.land()))
+        self.assertEqual(sizes, [8, 4, 2, 4, 8, 4])
+        self.assertEqual([self.successResultOf(d) for d in ds], [[None]] * 30)
+        self.assertEqual(committer.limit, 8)
+
+    def test_round_trips_do_not_shrink_batches(self) -> None:
+        """
+        Where halving the batch did not shorten the commit (its time is round
+        trips, not size), the batch goes back to its size and stays there.
+        """
+        committer = self.committer(max_batch=8)
+        for n in range(40):
+            committer.submit([device(n)])
+        self.clock.advance(0)
+        sizes = []
+        for _ in range(5):
+            self.clock.advance(1.5)
+            sizes.append(len(self.backend.land()))
+        self.assertEqual(sizes, [8, 4, 8, 8, 8])
+
+    def test_recovers_when_load_stops(self) -> None:
+        """
+        Overloaded (twenty submits a second against commits of 0.1 s per
+        operation, clients holding at most 64 unanswered), the committer keeps
+        commits within the target after the first slow one, lands everything
+        in order, is idle again within the time its backlog takes, and commits
+        the next submit at once.
+        """
+        committer = self.committer()
+        submitted: list[Deferred[list[object]]] = []
+        landed: list[Op] = []
+        sizes: list[int] = []
+        began = 0.0
+        while len(submitted) < 400 or self.backend.calls:
+            if len(submitted) < 400 and sum(not d.called for d in submitted) < 64:
+                submitted += [committer.submit([device(len(submitted) + i)]) for i in range(2)]
+                stopped = self.clock.seconds()
+            self.clock.advance(0.1)
+            if not self.backend.calls:
+                began = self.clock.seconds()
+            elif self.clock.seconds() - began >= 0.1 * len(self.backend.calls[0][0]) - 1e-9:
+                sizes.append(len(self.backend.calls[0][0]))
+                landed += self.backend.land()
+                began = self.clock.seconds()
+        self.assertEqual(landed, [device(n) for n in range(400)])
+        self.assertEqual([self.successResultOf(d) for d in submitted], [[None]] * 400)
+        # One commit over the 1 s target, and none after it.
+        over = [n for n, size in enumerate(sizes) if size * 0.1 > 1.0]
+        self.assertEqual(len(over), 1, sizes)
+        self.assertLessEqual(self.clock.seconds() - stopped, 64 * 0.1 + 1)
+        self.assertTrue(committer.available)
+        self.assertEqual(committer.outages, 0)
+        d = committer.submit([device(400)])
+        self.clock.advance(0)
+        self.backend.land()
+        self.assertEqual(self.successResultOf(d), [None])
 
 
 class OpenStoreTests(SynchronousTestCase):
