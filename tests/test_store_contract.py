@@ -826,6 +826,68 @@ class MongoStoreTests(DurableContract, TestCase):
         backs = [e for e in events if "is back" in e.get("log_format", "")]
         self.assertEqual((len(outages), len(backs)), (1, 1))
 
+    async def test_slow_commit_is_waited_for(self) -> None:
+        """
+        A commit that takes many times the store's timeout is waited for, not
+        abandoned and sent again: it lands, the store never counts as
+        unavailable, and a ping answers meanwhile on a connection of its own.
+        """
+        store = MongoStore(reactor, self.uri, timeout=0.1)
+        await store.start()
+        self.addCleanup(store.stop)
+        n = 600
+        ops: list[Op] = [
+            InsertChat(chat(msgid(i), i), (Enqueue("bob", i, Message("t", b"x" * 100, 1)),))
+            for i in range(n)
+        ]
+        started = time.monotonic()
+        with capturedLogs() as events:
+            landed = store.submit(ops)
+            await deferLater(reactor, 0.2)
+            await store.ping()
+            self.assertNoResult(landed)
+            results = await landed.addTimeout(120, reactor)
+        took = time.monotonic() - started
+        self.assertGreater(took, 0.5, "not slow enough to test anything")
+        self.assertEqual(results, [NEW] * n)
+        self.assertEqual((store.outages, store.committer.commits), (0, 1))
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.error], [])
+        [bob] = await store.load_sessions()
+        self.assertEqual(len(bob.queue), n)
+
+    async def test_silent_connection_is_dropped(self) -> None:
+        """
+        A commit on a connection that stops answering altogether is given up
+        once pings go unanswered too; it is sent again on a new connection,
+        not behind what the silent one holds, and lands exactly once.
+        """
+        target = urlsplit(self.uri)
+        assert target.hostname is not None and target.port is not None
+        relay = WrappingFactory(ProxyFactory(target.hostname, target.port))
+        port = free_port()
+        # WrappingFactory is a ServerFactory in all but its annotations.
+        listening = reactor.listenTCP(port, relay, interface="127.0.0.1")  # type: ignore[arg-type]
+        self.addCleanup(listening.stopListening)
+        uri = with_database(f"mongodb://127.0.0.1:{port}", urlsplit(self.uri).path.lstrip("/"))
+        store = MongoStore(reactor, uri, timeout=0.3)
+        await store.start()
+        self.addCleanup(store.stop)
+        await store.submit([PutDevice(Device("u", "ios", "before"))])
+
+        # Every connection so far stays open and silent, both ways.
+        for wrapper in list(relay.protocols):
+            wrapper.transport.pauseProducing()
+            wrapper.wrappedProtocol.peer.transport.pauseProducing()
+        with capturedLogs() as events:
+            landed = store.submit(
+                [InsertChat(chat(msgid(1), 1)), PutDevice(Device("u", "ios", "during"))]
+            )
+            self.assertEqual(await landed.addTimeout(30, reactor), [NEW, None])
+        self.assertEqual(store.outages, 1)
+        self.assertEqual(await store.submit([InsertChat(chat(msgid(1), 1))]), [REPEATED])
+        outages = [e for e in events if "unavailable" in e.get("log_format", "")]
+        self.assertEqual(len(outages), 1)
+
 
 class MongoUnreachableTests(TestCase):
     async def test_start_fails_unavailable(self) -> None:

@@ -6,6 +6,12 @@ in an order where a crash part way can only cause a redelivery, never a loss:
 a chat message or receipt is written only after the operations that depend on
 it (its ``then``), and whether it is new is decided from one read at the start.
 Writes are grouped into one bulk request per collection where order allows.
+
+Commits have a connection of their own, and no deadline: one request at a time
+goes over a connection, so a commit abandoned for being slow would go on in
+the server ahead of its own retry.  A commit is given up only when the server
+stops answering pings on the other connection, which also serves every read,
+so /healthz and the API are not queued behind commits.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ from pymongo import DeleteMany, DeleteOne, ReplaceOne, UpdateOne
 from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure
 from pymongo.uri_parser import parse_uri
 from twisted.internet import error as netError
-from twisted.internet.defer import Deferred, FirstError, TimeoutError, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    FirstError,
+    TimeoutError,
+    gatherResults,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from txmongo import filter as qf
@@ -340,19 +352,26 @@ class MongoStore:
     _uri: str
     _latency: Histogram | None = None
     _retention_days: int = 30
-    # Seconds before an unanswered request counts as "store unavailable".
+    # Seconds before an unanswered read or ping counts as "store unavailable",
+    # and a commit's wait before pings are asked whether the store is there.
     _timeout: float = 10.0
     _database: str = attrs.field(init=False)
     _where: str = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
-    _pool: ConnectionPool | None = attrs.field(default=None, init=False)
+    _writes: ConnectionPool | None = attrs.field(default=None, init=False)
+    _reads: ConnectionPool | None = attrs.field(default=None, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
         self._database = database_name(self._uri)
         self._where = _where(self._uri)
         self._committer = GroupCommitter(
-            lambda ops: self._guard(self._commit(ops)), self._reactor, self.name, self._latency
+            lambda ops: self._guard(self._commit(ops)),
+            self._reactor,
+            self.name,
+            self._latency,
+            alive=self.ping,
+            patience=self._timeout,
         )
 
     @property
@@ -369,12 +388,23 @@ class MongoStore:
 
     @property
     def _db(self) -> Database:
-        assert self._pool is not None, "MongoStore used before start()"
-        return self._pool[self._database]
+        """The database as reads and pings reach it."""
+        assert self._reads is not None, "MongoStore used before start()"
+        return self._reads[self._database]
+
+    @property
+    def _writing(self) -> Database:
+        """The database as commits (and purges) reach it."""
+        assert self._writes is not None, "MongoStore used before start()"
+        return self._writes[self._database]
 
     def start(self) -> Deferred[None]:
-        # txmongo connects when the pool is made, so not before start().
-        self._pool = ConnectionPool(self._uri, w=1, j=True)
+        # txmongo connects when a pool is made, so not before start().  Each
+        # pool reconnects on its own: within half the timeout of the server's
+        # return, so that neither waits on the other's backoff.
+        self._writes, self._reads = (
+            ConnectionPool(self._uri, w=1, j=True, max_delay=self._timeout / 2) for _ in range(2)
+        )
         return self._guard(self._create_indexes())
 
     def stop(self) -> Deferred[None]:
@@ -382,9 +412,10 @@ class MongoStore:
 
     async def _stop(self) -> None:
         await self._committer.stop()
-        if self._pool is not None:
-            await self._pool.disconnect()
-            self._pool = None
+        for pool in (self._writes, self._reads):
+            if pool is not None:
+                await pool.disconnect()
+        self._writes = self._reads = None
 
     def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
         return self._committer.submit(ops)
@@ -476,11 +507,23 @@ class MongoStore:
                 raise
 
     async def _commit(self, ops: Sequence[Op]) -> list[object]:
-        db = self._db
+        try:
+            return await self._apply(ops)
+        except CancelledError:
+            # Given up because the server stopped answering: what was sent
+            # must not run ahead of the retry if it comes back.
+            assert self._writes is not None
+            for connection in self._writes.getprotocols():
+                if connection.instance is not None:
+                    connection.instance.transport.abortConnection()
+            raise
+
+    async def _apply(self, ops: Sequence[Op]) -> list[object]:
+        db = self._writing
         known: dict[_Key, _Stored] = {}
         fields = {"sender": 1, "msgid": 1, "recipient": 1, "token": 1, "digest": 1}
         for chunk in _chunks(list(dict.fromkeys(_chat_keys(ops)))):
-            for doc in await self._q(db.chats.find(_ids_in(chunk), fields)):
+            for doc in await db.chats.find(_ids_in(chunk), fields):
                 known[(doc["sender"], doc["msgid"])] = _Stored(
                     doc["recipient"], doc.get("token"), doc.get("digest")
                 )
@@ -488,13 +531,13 @@ class MongoStore:
         results = [plan.add(op) for op in ops]
         try:
             await gatherResults(
-                [self._q(db[name].bulk_write(writes)) for name, writes in plan.early.items()],
+                [db[name].bulk_write(writes) for name, writes in plan.early.items()],
                 consumeErrors=True,
             )
         except FirstError as e:
             e.subFailure.raiseException()
         for name, writes in plan.late:
-            await self._q(db[name].bulk_write(writes))
+            await db[name].bulk_write(writes)
         return results
 
     async def _load_sessions(self) -> list[SessionRecord]:
@@ -576,7 +619,7 @@ class MongoStore:
         await self._q(self._db.command("ping"))
 
     async def _purge(self, older_than: int) -> int:
-        db = self._db
+        db = self._writing
         await self._q(db.bans.delete_many({"until": {"$lt": older_than}}))
         old = await self._q(
             db.chats.find({"received_at": {"$lt": older_than}}, {"sender": 1, "msgid": 1})
