@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from sktalent.mqtt import codec
 from sktalent.mqtt.codec import Decoder, encode, encode_all, encode_remaining_length
 from sktalent.mqtt.packets import (
     ConnAck,
@@ -281,6 +282,28 @@ class DecoderTests(SynchronousTestCase):
             decoder.feed(wire[-1:] + encode(PingReq())),
             [Publish("a/b", b"hello", 1, packet_id=2), PingReq()],
         )
+
+    def test_large_packet_in_many_reads(self) -> None:
+        """
+        A packet arriving in many reads is parsed once its last byte is in,
+        not again at every read.
+        """
+        packet = Publish("t", bytes(range(256)) * 200, 1, packet_id=5)
+        wire = encode(packet)
+        decoder = Decoder(max_packet_size=len(wire))
+        parses = 0
+        parse = codec._parse
+
+        def counted(data: bytes, limit: int) -> tuple[list[Packet], int]:
+            nonlocal parses
+            parses += 1
+            return parse(data, limit)
+
+        self.patch(codec, "_parse", counted)
+        decoded = [decoder.feed(wire[i : i + 512]) for i in range(0, len(wire), 512)]
+        self.assertEqual(decoded[-1], [packet])
+        self.assertEqual(sum(decoded, []), [packet])
+        self.assertEqual(parses, 2)
 
     def test_too_large_before_body(self) -> None:
         """

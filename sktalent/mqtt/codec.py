@@ -7,6 +7,7 @@ Anything malformed raises ProtocolError; the connection must then be closed
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -65,6 +66,11 @@ _EMPTY_TYPES = {cls: ptype for ptype, cls in _EMPTY.items()}
 _FLAGS = {ptype: 0 for ptype in range(1, 15) if ptype != PUBLISH}
 _FLAGS.update({6: 0b0010, SUBSCRIBE: 0b0010, UNSUBSCRIBE: 0b0010})
 
+# The fixed header of a PUBACK, the packet sent most after PUBLISH.
+_PUBACK_HEAD = bytes((0x40, 2))
+# First byte, one-byte remaining length and topic length of a short PUBLISH.
+_SHORT_PUBLISH = struct.Struct(">BBH")
+
 _PROTOCOL_NAME = "MQTT"
 _PROTOCOL_LEVEL = 4
 _MAX_RETURN_CODE = 5
@@ -79,7 +85,12 @@ class Decoder:
 
     # Limit on the remaining length, checked before the body is buffered.
     max_packet_size: int = 65536
-    _buffer: bytearray = attrs.field(factory=bytearray, init=False)
+    # Bytes of a packet not yet complete, and how many there must be before
+    # parsing again is worth it: a large packet arriving in many reads is
+    # parsed once, not once per read.  None between packets, as most of the
+    # time on an idle connection.
+    _partial: bytearray | None = attrs.field(default=None, init=False)
+    _needed: int = attrs.field(default=0, init=False)
     _error: ProtocolError | None = attrs.field(default=None, init=False)
 
     def feed(self, data: bytes) -> list[Packet]:
@@ -88,51 +99,123 @@ class Decoder:
         """
         if self._error is not None:
             raise ProtocolError("input after a protocol error") from self._error
-        self._buffer += data
+        partial = self._partial
+        if partial is not None:
+            partial += data
+            if len(partial) < self._needed:
+                return []
+            data = bytes(partial)
+            self._partial = None
+        elif type(data) is not bytes:
+            data = bytes(data)
         try:
-            packets, consumed = self._parse()
+            packets, consumed = _parse(data, self.max_packet_size)
         except ProtocolError as e:
             self._error = e
-            # Views in the traceback may still pin the old buffer.
-            self._buffer = bytearray()
             raise
-        # Every view of the buffer died with _parse's frame, so it may shrink.
-        del self._buffer[:consumed]
+        if consumed < len(data):
+            rest = data[consumed:]
+            self._partial = bytearray(rest)
+            self._needed = _needed(rest)
         return packets
 
-    def _parse(self) -> tuple[list[Packet], int]:
-        packets: list[Packet] = []
-        pos = 0
-        with memoryview(self._buffer) as view:
-            while pos < len(view):
-                header = _fixed_header(view, pos)
-                if header is None:
-                    break
-                first, length, body_start = header
-                if length > self.max_packet_size:
-                    raise PacketTooLarge(f"remaining length {length} over {self.max_packet_size}")
-                end = body_start + length
-                if end > len(view):
-                    break
-                reader = _Reader(view[body_start:end])
-                packets.append(_DECODERS[first >> 4](first & 0x0F, reader))
-                reader.finish()
+
+def _parse(data: bytes, limit: int) -> tuple[list[Packet], int]:
+    """
+    The complete packets at the start of data, and how many bytes they
+    take.  The packets every connection sends most (PUBLISH, PUBACK, with a
+    one-byte remaining length) are read inline; the rest, and anything
+    irregular, by the general decoders, which also word every error.
+    """
+    packets: list[Packet] = []
+    append = packets.append
+    pos = 0
+    size = len(data)
+    while pos < size:
+        first = data[pos]
+        if (
+            pos + 1 < size
+            and (length := data[pos + 1]) < 0x80
+            and length <= limit
+            and (end := pos + 2 + length) <= size
+        ):
+            body = pos + 2
+            if first == 0x40 and length == 2:
+                packet_id = data[body] << 8 | data[body + 1]
+                if packet_id:
+                    append(PubAck(packet_id))
+                    pos = end
+                    continue
+            elif first >> 4 == PUBLISH and (publish := _quick_publish(data, first, body, end)):
+                append(publish)
                 pos = end
-        return packets, pos
+                continue
+        header = _fixed_header(data, pos)
+        if header is None:
+            break
+        first, length, body = header
+        if length > limit:
+            raise PacketTooLarge(f"remaining length {length} over {limit}")
+        end = body + length
+        if end > size:
+            break
+        reader = _Reader(memoryview(data)[body:end])
+        append(_DECODERS[first >> 4](first & 0x0F, reader))
+        reader.finish()
+        pos = end
+    return packets, pos
 
 
-def _fixed_header(view: memoryview, pos: int) -> tuple[int, int, int] | None:
+def _quick_publish(data: bytes, first: int, body: int, end: int) -> Publish | None:
+    """
+    The PUBLISH in data[body:end] when it is well-formed, else None: the
+    general decoder then says what is wrong with it.
+    """
+    qos = first >> 1 & 3
+    if qos == 3 or (qos == 0 and first & 0b1000):
+        return None
+    topic_end = body + 2 + (data[body] << 8 | data[body + 1]) if end - body >= 2 else end + 1
+    start = topic_end + 2 if qos else topic_end
+    if start > end:
+        return None
+    try:
+        topic = str(data[body + 2 : topic_end], "utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not topic or "\x00" in topic or "+" in topic or "#" in topic:
+        return None
+    packet_id = None
+    if qos:
+        packet_id = data[topic_end] << 8 | data[topic_end + 1]
+        if not packet_id:
+            return None
+    return Publish(topic, data[start:end], qos, bool(first & 1), bool(first & 0b1000), packet_id)
+
+
+def _needed(rest: bytes) -> int:
+    """
+    How many bytes rest, the start of a packet, must grow to before it may
+    be complete.
+    """
+    header = _fixed_header(rest, 0)
+    if header is None:
+        return len(rest) + 1
+    _, length, body = header
+    return body + length
+
+
+def _fixed_header(data: bytes, pos: int) -> tuple[int, int, int] | None:
     """
     (first byte, remaining length, body offset), or None while incomplete.
     """
-    first = view[pos]
+    first = data[pos]
     _check_flags(first >> 4, first & 0x0F)
     length = 0
     for index in range(4):
         at = pos + 1 + index
-        if at >= len(view):
+        if at >= len(data):
             return None
-        byte = view[at]
+        byte = data[at]
         length |= (byte & 0x7F) << (7 * index)
         if not byte & 0x80:
             return first, length, at + 1
@@ -380,8 +463,24 @@ def encode(packet: Packet) -> bytes:
     long); values that are representable but break a protocol rule are
     encoded as they are.
     """
+    if isinstance(packet, Publish):
+        return _encode_publish(packet)
+    if isinstance(packet, PubAck):
+        return encode_puback(packet.packet_id)
     ptype, flags, body = _encode_body(packet)
-    return bytes([ptype << 4 | flags]) + encode_remaining_length(len(body)) + body
+    return _framed(ptype << 4 | flags, body)
+
+
+def _framed(first: int, body: bytes) -> bytes:
+    length = len(body)
+    if length < 0x80:
+        return bytes((first, length)) + body
+    return bytes((first,)) + encode_remaining_length(length) + body
+
+
+def encode_puback(packet_id: int) -> bytes:
+    """The wire form of PubAck(packet_id), for the hot path: no value built."""
+    return _PUBACK_HEAD + _uint16(packet_id)
 
 
 def encode_all(packets: Iterable[Packet]) -> bytes:
@@ -400,9 +499,6 @@ def _encode_body(packet: Packet) -> tuple[int, int, bytes]:
             return CONNECT, 0, _encode_connect(packet)
         case ConnAck(return_code=code, session_present=present):
             return CONNACK, 0, bytes([present, _byte(code)])
-        case Publish():
-            flags, body = _encode_publish(packet)
-            return PUBLISH, flags, body
         case Subscribe(packet_id=packet_id, topics=topics):
             body = _uint16(packet_id) + b"".join(
                 _string(topic_filter) + bytes([_byte(qos)]) for topic_filter, qos in topics
@@ -413,7 +509,7 @@ def _encode_body(packet: Packet) -> tuple[int, int, bytes]:
         case Unsubscribe(packet_id=packet_id, filters=filters):
             body = _uint16(packet_id) + b"".join(map(_string, filters))
             return UNSUBSCRIBE, _FLAGS[UNSUBSCRIBE], body
-        case PubAck() | PubRec() | PubRel() | PubComp() | UnsubAck():
+        case PubRec() | PubRel() | PubComp() | UnsubAck():
             ptype = _ID_ONLY_TYPES[type(packet)]
             return ptype, _FLAGS[ptype], _uint16(packet.packet_id)
         case PingReq() | PingResp() | Disconnect():
@@ -442,17 +538,27 @@ def _encode_connect(packet: Connect) -> bytes:
     )
 
 
-def _encode_publish(packet: Publish) -> tuple[int, bytes]:
+def _encode_publish(packet: Publish) -> bytes:
+    # Every message delivered goes through here: one struct for the fixed
+    # header and topic length whenever the remaining length fits one byte.
     qos = _qos(packet.qos)
-    flags = packet.dup << 3 | qos << 1 | packet.retain
-    body = _string(packet.topic)
+    first = PUBLISH << 4 | packet.dup << 3 | qos << 1 | packet.retain
+    topic = packet.topic.encode("utf-8")
+    topic_size = len(topic)
+    if topic_size > 0xFFFF:
+        raise ValueError(f"{topic_size} does not fit two bytes")
+    packet_id = packet.packet_id
     if qos:
-        if packet.packet_id is None:
+        if packet_id is None:
             raise ValueError("PUBLISH with QoS > 0 needs a packet identifier")
-        body += _uint16(packet.packet_id)
-    elif packet.packet_id is not None:
+        topic += _uint16(packet_id)
+    elif packet_id is not None:
         raise ValueError("PUBLISH with QoS 0 has no packet identifier")
-    return flags, body + packet.payload
+    payload = packet.payload
+    length = 2 + len(topic) + len(payload)
+    if length < 0x80:
+        return _SHORT_PUBLISH.pack(first, length, topic_size) + topic + payload
+    return bytes((first,)) + encode_remaining_length(length) + _uint16(topic_size) + topic + payload
 
 
 def _byte(value: int) -> int:
