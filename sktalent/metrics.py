@@ -95,6 +95,37 @@ class _StoreCollector:
         )
 
 
+@attrs.define(eq=False)
+class Level:
+    """
+    A gauge changed only on the reactor thread, so without the lock
+    prometheus_client takes at every change: the queue gauges change with
+    every message queued and every one acknowledged.
+    """
+
+    name: str
+    documentation: str
+    value: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
+
+
+def _level(registry: CollectorRegistry, name: str, doc: str) -> Level:
+    level = Level(name, doc)
+    registry.register(level)
+    return level
+
+
 @attrs.define
 class Metrics:
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
@@ -102,8 +133,8 @@ class Metrics:
     node: str = attrs.field(default="", kw_only=True)
     connections: Gauge = attrs.field(init=False)
     sessions: Gauge = attrs.field(init=False)
-    queued: Gauge = attrs.field(init=False)
-    queued_bytes: Gauge = attrs.field(init=False)
+    queued: Level = attrs.field(init=False)
+    queued_bytes: Level = attrs.field(init=False)
     oldest_queued: Gauge = attrs.field(init=False)
     messages_in: Counter = attrs.field(init=False)
     messages_out: Counter = attrs.field(init=False)
@@ -129,10 +160,10 @@ class Metrics:
         ProcessCollector(registry=r)
         self.connections = _gauge(r, "sktalent_connections", "Open MQTT connections.")
         self.sessions = _gauge(r, "sktalent_sessions", "Sessions held, online or not.")
-        self.queued = _gauge(
+        self.queued = _level(
             r, "sktalent_queued_messages", "Messages queued or in flight to clients."
         )
-        self.queued_bytes = _gauge(
+        self.queued_bytes = _level(
             r, "sktalent_queued_bytes", "Payload bytes of the messages queued or in flight."
         )
         self.oldest_queued = _gauge(
