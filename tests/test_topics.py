@@ -184,17 +184,38 @@ class SubscriptionTrieTests(SynchronousTestCase):
 
     def test_prunes_empty_nodes(self) -> None:
         """
-        Removing the last subscriptions leaves no nodes behind, while nodes
-        still on the path of another filter stay.
+        Removing the last subscriptions leaves no nodes (nor entries for
+        filters without wildcards) behind, while nodes still on the path of
+        another filter stay.
         """
         trie = SubscriptionTrie()
-        trie.subscribe("a/b/c", "x", 1)
-        trie.subscribe("a", "x", 1)
-        trie.unsubscribe("a/b/c", "x")
+        trie.subscribe("a/+/c", "x", 1)
+        trie.subscribe("a/+", "x", 1)
+        trie.subscribe("a/b", "x", 1)
+        trie.unsubscribe("a/+/c", "x")
         self.assertEqual(list(trie._root.children), ["a"])
-        self.assertEqual(trie._root.children["a"].children, {})
-        trie.unsubscribe("a", "x")
+        self.assertEqual(trie._root.children["a"].children["+"].children, {})
+        trie.unsubscribe("a/+", "x")
         self.assertEqual(trie._root.children, {})
+        trie.unsubscribe("a/b", "x")
+        self.assertEqual(trie._exact, {})
+
+    def test_fixed_filters_skip_the_trie(self) -> None:
+        """
+        Filters without a wildcard are found without a trie node; a topic
+        matched by both kinds gets each subscriber's highest QoS.
+        """
+        trie = SubscriptionTrie()
+        trie.subscribe("u/alice", "alice", 1)
+        trie.subscribe("$sys/x", "bob", 0)
+        self.assertEqual(trie._root.children, {})
+        self.assertEqual(trie.match("u/alice"), {"alice": 1})
+        self.assertEqual(trie.match("$sys/x"), {"bob": 0})
+        trie.subscribe("u/+", "alice", 2)
+        trie.subscribe("u/#", "bob", 0)
+        self.assertEqual(trie.match("u/alice"), {"alice": 2, "bob": 0})
+        self.assertEqual(trie.match("u/alice"), {"alice": 2, "bob": 0})
+        self.assertEqual(len(trie), 4)
 
     def test_remove_subscriber(self) -> None:
         """

@@ -68,13 +68,21 @@ class _Node:
     subscribers: dict[str, int] = attrs.field(factory=dict)
 
 
+def _is_wild(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
+
+
 @attrs.define
 class SubscriptionTrie:
     """
-    All (topic filter, subscriber) pairs, one trie level per filter level, so a
-    lookup only walks the branches that can match.
+    All (topic filter, subscriber) pairs.  Filters without a wildcard, such
+    as the fixed per-user topics of CallTalent, are one dictionary lookup
+    away; the others are in a trie, one level per filter level, so a lookup
+    only walks the branches that can match.
     """
 
+    # filter without a wildcard -> subscriber -> granted QoS
+    _exact: dict[str, dict[str, int]] = attrs.field(factory=dict, init=False)
     _root: _Node = attrs.field(factory=_Node, init=False)
     _count: int = attrs.field(default=0, init=False)
 
@@ -83,20 +91,32 @@ class SubscriptionTrie:
         Subscribe subscriber to topic_filter at qos, replacing the QoS of an
         identical subscription (MQTT-3.8.4-3).
         """
-        node = self._root
-        for level in topic_filter.split("/"):
-            child = node.children.get(level)
-            if child is None:
-                child = node.children[level] = _Node()
-            node = child
-        if subscriber not in node.subscribers:
+        if _is_wild(topic_filter):
+            node = self._root
+            for level in topic_filter.split("/"):
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _Node()
+                node = child
+            subscribers = node.subscribers
+        else:
+            subscribers = self._exact.setdefault(topic_filter, {})
+        if subscriber not in subscribers:
             self._count += 1
-        node.subscribers[subscriber] = qos
+        subscribers[subscriber] = qos
 
     def unsubscribe(self, topic_filter: str, subscriber: str) -> bool:
         """
         Remove one subscription; False when there was none.
         """
+        if not _is_wild(topic_filter):
+            subscribers = self._exact.get(topic_filter)
+            if subscribers is None or subscribers.pop(subscriber, None) is None:
+                return False
+            if not subscribers:
+                del self._exact[topic_filter]
+            self._count -= 1
+            return True
         path: list[tuple[_Node, str]] = []
         node = self._root
         for level in topic_filter.split("/"):
@@ -128,10 +148,13 @@ class SubscriptionTrie:
         Every subscriber with a filter matching topic, mapped to the highest
         QoS granted over its matching filters.
         """
+        exact = self._exact.get(topic)
+        result = {} if exact is None else exact.copy()
+        if not self._root.children:
+            return result
         levels = topic.split("/")
         # A leading wildcard must not match a '$' topic (MQTT-4.7.2-1).
         wild_root = not topic.startswith("$")
-        result: dict[str, int] = {}
         stack = [(self._root, 0)]
         while stack:
             node, depth = stack.pop()
