@@ -66,6 +66,16 @@ class DownStore(MemoryStore):
     available = False
 
 
+class CountingTransport(StringTransport):
+    """A StringTransport that counts its writes."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
 @attrs.define(eq=False)
 class Client:
     """
@@ -73,7 +83,7 @@ class Client:
     """
 
     protocol: MQTTServerProtocol
-    transport: StringTransport
+    transport: CountingTransport
     _decoder: Decoder = attrs.Factory(lambda: Decoder(1 << 28))
 
     def send(self, *packets: p.Packet) -> None:
@@ -133,6 +143,6 @@ class Harness:
 
     def client(self) -> Client:
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
-        transport = StringTransport()
+        transport = CountingTransport()
         protocol.makeConnection(transport)
         return Client(protocol, transport)

@@ -22,7 +22,7 @@ from sktalent.mqtt.session import QueueLimits
 from sktalent.store.interfaces import Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
-from .mqttclient import Client, Harness, HeldStore, only
+from .mqttclient import Client, CountingTransport, Harness, HeldStore, only
 
 
 @implementer(ICredentialsChecker)
@@ -169,6 +169,29 @@ class ConnectTests(SynchronousTestCase):
         self.assertFalse(c.closed)
         self.h.clock.advance(1.1)
         self.assertTrue(c.closed)
+
+    def test_keepalive_one_timer(self) -> None:
+        """
+        Connections share one keepalive timer, and each is closed within a
+        second after 1.5 times its keepalive of silence.
+        """
+        clients = []
+        for i in range(20):
+            self.h.clock.advance(0.25)
+            clients.append(self.h.client())
+            clients[-1].connect(f"c{i}", keepalive=10)
+        self.assertEqual(len(self.h.clock.getDelayedCalls()), 1)
+        # The first came at 0.25 (silent until 15.25), the last at 5.
+        self.h.clock.advance(15.24 - self.h.clock.seconds())
+        self.assertFalse(any(c.closed for c in clients))
+        self.h.clock.advance(16 - self.h.clock.seconds())
+        self.assertEqual([c.closed for c in clients[:4]], [True, True, True, True])
+        self.assertFalse(clients[4].closed)
+        self.h.clock.advance(4)
+        self.assertTrue(all(c.closed for c in clients))
+        for c in clients:
+            c.lose()
+        self.assertEqual(self.h.clock.getDelayedCalls(), [])
 
     def test_keepalive_zero(self) -> None:
         """Keepalive 0 turns the timeout off."""
@@ -422,6 +445,58 @@ class PubSubTests(SynchronousTestCase):
                 got.append(packet.payload)
                 sub.send(p.PubAck(packet.packet_id))
         self.assertEqual(got, [b"%d" % i for i in range(10)])
+
+
+class BatchTests(SynchronousTestCase):
+    """What one read causes is written with one write per connection."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_one_write_per_read(self) -> None:
+        """
+        Ten QoS 1 PUBLISHes in one read are answered with their ten PUBACKs
+        in one write, delivered in one write, and counted; the subscriber's
+        ten PUBACKs in one read are one write too, of nothing.
+        """
+        sub, pub = _connected(self.h, "s"), _connected(self.h, "p")
+        sub.send(p.Subscribe(1, (("a/b", 1),)))
+        sub.received()
+        before = sub.transport.writes, pub.transport.writes
+        pub.send(*(p.Publish("a/b", b"%d" % i, 1, packet_id=i) for i in range(1, 11)))
+        self.assertEqual(pub.received(), [p.PubAck(i) for i in range(1, 11)])
+        delivered = only(p.Publish, sub.received())
+        self.assertEqual([d.payload for d in delivered], [b"%d" % i for i in range(1, 11)])
+        self.assertEqual(
+            (sub.transport.writes, pub.transport.writes), (before[0] + 1, before[1] + 1)
+        )
+        counted = self.h.metrics.registry.get_sample_value(
+            "sktalent_messages_in_total", {"type": "mqtt_publish"}
+        )
+        self.assertEqual(counted, 10)
+        sub.send(*(p.PubAck(d.packet_id) for d in delivered if d.packet_id is not None))
+        self.assertEqual(sub.transport.writes, before[0] + 1)
+        self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+
+    def test_held_output_before_the_close(self) -> None:
+        """
+        What a read wrote before it closed the connection is written before
+        the close, however the transport treats writes after it.
+        """
+        c = _connected(self.h, "c")
+        c.transport = _DropsAfterClose()
+        c.protocol.transport = c.transport
+        c.send(p.Publish("t", b"x", 1, packet_id=3), p.Connect("c"))
+        self.assertEqual(c.received(), [p.PubAck(3)])
+        self.assertTrue(c.closed)
+
+
+class _DropsAfterClose(CountingTransport):
+    """A transport that, once closing, drops what is written."""
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting:
+            super().write(data)
 
 
 class RetainedTests(SynchronousTestCase):

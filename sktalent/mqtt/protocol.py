@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
+from prometheus_client import Counter
 from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +30,7 @@ from ..store.interfaces import Message, StoreUnavailable
 from . import packets as p
 from .bans import Bans
 from .broker import Broker
-from .codec import Decoder, encode_all
+from .codec import Decoder, encode_all, encode_puback
 from .interfaces import (
     IApplication,
     IAuthorizer,
@@ -38,6 +39,7 @@ from .interfaces import (
     IMQTTUser,
     ServiceUnavailable,
 )
+from .keepalive import Keepalives
 from .plan import Plan
 from .session import Session
 
@@ -69,6 +71,47 @@ class Limits:
     connect_timeout: float = 10.0
 
 
+@attrs.define(eq=False)
+class Batch:
+    """
+    What the handling of one read holds back until its end, shared by every
+    connection of a factory: each connection's output, written with one
+    transport write however many packets it got (a read of 32 PUBLISHes
+    answers 32 PUBACKs and delivers 32 messages), and the count of routed
+    publishes.  Output outside a batch is written at once.
+    """
+
+    # Publishes routed to subscribers (the application counts its own).
+    _counter: Counter
+    routed: int = 0
+    _depth: int = 0
+    _held: list[MQTTServerProtocol] = attrs.Factory(list)
+
+    @property
+    def holding(self) -> bool:
+        return self._depth > 0
+
+    def hold(self) -> None:
+        self._depth += 1
+
+    def release(self) -> None:
+        """End what hold began; the outermost end writes what was held."""
+        self._depth -= 1
+        if self._depth:
+            return
+        while self._held:
+            held, self._held = self._held, []
+            for protocol in held:
+                protocol.flush()
+        if self.routed:
+            self._counter.inc(self.routed)
+            self.routed = 0
+
+    def held(self, protocol: MQTTServerProtocol) -> None:
+        """protocol has output held: flush it at the end."""
+        self._held.append(protocol)
+
+
 @implementer(IConnection)
 @attrs.define(eq=False, repr=False)
 class MQTTServerProtocol(Protocol):
@@ -96,7 +139,16 @@ class MQTTServerProtocol(Protocol):
       accepted CONNECT until the connection ends or is taken over.
     - The will is published only when the connection ends otherwise than by
       DISCONNECT or the server stopping.
+    - What is written while a Batch holds goes out, in order, at its end or
+      before the connection closes, whichever comes first.
+    - A connection with a keepalive is watched by the shared Keepalives
+      from its CONNACK until it ends, filed under ``_keepalive_second``.
     """
+
+    # Slots, as every other attribute: an idle connection has no __dict__.
+    factory: Any = attrs.field(default=None, init=False)
+    transport: ITransport | None = attrs.field(default=None, init=False)
+    connected: int = attrs.field(default=0, init=False)
 
     _broker: Broker
     _portal: Portal
@@ -106,13 +158,19 @@ class MQTTServerProtocol(Protocol):
     _metrics: Metrics
     _limits: Limits
     _bans: Bans = attrs.field(kw_only=True)
+    _batch: Batch = attrs.field(kw_only=True)
+    _keepalives: Keepalives = attrs.field(kw_only=True)
     _decoder: Decoder = attrs.field(init=False)
-    # Publishes routed to subscribers (the application counts its own).
-    _routed: Any = attrs.field(init=False)
     _state: State = State.AWAITING_CONNECT
-    _waiting: list[p.Packet] = attrs.Factory(list)
+    # Packets that came while the CONNECT was being checked.
+    _waiting: list[p.Packet] | None = None
+    # Output held by the batch.
+    _out: list[bytes] | None = None
+    # The connect and login timeouts.
     _timer: IDelayedCall | None = None
-    _keepalive: float = 0.0
+    # 1.5 times the keepalive: how long the client may be silent.
+    _silence: float = 0.0
+    _keepalive_second: int = 0
     _last_heard: float = 0.0
     _user: IMQTTUser | None = None
     _client_id: str = ""
@@ -127,7 +185,6 @@ class MQTTServerProtocol(Protocol):
 
     def __attrs_post_init__(self) -> None:
         self._decoder = Decoder(self._limits.max_packet_size)
-        self._routed = self._metrics.messages_in.labels("mqtt_publish")
 
     # -- transport events ---------------------------------------------------
 
@@ -140,6 +197,13 @@ class MQTTServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._state == State.CLOSED:
             return
+        self._batch.hold()
+        try:
+            self._received(data)
+        finally:
+            self._batch.release()
+
+    def _received(self, data: bytes) -> None:
         try:
             received = self._decoder.feed(data)
         except p.UnacceptableProtocolLevel as e:
@@ -166,6 +230,8 @@ class MQTTServerProtocol(Protocol):
             if self._state == State.CLOSED:
                 return
             if self._state == State.AUTHENTICATING:
+                if self._waiting is None:
+                    self._waiting = []
                 if len(self._waiting) >= _HIGH_WATER:
                     self._close("too many packets before CONNACK")
                     return
@@ -178,7 +244,10 @@ class MQTTServerProtocol(Protocol):
         if isinstance(self.factory, MQTTFactory):
             self.factory.closed(self)
         self._state = State.CLOSED
+        self._out = None
         self._cancel_timer()
+        if self._silence:
+            self._keepalives.forget(self, self._keepalive_second)
         if self._will is not None:
             # Only DISCONNECT clears the will: any other loss is abnormal.
             self._publish_will(self._will)
@@ -211,8 +280,24 @@ class MQTTServerProtocol(Protocol):
     # -- helpers ------------------------------------------------------------
 
     def _write(self, packets: list[p.Packet]) -> None:
-        if self.transport is not None:
-            self.transport.write(encode_all(packets))
+        self._write_bytes(encode_all(packets))
+
+    def _write_bytes(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if not self._batch.holding:
+            self.transport.write(data)
+        elif self._out is None:
+            self._out = [data]
+            self._batch.held(self)
+        else:
+            self._out.append(data)
+
+    def flush(self) -> None:
+        """Write the output the batch held."""
+        out, self._out = self._out, None
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
 
     def _close(self, why: str | None) -> None:
         if why is not None and self._user is None:
@@ -223,6 +308,8 @@ class MQTTServerProtocol(Protocol):
         elif why is not None:
             log.info("Closing connection of {client!r}: {why}", client=self._client_id, why=why)
         self._state = State.CLOSED
+        # What was written before the close goes out before it.
+        self.flush()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -241,14 +328,14 @@ class MQTTServerProtocol(Protocol):
         self._timer = None
         self._close("no CONNECT in time")
 
-    def _check_keepalive(self) -> None:
-        deadline = self._last_heard + self._keepalive * 1.5
-        now = self._clock.seconds()
+    def keepalive_due(self, now: float) -> None:
+        if self._state == State.CLOSED:
+            return
+        deadline = self._last_heard + self._silence
         if now >= deadline:
-            self._timer = None
             self._close("keepalive expired")
         else:
-            self._timer = self._clock.callLater(deadline - now, self._check_keepalive)
+            self._keepalive_second = self._keepalives.watch(self, deadline)
 
     def _dispatch(self, packet: p.Packet) -> None:
         if self._state == State.AWAITING_CONNECT:
@@ -358,16 +445,22 @@ class MQTTServerProtocol(Protocol):
         self._metrics.logins.inc()
         self._cancel_timer()
         if connect.keepalive:
-            self._keepalive = connect.keepalive
-            self._timer = self._clock.callLater(connect.keepalive * 1.5, self._check_keepalive)
-        # CONNACK must precede what the session resends.
-        self.send([p.ConnAck(p.ACCEPTED, present)])
-        self._session.resume()
-        waiting, self._waiting = self._waiting, []
-        for packet in waiting:
-            if self._state != State.CONNECTED:
-                break
-            self._dispatch(packet)
+            self._silence = connect.keepalive * 1.5
+            self._keepalive_second = self._keepalives.watch(
+                self, self._clock.seconds() + self._silence
+            )
+        self._batch.hold()
+        try:
+            # CONNACK must precede what the session resends.
+            self.send([p.ConnAck(p.ACCEPTED, present)])
+            self._session.resume()
+            waiting, self._waiting = self._waiting or [], None
+            for packet in waiting:
+                if self._state != State.CONNECTED:
+                    break
+                self._dispatch(packet)
+        finally:
+            self._batch.release()
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         log.failure(what, failure)
@@ -396,7 +489,7 @@ class MQTTServerProtocol(Protocol):
             if self._app is not None and self._app.owns(publish.topic):
                 self._app.handle(self._client_id, message, plan)
             else:
-                self._routed.inc()
+                self._batch.routed += 1
                 self._broker.route(plan, message)
             if publish.qos == 2:
                 assert pid is not None
@@ -413,7 +506,8 @@ class MQTTServerProtocol(Protocol):
     def _acknowledge(self, publish: p.Publish) -> None:
         if publish.qos == 1:
             assert publish.packet_id is not None
-            self.send([p.PubAck(publish.packet_id)])
+            if self._state == State.CONNECTED:
+                self._write_bytes(encode_puback(publish.packet_id))
         elif publish.qos == 2:
             assert publish.packet_id is not None
             self.send([p.PubRec(publish.packet_id)])
@@ -532,8 +626,12 @@ class MQTTFactory(Factory):
     _bans: Bans = attrs.field(kw_only=True)
     _live: set[MQTTServerProtocol] = attrs.Factory(set)
     _before_login: ThrottledLog = attrs.field(init=False)
+    _batch: Batch = attrs.field(init=False)
+    _keepalives: Keepalives = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._batch = Batch(self._metrics.messages_in.labels("mqtt_publish"))
+        self._keepalives = Keepalives(self._clock)
         self._before_login = ThrottledLog(
             log,
             self._clock,
@@ -552,6 +650,8 @@ class MQTTFactory(Factory):
             self._limits,
             bans=self._bans,
             before_login=self._before_login,
+            batch=self._batch,
+            keepalives=self._keepalives,
         )
         protocol.factory = self
         return protocol
@@ -567,3 +667,4 @@ class MQTTFactory(Factory):
         for protocol in list(self._live):
             protocol.server_stopping()
         self._before_login.stop()
+        self._keepalives.stop()
