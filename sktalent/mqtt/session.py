@@ -96,7 +96,7 @@ class Queues:
         return self.limits.admit(held, held_bytes, size, headroom=False)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, weakref_slot=False)
 class Session:
     """
     One client's session.
@@ -128,12 +128,14 @@ class Session:
     _queues: Queues = attrs.field(repr=False)
     subscriptions: dict[str, int] = attrs.Factory(dict)
     queue: dict[int, Outgoing] = attrs.Factory(dict)
-    # Queued messages not yet sent on the current connection, in seq order.
-    unsent: deque[Outgoing] = attrs.Factory(deque)
-    # packet id -> message sent and awaiting acknowledgement.
-    inflight: dict[int, Outgoing] = attrs.Factory(dict)
-    # Inbound QoS 2 packet ids not yet released.
-    inbound: set[int] = attrs.Factory(set)
+    # Queued messages not yet sent on the current connection, in seq order;
+    # made when first needed (an empty deque takes 760 bytes, a quarter of
+    # an idle connection).
+    unsent: deque[Outgoing] | None = None
+    # packet id -> message sent and awaiting acknowledgement; made when first needed.
+    inflight: dict[int, Outgoing] | None = None
+    # Inbound QoS 2 packet ids not yet released (frozen and shared while none are).
+    inbound: set[int] | frozenset[int] = frozenset()
     next_seq: int = 1
     connection: IConnection | None = None
     held: int = 0
@@ -152,7 +154,8 @@ class Session:
         """The persistent session record describes, as the store kept it."""
         session = cls(record.client_id, True, queues, has_connected=record.has_connected)
         session.subscriptions = dict(record.subscriptions)
-        session.inbound = set(record.inbound)
+        if record.inbound:
+            session.inbound = set(record.inbound)
         for queued in record.queue:
             out = Outgoing(
                 queued.seq,
@@ -202,8 +205,8 @@ class Session:
         A connection attached: resend what is unacknowledged, in order, then
         continue with the queue.
         """
-        self.inflight.clear()
-        self.unsent = deque(self.queue.values())
+        self.inflight = None
+        self.unsent = deque(self.queue.values()) if self.queue else None
         self.overflowing = False
         self._pump()
         self.handed_over()
@@ -282,6 +285,8 @@ class Session:
         if self.discarded:
             return  # Discarded while the commit was under way.
         self.queue[out.seq] = out
+        if self.unsent is None:
+            self.unsent = deque()
         self.unsent.append(out)
         self.notices += out.notice is not None
         metrics = self._queues.metrics
@@ -302,7 +307,7 @@ class Session:
         for out in self.queue.values():
             if out.queued_at >= before:
                 break
-            if not (live and self.inflight.get(out.packet_id) is out):
+            if not (live and (self.inflight or {}).get(out.packet_id) is out):
                 expired.append(out)
         metrics = self._queues.metrics
         for out in expired:
@@ -314,7 +319,7 @@ class Session:
             if self.persistent:
                 plan.add(Dequeue(self.client_id, out.seq))
         if expired and live:
-            self.unsent = deque(o for o in self.unsent if o.seq in self.queue)
+            self.unsent = deque(o for o in self.unsent or () if o.seq in self.queue)
         metrics.queued.dec(len(expired))
         return len(expired)
 
@@ -322,15 +327,18 @@ class Session:
 
     def _pump(self) -> None:
         connection = self.connection
-        if connection is None:
+        if connection is None or not self.unsent:
             return
+        if self.inflight is None:
+            self.inflight = {}
+        inflight = self.inflight
         packets: list[Packet] = []
-        while self.unsent and len(self.inflight) < self._queues.max_inflight:
+        while self.unsent and len(inflight) < self._queues.max_inflight:
             out = self.unsent[0]
-            if out.packet_id in self.inflight:
+            if out.packet_id in inflight:
                 break  # Wrapped around onto a message still unacknowledged.
             self.unsent.popleft()
-            self.inflight[out.packet_id] = out
+            inflight[out.packet_id] = out
             m = out.message
             if out.released:
                 packets.append(PubRel(out.packet_id))
@@ -346,11 +354,12 @@ class Session:
         """
         PUBACK (qos 1) or PUBCOMP (qos 2) for packet_id: the message is done.
         """
-        out = self.inflight.get(packet_id)
+        inflight = self.inflight or {}
+        out = inflight.get(packet_id)
         if out is None or out.message.qos != qos or (qos == 2 and not out.released):
             log.debug("Ignoring acknowledgement of unknown packet {pid}", pid=packet_id)
             return
-        del self.inflight[packet_id]
+        del inflight[packet_id]
         del self.queue[out.seq]
         size = len(out.message.payload)
         self._unhold(size)
@@ -367,7 +376,7 @@ class Session:
         PUBREC for packet_id: fire with True once the release is durable and
         PUBREL may go out, False for an unknown packet id.
         """
-        out = self.inflight.get(packet_id)
+        out = (self.inflight or {}).get(packet_id)
         if out is None or out.message.qos != 2:
             return succeed(False)
         plan = Plan()
@@ -382,12 +391,14 @@ class Session:
 
     def hold_inbound(self, plan: Plan, packet_id: int) -> None:
         """Remember an inbound QoS 2 packet id with the publish it carries."""
+        if not isinstance(self.inbound, set):
+            self.inbound = set()
         self.inbound.add(packet_id)
         if self.persistent:
             plan.add(AddInbound(self.client_id, packet_id))
 
     def release_inbound(self, packet_id: int) -> None:
-        if packet_id in self.inbound:
+        if isinstance(self.inbound, set) and packet_id in self.inbound:
             self.inbound.discard(packet_id)
             if self.persistent:
                 self._queues.pipeline.later(RemoveInbound(self.client_id, packet_id))
