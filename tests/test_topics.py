@@ -217,6 +217,27 @@ class SubscriptionTrieTests(SynchronousTestCase):
         self.assertEqual(trie.match("u/alice"), {"alice": 2, "bob": 0})
         self.assertEqual(len(trie), 4)
 
+    def test_fixed_filter_subscribers(self) -> None:
+        """
+        A filter without a wildcard keeps its subscribers and their QoS as
+        they come and go, down to none.
+        """
+        trie = SubscriptionTrie()
+        trie.subscribe("t", "a", 0)
+        trie.subscribe("t", "a", 1)
+        self.assertEqual((trie.match("t"), len(trie)), ({"a": 1}, 1))
+        self.assertFalse(trie.unsubscribe("t", "b"))
+        trie.subscribe("t", "b", 2)
+        trie.subscribe("t", "c", 0)
+        self.assertEqual((trie.match("t"), len(trie)), ({"a": 1, "b": 2, "c": 0}, 3))
+        self.assertTrue(trie.unsubscribe("t", "a"))
+        self.assertTrue(trie.unsubscribe("t", "c"))
+        self.assertFalse(trie.unsubscribe("t", "c"))
+        trie.subscribe("t", "b", 1)
+        self.assertEqual((trie.match("t"), len(trie)), ({"b": 1}, 1))
+        self.assertTrue(trie.unsubscribe("t", "b"))
+        self.assertEqual((trie.match("t"), len(trie), trie._exact), ({}, 0, {}))
+
     def test_remove_subscriber(self) -> None:
         """
         remove_subscriber drops the named filters of one subscriber only.

@@ -81,8 +81,10 @@ class SubscriptionTrie:
     only walks the branches that can match.
     """
 
-    # filter without a wildcard -> subscriber -> granted QoS
-    _exact: dict[str, dict[str, int]] = attrs.field(factory=dict, init=False)
+    # filter without a wildcard -> (subscriber, granted QoS) while it has one
+    # subscriber, as most such filters have (a tuple is 72 bytes, a dict
+    # with one entry 184), else subscriber -> granted QoS
+    _exact: dict[str, tuple[str, int] | dict[str, int]] = attrs.field(factory=dict, init=False)
     _root: _Node = attrs.field(factory=_Node, init=False)
     _count: int = attrs.field(default=0, init=False)
 
@@ -91,32 +93,37 @@ class SubscriptionTrie:
         Subscribe subscriber to topic_filter at qos, replacing the QoS of an
         identical subscription (MQTT-3.8.4-3).
         """
-        if _is_wild(topic_filter):
-            node = self._root
-            for level in topic_filter.split("/"):
-                child = node.children.get(level)
-                if child is None:
-                    child = node.children[level] = _Node()
-                node = child
-            subscribers = node.subscribers
-        else:
-            subscribers = self._exact.setdefault(topic_filter, {})
-        if subscriber not in subscribers:
+        if not _is_wild(topic_filter):
+            self._subscribe_exact(topic_filter, subscriber, qos)
+            return
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Node()
+            node = child
+        if subscriber not in node.subscribers:
             self._count += 1
-        subscribers[subscriber] = qos
+        node.subscribers[subscriber] = qos
+
+    def _subscribe_exact(self, topic_filter: str, subscriber: str, qos: int) -> None:
+        entry = self._exact.get(topic_filter)
+        if isinstance(entry, dict):
+            self._count += subscriber not in entry
+            entry[subscriber] = qos
+        elif entry is None or entry[0] == subscriber:
+            self._count += entry is None
+            self._exact[topic_filter] = (subscriber, qos)
+        else:
+            self._exact[topic_filter] = dict((entry, (subscriber, qos)))
+            self._count += 1
 
     def unsubscribe(self, topic_filter: str, subscriber: str) -> bool:
         """
         Remove one subscription; False when there was none.
         """
         if not _is_wild(topic_filter):
-            subscribers = self._exact.get(topic_filter)
-            if subscribers is None or subscribers.pop(subscriber, None) is None:
-                return False
-            if not subscribers:
-                del self._exact[topic_filter]
-            self._count -= 1
-            return True
+            return self._unsubscribe_exact(topic_filter, subscriber)
         path: list[tuple[_Node, str]] = []
         node = self._root
         for level in topic_filter.split("/"):
@@ -135,6 +142,20 @@ class SubscriptionTrie:
             del parent.children[level]
         return True
 
+    def _unsubscribe_exact(self, topic_filter: str, subscriber: str) -> bool:
+        entry = self._exact.get(topic_filter)
+        if isinstance(entry, dict):
+            if entry.pop(subscriber, None) is None:
+                return False
+            if len(entry) == 1:
+                [self._exact[topic_filter]] = entry.items()
+        elif entry is not None and entry[0] == subscriber:
+            del self._exact[topic_filter]
+        else:
+            return False
+        self._count -= 1
+        return True
+
     def remove_subscriber(self, subscriber: str, filters: Iterable[str]) -> None:
         """
         Remove subscriber's subscriptions to filters; the trie does not index
@@ -149,7 +170,12 @@ class SubscriptionTrie:
         QoS granted over its matching filters.
         """
         exact = self._exact.get(topic)
-        result = {} if exact is None else exact.copy()
+        if exact is None:
+            result = {}
+        elif isinstance(exact, dict):
+            result = exact.copy()
+        else:
+            result = dict((exact,))
         if not self._root.children:
             return result
         levels = topic.split("/")
