@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.mqtt import codec
-from sktalent.mqtt.codec import Decoder, encode, encode_all, encode_remaining_length
+from sktalent.mqtt.codec import Decoder, decode, encode, encode_all, encode_remaining_length
 from sktalent.mqtt.packets import (
     ConnAck,
     Connect,
@@ -304,6 +304,22 @@ class DecoderTests(SynchronousTestCase):
         self.assertEqual(decoded[-1], [packet])
         self.assertEqual(sum(decoded, []), [packet])
         self.assertEqual(parses, 2)
+
+    def test_decode(self) -> None:
+        """
+        decode answers the whole packets and no decoder when nothing is left
+        over, else a decoder that completes the packet begun.
+        """
+        wire = encode_all([PubAck(1), Publish("a", b"x", 1, packet_id=2)])
+        self.assertEqual(decode(wire, 100), ([PubAck(1), Publish("a", b"x", 1, packet_id=2)], None))
+        packets, decoder = decode(wire[:5], 100)
+        self.assertEqual(packets, [PubAck(1)])
+        assert decoder is not None
+        self.assertTrue(decoder.pending)
+        self.assertEqual(decoder.feed(wire[5:]), [Publish("a", b"x", 1, packet_id=2)])
+        self.assertFalse(decoder.pending)
+        with self.assertRaises(PacketTooLarge):
+            decode(wire, 3)
 
     def test_too_large_before_body(self) -> None:
         """

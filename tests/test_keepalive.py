@@ -8,30 +8,25 @@ import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sktalent.mqtt.keepalive import Keepalives
+from sktalent.mqtt.keepalive import Keepalives, Watched
 
 
 @attrs.define(eq=False)
 class Connection:
-    """A watched connection that records its checks and is silent from the start."""
+    """A watched connection that records when it expired."""
 
     keepalives: Keepalives
-    # When it must be heard from again; None once it was closed.
-    deadline: float | None
-    checked: list[float] = attrs.Factory(list)
-    second: int = 0
+    clock: Clock
+    expired: list[float] = attrs.Factory(list)
+    filed: dict[Watched, None] | None = None
 
-    def watch(self) -> None:
-        assert self.deadline is not None
-        self.second = self.keepalives.watch(self, self.deadline)
+    def heard(self, silence: float) -> None:
+        """Heard from now: it may be silent for silence seconds."""
+        due = self.clock.seconds() + silence
+        self.filed = self.keepalives.watch(self, due, self.filed)
 
-    def keepalive_due(self, now: float) -> None:
-        self.checked.append(now)
-        assert self.deadline is not None
-        if now >= self.deadline:
-            self.deadline = None
-        else:
-            self.watch()
+    def keepalive_expired(self) -> None:
+        self.expired.append(self.clock.seconds())
 
 
 class KeepalivesTests(SynchronousTestCase):
@@ -39,9 +34,9 @@ class KeepalivesTests(SynchronousTestCase):
         self.clock = Clock()
         self.keepalives = Keepalives(self.clock)
 
-    def connection(self, deadline: float) -> Connection:
-        connection = Connection(self.keepalives, deadline)
-        connection.watch()
+    def connection(self, silence: float) -> Connection:
+        connection = Connection(self.keepalives, self.clock)
+        connection.heard(silence)
         return connection
 
     def test_one_timer(self) -> None:
@@ -51,38 +46,45 @@ class KeepalivesTests(SynchronousTestCase):
         self.assertEqual(call.getTime(), 30)
         self.assertEqual(len(self.keepalives), 100)
         self.clock.advance(60)
-        self.assertTrue(all(c.deadline is None for c in connections))
+        self.assertTrue(all(c.expired for c in connections))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(len(self.keepalives), 0)
 
-    def test_checked_within_a_second(self) -> None:
-        """A connection is checked at the whole second its deadline falls in, not before."""
+    def test_expires_within_a_second(self) -> None:
+        """A connection expires at the whole second its silence runs out in, not before."""
         connection = self.connection(10.2)
         self.clock.advance(10.99)
-        self.assertEqual(connection.checked, [])
+        self.assertEqual(connection.expired, [])
         self.clock.advance(0.01)
-        self.assertEqual(connection.checked, [11])
-        self.assertIsNone(connection.deadline)
+        self.assertEqual(connection.expired, [11])
 
-    def test_heard_from_meanwhile(self) -> None:
-        """A connection that moved its deadline on is filed again and checked then."""
-        connection = self.connection(5)
-        connection.deadline = 12.5
-        self.clock.advance(5)
-        self.assertEqual(connection.checked, [5])
-        self.assertEqual(connection.second, 13)
-        [call] = self.clock.getDelayedCalls()
-        self.assertEqual(call.getTime(), 13)
-        self.clock.advance(8)
-        self.assertEqual(connection.checked, [5, 13])
-        self.assertIsNone(connection.deadline)
+    def test_heard_from_again(self) -> None:
+        """
+        A connection heard from again moves to a later second, and only the
+        silence after its last read counts; within a second it stays put.
+        """
+        connection = self.connection(4.5)
+        first = connection.filed
+        self.clock.advance(0.3)
+        connection.heard(4.5)
+        self.assertIs(connection.filed, first)
+        self.clock.advance(3)
+        connection.heard(4.5)
+        self.assertIsNot(connection.filed, first)
+        self.assertEqual(first, {})
+        self.clock.advance(7.99 - self.clock.seconds())
+        self.assertEqual(connection.expired, [])
+        self.clock.advance(0.01)
+        self.assertEqual(connection.expired, [8])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_forget(self) -> None:
-        """A forgotten connection is not checked; the others of its second are."""
+        """A connection that left its dict does not expire; the others of its second do."""
         gone, staying = self.connection(3), self.connection(3)
-        self.keepalives.forget(gone, gone.second)
+        assert gone.filed is not None
+        del gone.filed[gone]
         self.clock.advance(3)
-        self.assertEqual((gone.checked, staying.checked), ([], [3]))
+        self.assertEqual((gone.expired, staying.expired), ([], [3]))
 
     def test_earlier_connection_moves_the_timer(self) -> None:
         """A connection due before every other one brings the timer forward."""
@@ -91,28 +93,28 @@ class KeepalivesTests(SynchronousTestCase):
         [call] = self.clock.getDelayedCalls()
         self.assertEqual(call.getTime(), 4)
         self.clock.advance(4)
-        self.assertEqual((early.checked, late.checked), ([4], []))
+        self.assertEqual((early.expired, late.expired), ([4], []))
         [call] = self.clock.getDelayedCalls()
         self.assertEqual(call.getTime(), 100)
 
     def test_stop(self) -> None:
-        """Once stopped, nothing is checked and no timer is left."""
+        """Once stopped, nothing expires and no timer is left."""
         connection = self.connection(3)
         self.keepalives.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(10)
-        self.assertEqual(connection.checked, [])
+        self.assertEqual(connection.expired, [])
 
-    def test_failing_check(self) -> None:
-        """A check that raises is logged; the others of its second still run."""
+    def test_failing_close(self) -> None:
+        """A close that raises is logged; the others of its second still close."""
 
         @attrs.define(eq=False)
         class Broken:
-            def keepalive_due(self, now: float) -> None:
+            def keepalive_expired(self) -> None:
                 raise ZeroDivisionError()
 
         self.keepalives.watch(Broken(), 2)
         connection = self.connection(2)
         self.clock.advance(2)
-        self.assertEqual(connection.checked, [2])
+        self.assertEqual(connection.expired, [2])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import AllowEverything, portal_for
+from sktalent.mqtt.codec import encode
 from sktalent.mqtt.protocol import Limits
 from sktalent.mqtt.router import RetainedLimits
 from sktalent.mqtt.session import QueueLimits
@@ -477,6 +478,20 @@ class BatchTests(SynchronousTestCase):
         sub.send(*(p.PubAck(d.packet_id) for d in delivered if d.packet_id is not None))
         self.assertEqual(sub.transport.writes, before[0] + 1)
         self.assertEqual(self.h.broker.session("s").queue, {})  # type: ignore[union-attr]
+
+    def test_decoder_only_while_part_read(self) -> None:
+        """
+        A connection keeps a decoder only while a packet is part-read, and
+        the packet completes across the reads.
+        """
+        c = _connected(self.h, "c")
+        self.assertIsNone(c.protocol._decoder)
+        wire = encode(p.PingReq())
+        c.protocol.dataReceived(wire[:1])
+        self.assertIsNotNone(c.protocol._decoder)
+        c.protocol.dataReceived(wire[1:])
+        self.assertEqual(c.received(), [p.PingResp()])
+        self.assertIsNone(c.protocol._decoder)
 
     def test_held_output_before_the_close(self) -> None:
         """

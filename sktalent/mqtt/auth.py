@@ -21,13 +21,17 @@ class MQTTUser:
     user_id: str
 
 
+# Every client without a user name is this one (a value: one is as good as another).
+_NOBODY = MQTTUser("")
+
+
 @implementer(IRealm)
 class MQTTRealm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMQTTUser not in interfaces:
             raise NotImplementedError("MQTTRealm only provides IMQTTUser")
         user_id = avatarId.decode() if isinstance(avatarId, bytes) else avatarId
-        return IMQTTUser, MQTTUser(user_id or ""), lambda: None
+        return IMQTTUser, MQTTUser(user_id) if user_id else _NOBODY, lambda: None
 
 
 @implementer(ICredentialsChecker)

@@ -114,10 +114,32 @@ class Decoder:
             self._error = e
             raise
         if consumed < len(data):
-            rest = data[consumed:]
-            self._partial = bytearray(rest)
-            self._needed = _needed(rest)
+            self._keep(data[consumed:])
         return packets
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a packet is waiting for the rest."""
+        return self._partial is not None
+
+    def _keep(self, rest: bytes) -> None:
+        self._partial = bytearray(rest)
+        self._needed = _needed(rest)
+
+
+def decode(data: bytes, limit: int) -> tuple[list[Packet], Decoder | None]:
+    """
+    The packets complete in data, and a Decoder holding the start of the
+    packet after them, if data ends inside one: for a reader that keeps a
+    decoder only while a packet is part-read, as a connection between
+    packets need not (every idle one).
+    """
+    packets, consumed = _parse(bytes(data), limit)
+    if consumed == len(data):
+        return packets, None
+    decoder = Decoder(limit)
+    decoder._keep(data[consumed:])
+    return packets, decoder
 
 
 def _parse(data: bytes, limit: int) -> tuple[list[Packet], int]:
