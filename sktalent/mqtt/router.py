@@ -98,14 +98,17 @@ class Router:
         if message.retain:
             self._retain(plan, message)
             message = attrs.evolve(message, retain=False)
-        # One copy per delivered QoS, shared by every subscriber at that QoS.
-        copies = {message.qos: message}
+        # One copy per lower QoS delivered, shared by every subscriber at it.
+        top = message.qos
+        lower: dict[int, Message] = {}
         deliveries = []
         for client_id, granted in self._trie.match(message.topic).items():
-            qos = min(granted, message.qos)
-            copy = copies.get(qos)
+            if granted >= top:
+                deliveries.append((client_id, message))
+                continue
+            copy = lower.get(granted)
             if copy is None:
-                copy = copies[qos] = attrs.evolve(message, qos=qos)
+                copy = lower[granted] = attrs.evolve(message, qos=granted)
             deliveries.append((client_id, copy))
         return deliveries
 
