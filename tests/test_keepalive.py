@@ -4,11 +4,15 @@ Tests for sktalent.mqtt.keepalive: every connection's keepalive on one timer.
 
 from __future__ import annotations
 
+import math
+
 import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sktalent.mqtt.keepalive import Keepalives, Watched
+from sktalent.mqtt.keepalive import Keepalives, Ring, forget
 
 
 @attrs.define(eq=False)
@@ -18,7 +22,9 @@ class Connection:
     keepalives: Keepalives
     clock: Clock
     expired: list[float] = attrs.Factory(list)
-    filed: dict[Watched, None] | None = None
+    filed: Ring | None = None
+    keepalive_prev: object = None
+    keepalive_next: object = None
 
     def heard(self, silence: float) -> None:
         """Heard from now: it may be silent for silence seconds."""
@@ -71,7 +77,8 @@ class KeepalivesTests(SynchronousTestCase):
         self.clock.advance(3)
         connection.heard(4.5)
         self.assertIsNot(connection.filed, first)
-        self.assertEqual(first, {})
+        assert first is not None
+        self.assertEqual(len(first), 0)
         self.clock.advance(7.99 - self.clock.seconds())
         self.assertEqual(connection.expired, [])
         self.clock.advance(0.01)
@@ -79,12 +86,18 @@ class KeepalivesTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_forget(self) -> None:
-        """A connection that left its dict does not expire; the others of its second do."""
-        gone, staying = self.connection(3), self.connection(3)
-        assert gone.filed is not None
-        del gone.filed[gone]
+        """
+        A forgotten connection does not expire, and is in no ring; the others
+        of its second, before and after it in the ring, do.
+        """
+        before, gone, after = self.connection(3), self.connection(3), self.connection(3)
+        forget(gone)
+        forget(gone)
+        self.assertEqual((gone.keepalive_prev, gone.keepalive_next), (None, None))
+        self.assertEqual(len(self.keepalives), 2)
         self.clock.advance(3)
-        self.assertEqual((gone.expired, staying.expired), ([], [3]))
+        self.assertEqual((before.expired, gone.expired, after.expired), ([3], [], [3]))
+        self.assertEqual((after.keepalive_prev, after.keepalive_next), (None, None))
 
     def test_earlier_connection_moves_the_timer(self) -> None:
         """A connection due before every other one brings the timer forward."""
@@ -101,6 +114,7 @@ class KeepalivesTests(SynchronousTestCase):
         """Once stopped, nothing expires and no timer is left."""
         connection = self.connection(3)
         self.keepalives.stop()
+        self.assertEqual((connection.keepalive_prev, connection.keepalive_next), (None, None))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(10)
         self.assertEqual(connection.expired, [])
@@ -110,6 +124,9 @@ class KeepalivesTests(SynchronousTestCase):
 
         @attrs.define(eq=False)
         class Broken:
+            keepalive_prev: object = None
+            keepalive_next: object = None
+
             def keepalive_expired(self) -> None:
                 raise ZeroDivisionError()
 
@@ -118,3 +135,48 @@ class KeepalivesTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertEqual(connection.expired, [2])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class RingModelTests(SynchronousTestCase):
+    """The rings against a plain dict of who is due when."""
+
+    @settings(max_examples=200)
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, 5), st.one_of(st.none(), st.floats(0.1, 4.0))),
+            max_size=60,
+        )
+    )
+    def test_rings_agree(self, operations: list[tuple[int, float | None]]) -> None:
+        """
+        After any sequence of connections filed again (at some delay) or
+        forgotten, each expires exactly when the model says: at the whole
+        second its last filing falls in, unless forgotten first.
+        """
+        clock = Clock()
+        keepalives = Keepalives(clock)
+        connections = [Connection(keepalives, clock) for _ in range(6)]
+        due: dict[int, int] = {}
+        expected: list[list[float]] = [[] for _ in connections]
+
+        def step() -> None:
+            clock.advance(0.25)
+            now = clock.seconds()
+            for index, second in list(due.items()):
+                if second <= now:
+                    expected[index].append(now)
+                    del due[index]
+
+        for index, delay in operations:
+            step()
+            if delay is None:
+                forget(connections[index])
+                due.pop(index, None)
+            else:
+                connections[index].heard(delay)
+                due[index] = math.ceil(clock.seconds() + delay)
+            self.assertEqual(len(keepalives), len(due))
+        for _ in range(40):
+            step()
+        self.assertEqual([c.expired for c in connections], expected)
+        self.assertEqual(len(keepalives), 0)

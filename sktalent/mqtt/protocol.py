@@ -46,7 +46,7 @@ from .interfaces import (
     IMQTTUser,
     ServiceUnavailable,
 )
-from .keepalive import Keepalives, Watched
+from .keepalive import Keepalives, Ring, forget
 from .plan import Plan
 from .session import Session
 
@@ -153,8 +153,9 @@ class MQTTServerProtocol:
     - What is written while a Batch holds goes out, in order, at its end or
       before the connection closes, whichever comes first.
     - A connection with a keepalive is watched by the shared Keepalives
-      from its CONNACK until it ends, filed in ``_keepalive_filed`` by when
-      its silence runs out, as of the last read that completed a packet.
+      from its CONNACK until it ends, filed in the ring ``_keepalive_filed``
+      of the second its silence runs out in, as of the last read that
+      completed a packet.
     """
 
     # Not a twisted Protocol, whose instances each have a __dict__: what it
@@ -183,7 +184,10 @@ class MQTTServerProtocol:
     _timer: IDelayedCall | None = None
     # Seconds, as the CONNECT said: the client may be silent 1.5 times as long.
     _keepalive: int = 0
-    _keepalive_filed: dict[Watched, None] | None = None
+    _keepalive_filed: Ring | None = None
+    # Its neighbours in that ring, Keepalives' to set.
+    keepalive_prev: Any = None
+    keepalive_next: Any = None
     _user: IMQTTUser | None = None
     _client_id: str = ""
     _session: Session | None = None
@@ -270,8 +274,7 @@ class MQTTServerProtocol:
         self._state = CLOSED
         self._out = None
         self._cancel_timer()
-        if self._keepalive_filed is not None:
-            self._keepalive_filed.pop(self, None)
+        forget(self)
         if self._will is not None:
             # Only DISCONNECT clears the will: any other loss is abnormal.
             self._publish_will(self._will)
