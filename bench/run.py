@@ -140,7 +140,7 @@ def cases(sizes: Sizes) -> list[Case]:
     ]
 
 
-def _measure(scenario: Scenario, port: int, pid: int) -> Result:
+def measure(scenario: Scenario, port: int, pid: int) -> Result:
     async def measured() -> Result:
         return await scenario(port, ServerProbe(pid))
 
@@ -151,10 +151,10 @@ def run_case(case: Case) -> tuple[Result, Result]:
     with sktalent(case.anonymous) as server:
         assert server.process is not None
         print(f"  {case.name}: sktalent ...", file=sys.stderr, flush=True)
-        ours = _measure(case.load(server), server.mqtt_port, server.process.pid)
+        ours = measure(case.load(server), server.mqtt_port, server.process.pid)
     with mosquitto(case.persistence) as (port, pid):
         print(f"  {case.name}: mosquitto ...", file=sys.stderr, flush=True)
-        theirs = _measure(case.load(None), port, pid)
+        theirs = measure(case.load(None), port, pid)
     return ours, theirs
 
 
