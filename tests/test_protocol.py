@@ -4,6 +4,9 @@ The MQTT 3.1.1 connection state machine and broker, in memory.
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IAnonymous, IUsernamePassword
@@ -193,6 +196,34 @@ class ConnectTests(SynchronousTestCase):
         for c in clients:
             c.lose()
         self.assertEqual(self.h.clock.getDelayedCalls(), [])
+
+    def test_idle_connection_memory(self) -> None:
+        """
+        What the server itself allocates for an idle connection with one
+        subscription (protocol, session, subscription, keepalive) stays under
+        1,000 bytes; it was 2,660 with a DelayedCall for the keepalive, an
+        empty deque and set in every session, and a trie node per filter.
+        """
+
+        def idle(i: int) -> Client:
+            c = self.h.client()
+            c.connect(f"idle-{i}", keepalive=60)
+            c.send(p.Subscribe(1, ((f"idle/{i}", 1),)))
+            c.received()
+            return c
+
+        clients = [idle(i) for i in range(50)]
+        gc.collect()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.take_snapshot()
+        clients += [idle(i) for i in range(1000, 1400)]
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        ours = [tracemalloc.Filter(True, "*sktalent*")]
+        grown = after.filter_traces(ours).compare_to(before.filter_traces(ours), "filename")
+        self.assertLess(sum(s.size_diff for s in grown) / 400, 1000)
+        self.assertFalse(any(c.closed for c in clients))
 
     def test_keepalive_zero(self) -> None:
         """Keepalive 0 turns the timeout off."""
