@@ -30,7 +30,15 @@ if str(ROOT) not in sys.path:
 from sktalent.calltalent.delivery import encode_notice  # noqa: E402
 from sktalent.calltalent.pushtexts import PushTexts  # noqa: E402
 from sktalent.calltalent.rules import client_topic  # noqa: E402
-from sktalent.store.interfaces import Enqueue, MarkPushed, Message, Op, PutSession  # noqa: E402
+from sktalent.store.interfaces import (  # noqa: E402
+    Attach,
+    Detach,
+    Enqueue,
+    MarkPushed,
+    Message,
+    Op,
+    PutSession,
+)
 from sktalent.store.sqlite import MIGRATIONS, _commit, connect, create_private, migrate  # noqa: E402
 
 BACKLOG_USER = "backlog-user"
@@ -68,11 +76,18 @@ def _queued(
     client_id: str, has_connected: bool, messages: int, now_ms: int, first: int = 0
 ) -> Iterator[Op]:
     topic = client_topic(client_id)
-    yield PutSession(client_id, ((topic, 1),), has_connected)
+    subscriptions = ((topic, 1),)
+    if has_connected:
+        # Connected once, and left having been sent nothing of what follows.
+        yield Attach(client_id, subscriptions)
+        yield Detach(client_id, 0)
+    else:
+        yield PutSession(client_id, subscriptions)
     for seq in range(1, messages + 1):
         index = first + seq
         body, notice = notification(client_id, msgid(now_ms // 1000, index), index)
-        yield Enqueue(client_id, seq, Message(topic, body, 1), now_ms, notice)
+        # The store gives a new session's messages seqs 1, 2, ...
+        yield Enqueue(client_id, Message(topic, body, 1), now_ms, notice)
         # Pushed when it was committed, as its user had no connection.
         yield MarkPushed(client_id, seq)
 
@@ -95,8 +110,8 @@ def seed(
 ) -> None:
     """
     Write the sessions into the store file at path, created if absent (with
-    the schema brought up to date if not).  Seeding a file again rewrites the
-    same users' rows.
+    the schema brought up to date if not): a file of its own, as seeding
+    one again queues the messages again.
     """
     path = os.fspath(path)
     create_private(path)

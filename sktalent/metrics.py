@@ -13,8 +13,17 @@ import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import __version__
+from .failures import logged
+from .store.interfaces import IStore, QueueTotals
+
+log = Logger()
 
 # Commits take a millisecond on a quiet SQLite file, tens of milliseconds on a
 # busy disk or a remote MongoDB, and as long as an outage lasts while writes
@@ -50,7 +59,13 @@ API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 # at 0 from the start: rate() and increase() see a counter's first step only
 # when a sample precedes it.
 WATCHED = {
-    "auth_failures": ("bad_credentials", "auth_unavailable", "client_id", "empty_client_id"),
+    "auth_failures": (
+        "bad_credentials",
+        "auth_unavailable",
+        "client_id",
+        "empty_client_id",
+        "store_unavailable",
+    ),
     "pushes": ("sent", "failed", "given_up", "no_device", "disabled"),
     "dropped": ("queue_full",),
     "refusals": ("queue_full",),
@@ -95,37 +110,6 @@ class _StoreCollector:
         )
 
 
-@attrs.define(eq=False)
-class Level:
-    """
-    A gauge changed only on the reactor thread, so without the lock
-    prometheus_client takes at every change: the queue gauges change with
-    every message queued and every one acknowledged.
-    """
-
-    name: str
-    documentation: str
-    value: float = 0
-
-    def inc(self, amount: float = 1) -> None:
-        self.value += amount
-
-    def dec(self, amount: float = 1) -> None:
-        self.value -= amount
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
-
-
-def _level(registry: CollectorRegistry, name: str, doc: str) -> Level:
-    level = Level(name, doc)
-    registry.register(level)
-    return level
-
-
 @attrs.define
 class Metrics:
     registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
@@ -133,8 +117,8 @@ class Metrics:
     node: str = attrs.field(default="", kw_only=True)
     connections: Gauge = attrs.field(init=False)
     sessions: Gauge = attrs.field(init=False)
-    queued: Level = attrs.field(init=False)
-    queued_bytes: Level = attrs.field(init=False)
+    queued: Gauge = attrs.field(init=False)
+    queued_bytes: Gauge = attrs.field(init=False)
     oldest_queued: Gauge = attrs.field(init=False)
     messages_in: Counter = attrs.field(init=False)
     messages_out: Counter = attrs.field(init=False)
@@ -159,12 +143,12 @@ class Metrics:
         )
         ProcessCollector(registry=r)
         self.connections = _gauge(r, "sktalent_connections", "Open MQTT connections.")
-        self.sessions = _gauge(r, "sktalent_sessions", "Sessions held, online or not.")
-        self.queued = _level(
-            r, "sktalent_queued_messages", "Messages queued or in flight to clients."
+        self.sessions = _gauge(r, "sktalent_sessions", "Sessions stored, online or not.")
+        self.queued = _gauge(
+            r, "sktalent_queued_messages", "Messages stored queued or in flight to clients."
         )
-        self.queued_bytes = _level(
-            r, "sktalent_queued_bytes", "Payload bytes of the messages queued or in flight."
+        self.queued_bytes = _gauge(
+            r, "sktalent_queued_bytes", "Payload bytes of the messages stored queued or in flight."
         )
         self.oldest_queued = _gauge(
             r,
@@ -250,16 +234,63 @@ class Metrics:
         self.registry.register(_StoreCollector(available, outages))
 
     def watch_queues(
-        self, oldest_queued_at: Callable[[], float | None], now: Callable[[], float]
+        self, totals: Callable[[], QueueTotals | None], now: Callable[[], float]
     ) -> None:
-        """Report the age of the oldest queued message, computed at each scrape."""
+        """
+        Report the stored sessions and queues as totals() last found them,
+        and the age of the oldest queued message as of each scrape.
+        """
 
         def age() -> float:
-            oldest = oldest_queued_at()
-            return 0.0 if oldest is None else max(0.0, now() - oldest)
+            last = totals()
+            if last is None or last.oldest_queued_at is None:
+                return 0.0
+            return max(0.0, now() - last.oldest_queued_at / 1000)
+
+        def figure(name: str) -> Callable[[], float]:
+            return lambda: 0.0 if (last := totals()) is None else float(getattr(last, name))
 
         self.oldest_queued.set_function(age)
+        self.sessions.set_function(figure("sessions"))
+        self.queued.set_function(figure("messages"))
+        self.queued_bytes.set_function(figure("bytes"))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+@attrs.define(eq=False)
+class QueueFigures:
+    """
+    The stored sessions and queues in figures for the gauges, read from the
+    store every ``interval`` seconds: a scan of the stored sessions, too
+    costly for every scrape, and no figure held per session in memory.
+    """
+
+    _clock: IReactorTime
+    _store: IStore
+    interval: float = 30.0
+    last: QueueTotals | None = None
+    _loop: LoopingCall | None = None
+
+    def start(self) -> None:
+        """Read now, then every interval until stop()."""
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval).addErrback(logged(log, "Reading queue figures stopped"))
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def refresh(self) -> Deferred[None]:
+        """Read the figures once; a failure is logged, and the next read still runs."""
+
+        def read(totals: QueueTotals) -> None:
+            self.last = totals
+
+        def failed(failure: Failure) -> None:
+            log.warn("Reading queue figures from the store failed: {why}", why=failure.value)
+
+        return self._store.queue_totals().addCallbacks(read, failed)

@@ -37,9 +37,9 @@ from .calltalent.auth import AuthSignChecker, HookChecker
 from .calltalent.delivery import PushDelivery
 from .calltalent.pushtexts import PushTexts, TextTable, load_texts
 from .calltalent.rules import CallTalentRules
-from .failures import StartFailure
+from .failures import StartFailure, logged
 from .logs import FORMATS, check_twistd_options, json_file_observer
-from .metrics import Metrics
+from .metrics import Metrics, QueueFigures
 from .mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from .mqtt.bans import Bans
 from .mqtt.broker import Broker
@@ -57,6 +57,7 @@ from .reload import Reloadable, Reloader
 from .retention import Retention
 from .store import check_store_uri, open_store
 from .store.interfaces import IStore, StoreUnavailable
+from .store.sqlite import SQLiteStore, StoreDamaged
 
 log = Logger()
 
@@ -414,8 +415,8 @@ def log_observer(options: Options, reactor: Any) -> ILogObserver | None:
 @attrs.define(eq=False, repr=False)
 class Core(service.Service):
     """
-    The store, the broker and the listeners: the listeners open only once
-    every session is restored, so no client sees a half-loaded server, and a
+    The store, the broker and the listeners: the listeners open once the
+    store is open (no session is loaded: a CONNECT reads its own), and a
     store that cannot be used stops the start before any of them opens.
     """
 
@@ -427,6 +428,7 @@ class Core(service.Service):
     _pusher: IPusher
     _retention: Retention
     _delivery: PushDelivery
+    _figures: QueueFigures
     _starting: Deferred[None] | None = None
     _ports: list[IListeningPort] = attrs.Factory(list)
 
@@ -437,7 +439,7 @@ class Core(service.Service):
 
     async def _start(self) -> None:
         await self._store.start()
-        await self._broker.restore()
+        await self._broker.start()
         for listener in self._listeners:
             endpoint = endpoints.serverFromString(self._reactor, listener.description)
             # A listener that cannot listen fails the start: no silent half-server.
@@ -451,6 +453,8 @@ class Core(service.Service):
                 option=listener.option,
             )
         self._retention.start()
+        self._figures.start()
+        self._delivery.recover().addErrback(logged(log, "Pushing what a restart found owed failed"))
         notify_ready()
 
     def _failed(self, failure: Any) -> None:
@@ -473,6 +477,7 @@ class Core(service.Service):
         if self._starting is not None:
             self._starting.cancel()
         self._retention.stop()
+        self._figures.stop()
         service.Service.stopService(self)
         ports, self._ports = self._ports, []
         for port in ports:
@@ -484,6 +489,16 @@ class Core(service.Service):
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
+
+
+def _cannot_go_on(damaged: StoreDamaged) -> None:
+    """
+    The store's file turned out to be damaged while the server ran (a start
+    reads only what it needs, so damage deep in a file shows later): stop
+    at once, with one line, before anything more is promised or logged.
+    """
+    log.critical("Cannot go on: {why}", why=str(damaged))
+    os._exit(1)
 
 
 def _checker(options: Options, reactor: Any, http: Any) -> ICredentialsChecker:
@@ -557,20 +572,29 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if options["anonymous"]
         else CallTalentRules()
     )
+    plain = bool(options["anonymous"])
     broker = Broker(
         store,
         authorizer,
         metrics,
         reactor,
         limits=QueueLimits(options["max-queued"], options["max-queued-bytes"]),
-        retained_limits=options["retained"] if options["anonymous"] else NOTHING_RETAINED,
+        retained_limits=options["retained"] if plain else NOTHING_RETAINED,
+        # A plain broker routes by topic and lets clean sessions end with
+        # their connections; CallTalent addresses users by id and keeps
+        # what it promised a sender.
+        route_offline=plain,
+        clean_in_memory=plain,
     )
+    if isinstance(store, SQLiteStore):
+        store.on_damaged = lambda damaged: reactor.callFromThread(_cannot_go_on, damaged)
+    figures = QueueFigures(reactor, store)
     metrics.watch_store(lambda: store.available, lambda: store.outages)
-    metrics.watch_queues(broker.oldest_queued_at, reactor.seconds)
+    metrics.watch_queues(lambda: figures.last, reactor.seconds)
     bans = Bans(store, broker, reactor)
     umeng = _pusher(options["umeng"], reactor, http, store, metrics)
     pusher = Coalescer(reactor, umeng, metrics)
-    delivery = PushDelivery(broker, pusher, reactor, options["push-after"])
+    delivery = PushDelivery(broker, store, pusher, reactor, options["push-after"])
     if not options["anonymous"]:
         broker.watch(delivery)
     texts = PushTexts(options["texts"])
@@ -609,7 +633,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     listeners += [Listener("--listen", d, factory) for d in options["listen"]]
     root = Root(log_observer(options, reactor))
     retention = Retention(reactor, store, broker, metrics, options["retention-days"])
-    core = Core(reactor, store, broker, factory, listeners, pusher, retention, delivery)
+    core = Core(reactor, store, broker, factory, listeners, pusher, retention, delivery, figures)
     core.setServiceParent(root)
     reloadable = _reloadable(options, reactor, portal, umeng, site.resource, texts)
     Reloader(reactor, reloadable).setServiceParent(root)

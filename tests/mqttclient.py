@@ -39,11 +39,17 @@ def only(kind: type[P], packets: Sequence[p.Packet]) -> list[P]:
 
 @attrs.define
 class HeldStore(MemoryStore):
-    """A MemoryStore whose commits land, or fail, only when the test says so."""
+    """
+    A MemoryStore whose commits land, or fail, only when the test says so,
+    while ``holding``.
+    """
 
     held: list[tuple[Deferred[list[object]], Sequence[Op]]] = attrs.Factory(list)
+    holding: bool = True
 
     def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        if not self.holding:
+            return MemoryStore.submit(self, ops)
         d: Deferred[list[object]] = Deferred()
         self.held.append((d, ops))
         return d
@@ -118,13 +124,21 @@ class Harness:
     portal: Portal = attrs.Factory(lambda: portal_for(AllowEveryone()))
     limits: Limits = attrs.Factory(Limits)
     retained: RetainedLimits = attrs.Factory(RetainedLimits)
+    # A plain broker's (see Broker); False for an application's.
+    plain: bool = True
     broker: Broker = attrs.field(init=False)
     bans: Bans = attrs.field(init=False)
     factory: MQTTFactory = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.broker = Broker(
-            self.store, self.authorizer, self.metrics, self.clock, retained_limits=self.retained
+            self.store,
+            self.authorizer,
+            self.metrics,
+            self.clock,
+            retained_limits=self.retained,
+            route_offline=self.plain,
+            clean_in_memory=self.plain,
         )
         self.bans = Bans(self.store, self.broker, self.clock)
         self.factory = self.make_factory()

@@ -24,7 +24,7 @@ from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.interfaces import InvalidRequest, QueueFull
 from sktalent.calltalent.pushtexts import PushTexts, parse_texts
 from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
-from sktalent.metrics import Metrics
+from sktalent.metrics import Metrics, QueueFigures
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
 from sktalent.mqtt.plan import Plan
@@ -84,9 +84,11 @@ class CallTalentCase(SynchronousTestCase):
         self.h.clock.advance(1_700_000_000)
 
     def harness(self, store: MemoryStore, limits: AppLimits = DEFAULT_LIMITS) -> Harness:
-        h = Harness(store=store, authorizer=CallTalentRules(), retained=NOTHING_RETAINED)
+        h = Harness(
+            store=store, authorizer=CallTalentRules(), retained=NOTHING_RETAINED, plain=False
+        )
         h.portal = portal_for(AuthSignChecker(SECRET, h.clock))
-        self.delivery = PushDelivery(h.broker, self.pusher, h.clock, PUSH_AFTER)
+        self.delivery = PushDelivery(h.broker, store, self.pusher, h.clock, PUSH_AFTER)
         h.broker.watch(self.delivery)
         self.app = CallTalent(h.broker, store, self.pusher, h.clock, h.metrics, limits, bans=h.bans)
         h.app = self.app
@@ -112,7 +114,8 @@ class CallTalentCase(SynchronousTestCase):
     def frames(self, c: Client, ack: bool = True) -> list[dict[str, Any]]:
         """
         Frames delivered to c's topic since last asked, acknowledged, with
-        those the acknowledgements let through.
+        those the acknowledgements let through; the acknowledgements are
+        durable when it returns.
         """
         out: list[dict[str, Any]] = []
         while packets := c.received():
@@ -125,6 +128,7 @@ class CallTalentCase(SynchronousTestCase):
                         c.send(p.PubAck(packet.packet_id))
             if not ack:
                 break
+        self.h.clock.advance(0)
         return out
 
 
@@ -305,7 +309,7 @@ class WillAndRetainTests(CallTalentCase):
         forged = Message(client_topic("bob"), FORGED, 1, retain=True)
         store.submit([SetRetained(forged.topic, forged)])
         self.h = self.harness(store)
-        self.successResultOf(Deferred.fromCoroutine(self.h.broker.restore()))
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.start()))
         self.assertEqual(self.successResultOf(store.load_retained()), [])
         bob = self.user("bob")
         bob.send(p.Subscribe(3, ((client_topic("bob"), 1),)))
@@ -364,9 +368,10 @@ class ChatTests(CallTalentCase):
 
     def test_nothing_before_commit(self) -> None:
         """Neither PUBACK nor sent nor delivery happens before the store commits."""
-        store = HeldStore()
+        store = HeldStore(holding=False)
         self.h = self.harness(store)
         a, b = self.user("alice"), self.user("bob")
+        store.holding = True
         self.publish(a, chat("alice", "bob", 1))
         self.assertEqual((a.received(), b.received()), ([], []))
         store.release()
@@ -432,11 +437,11 @@ class LatencyTests(CallTalentCase):
         The time from a chat's PUBLISH to its `sent` going out, the commit
         wait included, is observed once per chat.
         """
-        store = HeldStore()
+        store = HeldStore(holding=False)
         self.h = self.harness(store)
         self.user("bob")
         a = self.user("alice")
-        store.release()
+        store.holding = True
         self.publish(a, chat("alice", "bob", 1))
         self.h.clock.advance(0.25)
         store.release()
@@ -451,11 +456,14 @@ class LatencyTests(CallTalentCase):
     def test_oldest_queued_age(self) -> None:
         """
         The oldest-queued gauge is the age of the oldest message waiting for
-        anyone, and 0 once everything is acknowledged.
+        anyone, as the store said when last read, and 0 once everything is
+        acknowledged.
         """
-        self.h.metrics.watch_queues(self.h.broker.oldest_queued_at, self.h.clock.seconds)
+        figures = QueueFigures(self.h.clock, self.store)
+        self.h.metrics.watch_queues(lambda: figures.last, self.h.clock.seconds)
 
         def age() -> float | None:
+            self.successResultOf(figures.refresh())
             return self.h.metrics.registry.get_sample_value("sktalent_oldest_queued_seconds")
 
         a = self.user("alice")
@@ -471,8 +479,10 @@ class LatencyTests(CallTalentCase):
         queued = only(p.Publish, packets[1:])
         self.assertEqual(len(queued), 2)
         b.send(p.PubAck(queued[0].packet_id or 0))
+        self.h.clock.advance(0)
         self.assertEqual(age(), 15)
         b.send(p.PubAck(queued[1].packet_id or 0))
+        self.h.clock.advance(0)
         self.assertEqual(age(), 0)
 
 
@@ -947,6 +957,7 @@ class QueueFullTests(CallTalentCase):
             frames.append(json.loads(packet.payload))
             assert packet.packet_id is not None
             c.send(p.PubAck(packet.packet_id))
+        self.h.clock.advance(0)
         return c, frames
 
     def test_chat_refused_when_full(self) -> None:
@@ -988,22 +999,22 @@ class QueueFullTests(CallTalentCase):
 
     def test_race_for_the_last_place(self) -> None:
         """
-        Room reserved by a chat whose commit is under way counts: of two chats
-        racing for the last place, one gets sent and the other queue_full.
+        The room is decided where the commit lands: of two chats whose
+        commits are under way together for the last place, one gets sent and
+        the other queue_full.
         """
-        store = HeldStore()
+        store = HeldStore(holding=False)
         self.h = self.harness(store)
         self.limit(3)
         a, c = self.user("alice"), self.user("carol")
-        store.release()
         for n in (1, 2):
             self.publish(a, chat("alice", "bob", n), n)
-        store.release()
         self.frames(a)
+        store.holding = True
         self.publish(a, chat("alice", "bob", 3), 3)
         self.publish(c, chat("carol", "bob", 4), 1)
         self.assertEqual((a.received(), c.received()), ([], []))
-        store.release()
+        store.holding = False
         store.release()
         self.assertEqual(self.answers(a), {msgid(3): "sent"})
         self.assertEqual(self.answers(c), {msgid(4): "queue_full"})
@@ -1053,33 +1064,32 @@ class QueueFullTests(CallTalentCase):
         self.assertEqual(len(self.arrive("bob")[1]), 3)
 
     def test_restart_keeps_the_limit(self) -> None:
-        """A queue restored at start counts: a full one stays full."""
+        """A stored queue counts after a restart, not loaded: a full one stays full."""
         a = self.user("alice")
         for n in range(1, 4):
             self.publish(a, chat("alice", "bob", n), n)
         self.h = self.harness(self.store)
         self.limit(3)
-        self.successResultOf(Deferred.fromCoroutine(self.h.broker.restore()))
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.start()))
         a = self.user("alice")
         self.frames(a)
         self.publish(a, chat("alice", "bob", 4), 4)
         self.assertEqual(self.answers(a), {msgid(4): "queue_full"})
 
     def test_failed_commit_gives_room_back(self) -> None:
-        """A chat whose commit fails was never sent; its room is free again."""
-        store = HeldStore()
+        """A chat whose commit fails was never sent and takes no room."""
+        store = HeldStore(holding=False)
         self.h = self.harness(store)
         self.limit(1)
         a = self.user("alice")
-        store.release()
+        store.holding = True
         self.publish(a, chat("alice", "bob", 1), 1)
         store.fail()
         self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
         self.assertEqual(self.answers(a), {})
+        store.holding = False
         a = self.user("alice")
         self.publish(a, chat("alice", "bob", 1), 1)
-        store.release()
-        store.release()
         self.assertEqual(self.answers(a), {msgid(1): "sent"})
 
     def test_own_frames_use_headroom(self) -> None:
@@ -1106,6 +1116,7 @@ class QueueFullTests(CallTalentCase):
         for x in frames:
             assert x.packet_id is not None
             a.send(p.PubAck(x.packet_id))
+        self.h.clock.advance(0)
         self.publish(a, chat("alice", "bob", 6), 7)
         self.assertEqual(self.frames(a), [{"msgid": msgid(6), "type": "sent"}])
         self.assertEqual(self.frames(b), [])
@@ -1134,9 +1145,8 @@ class QueueFullTests(CallTalentCase):
         for n in range(3):
             self.successResultOf(self.app.notify("bob", "feedback", {"content": f"{n}"}, None))
         self.pusher.pushed.clear()
-        self.assertRaises(
-            QueueFull, self.app.notify, "bob", "feedback", {"content": "one too many"}, None
-        )
+        refused = self.app.notify("bob", "feedback", {"content": "one too many"}, None)
+        self.failureResultOf(refused, QueueFull)
         self.assertEqual(self.pusher.pushed, [])
         _, frames = self.arrive("bob")
         self.assertEqual([f["payload"]["content"] for f in frames], ["0", "1", "2"])

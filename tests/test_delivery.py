@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import attrs
 from twisted.internet.defer import Deferred
 
+from sktalent.calltalent import delivery
 from sktalent.calltalent.app import AppLimits
 from sktalent.calltalent.delivery import PushDelivery, decode_notice, encode_notice
 from sktalent.mqtt import packets as p
@@ -48,7 +49,7 @@ class DeliveryCase(CallTalentCase):
         """
         self.coalesced = True
         coalescer = Coalescer(self.h.clock, self.pusher, self.h.metrics)
-        self.delivery = PushDelivery(self.h.broker, coalescer, self.h.clock, PUSH_AFTER)
+        self.delivery = PushDelivery(self.h.broker, self.store, coalescer, self.h.clock, PUSH_AFTER)
         self.h.broker.watch(self.delivery)
 
     def restart(self) -> None:
@@ -56,7 +57,8 @@ class DeliveryCase(CallTalentCase):
         self.h = self.harness(self.store)
         if self.coalesced:
             self.coalescing()
-        self.successResultOf(self.h.broker.restore())
+        self.successResultOf(Deferred.fromCoroutine(self.h.broker.start()))
+        self.delivery.recover()
 
     def marked(self, user: str) -> list[tuple[str, bool]]:
         """(msgid, pushed) of each message queued for user in the store."""
@@ -255,7 +257,8 @@ class PushRuleTests(DeliveryCase):
         self.assertEqual(len(self.unacknowledged(b)), 1)  # The error frame.
         note = self.successResultOf(self.app.notify("alice", "feedback", {"content": "ok"}, None))
         self.assertEqual(self.pushes(), [("alice", note, 1, "offline")])
-        self.assertEqual(len(self.h.broker.session("alice").queue), 2)  # type: ignore[union-attr]
+        summary = self.successResultOf(self.store.session_summary("alice"))
+        self.assertEqual(summary and summary.queued, 2)
         self.h.clock.advance(PUSH_AFTER * 3)
         b.lose()
         self.assertEqual(self.pushes(), [])
@@ -292,10 +295,11 @@ class PushRuleTests(DeliveryCase):
         only once the pusher has settled it, in one commit with the others
         settled in the same turn.
         """
-        store = HeldStore()
+        store = HeldStore(holding=False)
         self.h = self.harness(store)
         self.pusher.settle_at_once = False
         a = self.user("alice")
+        store.holding = True
         for n in (1, 2):
             self.publish(a, chat("alice", "bob", n), n)
         store.release()
@@ -380,6 +384,77 @@ class PushRuleTests(DeliveryCase):
         self.assertEqual(self.pushes(), [])
 
 
+class CleanSessionTests(DeliveryCase):
+    """
+    A chat `sent` to its sender is kept for a clean session like for any
+    other until the session is discarded, and what is discarded
+    unacknowledged is pushed first: nothing promised is silently lost.
+    """
+
+    def stored(self, user: str) -> list[int]:
+        return [q.seq for q in self.successResultOf(self.store.read_queue(user, 0, 100))]
+
+    def test_stored_while_connected_discarded_at_the_end(self) -> None:
+        """
+        Chats to a connected clean session are in the store; when it ends,
+        those unacknowledged are pushed, then the session is discarded, and
+        a chat sent after is queued for the user's next session.
+        """
+        a = self.user("alice")
+        b, _ = self.login("bob", clean=True)
+        self.chats(a, "bob", range(1, 3))
+        [first, _] = self.unacknowledged(b)
+        b.send(p.PubAck(first))
+        self.h.clock.advance(0)
+        self.assertEqual(self.stored("bob"), [2])
+        b.lose()
+        self.assertEqual(self.pushes(), [("bob", msgid(2), 1, "connection_lost")])
+        self.assertEqual(self.stored("bob"), [])
+        self.chats(a, "bob", range(3, 4))
+        self.assertEqual(self.pushes(), [("bob", msgid(3), 1, "offline")])
+        _, resent = self.reconnect("bob")
+        self.assertEqual(len(resent), 1)
+
+    def test_clean_connect_pushes_what_it_discards(self) -> None:
+        """
+        A clean CONNECT discards the stored session, pushing first what it
+        held unacknowledged and never pushed; its own session starts empty.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.chats(a, "bob", range(1, 3))
+        self.assertEqual(len(self.unacknowledged(b)), 2)
+        again, packets = self.login("bob", clean=True)
+        self.assertEqual(packets, [p.ConnAck(0, False)])
+        self.assertTrue(b.closed)
+        self.assertEqual(
+            self.pushes(),
+            [("bob", msgid(n), 2, "connection_lost") for n in (1, 2)],
+        )
+        self.assertEqual(self.stored("bob"), [])
+        self.chats(a, "bob", range(3, 4))
+        self.assertEqual(len(self.unacknowledged(again)), 1)
+
+    def test_leftover_clean_session_pushed_after_a_crash(self) -> None:
+        """
+        A clean session the server died holding keeps its unacknowledged
+        chats in the store: the restart pushes them once, and the user's
+        next CONNECT finds no session.
+        """
+        a = self.user("alice")
+        b, _ = self.login("bob", clean=True)
+        self.chats(a, "bob", range(1, 3))
+        self.assertEqual(len(self.unacknowledged(b)), 2)
+        self.h = self.harness(self.store)
+        self.delivery.recover()
+        self.h.clock.advance(PUSH_AFTER)
+        self.assertEqual(
+            self.pushes(), [("bob", msgid(1), 2, "offline"), ("bob", msgid(2), 2, "offline")]
+        )
+        _, packets = self.login("bob")
+        self.assertEqual(packets, [p.ConnAck(0, False)])
+        self.assertEqual(self.pushes(), [])
+
+
 class RestartTests(DeliveryCase):
     def test_neither_acknowledged_nor_pushed_is_pushed_after_restart(self) -> None:
         """
@@ -404,6 +479,24 @@ class RestartTests(DeliveryCase):
         self.restart()
         self.h.clock.advance(PUSH_AFTER * 3)
         self.assertEqual(self.pushes(), [])
+
+    def test_restart_reads_pushes_owed_in_pages(self) -> None:
+        """
+        What a restart finds owed is read from the store a page at a time,
+        however much it is, and each is pushed once.
+        """
+        self.patch(delivery, "PAGE", 2)
+        a = self.user("alice")
+        for user in ("bob", "carol"):
+            self.login(user)
+            self.chats(a, user, range(1, 4) if user == "bob" else range(4, 7))
+        self.restart()
+        self.h.clock.advance(PUSH_AFTER)
+        pushed = self.pushes()
+        self.assertEqual(
+            [(u, m) for u, m, _, _ in pushed],
+            [("bob", msgid(n)) for n in (1, 2, 3)] + [("carol", msgid(n)) for n in (4, 5, 6)],
+        )
 
     def test_reconnect_after_restart_in_time(self) -> None:
         """
@@ -442,19 +535,20 @@ class RestartTests(DeliveryCase):
         A push settled but whose mark had not landed when the server died is
         pushed again after the restart: at least once across a crash.
         """
-        store = HeldStore()
+        store = HeldStore(holding=False)
         self.store = store
         self.h = self.harness(store)
         a = self.user("alice")
+        store.holding = True
         self.publish(a, chat("alice", "bob", 1))
         store.release()
         self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
         [(_, ops)] = store.held
         self.assertEqual(list(ops), [MarkPushed("bob", 1)])
         store.held.clear()  # The MarkPushed never lands.
+        store.holding = False
         self.restart()
         self.h.clock.advance(PUSH_AFTER)
-        store.release()
         self.assertEqual(self.pushes(), [("bob", msgid(1), 1, "offline")])
 
     def test_held_in_the_window_pushed_after_restart(self) -> None:

@@ -99,12 +99,17 @@ class StartFailureTests(SynchronousTestCase):
         self.refused(str(self.store), "truncated")
 
     def test_damaged_store(self) -> None:
-        """A store whose tables are damaged, found only while restoring from it."""
+        """
+        A store whose tables are damaged deep inside, which a start does not
+        read: found when the server first reads there, it stops at once,
+        status 1, with one line and no traceback.
+        """
         store_file(self.store, sessions=3000)
         with self.store.open("r+b") as f:
             f.seek(self.store.stat().st_size // 2)
             f.write(b"\xff" * 8192)
-        self.refused(str(self.store), "damaged")
+        self.assertEqual(self.server.run_to_exit(), 1, self.server.log)
+        one_line(self, self.server.log, "Cannot go on", str(self.store), "damaged")
 
     def test_store_is_a_directory(self) -> None:
         """A store path that names a directory."""

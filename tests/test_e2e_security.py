@@ -142,7 +142,7 @@ class CallTalentWillMixin(StoreMixin):
         )
         if self.durable:
             again.close()
-            self.assertIn("and 0 retained messages", self.stored_retained_after_restart())
+            self.assertIn("Restored 0 retained messages", self.stored_retained_after_restart())
 
     def test_retained_publish_not_retained(self) -> None:
         """
@@ -159,7 +159,7 @@ class CallTalentWillMixin(StoreMixin):
         if self.durable:
             alice.close()
             bob.close()
-            self.assertIn("and 0 retained messages", self.stored_retained_after_restart())
+            self.assertIn("Restored 0 retained messages", self.stored_retained_after_restart())
 
 
 class AnonymousRetainedMixin(StoreMixin):

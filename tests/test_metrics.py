@@ -1,16 +1,34 @@
 """
-The metrics that are read when scraped: the store's state, the age of the
-oldest queued message and the build.
+The metrics that are read when scraped: the store's state, the stored
+queues as last read and the age of their oldest message, and the build.
 """
 
 from __future__ import annotations
 
 import platform
 
+import attrs
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 import sktalent
-from sktalent.metrics import Metrics
+from sktalent.metrics import Metrics, QueueFigures
+from sktalent.store.interfaces import PutSession, QueueTotals, StoreUnavailable
+from sktalent.store.memory import MemoryStore
+
+
+@attrs.define
+class FailingStore(MemoryStore):
+    """A MemoryStore whose queue figures cannot be read while ``failing``."""
+
+    failing: bool = False
+
+    def queue_totals(self) -> Deferred[QueueTotals]:
+        if self.failing:
+            return fail(StoreUnavailable("the test failed this read"))
+        return MemoryStore.queue_totals(self)
 
 
 class ScrapedMetricsTests(SynchronousTestCase):
@@ -30,13 +48,48 @@ class ScrapedMetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("sktalent_store_up"), 0)
         self.assertEqual(self.value("sktalent_store_outages_total"), 3)
 
-    def test_oldest_queued(self) -> None:
-        """The age is now minus the oldest queue time; 0 with nothing queued."""
-        oldest: list[float] = []
-        self.metrics.watch_queues(lambda: min(oldest, default=None), lambda: 1000.0)
-        self.assertEqual(self.value("sktalent_oldest_queued_seconds"), 0)
-        oldest.append(940.5)
-        self.assertEqual(self.value("sktalent_oldest_queued_seconds"), 59.5)
+    def test_queue_figures(self) -> None:
+        """
+        The stored sessions, queued messages and bytes are as last read from
+        the store, the age now minus the oldest queue time; 0 before any
+        read and with nothing queued.
+        """
+        last: list[QueueTotals] = []
+        self.metrics.watch_queues(lambda: last[-1] if last else None, lambda: 1000.0)
+        names = (
+            "sktalent_sessions",
+            "sktalent_queued_messages",
+            "sktalent_queued_bytes",
+            "sktalent_oldest_queued_seconds",
+        )
+        self.assertEqual([self.value(n) for n in names], [0, 0, 0, 0])
+        last.append(QueueTotals(3, 0, 0, None))
+        self.assertEqual([self.value(n) for n in names], [3, 0, 0, 0])
+        last.append(QueueTotals(3, 2, 40, 940_500))
+        self.assertEqual([self.value(n) for n in names], [3, 2, 40, 59.5])
+
+    def test_queue_figures_read_periodically(self) -> None:
+        """
+        QueueFigures reads the store at start and every interval until
+        stopped; a failed read is logged as a warning and the next one runs.
+        """
+        clock = Clock()
+        store = FailingStore()
+        figures = QueueFigures(clock, store, interval=30)
+        figures.start()
+        self.assertEqual(figures.last, QueueTotals(0, 0, 0, None))
+        store.submit([PutSession("a", ())])
+        clock.advance(29)
+        self.assertEqual(figures.last, QueueTotals(0, 0, 0, None))
+        clock.advance(1)
+        self.assertEqual(figures.last, QueueTotals(1, 0, 0, None))
+        store.failing = True
+        with capturedLogs() as events:
+            clock.advance(30)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn])
+        self.assertEqual(figures.last, QueueTotals(1, 0, 0, None))
+        figures.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_build_info(self) -> None:
         """sktalent_build_info names the running version and the node."""

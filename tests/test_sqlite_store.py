@@ -23,13 +23,16 @@ from sktalent.store.interfaces import (
     ChatRecord,
     Device,
     Enqueue,
+    Guarded,
     InsertChat,
     Inserted,
     LogOut,
     Message,
     PutDevice,
+    Queued,
     QueuedMessage,
     SessionRecord,
+    SessionSummary,
     SetBan,
 )
 from sktalent.store.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore, connect
@@ -152,7 +155,7 @@ class SQLiteStoreTests(TestCase):
                     InsertChat(attrs.evolve(record, recipient="c")),
                 ]
             ),
-            [Inserted.REPEATED, Inserted.CONFLICT],
+            [Guarded(Inserted.REPEATED), Guarded(Inserted.CONFLICT)],
         )
 
     async def test_devices_upgrade_to_log_out(self) -> None:
@@ -174,10 +177,10 @@ class SQLiteStoreTests(TestCase):
 
     async def test_push_state_upgrades(self) -> None:
         """
-        A file of the schema before push state upgrades in place: a message queued in it
-        counts as queued at the upgrade, without a notice and not pushed, and
-        its session as one whose client has connected; a session made by a
-        message after the upgrade has not.
+        A file of the schema before the push state upgrades in place: a
+        message queued in it counts as queued at the upgrade, without a
+        notice and not pushed, and its session as one whose client has
+        connected; a session made by a message after the upgrade has not.
         """
         before_push = await self.started(migrations=MIGRATIONS[:4])
         conn = sqlite3.connect(self.path)
@@ -192,7 +195,7 @@ class SQLiteStoreTests(TestCase):
         before = int(time.time() * 1000)
         store = await self.started()
         after = int(time.time() * 1000)
-        await store.submit([Enqueue("carol", 1, Message("t", b"c", 1), 5)])
+        await store.submit([Enqueue("carol", Message("t", b"c", 1), 5)])
         bob, carol = await store.load_sessions()
         self.assertEqual(
             (bob.client_id, bob.has_connected, carol.has_connected), ("bob", True, False)
@@ -212,6 +215,48 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual(await store.get_device("u"), Device("u", "ios", "t"))
         await store.submit([SetBan("u", 5000)])
         self.assertEqual(await store.get_ban("u"), 5000)
+
+    async def test_queue_counters_upgrade(self) -> None:
+        """
+        A file of the schema before the store kept queue counters upgrades
+        in place: each session's counters are counted from its queue, a
+        queue entry without its session gets one, what a connected session
+        was sent is unknown, and seqs go on above the highest kept; pushes
+        owed and expiry are found by index, not by scanning the queue.
+        """
+        old = await self.started(migrations=MIGRATIONS[:6])
+        conn = sqlite3.connect(self.path)
+        conn.execute("INSERT INTO sessions (client_id, subscriptions) VALUES ('bob', '[]')")
+        conn.executemany(
+            "INSERT INTO queue (client_id, seq, topic, payload, qos, retain, queued_at, notice)"
+            " VALUES (?, ?, 't', ?, 1, 0, ?, ?)",
+            [
+                ("bob", 3, b"\x01\x02", 100, "n"),
+                ("bob", 7, b"\x03", 200, None),
+                ("orphan", 2, b"", 300, "n"),
+            ],
+        )
+        conn.commit()
+        conn.close()
+        await old.stop()
+        store = await self.started()
+        self.assertEqual(await store.session_summary("bob"), SessionSummary(2, 3, 100, 7))
+        self.assertEqual(await store.session_summary("orphan"), SessionSummary(1, 0, 300, 2))
+        bob = await store.open_session("bob", 10)
+        self.assertEqual((bob and bob.has_connected, bob and bob.sent_through), (True, None))
+        self.assertEqual(
+            await store.submit([Enqueue("bob", Message("t", b"", 1), notice="n")]), [Queued(8, 2)]
+        )
+        plans = [
+            " ".join(str(row[-1]) for row in self.query(f"EXPLAIN QUERY PLAN {sql}"))
+            for sql in (
+                "SELECT seq FROM queue WHERE notice IS NOT NULL AND NOT pushed"
+                " AND (client_id, seq) > ('bob', 0) ORDER BY client_id, seq",
+                "SELECT seq FROM queue WHERE queued_at < 5",
+            )
+        ]
+        self.assertIn("USING INDEX queue_unpushed", plans[0])
+        self.assertIn("USING COVERING INDEX queue_by_age", plans[1])
 
     async def test_refuses_newer_schema(self) -> None:
         """A file from a newer server is refused with a clear error."""
@@ -256,7 +301,7 @@ class SQLiteStoreTests(TestCase):
         holder.execute("BEGIN IMMEDIATE")
         m = Message("t", b"p", 1)
         with capturedLogs() as events:
-            landed = store.submit([Enqueue("c", 1, m)])
+            landed = store.submit([Enqueue("c", m)])
             for _ in range(100):
                 if not store.committer.available:
                     break
@@ -266,7 +311,7 @@ class SQLiteStoreTests(TestCase):
             await deferLater(reactor, 1.0)
             self.assertNoResult(landed)
             holder.execute("ROLLBACK")
-            self.assertEqual(await landed, [None])
+            self.assertEqual(await landed, [Queued(1, 0)])
         self.assertTrue(store.committer.available)
         self.assertEqual(
             await store.load_sessions(), [SessionRecord("c", (), (QueuedMessage(1, m),))]
@@ -278,7 +323,7 @@ class SQLiteStoreTests(TestCase):
     async def test_bad_batch_fails_alone(self) -> None:
         """A batch the database rejects fails its submitters; the next one commits."""
         store = await self.started()
-        bad = store.submit([Enqueue("c", 1, Message(None, b"", 1))])  # type: ignore[arg-type]
+        bad = store.submit([Enqueue("c", Message(None, b"", 1))])  # type: ignore[arg-type]
         await deferLater(reactor, 0)
         good = store.submit([PutDevice(Device("u", "ios", "t"))])
         with self.assertRaises(sqlite3.IntegrityError):

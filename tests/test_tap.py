@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import sktalent
 from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.pushtexts import TextTable
+from sktalent.metrics import QueueFigures
 from sktalent.mqtt.router import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.reload import Reloader
@@ -285,8 +286,11 @@ class CoreTests(SynchronousTestCase):
         listeners = [Listener("--listen", "tcp:0", h.factory)]
         pusher = DisabledPusher(h.metrics)
         retention = Retention(reactor, store, h.broker, h.metrics)
-        delivery = PushDelivery(h.broker, pusher, reactor)
-        core = Core(reactor, store, h.broker, h.factory, listeners, pusher, retention, delivery)
+        delivery = PushDelivery(h.broker, store, pusher, reactor)
+        figures = QueueFigures(reactor, store)
+        core = Core(
+            reactor, store, h.broker, h.factory, listeners, pusher, retention, delivery, figures
+        )
         return core, reactor
 
     def test_stopped_while_starting(self) -> None:

@@ -27,12 +27,11 @@ from zope.interface import implementer
 from ..failures import logged
 from ..metrics import Metrics
 from ..mqtt.bans import Bans
-from ..mqtt.interfaces import IApplication, IBroker
+from ..mqtt.interfaces import IApplication, IBroker, Ticket
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import (
     ChatRecord,
-    ChatStored,
     Device,
     DropDevice,
     InsertChat,
@@ -65,7 +64,7 @@ _HEALTH_TIMEOUT = 2.0
 # message refused) may use its queue's headroom, then are dropped and
 # counted: the chat they are about is kept either way, and a refusal
 # cannot be refused in turn.  Chats and notifications are refused at the
-# limit instead (has_room), before anything is promised.
+# limit instead, where the store commits them, before anything is promised.
 _OWN_FRAMES = frozenset({"sent", "received", "error"})
 # `received` receipts have a bucket of their own, this many times the chat rate.
 _RECEIPTS_PER_CHAT = 10
@@ -306,30 +305,36 @@ class CallTalent:
         kind: str,
         notice: PushNotice | None = None,
         since: float | None = None,
-    ) -> None:
+        required: bool = False,
+    ) -> Ticket:
         """
         Queue frame (or its JSON bytes) durably for user_id's own topic; with
         a notice, to be pushed while it goes unacknowledged.  A chat or
-        notification must be known to fit (has_room); a frame of _OWN_FRAMES
-        past the headroom is dropped and counted.  since, when given, is when
-        the message the frame answers arrived.
+        notification is ``required``: without room nothing is kept and the
+        caller refuses it; a frame of _OWN_FRAMES past the headroom is
+        dropped and counted.  since, when given, is when the message the
+        frame answers arrived.
         """
         body = frame if isinstance(frame, bytes) else _json(frame).encode()
         message = Message(client_topic(user_id), body, 1)
         kept = None if notice is None else encode_notice(notice)
         own = kind in _OWN_FRAMES
-        if self._broker.enqueue(plan, user_id, message, headroom=own, notice=kept):
-            counter = self._counter(self.metrics.messages_out, kind)
-            if since is None:
-                plan.add(None, lambda _: counter.inc())
-            else:
+        ticket = self._broker.enqueue(
+            plan, user_id, message, headroom=own, notice=kept, required=required
+        )
+        counter = self._counter(self.metrics.messages_out, kind)
+
+        def sent(_: object) -> None:
+            if ticket.full:
+                return
+            counter.inc()
+            if since is not None:
                 # The queueing effect before this one has written the frame,
                 # unless the client's window is full.
-                plan.add(None, lambda _: self._answered(counter, since))
+                self.metrics.sent_latency.observe(self._clock.seconds() - since)
 
-    def _answered(self, counter: Counter, since: float) -> None:
-        counter.inc()
-        self.metrics.sent_latency.observe(self._clock.seconds() - since)
+        plan.add(None, sent)
+        return ticket
 
     def _counter(self, family: Counter, label: str) -> Counter:
         # Looking a label up costs more than counting: keep what was found.
@@ -393,8 +398,13 @@ class CallTalent:
         }
         body = _json(delivered).encode()
         sent = {"msgid": envelope.echo, "type": "sent"}
+        chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
+        inner = Plan()
+        notice = self._texts.notice(delivered)
+        self._send(inner, to, body, "order_chat", notice, required=True)
+        self._send(inner, sender, sent, "sent", since=arrived)
 
-        def not_new(found: Inserted | None) -> None:
+        def not_new(found: Inserted) -> None:
             """Answer the sender for a chat not stored now, by what is stored."""
             if found is Inserted.REPEATED:
                 # A retransmission: the sender did not see the first `sent`.
@@ -407,6 +417,7 @@ class CallTalent:
                     envelope.echo,
                 )
             else:
+                # FULL: nothing is stored, so the chat is taken when sent again later.
                 refusal = Refusal(
                     "queue_full",
                     "the recipient's queue is full; send it again later",
@@ -414,18 +425,8 @@ class CallTalent:
                 )
             self._send_later(sender, self._refusal(sender, refusal), "error")
 
-        digest = payload.digest()
-        if not self._broker.has_room(to, len(body)):
-            # Store nothing, so that the chat is taken when sent again
-            # later; but answer a msgid already stored as InsertChat would.
-            plan.add(ChatStored(sender, envelope.msgid, to, digest), not_new)
-            return
-        chat = ChatRecord(envelope.msgid, sender, to, payload.o_id, body.decode(), received_at)
-        inner = Plan()
-        self._send(inner, to, body, "order_chat", self._texts.notice(delivered))
-        self._send(inner, sender, sent, "sent", since=arrived)
         plan.add_guarded(
-            InsertChat(chat, inner.ops, digest=digest),
+            InsertChat(chat, inner.ops, digest=payload.digest()),
             inner,
             not_new,
             passed=lambda result: result is Inserted.NEW,
@@ -458,12 +459,16 @@ class CallTalent:
         plan = Plan()
         frame = {"msgid": msgid, "from": "system", "to": to, "type": type, "payload": dict(payload)}
         body = _json(frame).encode()
-        if not self._broker.has_room(to, len(body)):
-            self._counter(self.metrics.refusals, "queue_full").inc()
-            raise QueueFull(f"the queue of {to} is full; send the notification again later")
-        self._send(plan, to, body, type, self._texts.notice(frame, alert))
+        ticket = self._send(plan, to, body, type, self._texts.notice(frame, alert), required=True)
         self._counter(self.metrics.messages_in, type).inc()
-        return self._broker.commit(plan).addCallback(lambda _: msgid)
+
+        def kept(_: object) -> str:
+            if ticket.full:
+                self._counter(self.metrics.refusals, "queue_full").inc()
+                raise QueueFull(f"the queue of {to} is full; send the notification again later")
+            return msgid
+
+        return self._broker.commit(plan).addCallback(kept)
 
     def push_webview(
         self, users: Sequence[str] | None, tag: str | None, url: str, alert: str
@@ -496,13 +501,10 @@ class CallTalent:
         return Deferred.fromCoroutine(self._session_info(user_id))
 
     async def _session_info(self, user_id: str) -> SessionInfo | None:
-        if self._broker.session(user_id) is None:
-            return None
-        device = await self._store.get_device(user_id)
-        # As it is now, not as it was before the store answered.
-        status = self._broker.status(user_id)
+        status = await self._broker.status(user_id)
         if status is None:
             return None
+        device = await self._store.get_device(user_id)
         since = status.connected_since
         return SessionInfo(
             online=status.online,
@@ -517,7 +519,7 @@ class CallTalent:
         return Deferred.fromCoroutine(self._disconnect(user_id, ban_seconds))
 
     async def _disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
-        if self._broker.session(user_id) is None:
+        if await self._broker.status(user_id) is None:
             return False
         if ban_seconds is not None:
             self._check_store()
@@ -525,7 +527,8 @@ class CallTalent:
             self._bans.set(plan, user_id, ban_seconds)
             # Durable first: a ban that could not be kept disconnects nobody.
             await self._broker.commit(plan)
-        return self._broker.disconnect(user_id)
+        self._broker.disconnect(user_id)
+        return True
 
     def delete_user(self, user_id: str) -> Deferred[None]:
         self._check_store()

@@ -7,39 +7,45 @@ A message is pushed at once when its recipient has no live connection when it
 is committed; push_after seconds after it was queued on a live connection, if
 it is still unacknowledged then; and when the connection ends before it is
 acknowledged.  A connection taken over by a new one of the same client is not
-an end: the queue is resent on the new one, which starts the wait again, as a
-restart does for what was neither acknowledged nor pushed.
+an end: the queue is resent on the new one, which starts the wait again.
 
-The waits are one FIFO for the whole server, since every wait is equally long,
-behind one timer: an acknowledged message is not looked for, only skipped when
-its turn comes (a wait holds its seq, not the message, which is freed at once).
-A message sent again (on a new connection) moves its wait to the end, so there
-is at most one wait per message, however often its client reconnects.
+Only the messages of clients connected here wait in memory: one FIFO for the
+whole server, since every wait is equally long, behind one timer, each wait
+holding a seq, not a message, and replaced when its message is sent again on
+a new connection; what a queue handed over holds beyond what its session has
+read waits as one.  Everything else (what a connection
+that ended left unacknowledged, what a queue handed over held, what a
+restart finds neither acknowledged nor pushed) is read from the store in
+pages, after the acknowledgements made so far are durable.
 
-A message is decided for a push once in the life of the process (its
-``pushed`` mark in memory), and marked pushed in the store only once the
-pusher has settled its push (IPusher): until then a crash or a stop leaves it
-to be pushed after the restart, so that a push held in the coalescing window,
-queued, or being retried is never lost.  Across a crash a push may thus come twice (Umeng took
-it, and the mark had not landed); the app drops the second by its msgid.  A
-push is withdrawn when its message is acknowledged before it leaves.
+A message is decided for a push once while its push is under way here, and
+marked pushed in the store only once the pusher has settled its push
+(IPusher): until then a crash or a stop leaves it to be pushed after the
+restart, so that a push held in the coalescing window, queued, or being
+retried is never lost.  Across a crash a push may thus come twice (Umeng
+took it, and the mark had not landed); the app drops the second by its
+msgid.  A push is withdrawn when its message is acknowledged here before it
+leaves.
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..failures import logged
-from ..mqtt.interfaces import IBroker, IConnection, IQueueWatcher, QueuedView, SessionView
+from ..mqtt.interfaces import IBroker, IConnection, IQueueWatcher, SessionView
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
-from ..store.interfaces import MarkPushed
+from ..store.interfaces import IStore, MarkPushed, PendingPush
 
 log = Logger()
 
@@ -60,57 +66,111 @@ def decode_notice(text: str) -> PushNotice:
     return PushNotice(**{name: fields[name] for name in _KEPT if name in fields})
 
 
+# Pushes still owed read from the store at a time.
+PAGE = 500
+
+
 @attrs.frozen
 class _Wait:
     due: float
-    # The connection it waits on; None after a restart.
-    connection: IConnection | None
+    client_id: str
+    # The connection it waits on: a wait for another one is void.
+    connection: IConnection
+    # The message waited for; None: every one queued up to ``before``.
+    seq: int | None
+    # Milliseconds since the epoch.
+    before: int = 0
 
 
-# A wait's message: its session and seq, not the message, so that one
-# acknowledged is freed at once.
-_Key = tuple[SessionView, int]
+@attrs.frozen
+class _Due:
+    """A push decided, to be marked in the store and then sent."""
+
+    client_id: str
+    seq: int
+    notice: str
+    badge: int
+    reason: str
 
 
 @implementer(IQueueWatcher)
 @attrs.define(eq=False)
 class PushDelivery:
     _broker: IBroker
+    _store: IStore
     _pusher: IPusher
     _clock: IReactorTime
     push_after: float = 5.0
-    # In order of due time: every wait is push_after long.
-    _waits: OrderedDict[_Key, _Wait] = attrs.Factory(OrderedDict)
+    # In order of due time (every wait is push_after long), by (client id,
+    # seq), the seq None for the rest of a queue handed over.
+    _waits: OrderedDict[tuple[str, int | None], _Wait] = attrs.Factory(OrderedDict)
     _timer: IDelayedCall | None = None
+    # (client id, seq) decided for a push and not yet marked pushed in the
+    # store: decided again, it would be pushed twice.
+    _deciding: set[tuple[str, int]] = attrs.Factory(set)
     # Settled this reactor turn, marked in the store together.
-    _marks: list[MarkPushed] = attrs.Factory(list)
-    _marking: IDelayedCall | None = None
+    _marks: list[tuple[str, int]] = attrs.Factory(list)
+    _marker: IDelayedCall | None = None
     _stopped: bool = False
-
-    @property
-    def waiting(self) -> int:
-        """The waits held: at most one for each message in flight."""
-        return len(self._waits)
 
     # -- IQueueWatcher --------------------------------------------------------
 
-    def queued(self, session: SessionView, out: QueuedView) -> None:
-        if session.connection is None:
-            self._push(session, out, "offline")
+    def queued(
+        self, client_id: str, seq: int, notice: str, badge: int, connection: IConnection | None
+    ) -> None:
+        if connection is None:
+            self._push(_Due(client_id, seq, notice, badge, "offline"))
         else:
-            self._wait(session, out)
+            self._wait(_Wait(self._clock.seconds() + self.push_after, client_id, connection, seq))
 
     def resumed(self, session: SessionView) -> None:
-        for out in session.queue.values():
-            if out.notice is not None and not out.pushed:
-                self._wait(session, out)
+        # Everything queued until now waits afresh on the new connection,
+        # each message taken in on a wait of its own, replacing the one it
+        # had, the rest of the queue on one for the client.
+        connection = session.connection
+        if connection is None:
+            return
+        now = self._clock.seconds()
+        due = now + self.push_after
+        client_id = session.client_id
+        for seq in session.awaiting():
+            self._wait(_Wait(due, client_id, connection, seq))
+        if session.complete:
+            self._waits.pop((client_id, None), None)
+        else:
+            self._wait(_Wait(due, client_id, connection, None, int(now * 1000)))
 
-    def detached(self, session: SessionView) -> None:
-        for out in session.queue.values():
-            if out.notice is not None and not out.pushed:
-                self._push(session, out, "connection_lost")
+    def detached(self, client_id: str) -> None:
+        self._owed(client_id, "connection_lost", lambda _: True)
+
+    def discarded(self, client_id: str, unpushed: Sequence[PendingPush]) -> None:
+        # Their queue entries are gone: nothing is left to mark or withdraw.
+        for pending in unpushed:
+            self._push(self._due_of(pending, "connection_lost"), queued=False)
 
     # -- the rest -------------------------------------------------------------
+
+    def recover(self) -> Deferred[None]:
+        """
+        After a start: push, push_after seconds from now, every message the
+        store holds neither acknowledged nor pushed whose client is not
+        connected here by then (those connected have their own waits), in
+        pages.
+        """
+        return Deferred.fromCoroutine(self._recover())
+
+    async def _recover(self) -> None:
+        await deferLater(self._clock, self.push_after)
+        after = None
+        while not self._stopped:
+            await self._broker.barrier()
+            page = await self._store.pending_pushes(after, PAGE)
+            for pending in page:
+                if self._broker.session(pending.client_id) is None:
+                    self._push(self._due_of(pending, "offline"))
+            if len(page) < PAGE:
+                return
+            after = (page[-1].client_id, page[-1].seq)
 
     def stop(self) -> None:
         """
@@ -123,18 +183,22 @@ class PushDelivery:
             self._timer.cancel()
         self._timer = None
         self._waits.clear()
-        if self._marking is not None and self._marking.active():
-            self._marking.cancel()
+        if self._marker is not None and self._marker.active():
+            self._marker.cancel()
             self._mark()
 
-    def _wait(self, session: SessionView, out: QueuedView) -> None:
+    @property
+    def waiting(self) -> int:
+        """The waits held: at most one for each message taken in, and one a client."""
+        return len(self._waits)
+
+    def _wait(self, wait: _Wait) -> None:
         if self._stopped:
             return
-        due = self._clock.seconds() + self.push_after
-        key = (session, out.seq)
+        key = (wait.client_id, wait.seq)
         # Sent again: the wait on the earlier connection is replaced, not kept.
         self._waits.pop(key, None)
-        self._waits[key] = _Wait(due, session.connection)
+        self._waits[key] = wait
         if self._timer is None:
             self._timer = self._clock.callLater(self.push_after, self._expired)
 
@@ -142,56 +206,125 @@ class PushDelivery:
         self._timer = None
         now = self._clock.seconds()
         waits = self._waits
+        # client id -> (its session, the seqs due, the latest time all before is due)
+        due: dict[str, tuple[SessionView, set[int], int]] = {}
         while waits and next(iter(waits.values())).due <= now:
-            (session, seq), wait = waits.popitem(last=False)
-            out = session.queue.get(seq)
-            if (
-                out is not None
-                and not out.pushed
-                # On a connection since gone: its end decided instead.
-                and session.connection is wait.connection
-                and self._broker.session(session.client_id) is session
-            ):
-                reason = "offline" if session.connection is None else "unacknowledged"
-                self._push(session, out, reason)
+            _, wait = waits.popitem(last=False)
+            session = self._broker.session(wait.client_id)
+            # Resent on another connection since: that one's wait counts.
+            if session is None or session.connection is not wait.connection:
+                continue
+            if wait.seq is not None and not session.unacknowledged(wait.seq):
+                continue
+            _, seqs, before = due.setdefault(wait.client_id, (session, set(), -1))
+            if wait.seq is None:
+                due[wait.client_id] = (session, seqs, max(before, wait.before))
+            else:
+                seqs.add(wait.seq)
+        for client_id, (session, seqs, before) in due.items():
+            connection = session.connection
+
+            def wanted(
+                pending: PendingPush,
+                session: SessionView = session,
+                connection: IConnection | None = connection,
+                seqs: set[int] = seqs,
+                before: int = before,
+            ) -> bool:
+                return (
+                    self._broker.session(pending.client_id) is session
+                    and session.connection is connection
+                    and (pending.seq in seqs or pending.queued_at <= before)
+                    and session.unacknowledged(pending.seq)
+                )
+
+            start = None if before >= 0 else min(seqs) - 1
+            self._owed(client_id, "unacknowledged", wanted, start)
         if waits:
             self._timer = self._clock.callLater(next(iter(waits.values())).due - now, self._expired)
 
-    def _push(self, session: SessionView, out: QueuedView, reason: str) -> None:
+    def _owed(
+        self,
+        client_id: str,
+        reason: str,
+        wanted: Callable[[PendingPush], bool],
+        after: int | None = None,
+    ) -> None:
+        """Push what client_id's queue holds unpushed that is wanted, read from the store."""
         if self._stopped:
             return
-        out.pushed = True
-        assert out.notice is not None
-        notice = attrs.evolve(decode_notice(out.notice), badge=session.notices, reason=reason)
-        settled = self._pusher.push_to_users(
-            [session.client_id], notice, lambda: self._unacknowledged(session, out)
-        )
-        settled.addCallback(self._settled, session, out)
+        d = Deferred.fromCoroutine(self._read_owed(client_id, reason, wanted, after))
+        d.addErrback(logged(log, "Reading the pushes owed to {client} failed", client=client_id))
 
-    def _unacknowledged(self, session: SessionView, out: QueuedView) -> bool:
-        """
-        Whether out still waits in session, and session is the client's now:
-        a persistent one may have been deleted, or discarded by a clean
-        connection; a clean one ends with its connection, pushed all the same.
-        """
-        if session.queue.get(out.seq) is not out:
-            return False
-        return not session.persistent or self._broker.session(session.client_id) is session
+    async def _read_owed(
+        self,
+        client_id: str,
+        reason: str,
+        wanted: Callable[[PendingPush], bool],
+        after: int | None,
+    ) -> None:
+        # After what was acknowledged until now is durable.
+        await self._broker.barrier()
+        while not self._stopped:
+            start = None if after is None else (client_id, after)
+            page = await self._store.pending_pushes(start, PAGE, client_id)
+            for pending in page:
+                if wanted(pending):
+                    self._push(self._due_of(pending, reason))
+            if len(page) < PAGE:
+                return
+            after = page[-1].seq
 
-    def _settled(self, settled: bool, session: SessionView, out: QueuedView) -> None:
-        # One acknowledged is gone from the store; and a session deleted since
-        # may have been made again, reusing seqs.
-        if settled and session.persistent and self._unacknowledged(session, out):
-            self._marks.append(MarkPushed(session.client_id, out.seq))
-            if self._marking is None:
-                self._marking = self._clock.callLater(0, self._mark)
+    @staticmethod
+    def _due_of(pending: PendingPush, reason: str) -> _Due:
+        return _Due(pending.client_id, pending.seq, pending.notice, pending.badge, reason)
+
+    def _push(self, due: _Due, queued: bool = True) -> None:
+        """
+        Push due; ``queued`` False for a message whose queue entry is gone
+        already, which is neither withdrawn nor marked.
+        """
+        key = (due.client_id, due.seq)
+        if self._stopped or key in self._deciding:
+            return
+        self._deciding.add(key)
+        notice = attrs.evolve(decode_notice(due.notice), badge=due.badge, reason=due.reason)
+        wanted = (lambda: self._unacknowledged(*key)) if queued else None
+        settled = self._pusher.push_to_users([due.client_id], notice, wanted)
+        settled.addCallback(self._settled, key, queued)
+
+    def _unacknowledged(self, client_id: str, seq: int) -> bool:
+        """
+        Whether the message may still wait: as far as this process can tell
+        without asking the store, which it is not connected here to know.
+        """
+        session = self._broker.session(client_id)
+        return session is None or session.unacknowledged(seq)
+
+    def _settled(self, settled: bool, key: tuple[str, int], queued: bool) -> None:
+        # One acknowledged meanwhile is gone from the store: nothing to mark.
+        if not (settled and queued and self._unacknowledged(*key)):
+            self._deciding.discard(key)
+            return
+        self._marks.append(key)
+        if self._marker is None:
+            self._marker = self._clock.callLater(0, self._mark)
 
     def _mark(self) -> None:
-        self._marking = None
+        self._marker = None
+        marks, self._marks = self._marks, []
         plan = Plan()
-        for mark in self._marks:
-            plan.add(mark)
-        n, self._marks = len(self._marks), []
+        for client_id, seq in marks:
+            plan.add(MarkPushed(client_id, seq))
+
+        def marked(_: object) -> None:
+            # The store says pushed now (or, failing, the restart will push).
+            self._deciding.difference_update(marks)
+
         self._broker.commit(plan).addErrback(
-            logged(log, "Marking {n} settled pushes failed; they come again after a restart", n=n)
-        )
+            logged(
+                log,
+                "Marking {n} settled pushes failed; they come again after a restart",
+                n=len(marks),
+            )
+        ).addCallback(marked)

@@ -82,7 +82,7 @@ class ICallTalent(Interface):
         Close the user's connection; ban_seconds, when given, refuses the user
         (CONNACK 5) until that many seconds from now, also after a restart, 0
         lifting a ban: the connection is closed once that is durable.  False
-        for a user without a session.
+        for a user without a session (connected or stored).
         """
 
     def delete_user(user_id: str) -> Deferred[None]:

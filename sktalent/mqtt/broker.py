@@ -1,32 +1,78 @@
 """
 The broker behind every connection, composed of its parts: the commit
-pipeline (plan.py), the sessions with their queues (session.py), the router
+pipeline (plan.py), the sessions with their windows (session.py), the router
 (router.py) and the registry of who is connected (registry.py).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
+from typing import NoReturn
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
-from ..store.interfaces import IStore, Message
-from .interfaces import IAuthorizer, IBroker, IConnection, IQueueWatcher, SessionStatus
+from ..store.interfaces import (
+    NO_ROOM,
+    Attach,
+    Detach,
+    DiscardSession,
+    DropSession,
+    Enqueue,
+    IStore,
+    Message,
+    PendingPush,
+    PutSession,
+    Queued,
+    StoreUnavailable,
+)
+from .interfaces import (
+    IAuthorizer,
+    IBroker,
+    IConnection,
+    IQueueWatcher,
+    ISessionGate,
+    SessionStatus,
+    Ticket,
+)
 from .plan import Pipeline, Plan
 from .registry import Registry
 from .router import RetainedLimits, Router
-from .session import QueueLimits, Queues, Session
+from .session import Outgoing, QueueLimits, Queues, Session
 
 log = Logger()
 
 _QUEUE_LIMITS = QueueLimits()
 _RETAINED_LIMITS = RetainedLimits()
+# Pushes still owed read from the store at a time.
+PUSH_PAGE = 500
+# Clients whose full queue was logged, remembered so it is logged once an episode.
+_OVERFLOWING = 1000
+
+
+@implementer(ISessionGate)
+class LocalGate:
+    """The gate of a broker that is the only process on its store: always open."""
+
+    def before_open(self, client_id: str) -> Deferred[None]:
+        return succeed(None)
+
+    def opened(self, client_id: str) -> None:
+        pass
+
+    def closed(self, client_id: str) -> None:
+        pass
+
+
+class OpenFailed(Exception):
+    """A session could not be opened in time: the store or the gate did not answer."""
 
 
 @implementer(IBroker)
@@ -35,9 +81,22 @@ class Broker:
     """
     Sessions, subscriptions and routing for the MQTT connections.
 
-    Live state is in memory.  Every change a client could rely on is
-    described as store operations in a Plan, and shows in memory only once
-    those are durable, in the order plans were committed (see Pipeline).
+    The store is the truth: memory holds the sessions of connected clients,
+    each with a window and a page of its queue.  A CONNECT opens its session
+    from the store (open()) and the session leaves memory when its
+    connection ends; a message for anyone is an Enqueue, whose seq and room
+    the store decides, taken in straight away by a session in memory here.
+    Every change a client could rely on is described as store operations in
+    a Plan, and shows in memory only once those are durable, in the order
+    plans were committed (see Pipeline).
+
+    ``route_offline``: publishes reach stored persistent sessions that are
+    not in memory (a plain MQTT broker routes by topic); an application
+    that addresses clients by id does not need their subscriptions in
+    memory.  ``clean_in_memory``: a clean session's queue is in memory only
+    (MQTT lets its state end with the connection); otherwise it is stored
+    like any other, and what it held unacknowledged is pushed when it is
+    discarded.
     """
 
     _store: IStore
@@ -45,6 +104,14 @@ class Broker:
     _queues: Queues
     _router: Router
     _registry: Registry
+    _authorizer: IAuthorizer
+    _metrics: Metrics
+    _clock: IReactorTime
+    clean_in_memory: bool
+    gate: ISessionGate
+    # Seconds a CONNECT may wait for its session: past it, CONNACK 3.
+    open_timeout: float
+    _overflowing: OrderedDict[str, None]
 
     def __init__(
         self,
@@ -55,12 +122,30 @@ class Broker:
         max_inflight: int = 32,
         limits: QueueLimits = _QUEUE_LIMITS,
         retained_limits: RetainedLimits = _RETAINED_LIMITS,
+        *,
+        route_offline: bool = True,
+        clean_in_memory: bool = True,
+        gate: ISessionGate | None = None,
+        open_timeout: float = 5.0,
     ) -> None:
         pipeline = Pipeline(store, clock)
-        queues = Queues(pipeline, metrics, clock, max_inflight, limits)
+        queues = Queues(pipeline, store, metrics, clock, max_inflight, limits)
         router = Router(metrics, retained_limits)
-        registry = Registry(router, queues, authorizer, metrics, clock)
-        self.__attrs_init__(store, pipeline, queues, router, registry)
+        registry = Registry(router, route_offline)
+        self.__attrs_init__(
+            store,
+            pipeline,
+            queues,
+            router,
+            registry,
+            authorizer,
+            metrics,
+            clock,
+            clean_in_memory,
+            LocalGate() if gate is None else gate,
+            open_timeout,
+            OrderedDict(),
+        )
 
     @property
     def max_inflight(self) -> int:
@@ -84,15 +169,21 @@ class Broker:
         """Tell watcher what happens to queued messages with a notice."""
         self._queues.watcher = watcher
 
-    async def restore(self) -> None:
-        """Load every persistent session and retained message from the store."""
-        self._registry.restore(await self._store.load_sessions())
+    async def start(self) -> None:
+        """
+        Load what routing needs before clients connect: the retained
+        messages (within their limits) and, with route_offline, the
+        subscriptions of the stored persistent sessions.  No session is
+        loaded: its client's CONNECT opens it.
+        """
+        if self._registry.route_offline:
+            for client_id, subscriptions in await self._store.load_subscriptions():
+                self._registry.stand(client_id, dict(subscriptions))
         beyond = self._router.restore(await self._store.load_retained())
         if not beyond.empty:
             await self.commit(beyond)
         log.info(
-            "Restored {sessions} sessions and {retained} retained messages",
-            sessions=self._registry.count,
+            "Restored {retained} retained messages",
             retained=self._router.retained_count,
         )
 
@@ -106,7 +197,6 @@ class Broker:
         return self._pipeline.apply_now(plan)
 
     def barrier(self) -> Deferred[None]:
-        """See Pipeline.barrier."""
         return self._pipeline.barrier()
 
     # -- sessions (IBroker and the protocol) ----------------------------------
@@ -117,16 +207,136 @@ class Broker:
     def is_online(self, client_id: str) -> bool:
         return self._registry.is_online(client_id)
 
-    def oldest_queued_at(self) -> float | None:
-        """See Registry.oldest_queued_at."""
-        return self._registry.oldest_queued_at()
+    def open(
+        self, client_id: str, clean: bool, connection: IConnection
+    ) -> Deferred[tuple[Session, bool]]:
+        """
+        Give connection the client's session, taking it over from another
+        connection here, or reading it from the store (after the gate
+        opened); fire with the session and whether one was present.  Call
+        resume() on the session once the CONNACK is out.  Fails with
+        OpenFailed when that takes longer than open_timeout.
+        """
+        opening = self._registry.serial(client_id, lambda: self._open(client_id, clean, connection))
 
-    def ensure_session(self, plan: Plan, client_id: str) -> Session:
-        """See Registry.ensure."""
-        return self._registry.ensure(plan, client_id)
+        def unavailable(failure: Failure) -> NoReturn:
+            failure.trap(TimeoutError, StoreUnavailable)
+            raise OpenFailed(f"the session of {client_id} could not be opened: {failure.value}")
 
-    def has_room(self, client_id: str, size: int) -> bool:
-        return self._queues.has_room(self._registry.get(client_id), size)
+        return opening.addTimeout(self.open_timeout, self._clock).addErrback(unavailable)
+
+    async def _open(
+        self, client_id: str, clean: bool, connection: IConnection
+    ) -> tuple[Session, bool]:
+        await self.gate.before_open(client_id)
+        old = self._registry.get(client_id)
+        if old is not None:
+            if old.connection is not None:
+                old.connection.take_over()
+                old.detach()
+            if old.persistent and not clean:
+                old.attach(connection)
+                self.gate.opened(client_id)
+                return old, True
+            self._registry.unload(old)
+        defaults = dict(self._authorizer.default_subscriptions(client_id))
+        if clean and self.clean_in_memory:
+            await self._discard(client_id)
+            session = Session(client_id, False, False, self._queues, defaults)
+            self._registry.register(session)
+            session.attach(connection)
+            self.gate.opened(client_id)
+            return session, False
+        if clean:
+            through = await self._discard(client_id)
+            session = Session.opened(client_id, None, self._queues, defaults, clean=True)
+            # What was queued since the discard was decided is the new session's.
+            session.cursor = through
+            present = False
+        else:
+            await self.barrier()
+            record = await self._store.open_session(client_id, self._queues.page)
+            if record is not None and record.clean:
+                # Left over by a process that died: its clean session ended then.
+                await self._discard(client_id)
+                record = await self._store.open_session(client_id, self._queues.page)
+            session = Session.opened(client_id, record, self._queues, defaults, clean=False)
+            # A discarded session leaves a husk that only keeps its seq counter.
+            present = record is not None and bool(
+                record.has_connected or record.queue or record.subscriptions
+            )
+        plan = Plan()
+        plan.add(Attach(client_id, tuple(sorted(session.subscriptions.items())), clean))
+        self._registry.register(session)
+        try:
+            await self.commit(plan)
+        except BaseException:
+            self._registry.unload(session)
+            raise
+        session.attach(connection)
+        self.gate.opened(client_id)
+        return session, present
+
+    async def _discard(self, client_id: str) -> int:
+        """
+        Discard client_id's stored session, pushing first what it held
+        unacknowledged and never pushed; answer the highest seq discarded.
+        """
+        self._registry.drop_standing(client_id)
+        await self.barrier()
+        summary = await self._store.session_summary(client_id)
+        if summary is None:
+            return 0
+        unpushed: list[PendingPush] = []
+        watcher = self._queues.watcher
+        while watcher is not None:
+            after = (client_id, unpushed[-1].seq) if unpushed else None
+            page = await self._store.pending_pushes(after, PUSH_PAGE, client_id)
+            unpushed += [p for p in page if p.seq <= summary.last_seq]
+            if len(page) < PUSH_PAGE or page[-1].seq > summary.last_seq:
+                break
+        plan = Plan()
+        plan.add(DiscardSession(client_id, summary.last_seq))
+        await self.commit(plan)
+        if watcher is not None and unpushed:
+            watcher.discarded(client_id, unpushed)
+        return summary.last_seq
+
+    def disconnected(self, session: Session, connection: IConnection) -> None:
+        """The connection of session went away: the session leaves memory."""
+        if session.connection is not connection:
+            return  # Taken over already.
+        session.detach()
+        client_id = session.client_id
+        self._registry.unload(session)
+        self.gate.closed(client_id)
+        if session.persistent:
+            self._pipeline.later(Detach(client_id, session.sent_through))
+            if self._queues.watcher is not None:
+                self._queues.watcher.detached(client_id)
+        elif session.stored:
+            self._registry.serial(client_id, lambda: self._discard(client_id)).addErrback(
+                logged(log, "Discarding the clean session of {client} failed", client=client_id)
+            )
+
+    def status(self, client_id: str) -> Deferred[SessionStatus | None]:
+        return Deferred.fromCoroutine(self._status(client_id))
+
+    async def _status(self, client_id: str) -> SessionStatus | None:
+        await self.barrier()
+        summary = await self._store.session_summary(client_id)
+        # As it is now, not as it was before the store answered.
+        session = self._registry.get(client_id)
+        if summary is None and session is None:
+            return None
+        online = session is not None and session.connection is not None
+        since = None if session is None else session.connected_since
+        if summary is not None:
+            return SessionStatus(online, since, summary.queued, summary.oldest_queued_at)
+        assert session is not None
+        queued = session.taken()
+        oldest = min((o.queued_at for o in queued), default=None)
+        return SessionStatus(online, since, len(queued), oldest)
 
     def enqueue(
         self,
@@ -136,36 +346,78 @@ class Broker:
         *,
         headroom: bool = False,
         notice: str | None = None,
-    ) -> bool:
-        session = self._registry.ensure(plan, client_id)
-        return session.enqueue(plan, message, headroom=headroom, notice=notice)
-
-    def status(self, client_id: str) -> SessionStatus | None:
+        required: bool = False,
+    ) -> Ticket:
+        ticket = Ticket()
         session = self._registry.get(client_id)
-        return None if session is None else session.status()
+        if session is not None and not session.stored:
+            ticket.full = not session.enqueue_local(plan, message, headroom)
+            return ticket
+        at = int(self._clock.seconds() * 1000)
+        room = self._queues.limits.room(headroom)
+        op = Enqueue(client_id, message, at, notice, room, required)
 
-    def connect(self, client_id: str, clean: bool, connection: IConnection) -> tuple[Session, bool]:
-        """
-        Registry.connect, committing what the store must keep of it.  Call
-        resume() on the session once the CONNACK is out.
-        """
-        plan = Plan()
-        session, present = self._registry.connect(plan, client_id, clean, connection)
-        if plan.ops:
-            self.commit(plan).addErrback(logged(log, "Saving session {id} failed", id=client_id))
-        return session, present
+        def landed(result: Queued | object) -> None:
+            if result is NO_ROOM:
+                ticket.full = True
+                if not required:
+                    self._overflowed(client_id)
+                return
+            if not isinstance(result, Queued):
+                # Committed by an earlier attempt whose answer was lost.
+                self.wake(client_id)
+                return
+            ticket.seq = result.seq
+            session = self._registry.get(client_id)
+            if session is not None:
+                session.arrived(Outgoing(result.seq, message, queued_at=at, notice=notice))
+            watcher = self._queues.watcher
+            if notice is not None and watcher is not None:
+                connection = None if session is None else session.connection
+                watcher.queued(client_id, result.seq, notice, result.notices, connection)
 
-    def disconnected(self, session: Session, connection: IConnection) -> None:
-        """See Registry.disconnected."""
-        self._registry.disconnected(session, connection)
+        plan.add(op, landed)
+        return ticket
+
+    def _overflowed(self, client_id: str) -> None:
+        self._metrics.dropped.labels("queue_full").inc()
+        if client_id in self._overflowing:
+            return
+        # Once per episode: a full queue drops at every new message.
+        self._overflowing[client_id] = None
+        if len(self._overflowing) > _OVERFLOWING:
+            self._overflowing.popitem(last=False)
+        log.warn("Queue of {client} is full; dropping new messages to it", client=client_id)
+
+    def wake(self, client_id: str) -> None:
+        session = self._registry.get(client_id)
+        if session is not None and session.stored:
+            session.wake()
+
+    def resume(self, session: Session) -> None:
+        """The CONNACK is out: session's client may be sent its queue."""
+        self._overflowing.pop(session.client_id, None)
+        session.resume()
 
     # -- operators ----------------------------------------------------------
 
-    def disconnect(self, client_id: str) -> bool:
-        return self._registry.disconnect(client_id)
+    def disconnect(self, client_id: str) -> None:
+        session = self._registry.get(client_id)
+        if session is not None and session.connection is not None:
+            session.connection.end("disconnected by an operator")
 
     def remove(self, plan: Plan, client_id: str) -> None:
-        self._registry.remove(plan, client_id)
+        plan.add(DropSession(client_id))
+        session = self._registry.get(client_id)
+        connection = None if session is None else session.connection
+        if session is not None:
+            # Detached first, so that closing the connection pushes nothing.
+            session.detach()
+            self._registry.unload(session)
+            self.gate.closed(client_id)
+        self._registry.drop_standing(client_id)
+        if connection is not None:
+            connection.end("the account was deleted")
 
     # -- retention ----------------------------------------------------------
 
@@ -173,31 +425,15 @@ class Broker:
         return Deferred.fromCoroutine(self._expire(before))
 
     async def _expire(self, before: int) -> tuple[int, int]:
-        messages = 0
-        commits = []
+        local = 0
+        keep: set[tuple[str, int]] = set()
         for session in self._registry.sessions():
-            plan = Plan()
-            messages += session.expire(plan, before)
-            if not plan.empty:
-                commits.append(self.commit(plan))
-        # A message to an idle session may be on its way to the store: keep
-        # the session unless, once all that has landed, none was planned.
-        idle = [(s, s.next_seq) for s in self._registry.sessions() if s.idle]
-        landed = self.barrier()
-        await gatherResults(commits, consumeErrors=True)
-        await landed
-        plan = Plan()
-        removed = 0
-        for session, next_seq in idle:
-            if (
-                self._registry.get(session.client_id) is session
-                and session.next_seq == next_seq
-                and session.idle
-            ):
-                self._registry.discard(plan, session)
-                removed += 1
-        await self.commit(plan)
-        return messages, removed
+            local += session.expire(before)
+            if session.stored:
+                keep.update((session.client_id, o.seq) for o in (session.inflight or {}).values())
+        await self.barrier()
+        messages, sessions = await self._store.expire(before, keep)
+        return messages + local, sessions
 
     # -- subscriptions and routing -------------------------------------------
 
@@ -215,14 +451,15 @@ class Broker:
     def _save_subscriptions(self, session: Session) -> Deferred[None]:
         plan = Plan()
         if session.persistent:
-            plan.add(session.subscription_record())
+            subscriptions = tuple(sorted(session.subscriptions.items()))
+            plan.add(PutSession(session.client_id, subscriptions))
         return self.commit(plan)
 
     def deliver_retained(self, session: Session, granted: list[tuple[str, int]]) -> Deferred[None]:
         """Send the retained messages matching newly granted filters."""
         plan = Plan()
         for message in self._router.retained_for(granted):
-            session.deliver(plan, message)
+            self._deliver(plan, session.client_id, message)
         return self.commit(plan)
 
     def route(self, plan: Plan, message: Message) -> None:
@@ -231,6 +468,14 @@ class Broker:
         subscription, and keep or clear it as retained.
         """
         for client_id, copy in self._router.route(plan, message):
-            session = self._registry.get(client_id)
-            assert session is not None, "the router routes only to registered sessions"
-            session.deliver(plan, copy)
+            self._deliver(plan, client_id, copy)
+
+    def _deliver(self, plan: Plan, client_id: str, message: Message) -> None:
+        session = self._registry.get(client_id)
+        if message.qos == 0:
+            if session is None:
+                plan.add(None, lambda _: self._metrics.dropped.labels("qos0_offline").inc())
+            else:
+                plan.add(None, lambda _: session.send_now(message))
+        else:
+            self.enqueue(plan, client_id, message)

@@ -4,7 +4,7 @@ The seams of the MQTT core: who may do what, and what the application adds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -12,7 +12,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from ..store.interfaces import Message
+from ..store.interfaces import Message, PendingPush
 from .packets import Packet, Will
 from .plan import Plan
 
@@ -94,24 +94,8 @@ class IConnection(Interface):
         """Close the connection (an operator's disconnect, a deleted account)."""
 
 
-class QueuedView(Protocol):
-    """What those outside the broker see of a queued message."""
-
-    @property
-    def seq(self) -> int: ...
-
-    @property
-    def notice(self) -> str | None: ...
-
-    # The IQueueWatcher's own mark: it decided to push the message.
-    pushed: bool
-
-
 class SessionView(Protocol):
-    """
-    What those outside the broker see of a session.  Only the broker changes
-    it: a queued message stays in ``queue`` until acknowledged or expired.
-    """
+    """What those outside the broker see of a session in memory."""
 
     @property
     def client_id(self) -> str: ...
@@ -122,31 +106,83 @@ class SessionView(Protocol):
     @property
     def connection(self) -> IConnection | None: ...
 
-    @property
-    def queue(self) -> Mapping[int, QueuedView]: ...
+    def unacknowledged(self, seq: int) -> bool:
+        """Whether the message of seq, if still queued, awaits its client's acknowledgement."""
+        ...
 
-    # How many queued messages carry a notice.
+    def awaiting(self) -> list[int]:
+        """The seqs of the messages with a notice it has read and not had acknowledged."""
+        ...
+
     @property
-    def notices(self) -> int: ...
+    def complete(self) -> bool:
+        """Whether it has read all its queue, as far as it knows."""
+        ...
 
 
 class IQueueWatcher(Interface):
     """
     Follows the queued messages that carry a notice, to push them while they
-    go unacknowledged.
+    go unacknowledged.  What it needs of messages not in memory it reads from
+    the store.
     """
 
-    def queued(session: SessionView, out: QueuedView) -> None:
-        """out, which has a notice, is now durable in session's queue."""
+    def queued(
+        client_id: str, seq: int, notice: str, badge: int, connection: IConnection | None
+    ) -> None:
+        """
+        A message with notice is now durable in client_id's queue at seq;
+        badge counts the queue's messages with a notice; connection is the
+        client's connection here, if it has one.
+        """
 
     def resumed(session: SessionView) -> None:
+        """session's queue is handed over afresh to a new connection here."""
+
+    def detached(client_id: str) -> None:
         """
-        session's queue is handed over afresh: to a new connection, or to no
-        connection after the server restored it.
+        client_id's connection here ended (not taken over): its session left
+        memory, its queue is still in the store.
         """
 
-    def detached(session: SessionView) -> None:
-        """session's connection ended; its queue is still there."""
+    def discarded(client_id: str, unpushed: Sequence[PendingPush]) -> None:
+        """
+        client_id's session was discarded (cleansession), durably, with these
+        messages never pushed: push them, as their connection was lost.
+        """
+
+
+class ISessionGate(Interface):
+    """
+    Where a broker that is one of several processes on one store asks and
+    tells who holds which session (a cluster); one process alone needs
+    nothing of it (LocalGate).
+    """
+
+    def before_open(client_id: str) -> Deferred[None]:
+        """
+        Awaited before a CONNECT opens client_id's session here, and before
+        anything of it is read from the store: fire once no other process
+        holds it (another node closed its connection and made durable what
+        that client acknowledged there).  Failing, or not firing within the
+        broker's open timeout, refuses the CONNECT with CONNACK 3.
+        """
+
+    def opened(client_id: str) -> None:
+        """client_id's session is connected here now (for presence)."""
+
+    def closed(client_id: str) -> None:
+        """client_id's connection here ended; its session left memory."""
+
+
+@attrs.define
+class Ticket:
+    """What became of a message given to IBroker.enqueue, known once its plan is durable."""
+
+    # Where it went in the queue; None until then, or if it was refused.
+    seq: int | None = None
+    # Refused: the queue had no room, and nothing was stored.
+    full: bool = False
 
 
 @attrs.frozen
@@ -164,8 +200,9 @@ class SessionStatus:
 
 class IBroker(Interface):
     """
-    What the application and the operators' jobs use of the broker: sessions
-    by client id, and plans to commit.
+    What the application, push delivery, the operators' jobs and a cluster
+    use of the broker: plans to commit, durable queues by client id, and
+    the sessions of the clients connected here.
     """
 
     def commit(plan: Plan) -> Deferred[None]:
@@ -175,21 +212,20 @@ class IBroker(Interface):
         Fails when the store failed the commit.
         """
 
+    def barrier() -> Deferred[None]:
+        """
+        Fire once everything committed before now, acknowledgements
+        included, is durable: what the store answers after it is current.
+        """
+
     def session(client_id: str) -> SessionView | None:
-        """The client's session, if it has one."""
+        """The client's session, if it is in memory here (connected here)."""
 
     def is_online(client_id: str) -> bool:
-        """Whether the client has a live connection."""
+        """Whether the client has a live connection here."""
 
-    def status(client_id: str) -> SessionStatus | None:
-        """The client's session as it is now, if it has one."""
-
-    def has_room(client_id: str, size: int) -> bool:
-        """
-        Whether client_id's queue (empty if it has no session yet) has room
-        for a message of size payload bytes, counting what plans not yet
-        committed have reserved.
-        """
+    def status(client_id: str) -> Deferred[SessionStatus | None]:
+        """The client's session as it is now, if it has one (from the store)."""
 
     def enqueue(
         plan: Plan,
@@ -198,28 +234,37 @@ class IBroker(Interface):
         *,
         headroom: bool = False,
         notice: str | None = None,
-    ) -> bool:
+        required: bool = False,
+    ) -> Ticket:
         """
-        Queue message (QoS 1 or 2) for client_id once plan is durable, in a
-        persistent session with the default subscriptions if it has none,
-        reserving its room now so that no later plan can take it.  Without
-        room the message is dropped, counted, and False answered: never what
-        is queued already, which may have been promised to someone.
+        Queue message (QoS 1 or 2) durably for client_id once plan is
+        durable, in a persistent session with the default subscriptions if
+        it has none, whether or not the client is connected: the store
+        allocates its seq and checks the queue's room where it commits.
+        Without room nothing is queued, the ticket says full, and the
+        message is dropped and counted, unless ``required``, when it is the
+        guarding InsertChat that fails (FULL).  Never is what is queued
+        already dropped to make room: it may have been promised to someone.
         headroom lets the queue exceed its limits by a tenth, for frames
         about the client's own actions.  A notice goes with the message, for
         the IQueueWatcher.
         """
 
-    def disconnect(client_id: str) -> bool:
+    def wake(client_id: str) -> None:
         """
-        Close the client's connection, if any (a ban is Bans's).  False when
-        the client has no session.
+        The store has new messages for client_id, committed by another
+        process: if the client is connected here, read them (everything
+        above what its session has taken in, in seq order, each once) as
+        its window drains.  Nothing when it is not connected here.
         """
+
+    def disconnect(client_id: str) -> None:
+        """Close the client's connection here, if it has one (a ban is Bans's)."""
 
     def remove(plan: Plan, client_id: str) -> None:
         """
-        Forget the client's session and its queue, now in memory and with
-        plan in the store, and close its connection: the account is gone.
+        Forget the client's session and its queue, in the store with plan,
+        and close its connection: the account is gone.
         """
 
     def expire(before: int) -> Deferred[tuple[int, int]]:

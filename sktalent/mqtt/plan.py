@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..failures import logged
-from ..store.interfaces import IStore, Op
+from ..store.interfaces import Guarded, IStore, Op
 
 log = Logger()
 
@@ -53,17 +53,18 @@ class Plan:
     ) -> None:
         """
         Add a guarded operation whose ``then`` are inner's operations: inner's
-        effects run when ``passed(result)``; otherwise inner is abandoned and
-        ``otherwise(result)`` called.
+        effects run, each with its operation's result, when the outcome
+        passes (``passed(outcome)``); otherwise inner is abandoned and
+        ``otherwise(outcome)`` called.
         """
 
-        def decided(result: object) -> None:
-            if passed(result):
-                inner.apply([None] * len(inner.ops))
+        def decided(result: Guarded) -> None:
+            if passed(result.outcome):
+                inner.apply(result.then)
                 return
             inner.abandon()
             if otherwise is not None:
-                otherwise(result)
+                otherwise(result.outcome)
 
         self.add(op, decided)
         self.on_abandon(inner.abandon)
@@ -162,7 +163,13 @@ class Pipeline:
         return True
 
     def barrier(self) -> Deferred[None]:
-        """Fire once everything committed before now has completed."""
+        """
+        Fire once everything committed before now has completed, the
+        bookkeeping of later() included.
+        """
+        if self._loose_flush is not None:
+            self._loose_flush.cancel()
+            self._flush_loose()
         return self.commit(Plan())
 
     def later(self, op: Op) -> None:

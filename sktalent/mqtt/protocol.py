@@ -36,7 +36,7 @@ from ..metrics import Metrics
 from ..store.interfaces import Message, StoreUnavailable
 from . import packets as p
 from .bans import Bans
-from .broker import Broker
+from .broker import Broker, OpenFailed
 from .codec import Decoder, decode, encode_all, encode_puback
 from .interfaces import (
     IApplication,
@@ -147,7 +147,9 @@ class MQTTServerProtocol:
     - Reading pauses while _HIGH_WATER publishes await the store and resumes
       at _LOW_WATER.
     - ``_session`` is the broker's session for this connection from the
-      accepted CONNECT until the connection ends or is taken over.
+      accepted CONNECT until the connection ends or is taken over.  The
+      session is opened (read from the store) before the CONNACK; a store
+      that does not answer in time gets CONNACK 3.
     - The will is published only when the connection ends otherwise than by
       DISCONNECT or the server stopping.
     - What is written while a Batch holds goes out, in order, at its end or
@@ -457,12 +459,23 @@ class MQTTServerProtocol:
             self._refuse(p.REFUSED_NOT_AUTHORIZED, "banned")
             return
         self._user, self._client_id = user, client_id
+        try:
+            session, present = await self._broker.open(client_id, connect.clean_session, self)
+        except OpenFailed as e:
+            log.warn("CONNECT of {client} refused: {why}", client=client_id, why=str(e))
+            if self._state != CLOSED:
+                self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "store_unavailable")
+            return
+        if self._state == CLOSED:
+            # Gone while its session was being opened.
+            self._broker.disconnected(session, self)
+            return
+        self._session = session
         if connect.will is not None:
             if self._authorizer.accept_will(user, client_id, connect.will):
                 self._will = connect.will
             else:
                 self._metrics.dropped.labels("will_not_allowed").inc()
-        self._session, present = self._broker.connect(client_id, connect.clean_session, self)
         self._state = CONNECTED
         self._metrics.logins.inc()
         self._cancel_timer()
@@ -475,7 +488,7 @@ class MQTTServerProtocol:
         try:
             # CONNACK must precede what the session resends.
             self.send([p.ConnAck(p.ACCEPTED, present)])
-            self._session.resume()
+            self._broker.resume(session)
             waiting, self._waiting = self._waiting or [], None
             for packet in waiting:
                 if self._state != CONNECTED:

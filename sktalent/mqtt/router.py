@@ -5,7 +5,7 @@ messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 from twisted.logger import Logger
@@ -46,8 +46,10 @@ class Router:
 
     Invariants:
 
-    - The trie holds exactly the subscriptions of the registered sessions,
-      as their ``subscriptions`` say: both change together, here.
+    - The trie holds the subscriptions of the sessions in memory, as their
+      ``subscriptions`` say (both change together, here), and for a plain
+      broker also those of every stored persistent session: publishes reach
+      a client who is not connected as durable queue entries.
     - The retained messages in memory change only in the effects of
       committed plans, so they are what the store holds.  Their count and
       size are tracked as they will be once every plan under way has landed,
@@ -68,15 +70,15 @@ class Router:
 
     # -- subscriptions -------------------------------------------------------
 
-    def add(self, session: Session) -> None:
-        """A session was registered: route to its subscriptions."""
-        for filter_, qos in session.subscriptions.items():
-            self._trie.subscribe(filter_, session.client_id, qos)
+    def add(self, client_id: str, subscriptions: Mapping[str, int]) -> None:
+        """Route to client_id by these subscriptions."""
+        for filter_, qos in subscriptions.items():
+            self._trie.subscribe(filter_, client_id, qos)
 
-    def forget(self, session: Session) -> None:
-        """A session was discarded: route nothing more to it."""
-        for filter_ in session.subscriptions:
-            self._trie.unsubscribe(filter_, session.client_id)
+    def forget(self, client_id: str, subscriptions: Iterable[str]) -> None:
+        """Route nothing more to client_id by these filters."""
+        for filter_ in subscriptions:
+            self._trie.unsubscribe(filter_, client_id)
 
     def subscribe(self, session: Session, granted: Iterable[tuple[str, int]]) -> None:
         for filter_, qos in granted:

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .interfaces import (
+    Attach,
     Enqueue,
     InsertChat,
     MarkReceived,
@@ -55,7 +56,7 @@ def op_bytes(op: Op) -> int:
             return _OP_BYTES + len(chat.envelope) + sum(map(op_bytes, then))
         case MarkReceived(then=then):
             return _OP_BYTES + sum(map(op_bytes, then))
-        case PutSession(subscriptions=subscriptions):
+        case PutSession(subscriptions=subscriptions) | Attach(subscriptions=subscriptions):
             return _OP_BYTES + sum(len(f) for f, _ in subscriptions)
         case _:
             return _OP_BYTES

@@ -1,17 +1,27 @@
 """
 What the server keeps, and the narrow asynchronous interface to keep it.
 
-The broker holds live state in memory and describes every change it must make
-durable as an operation value.  A store commits a list of operations
-atomically (as far as its back end allows) and in order; only then does the
-broker acknowledge anything to a client.
+The store is the source of truth.  The broker holds in memory only the
+sessions of connected clients, describes every change it must make durable
+as an operation value, and reads a session back when its client connects.  A
+store commits a list of operations atomically (as far as its back end
+allows) and in order; only then does the broker acknowledge anything to a
+client.
+
+Queues: each session's queue is ordered by seq, which the store allocates
+where an Enqueue commits, from a counter kept with the session, so that no
+two messages of one client ever share a seq however many processes write
+for it, and messages become visible in seq order.  The store also keeps each
+session's counters (messages, payload bytes, messages with a notice) and
+checks an Enqueue's room against them in the same commit: a queue limit
+holds whether or not its client is connected anywhere.
 """
 
 from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -49,6 +59,11 @@ class QueuedMessage:
 
 @attrs.frozen
 class SessionRecord:
+    """
+    A session as stored.  From open_session, ``queue`` is only the first
+    page of the queue; from load_sessions, all of it.
+    """
+
     client_id: str
     subscriptions: tuple[tuple[str, int], ...]
     queue: tuple[QueuedMessage, ...] = ()
@@ -57,6 +72,50 @@ class SessionRecord:
     # Whether its client has ever connected (a session made by a message
     # addressed to it has not).
     has_connected: bool = False
+    # Whether its client connected with cleansession=1: the session ends
+    # with that connection (one left over by a crash is discarded when next
+    # opened).
+    clean: bool = False
+    # The highest seq its last connection may have sent, recorded when that
+    # connection ended; None while a connection is open, or when the
+    # process holding it died.
+    sent_through: int | None = 0
+
+
+@attrs.frozen
+class SessionSummary:
+    """What operators and the broker ask of a session without opening it."""
+
+    # Messages queued and not yet acknowledged, and their payload bytes.
+    queued: int
+    queued_bytes: int
+    # Milliseconds since the epoch when the first of them was queued.
+    oldest_queued_at: int | None
+    # The highest seq allocated in its queue so far (0: none).
+    last_seq: int
+
+
+@attrs.frozen
+class PendingPush:
+    """A queued message with a notice that has not been pushed."""
+
+    client_id: str
+    seq: int
+    notice: str
+    queued_at: int
+    # Queued messages of its client that carry a notice (the iOS badge).
+    badge: int
+
+
+@attrs.frozen
+class QueueTotals:
+    """Every stored session and queue together, for the metrics."""
+
+    sessions: int
+    messages: int
+    bytes: int
+    # Milliseconds since the epoch; None when nothing is queued.
+    oldest_queued_at: int | None
 
 
 @attrs.frozen
@@ -88,33 +147,108 @@ class Device:
 
 @attrs.frozen
 class PutSession:
+    """Create a session if there is none, and replace its subscriptions."""
+
+    client_id: str
+    subscriptions: tuple[tuple[str, int], ...]
+
+
+@attrs.frozen
+class Attach:
     """
-    Create or update a persistent session, replacing its subscriptions.
-    ``has_connected`` True records that its client has connected; False never
-    unsets that.
+    A client connected to its session (created if there is none): it has
+    connected, it is clean or not as given, its subscriptions are these, and
+    what its connection sends is unknown until Detach.
     """
 
     client_id: str
     subscriptions: tuple[tuple[str, int], ...]
-    has_connected: bool = False
+    clean: bool = False
+
+
+@attrs.frozen
+class Detach:
+    """The session's connection ended having sent nothing above sent_through."""
+
+    client_id: str
+    sent_through: int
 
 
 @attrs.frozen
 class DropSession:
-    """Forget a session with its queue and inbound packet ids."""
+    """Forget a session with its queue and inbound packet ids: the account is gone."""
 
     client_id: str
 
 
 @attrs.frozen
-class Enqueue:
-    """Queue message (not yet pushed) for the client; QueuedMessage says the rest."""
+class DiscardSession:
+    """
+    A clean session ends, or a client connects clean: drop the queue up to
+    and including seq ``through``, the inbound packet ids and subscriptions,
+    and forget that a client connected.  Messages above ``through`` (queued
+    since it was decided) stay, and so does the seq counter, so that no seq
+    is ever allocated twice while someone may hold the session.
+    """
 
     client_id: str
-    seq: int
+    through: int
+
+
+@attrs.frozen
+class Room:
+    """What a queue may hold for an Enqueue to be stored: messages, and payload bytes."""
+
+    messages: int
+    bytes: int
+
+
+@attrs.frozen
+class Enqueue:
+    """
+    Queue message (not yet pushed) for the client, creating its session if
+    it has none; QueuedMessage says the rest.  Result: Queued, with the seq
+    the store allocated; or NO_ROOM when ``room`` is given and the queue,
+    with this message, would hold more than it allows: then nothing is
+    stored, and when ``required`` within an InsertChat's ``then``, the chat
+    is not stored either.
+
+    ``seq`` given (copying a queue from another store) is used as it is and
+    must be free: a seq already in the queue fails the commit with
+    QueueConflict, never overwrites.  ``token`` tells a retried commit that
+    landed unanswered from a new message.
+    """
+
+    client_id: str
     message: Message
     queued_at: int = 0
     notice: str | None = None
+    room: Room | None = None
+    required: bool = False
+    seq: int | None = None
+    token: str = attrs.Factory(lambda: secrets.token_hex(8))
+
+
+@attrs.frozen
+class Queued:
+    """An Enqueue's result: where the message went."""
+
+    seq: int
+    # Messages in the client's queue that carry a notice, this one included.
+    notices: int
+
+
+class NoRoom(enum.Enum):
+    """An Enqueue's result when the queue had no room: nothing was stored."""
+
+    NO_ROOM = "no_room"
+
+
+NO_ROOM = NoRoom.NO_ROOM
+
+
+class QueueConflict(Exception):
+    """An Enqueue at a given seq found it taken: the commit is refused, nothing overwritten."""
 
 
 @attrs.frozen
@@ -135,7 +269,7 @@ class Release:
 
 @attrs.frozen
 class Dequeue:
-    """Acknowledged (PUBACK/PUBCOMP), dropped by a limit, or discarded."""
+    """Acknowledged (PUBACK/PUBCOMP): the message leaves the queue and its counters."""
 
     client_id: str
     seq: int
@@ -161,8 +295,19 @@ class SetRetained:
     message: Message | None
 
 
+@attrs.frozen
+class Guarded:
+    """
+    The result of an operation with ``then``: its own, and one for each of
+    the operations in ``then`` when they were committed (empty otherwise).
+    """
+
+    outcome: object
+    then: tuple[object, ...] = ()
+
+
 class Inserted(enum.Enum):
-    """What an InsertChat found."""
+    """What an InsertChat found (the outcome of its Guarded result)."""
 
     # Stored now: its ``then`` is committed with it.
     NEW = "new"
@@ -170,19 +315,21 @@ class Inserted(enum.Enum):
     REPEATED = "repeated"
     # The sender's msgid holds another chat: another recipient or digest.
     CONFLICT = "conflict"
+    # A required Enqueue of its ``then`` found no room: nothing is stored.
+    FULL = "full"
 
 
 @attrs.frozen
 class InsertChat:
     """
     Store a chat message unless (sender, msgid) is stored already.  Result:
-    an Inserted; the operations in ``then`` are committed with it only when
-    it is NEW.  A commit retried after its first attempt landed unanswered
-    finds the chat stored with this operation's token: that is still NEW
-    (and ``then`` is written again, harmlessly), where a client's
-    retransmission, another operation, is REPEATED or CONFLICT.  ``digest``
-    stands for the content; a chat stored without one (by an older server)
-    is compared by recipient only.
+    Guarded, its outcome an Inserted; the operations in ``then`` are
+    committed with it only when it is NEW.  A commit retried after its first
+    attempt landed unanswered finds the chat stored with this operation's
+    token: that is still NEW, with ``then`` as the first attempt committed
+    it, where a client's retransmission, another operation, is REPEATED or
+    CONFLICT.  ``digest`` stands for the content; a chat stored without one
+    (by an older server) is compared by recipient only.
     """
 
     chat: ChatRecord
@@ -191,44 +338,20 @@ class InsertChat:
     digest: str = ""
 
     def against(self, token: str | None, recipient: str, digest: str | None) -> Inserted:
-        """The result where (sender, msgid) is stored already with these."""
+        """The outcome where (sender, msgid) is stored already with these."""
         if token == self.token:
             return Inserted.NEW
-        return _compared(self.chat.recipient, self.digest, recipient, digest)
-
-
-def _compared(
-    recipient: str, digest: str, stored_recipient: str, stored_digest: str | None
-) -> Inserted:
-    """REPEATED when the stored chat is this one (no digest: by recipient only), else CONFLICT."""
-    if stored_recipient == recipient and stored_digest in (None, digest):
-        return Inserted.REPEATED
-    return Inserted.CONFLICT
-
-
-@attrs.frozen
-class ChatStored:
-    """
-    What an InsertChat of this chat would find, changing nothing: None when
-    the sender's msgid is not stored, else REPEATED or CONFLICT as InsertChat
-    compares them.  It answers a chat that cannot be kept (a full queue).
-    """
-
-    sender: str
-    msgid: str
-    recipient: str
-    digest: str
-
-    def against(self, recipient: str, digest: str | None) -> Inserted:
-        """The result where (sender, msgid) is stored already with these."""
-        return _compared(self.recipient, self.digest, recipient, digest)
+        if recipient == self.chat.recipient and digest in (None, self.digest):
+            return Inserted.REPEATED
+        return Inserted.CONFLICT
 
 
 @attrs.frozen
 class MarkReceived:
     """
-    Record that recipient received sender's msgid.  Result: True when that
-    chat message exists with that recipient; ``then`` is committed only then.
+    Record that recipient received sender's msgid.  Result: Guarded, its
+    outcome True when that chat message exists with that recipient;
+    ``then`` is committed only then.
     """
 
     sender: str
@@ -275,7 +398,10 @@ class SetBan:
 
 Op = (
     PutSession
+    | Attach
+    | Detach
     | DropSession
+    | DiscardSession
     | Enqueue
     | MarkPushed
     | Release
@@ -284,7 +410,6 @@ Op = (
     | RemoveInbound
     | SetRetained
     | InsertChat
-    | ChatStored
     | MarkReceived
     | PutDevice
     | LogOut
@@ -323,8 +448,51 @@ class IStore(Interface):
         fails with StoreUnavailable only if the caller should give up.
         """
 
+    def open_session(client_id: str, limit: int) -> Deferred[SessionRecord | None]:
+        """
+        The client's session with the first ``limit`` messages of its queue
+        in seq order (what CONNECT needs), or None if it has none.  It reads
+        one session: its cost does not depend on how many are stored.
+        """
+
+    def read_queue(client_id: str, after: int, limit: int) -> Deferred[list[QueuedMessage]]:
+        """Up to ``limit`` messages of the client's queue above seq ``after``, in seq order."""
+
+    def session_summary(client_id: str) -> Deferred[SessionSummary | None]:
+        """The client's queue in figures, or None if it has no session."""
+
+    def pending_pushes(
+        after: tuple[str, int] | None, limit: int, client_id: str | None = None
+    ) -> Deferred[list[PendingPush]]:
+        """
+        Up to ``limit`` queued messages with a notice and not pushed, in
+        (client id, seq) order, after ``after`` when given; only the client's
+        own when ``client_id`` is given.  Its cost grows with what it answers,
+        not with what is stored.
+        """
+
+    def expire(before: int, keep: Collection[tuple[str, int]]) -> Deferred[tuple[int, int]]:
+        """
+        Drop the messages queued before ``before`` (milliseconds since the
+        epoch) but for those keyed (client id, seq) in ``keep``, then the
+        sessions no client ever connected to with nothing queued.  Fire with
+        how many messages and sessions went.
+        """
+
+    def queue_totals() -> Deferred[QueueTotals]:
+        """Every session and queue together, in figures (a scan: for the metrics only)."""
+
+    def load_subscriptions() -> Deferred[list[tuple[str, tuple[tuple[str, int], ...]]]]:
+        """
+        (client id, subscriptions) of every session that is not clean and has
+        subscriptions: what a plain MQTT broker routes offline messages by.
+        """
+
     def load_sessions() -> Deferred[list[SessionRecord]]:
-        """Every persistent session with its queue in seq order."""
+        """
+        Every session with all its queue in seq order: a dump for tests and
+        tools, which the server itself never reads.
+        """
 
     def load_retained() -> Deferred[list[Message]]:
         """Every retained message."""

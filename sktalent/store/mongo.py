@@ -2,30 +2,52 @@
 The MongoDB store (also FerretDB), through txmongo with journaled writes.
 
 There are no multi-document transactions to lean on, so each batch is written
-in an order where a crash part way can only cause a redelivery, never a loss:
-a chat message or receipt is written only after the operations that depend on
-it (its ``then``), and whether it is new is decided from one read at the start.
-Writes are grouped into one bulk request per collection where order allows.
+in an order where a crash part way can only cause a redelivery, or leave a
+session's counters too high (put right when the session is next opened),
+never a loss: a chat message or receipt is written only after the operations
+that depend on it (its ``then``), and whether it is new is decided from one
+read at the start.  Writes are grouped into one bulk request per collection
+where order allows.
 
 Commits have a connection of their own, and no deadline: one request at a time
 goes over a connection, so a commit abandoned for being slow would go on in
 the server ahead of its own retry.  A commit is given up only when the server
 stops answering pings on the other connection, which also serves every read,
 so /healthz and the API are not queued behind commits.
+
+Queues.  A session document keeps its counters (queued, queued_bytes,
+notices) and ``next_seq``, a hint of the next free seq that never goes down.
+An Enqueue first reserves its room: one conditional ``$inc`` per client and
+batch, that holds only when every message of the batch for that client fits
+its room, and marks the document with the batch's token, so the batch reads
+back which reservations took; a client whose messages do not all fit then
+reserves them one by one (find_one_and_update), at its limit only.  Several
+processes reserving for one client never exceed its room between them.  Then
+the messages are inserted at seqs from the hint, in seq order, in one ordered
+bulk: the insert is what allocates a seq (the _id is unique), so a seq
+another process took is a duplicate key, retried above the highest seq in
+the queue, and a message becomes visible only after every one below it that
+was allocated before it.  The hint is raised past them last.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Iterator, Sequence
+import secrets
+from collections.abc import Awaitable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, assert_never
 
 import attrs
 from bson import Binary
 from prometheus_client import Histogram
-from pymongo import DeleteMany, DeleteOne, ReplaceOne, UpdateOne
-from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure
+from pymongo import DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateOne
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectionFailure,
+    OperationFailure,
+)
 from pymongo.uri_parser import parse_uri
 from twisted.internet import error as netError
 from twisted.internet.defer import (
@@ -45,14 +67,18 @@ from zope.interface import implementer
 
 from .group import GroupCommitter
 from .interfaces import (
+    NO_ROOM,
     AddInbound,
+    Attach,
     ChatRecord,
-    ChatStored,
     Dequeue,
+    Detach,
     Device,
+    DiscardSession,
     DropDevice,
     DropSession,
     Enqueue,
+    Guarded,
     InsertChat,
     Inserted,
     IStore,
@@ -61,19 +87,24 @@ from .interfaces import (
     MarkReceived,
     Message,
     Op,
+    PendingPush,
     PutDevice,
     PutSession,
+    QueueConflict,
+    Queued,
     QueuedMessage,
+    QueueTotals,
     Release,
     RemoveInbound,
     SessionRecord,
+    SessionSummary,
     SetBan,
     SetRetained,
     StoreUnavailable,
 )
 
 _T = TypeVar("_T")
-_Write = UpdateOne | ReplaceOne | DeleteOne | DeleteMany
+_Write = UpdateOne | ReplaceOne | DeleteOne | DeleteMany | InsertOne
 _Key = tuple[str, str]
 
 _UNAVAILABLE = (
@@ -85,10 +116,16 @@ _UNAVAILABLE = (
 )
 _NOT_IMPLEMENTED = 238
 _INDEX_OPTIONS_CONFLICT = 85
+_DUPLICATE_KEY = 11000
 # Bounds the size of one $or query or $in list.
 _CHUNK = 500
+# The schema version this store writes (the "schema" document of "meta").
+_SCHEMA = 2
 
 _CHAT_FIELDS = ("msgid", "sender", "recipient", "o_id", "envelope", "received_at")
+_COUNTERS = {"next_seq": 1, "queued": 0, "queued_bytes": 0, "notices": 0}
+# A session document as a message or packet id makes it, but its subscriptions.
+_NEW = {"has_connected": False, "clean": False, "sent_through": 0, **_COUNTERS}
 
 
 def database_name(uri: str) -> str:
@@ -122,20 +159,30 @@ def _message(doc: dict[str, Any]) -> Message:
     return Message(doc["topic"], bytes(doc["payload"]), doc["qos"], doc["retain"])
 
 
-def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
+def _queued(doc: dict[str, Any]) -> QueuedMessage:
+    return QueuedMessage(
+        doc["seq"],
+        _message(doc),
+        doc["released"],
+        doc["queued_at"],
+        doc.get("notice"),
+        doc.get("pushed", False),
+    )
+
+
+def _walk(ops: Sequence[Op]) -> Iterator[Op]:
+    """Every operation, those in ``then`` included."""
     for op in ops:
+        yield op
         match op:
-            case InsertChat(chat, then, _, _):
-                yield (chat.sender, chat.msgid)
-                yield from _chat_keys(then)
-            case MarkReceived(sender, msgid, _, _, then):
-                yield (sender, msgid)
-                yield from _chat_keys(then)
-            case ChatStored(sender, msgid):
-                yield (sender, msgid)
+            case InsertChat(_, then, _, _) | MarkReceived(_, _, _, _, then):
+                yield from _walk(then)
             case (
                 PutSession()
+                | Attach()
+                | Detach()
                 | DropSession()
+                | DiscardSession()
                 | Enqueue()
                 | MarkPushed()
                 | Release()
@@ -148,9 +195,17 @@ def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
                 | DropDevice()
                 | SetBan()
             ):
-                pass  # No chat to look up.
+                pass  # Nothing inside.
             case _:
                 assert_never(op)
+
+
+def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
+    for op in _walk(ops):
+        if isinstance(op, InsertChat):
+            yield (op.chat.sender, op.chat.msgid)
+        elif isinstance(op, MarkReceived):
+            yield (op.sender, op.msgid)
 
 
 def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
@@ -171,6 +226,15 @@ def _ids_in(keys: Sequence[_Key]) -> dict[str, Any]:
     return {"_id": {"$in": [_id(s, m) for s, m in keys]}}
 
 
+def _subscriptions(doc: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    # FerretDB stores no nested arrays, hence documents.
+    return tuple((s["filter"], s["qos"]) for s in doc.get("subscriptions", ()))
+
+
+def _stored_subscriptions(subscriptions: tuple[tuple[str, int], ...]) -> list[dict[str, Any]]:
+    return [{"filter": f, "qos": q} for f, q in subscriptions]
+
+
 @attrs.frozen
 class _Stored:
     recipient: str
@@ -179,67 +243,109 @@ class _Stored:
     digest: str | None
 
 
+@attrs.define(eq=False)
+class _Enq:
+    """One Enqueue of a batch, as the batch decides it."""
+
+    op: Enqueue
+    # Room reserved for it (None: not decided yet).
+    ok: bool | None = None
+    seq: int | None = None
+    notices: int = 0
+    # Committed by an earlier attempt of the same batch.
+    landed: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.op.message.payload)
+
+
 @attrs.define
 class _Plan:
     """
-    A batch as bulk writes.  ``early`` writes (everything but chats and
-    receipts) touch disjoint documents per collection, so collections may go
-    in any order; ``late`` runs follow them strictly in order.
+    A batch as bulk writes.  ``early`` writes (everything but chats,
+    receipts and new queue entries) touch disjoint documents per
+    collection, so collections may go in any order; ``late`` runs follow
+    them strictly in order.  ``enqueues`` decides each Enqueue: the first
+    walk over the batch (``dry``) only finds them.
     """
 
     # (sender, msgid) -> what is stored of every chat that exists at this point.
     _chats: dict[_Key, _Stored]
+    enqueues: dict[int, _Enq]
+    dry: bool
     early: dict[str, list[_Write]] = attrs.Factory(dict)
     late: list[tuple[str, list[_Write]]] = attrs.Factory(list)
-    _touched: set[str] = attrs.Factory(set)
+    # The Enqueues to insert, in order.
+    accepted: list[_Enq] = attrs.Factory(list)
+    # Reserved, then not stored: their room is given back.
+    released: list[_Enq] = attrs.Factory(list)
+
+    def add_all(self, ops: Sequence[Op]) -> list[object]:
+        return [self.add(op) for op in ops]
 
     def _write(self, collection: str, write: _Write) -> None:
-        self.early.setdefault(collection, []).append(write)
+        if not self.dry:
+            self.early.setdefault(collection, []).append(write)
 
     def _write_late(self, collection: str, write: _Write) -> None:
+        if self.dry:
+            return
         if self.late and self.late[-1][0] == collection:
             self.late[-1][1].append(write)
         else:
             self.late.append((collection, [write]))
 
     def _touch(self, client_id: str) -> None:
-        # A message or packet id may arrive before the session's own record.
-        if client_id not in self._touched:
-            self._touched.add(client_id)
-            new = {"subscriptions": [], "has_connected": False}
-            self._write(
-                "sessions", UpdateOne({"_id": client_id}, {"$setOnInsert": new}, upsert=True)
-            )
+        # A packet id may arrive before the session's own record.
+        new = {"subscriptions": [], **_NEW}
+        self._write("sessions", UpdateOne({"_id": client_id}, {"$setOnInsert": new}, upsert=True))
+
+    def _enqueue(self, op: Enqueue) -> object:
+        found = self.enqueues.get(id(op))
+        if self.dry:
+            if found is None:
+                self.enqueues[id(op)] = _Enq(op)
+            return None
+        if found is None or not found.ok:
+            return NO_ROOM
+        if not found.landed:
+            self.accepted.append(found)
+        return found
+
+    def _release(self, then: Sequence[Op]) -> None:
+        """then is not stored: the room reserved for its Enqueues goes back."""
+        for op in _walk(then):
+            found = self.enqueues.get(id(op))
+            if found is not None and found.ok and not found.landed:
+                self.released.append(found)
 
     def add(self, op: Op) -> object:
         match op:
-            case PutSession(client_id, subscriptions, has_connected):
-                self._touched.add(client_id)
-                # FerretDB stores no nested arrays, hence documents.
-                subs = [{"filter": f, "qos": q} for f, q in subscriptions]
-                update: dict[str, Any] = {"$set": {"subscriptions": subs}}
-                if has_connected:
-                    update["$set"]["has_connected"] = True
-                else:
-                    update["$setOnInsert"] = {"has_connected": False}
-                self._write("sessions", UpdateOne({"_id": client_id}, update, upsert=True))
-            case DropSession(client_id):
-                self._touched.discard(client_id)
-                self._write("sessions", DeleteOne({"_id": client_id}))
-                self._write("queue", DeleteMany({"client_id": client_id}))
-                self._write("inbound", DeleteMany({"client_id": client_id}))
-            case Enqueue(client_id, seq, message, queued_at, notice):
-                self._touch(client_id)
-                doc = {
-                    "client_id": client_id,
-                    "seq": seq,
-                    "released": False,
-                    "queued_at": queued_at,
-                    "notice": notice,
-                    "pushed": False,
+            case PutSession(client_id, subscriptions):
+                update = {
+                    "$set": {"subscriptions": _stored_subscriptions(subscriptions)},
+                    "$setOnInsert": _NEW,
                 }
-                doc |= _message_doc(message)
-                self._write("queue", ReplaceOne({"_id": _id(client_id, seq)}, doc, upsert=True))
+                self._write("sessions", UpdateOne({"_id": client_id}, update, upsert=True))
+            case Attach(client_id, subscriptions, clean):
+                attached = {
+                    "subscriptions": _stored_subscriptions(subscriptions),
+                    "has_connected": True,
+                    "clean": clean,
+                    "sent_through": None,
+                }
+                update = {"$set": attached, "$setOnInsert": _COUNTERS}
+                self._write("sessions", UpdateOne({"_id": client_id}, update, upsert=True))
+            case Detach(client_id, sent_through):
+                self._write(
+                    "sessions",
+                    UpdateOne({"_id": client_id}, {"$set": {"sent_through": sent_through}}),
+                )
+            case DropSession() | DiscardSession():
+                raise AssertionError("a session is dropped or discarded in a run of its own")
+            case Enqueue():
+                return self._enqueue(op)
             case MarkPushed(client_id, seq):
                 self._write(
                     "queue", UpdateOne({"_id": _id(client_id, seq)}, {"$set": {"pushed": True}})
@@ -265,39 +371,13 @@ class _Plan:
                 else:
                     doc = _message_doc(message)
                     self._write("retained", ReplaceOne({"_id": topic}, doc, upsert=True))
-            case InsertChat(chat, then, token, digest):
-                key = (chat.sender, chat.msgid)
-                stored = self._chats.get(key)
-                if stored is not None:
-                    result = op.against(stored.token, stored.recipient, stored.digest)
-                    if result is not Inserted.NEW:
-                        return result
-                self._chats[key] = _Stored(chat.recipient, token, digest)
-                for inner in then:
-                    self.add(inner)
-                doc = attrs.asdict(chat) | {
-                    "time": _date(chat.received_at),
-                    "token": token,
-                    "digest": digest,
-                }
-                self._write_late(
-                    "chats",
-                    UpdateOne(
-                        {"_id": _id(chat.sender, chat.msgid)},
-                        {"$setOnInsert": doc},
-                        upsert=True,
-                    ),
-                )
-                return Inserted.NEW
-            case ChatStored(sender, msgid):
-                stored = self._chats.get((sender, msgid))
-                return None if stored is None else op.against(stored.recipient, stored.digest)
+            case InsertChat():
+                return self._insert_chat(op)
             case MarkReceived(sender, msgid, recipient, at, then):
                 stored = self._chats.get((sender, msgid))
                 if stored is None or stored.recipient != recipient:
-                    return False
-                for inner in then:
-                    self.add(inner)
+                    return Guarded(False)
+                results = tuple(self.add(inner) for inner in then)
                 self._write_late(
                     "receipts",
                     UpdateOne(
@@ -313,7 +393,7 @@ class _Plan:
                         upsert=True,
                     ),
                 )
-                return True
+                return Guarded(True, results)
             case PutDevice(device):
                 doc = {
                     "platform": device.platform,
@@ -339,9 +419,78 @@ class _Plan:
                 assert_never(op)
         return None
 
+    def _insert_chat(self, op: InsertChat) -> object:
+        chat, then = op.chat, op.then
+        key = (chat.sender, chat.msgid)
+        stored = self._chats.get(key)
+        if stored is not None:
+            result = op.against(stored.token, stored.recipient, stored.digest)
+            if result is not Inserted.NEW:
+                return Guarded(result)
+            # Its own token: an earlier attempt committed it, then and all.
+            return Guarded(result, tuple(self._landed(inner) for inner in then))
+        if not self.dry and any(
+            isinstance(inner, Enqueue)
+            and inner.required
+            and self._enqueue_decided(inner) is not True
+            for inner in then
+        ):
+            self._release(then)
+            return Guarded(Inserted.FULL)
+        self._chats[key] = _Stored(chat.recipient, op.token, op.digest)
+        results = tuple(self.add(inner) for inner in then)
+        doc = attrs.asdict(chat) | {"time": _date(chat.received_at), "token": op.token}
+        doc["digest"] = op.digest
+        self._write_late(
+            "chats",
+            UpdateOne({"_id": _id(*key)}, {"$setOnInsert": doc}, upsert=True),
+        )
+        return Guarded(Inserted.NEW, results)
+
+    def _enqueue_decided(self, op: Enqueue) -> bool | None:
+        found = self.enqueues.get(id(op))
+        return None if found is None else found.ok
+
+    def _landed(self, op: Op) -> object:
+        """The result of an operation an earlier attempt committed, where it is known."""
+        found = self.enqueues.get(id(op))
+        return found if isinstance(op, Enqueue) and found is not None and found.landed else None
+
 
 def _chat(doc: dict[str, Any]) -> ChatRecord:
     return ChatRecord(*(doc[f] for f in _CHAT_FIELDS))
+
+
+def _result(result: object) -> object:
+    """What a submit answers for what the plan answered."""
+    if isinstance(result, _Enq):
+        return None if result.seq is None else Queued(result.seq, result.notices)
+    if isinstance(result, Guarded):
+        return Guarded(result.outcome, tuple(_result(r) for r in result.then))
+    return result
+
+
+def _counted(docs: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """A queue's counters, counted from its entries (which they must match)."""
+    counted = {"queued": 0, "queued_bytes": 0, "notices": 0}
+    for doc in docs:
+        counted["queued"] += 1
+        counted["queued_bytes"] += doc.get("size", 0)
+        counted["notices"] += doc.get("notice") is not None
+    return counted
+
+
+def _runs(ops: Sequence[Op]) -> Iterator[Sequence[Op]]:
+    """ops cut so that each DropSession and DiscardSession is a run of its own."""
+    start = 0
+    for i, op in enumerate(ops):
+        if isinstance(op, DropSession | DiscardSession):
+            if i > start:
+                yield ops[start:i]
+            yield ops[i : i + 1]
+            start = i + 1
+    if start < len(ops):
+        yield ops[start:]
 
 
 @implementer(IStore)
@@ -352,14 +501,16 @@ class MongoStore:
     _uri: str
     _latency: Histogram | None = None
     _retention_days: int = 30
-    # Seconds before an unanswered read or ping counts as "store unavailable",
-    # and a commit's wait before pings are asked whether the store is there.
+    # Seconds before an unanswered request counts as "store unavailable".
     _timeout: float = 10.0
     _database: str = attrs.field(init=False)
     _where: str = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
     _writes: ConnectionPool | None = attrs.field(default=None, init=False)
     _reads: ConnectionPool | None = attrs.field(default=None, init=False)
+    # The batches (by identity) attempted and not yet committed: one tried
+    # again may have landed in part.
+    _attempted: set[int] = attrs.field(factory=set, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -405,7 +556,7 @@ class MongoStore:
         self._writes, self._reads = (
             ConnectionPool(self._uri, w=1, j=True, max_delay=self._timeout / 2) for _ in range(2)
         )
-        return self._guard(self._create_indexes())
+        return self._guard(self._start())
 
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -419,6 +570,29 @@ class MongoStore:
 
     def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
         return self._committer.submit(ops)
+
+    def open_session(self, client_id: str, limit: int) -> Deferred[SessionRecord | None]:
+        return self._guard(self._open_session(client_id, limit))
+
+    def read_queue(self, client_id: str, after: int, limit: int) -> Deferred[list[QueuedMessage]]:
+        return self._guard(self._read_queue(client_id, after, limit))
+
+    def session_summary(self, client_id: str) -> Deferred[SessionSummary | None]:
+        return self._guard(self._session_summary(client_id))
+
+    def pending_pushes(
+        self, after: tuple[str, int] | None, limit: int, client_id: str | None = None
+    ) -> Deferred[list[PendingPush]]:
+        return self._guard(self._pending_pushes(after, limit, client_id))
+
+    def expire(self, before: int, keep: Collection[tuple[str, int]]) -> Deferred[tuple[int, int]]:
+        return self._guard(self._expire(before, frozenset(keep)))
+
+    def queue_totals(self) -> Deferred[QueueTotals]:
+        return self._guard(self._queue_totals())
+
+    def load_subscriptions(self) -> Deferred[list[tuple[str, tuple[tuple[str, int], ...]]]]:
+        return self._guard(self._load_subscriptions())
 
     def load_sessions(self) -> Deferred[list[SessionRecord]]:
         return self._guard(self._load_sessions())
@@ -458,11 +632,20 @@ class MongoStore:
         # txmongo waits for a connection forever; a store must answer.
         return d.addTimeout(self._timeout, self._reactor)
 
+    # -- schema -----------------------------------------------------------------
+
+    async def _start(self) -> None:
+        await self._create_indexes()
+        await self._upgrade()
+
     async def _create_indexes(self) -> None:
         db = self._db
         asc = qf.ASCENDING
         for collection, fields, unique in (
             ("queue", ("client_id", "seq"), True),
+            ("queue", ("queued_at",), False),
+            ("queue", ("pushed", "client_id", "seq"), False),
+            ("queue", ("token",), False),
             ("inbound", ("client_id", "packet_id"), True),
             ("chats", ("sender", "msgid"), True),
             ("chats", ("o_id", "received_at", "msgid"), False),
@@ -476,11 +659,6 @@ class MongoStore:
             await self._q(db[collection].create_index(qf.sort(keys), unique=unique))
         for collection in ("chats", "receipts"):
             await self._create_ttl_index(collection)
-        # Messages queued before their time was recorded count from now.
-        now = int(self._reactor.seconds() * 1000)
-        await self._q(
-            db.queue.update_many({"queued_at": {"$exists": False}}, {"$set": {"queued_at": now}})
-        )
 
     async def _create_ttl_index(self, collection: str) -> None:
         index = self._db[collection]
@@ -506,6 +684,62 @@ class MongoStore:
             else:
                 raise
 
+    async def _upgrade(self) -> None:
+        """
+        Bring documents written by an older server up to this one, once: each
+        session gets its counters from its queue, and each queue entry its
+        size and the time it was queued (those without count from now).
+        """
+        db = self._writing
+        schema = await self._q(db.meta.find_one({"_id": "schema"}))
+        if schema is not None and schema.get("version", 0) >= _SCHEMA:
+            return
+        now = int(self._reactor.seconds() * 1000)
+        await self._q(
+            db.queue.update_many({"queued_at": {"$exists": False}}, {"$set": {"queued_at": now}})
+        )
+        counters: dict[str, dict[str, int]] = {}
+        sizes: list[_Write] = []
+        fields = {"client_id": 1, "seq": 1, "payload": 1, "notice": 1, "size": 1}
+        for doc in await self._q(db.queue.find({}, fields)):
+            size = doc.get("size")
+            if size is None:
+                size = len(doc["payload"])
+                sizes.append(UpdateOne({"_id": doc["_id"]}, {"$set": {"size": size}}))
+            c = counters.setdefault(doc["client_id"], dict(_COUNTERS))
+            c["next_seq"] = max(c["next_seq"], doc["seq"] + 1)
+            c["queued"] += 1
+            c["queued_bytes"] += size
+            c["notices"] += doc.get("notice") is not None
+        for chunk in _chunks(sizes):
+            await self._q(db.queue.bulk_write(chunk, ordered=False))
+        # Sessions kept before the flag existed are taken to have connected;
+        # what they sent is unknown.
+        for field, value in (("has_connected", True), ("clean", False), ("sent_through", None)):
+            await self._q(
+                db.sessions.update_many({field: {"$exists": False}}, {"$set": {field: value}})
+            )
+        # A crash between writes can leave queue entries without their
+        # session document; they still belong to a session.
+        upgrades = [
+            UpdateOne(
+                {"_id": client_id},
+                {"$set": c, "$setOnInsert": {"subscriptions": [], "has_connected": False}},
+                upsert=True,
+            )
+            for client_id, c in counters.items()
+        ]
+        for chunk in _chunks(upgrades):
+            await self._q(db.sessions.bulk_write(chunk, ordered=False))
+        await self._q(
+            db.sessions.update_many({"next_seq": {"$exists": False}}, {"$set": _COUNTERS})
+        )
+        await self._q(
+            db.meta.update_one({"_id": "schema"}, {"$set": {"version": _SCHEMA}}, upsert=True)
+        )
+
+    # -- commits ----------------------------------------------------------------
+
     async def _commit(self, ops: Sequence[Op]) -> list[object]:
         try:
             return await self._apply(ops)
@@ -519,6 +753,9 @@ class MongoStore:
             raise
 
     async def _apply(self, ops: Sequence[Op]) -> list[object]:
+        batch = id(ops)
+        retried = batch in self._attempted
+        self._attempted.add(batch)
         db = self._writing
         known: dict[_Key, _Stored] = {}
         fields = {"sender": 1, "msgid": 1, "recipient": 1, "token": 1, "digest": 1}
@@ -527,57 +764,457 @@ class MongoStore:
                 known[(doc["sender"], doc["msgid"])] = _Stored(
                     doc["recipient"], doc.get("token"), doc.get("digest")
                 )
-        plan = _Plan(known)
-        results = [plan.add(op) for op in ops]
+        landed = await self._landed(ops) if retried else {}
+        results: list[object] = []
+        for run in _runs(ops):
+            results += await self._commit_run(run, known, landed)
+        self._attempted.discard(batch)
+        return results
+
+    async def _landed(self, ops: Sequence[Op]) -> dict[str, _Enq]:
+        """The Enqueues of a batch tried again that an earlier attempt stored, by token."""
+        tokens = [op.token for op in _walk(ops) if isinstance(op, Enqueue)]
+        found: dict[str, _Enq] = {}
+        for chunk in _chunks(tokens):
+            for doc in await self._writing.queue.find(
+                {"token": {"$in": list(chunk)}}, {"client_id": 1, "seq": 1, "token": 1}
+            ):
+                found[doc["token"]] = _Enq(
+                    Enqueue(doc["client_id"], Message("", b"", 1)), True, doc["seq"], landed=True
+                )
+        return found
+
+    async def _commit_run(
+        self, ops: Sequence[Op], known: dict[_Key, _Stored], landed: dict[str, _Enq]
+    ) -> list[object]:
+        db = self._writing
+        match ops:
+            case [DropSession(client_id)]:
+                await db.sessions.delete_one({"_id": client_id})
+                for collection in ("queue", "inbound"):
+                    await db[collection].delete_many({"client_id": client_id})
+                return [None]
+            case [DiscardSession(client_id, through)]:
+                await self._discard(client_id, through)
+                return [None]
+        # First the Enqueues and the room they need, then what is decided.
+        enqueues: dict[int, _Enq] = {}
+        for op in _walk(ops):
+            if isinstance(op, Enqueue) and op.token in landed:
+                enqueues[id(op)] = attrs.evolve(landed[op.token], op=op)
+        _Plan(dict(known), enqueues, dry=True).add_all(ops)
+        reserving = [e for e in enqueues.values() if not e.landed]
+        marked = await self._reserve(reserving) if reserving else []
+        plan = _Plan(known, enqueues, dry=False)
+        results = plan.add_all(ops)
+        await self._insert(plan.accepted)
+        plan.early.setdefault("sessions", []).extend(marked)
+        self._counted(plan)
+        await self._dequeued(plan, ops)
         try:
             await gatherResults(
-                [db[name].bulk_write(writes) for name, writes in plan.early.items()],
+                [(db[name].bulk_write(writes)) for name, writes in plan.early.items() if writes],
                 consumeErrors=True,
             )
         except FirstError as e:
             e.subFailure.raiseException()
         for name, writes in plan.late:
             await db[name].bulk_write(writes)
-        return results
+        return [_result(r) for r in results]
+
+    async def _reserve(self, enqueues: list[_Enq]) -> list[_Write]:
+        """
+        Count the Enqueues in their sessions where they have room, and
+        decide which: each client's together in one conditional update,
+        one by one for a client whose messages do not all fit.  Answer the
+        writes that take the batch's marks out again.
+        """
+        by_client: dict[str, list[_Enq]] = {}
+        for enq in enqueues:
+            by_client.setdefault(enq.op.client_id, []).append(enq)
+        token = secrets.token_hex(8)
+        marked: list[_Write] = []
+        docs = await self._reserve_groups(by_client, token)
+        missing = [c for c in by_client if c not in docs]
+        if missing:
+            # Sessions made by these messages: made first (not by an upsert,
+            # which two processes racing for one session may both fail).
+            made = [InsertOne({"_id": c, "subscriptions": [], **_NEW}) for c in missing]
+            try:
+                await self._writing.sessions.bulk_write(made, ordered=False)
+            except BulkWriteError as e:
+                if any(w.get("code") != _DUPLICATE_KEY for w in e.details["writeErrors"]):
+                    raise
+            docs |= await self._reserve_groups({c: by_client[c] for c in missing}, token)
+        for client_id, group in by_client.items():
+            doc = docs.get(client_id, {})
+            if token in doc.get("reserved", ()):
+                marked.append(UpdateOne({"_id": client_id}, {"$pull": {"reserved": token}}))
+                for enq in group:
+                    enq.ok, enq.notices = True, doc.get("notices", 0)
+                continue
+            # At its limit: message by message, as far as each fits.
+            for enq in group:
+                one = await self._writing.sessions.find_one_and_update(
+                    {"_id": client_id, **self._fits([enq])},
+                    {
+                        "$inc": {
+                            "queued": 1,
+                            "queued_bytes": enq.size,
+                            "notices": int(enq.op.notice is not None),
+                        }
+                    },
+                    return_document=True,
+                )
+                enq.ok = one is not None
+                enq.notices = 0 if one is None else one.get("notices", 0)
+        return marked
+
+    async def _reserve_groups(
+        self, by_client: dict[str, list[_Enq]], token: str
+    ) -> dict[str, dict[str, Any]]:
+        """
+        Try each client's group at once, marking the session with token
+        where it took; answer the session documents found, after.
+        """
+        if not by_client:
+            return {}
+        sessions = self._writing.sessions
+        writes: list[_Write] = [
+            UpdateOne(
+                {"_id": client_id, **self._fits(group)},
+                {
+                    "$inc": {
+                        "queued": len(group),
+                        "queued_bytes": sum(e.size for e in group),
+                        "notices": sum(e.op.notice is not None for e in group),
+                    },
+                    # Taken out once the batch is written.
+                    "$addToSet": {"reserved": token},
+                },
+            )
+            for client_id, group in by_client.items()
+        ]
+        await sessions.bulk_write(writes, ordered=False)
+        docs: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(list(by_client)):
+            found = sessions.find({"_id": {"$in": list(chunk)}}, {"reserved": 1, "notices": 1})
+            for doc in await found:
+                docs[doc["_id"]] = doc
+        return docs
+
+    @staticmethod
+    def _fits(group: list[_Enq]) -> dict[str, Any]:
+        """The condition under which a session has room for every message of group, in turn."""
+        messages = bytes_ = None
+        total = 0
+        for i, enq in enumerate(group):
+            total += enq.size
+            room = enq.op.room
+            if room is not None:
+                left = room.messages - (i + 1)
+                left_bytes = room.bytes - total
+                messages = left if messages is None else min(messages, left)
+                bytes_ = left_bytes if bytes_ is None else min(bytes_, left_bytes)
+        condition: dict[str, Any] = {}
+        if messages is not None and bytes_ is not None:
+            condition = {"queued": {"$lte": messages}, "queued_bytes": {"$lte": bytes_}}
+        return condition
+
+    async def _insert(self, accepted: list[_Enq]) -> None:
+        """
+        Insert the accepted messages in order, each at the next free seq of
+        its client from the hint: a seq taken meanwhile is retried above the
+        highest in the queue; one given by the Enqueue must be free.
+        """
+        if not accepted:
+            return
+        db = self._writing
+        clients = list(dict.fromkeys(e.op.client_id for e in accepted))
+        hints: dict[str, int] = {c: 1 for c in clients}
+        for chunk in _chunks(clients):
+            for doc in await db.sessions.find({"_id": {"$in": list(chunk)}}, {"next_seq": 1}):
+                hints[doc["_id"]] = doc.get("next_seq", 1)
+        pending = list(accepted)
+        while pending:
+            docs = []
+            for enq in pending:
+                client_id, op = enq.op.client_id, enq.op
+                if enq.seq is None:
+                    enq.seq = hints[client_id] if op.seq is None else op.seq
+                hints[client_id] = max(hints[client_id], enq.seq + 1)
+                doc = {
+                    "_id": _id(client_id, enq.seq),
+                    "client_id": client_id,
+                    "seq": enq.seq,
+                    "released": False,
+                    "queued_at": op.queued_at,
+                    "notice": op.notice,
+                    "pushed": False,
+                    "size": enq.size,
+                    "token": op.token,
+                }
+                docs.append(InsertOne(doc | _message_doc(op.message)))
+            try:
+                await db.queue.bulk_write(docs)
+            except BulkWriteError as e:
+                [error, *_] = e.details["writeErrors"]
+                index = error["index"]
+                taken = pending[index]
+                if error.get("code") != _DUPLICATE_KEY:
+                    raise
+                if taken.op.seq is not None:
+                    raise QueueConflict(f"seq {taken.seq} of {taken.op.client_id} is taken") from e
+                # Another process took the seq: this client's messages from
+                # here go above the highest in its queue, in order.
+                client_id = taken.op.client_id
+                top = await db.queue.find(
+                    {"client_id": client_id},
+                    {"seq": 1},
+                    sort=qf.sort(qf.DESCENDING("seq")),
+                    limit=1,
+                )
+                hints[client_id] = (top[0]["seq"] if top else 0) + 1
+                pending = pending[index:]
+                for enq in pending:
+                    if enq.op.client_id == client_id and enq.op.seq is None:
+                        enq.seq = None
+                continue
+            pending = []
+        raised = [UpdateOne({"_id": c}, {"$max": {"next_seq": hints[c]}}) for c in clients]
+        await db.sessions.bulk_write(raised, ordered=False)
+
+    def _counted(self, plan: _Plan) -> None:
+        """Give back the room reserved for what was not stored."""
+        for enq in plan.released:
+            plan.early.setdefault("sessions", []).append(
+                UpdateOne(
+                    {"_id": enq.op.client_id},
+                    {
+                        "$inc": {
+                            "queued": -1,
+                            "queued_bytes": -enq.size,
+                            "notices": -int(enq.op.notice is not None),
+                        }
+                    },
+                )
+            )
+
+    async def _dequeued(self, plan: _Plan, ops: Sequence[Op]) -> None:
+        """Take what is dequeued, and found, out of its session's counters."""
+        keys = [_id(op.client_id, op.seq) for op in ops if isinstance(op, Dequeue)]
+        if not keys:
+            return
+        removed: dict[str, list[int]] = {}
+        for chunk in _chunks(keys):
+            for doc in await self._writing.queue.find(
+                {"_id": {"$in": list(chunk)}},
+                {"client_id": 1, "seq": 1, "size": 1, "notice": 1},
+            ):
+                r = removed.setdefault(doc["client_id"], [0, 0, 0, 0])
+                r[0] += 1
+                r[1] += doc.get("size", 0)
+                r[2] += doc.get("notice") is not None
+                r[3] = max(r[3], doc["seq"] + 1)
+        for client_id, (n, size, notices, above) in removed.items():
+            plan.early.setdefault("sessions", []).append(
+                UpdateOne(
+                    {"_id": client_id},
+                    {
+                        "$inc": {"queued": -n, "queued_bytes": -size, "notices": -notices},
+                        # A seq once used is never used again, even if the hint lagged.
+                        "$max": {"next_seq": above},
+                    },
+                )
+            )
+
+    async def _discard(self, client_id: str, through: int) -> None:
+        db = self._writing
+        await db.queue.delete_many({"client_id": client_id, "seq": {"$lte": through}})
+        await db.inbound.delete_many({"client_id": client_id})
+        counted = _counted(await db.queue.find({"client_id": client_id}, {"size": 1, "notice": 1}))
+        update = {
+            "subscriptions": [],
+            "has_connected": False,
+            "clean": False,
+            "sent_through": 0,
+            **counted,
+        }
+        await db.sessions.update_one(
+            {"_id": client_id},
+            {"$set": update, "$max": {"next_seq": through + 1}},
+        )
+
+    async def _open_session(self, client_id: str, limit: int) -> SessionRecord | None:
+        db = self._db
+        doc = await self._q(db.sessions.find_one({"_id": client_id}))
+        if doc is None:
+            return None
+        # Counters a crash or a retried batch left too high are put right
+        # here; the difference, not the count, so reservations under way
+        # are kept.
+        entries = db.queue.find({"client_id": client_id}, {"size": 1, "notice": 1})
+        counted = _counted(await self._q(entries))
+        drift = {k: v - doc.get(k, 0) for k, v in counted.items() if v != doc.get(k, 0)}
+        if drift:
+            await self._q(db.sessions.update_one({"_id": client_id}, {"$inc": drift}))
+        queue = await self._read_queue(client_id, 0, limit)
+        inbound = await self._q(db.inbound.find({"client_id": client_id}, {"packet_id": 1}))
+        return self._record(doc, queue, inbound)
+
+    @staticmethod
+    def _record(
+        doc: dict[str, Any], queue: Sequence[QueuedMessage], inbound: Sequence[dict[str, Any]]
+    ) -> SessionRecord:
+        return SessionRecord(
+            doc["_id"],
+            _subscriptions(doc),
+            tuple(queue),
+            frozenset(d["packet_id"] for d in inbound),
+            doc.get("has_connected", True),
+            doc.get("clean", False),
+            doc.get("sent_through"),
+        )
+
+    async def _read_queue(self, client_id: str, after: int, limit: int) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        docs = await self._q(
+            self._db.queue.find(
+                {"client_id": client_id, "seq": {"$gt": after}},
+                sort=qf.sort(qf.ASCENDING("seq")),
+                limit=limit,
+            )
+        )
+        return [_queued(d) for d in docs]
+
+    async def _session_summary(self, client_id: str) -> SessionSummary | None:
+        db = self._db
+        doc = await self._q(db.sessions.find_one({"_id": client_id}))
+        if doc is None:
+            return None
+        first = await self._q(
+            db.queue.find(
+                {"client_id": client_id},
+                {"queued_at": 1},
+                sort=qf.sort(qf.ASCENDING("seq")),
+                limit=1,
+            )
+        )
+        return SessionSummary(
+            doc.get("queued", 0),
+            doc.get("queued_bytes", 0),
+            first[0]["queued_at"] if first else None,
+            doc.get("next_seq", 1) - 1,
+        )
+
+    async def _pending_pushes(
+        self, after: tuple[str, int] | None, limit: int, client_id: str | None
+    ) -> list[PendingPush]:
+        if limit <= 0:
+            return []
+        db = self._db
+        query: dict[str, Any] = {"pushed": False, "notice": {"$ne": None}}
+        if client_id is not None:
+            query["client_id"] = client_id
+            if after is not None:
+                query["seq"] = {"$gt": after[1]}
+        elif after is not None:
+            query["$or"] = [
+                {"client_id": {"$gt": after[0]}},
+                {"client_id": after[0], "seq": {"$gt": after[1]}},
+            ]
+        order = qf.sort(qf.ASCENDING("client_id") + qf.ASCENDING("seq"))
+        docs = await self._q(
+            db.queue.find(
+                query,
+                {"client_id": 1, "seq": 1, "notice": 1, "queued_at": 1},
+                sort=order,
+                limit=limit,
+            )
+        )
+        clients = list(dict.fromkeys(d["client_id"] for d in docs))
+        badges: dict[str, int] = {}
+        for chunk in _chunks(clients):
+            for s in await self._q(db.sessions.find({"_id": {"$in": list(chunk)}}, {"notices": 1})):
+                badges[s["_id"]] = s.get("notices", 0)
+        return [
+            PendingPush(
+                d["client_id"], d["seq"], d["notice"], d["queued_at"], badges.get(d["client_id"], 0)
+            )
+            for d in docs
+        ]
+
+    async def _expire(self, before: int, keep: frozenset[tuple[str, int]]) -> tuple[int, int]:
+        db = self._writing
+        old = await self._q(
+            db.queue.find(
+                {"queued_at": {"$lt": before}},
+                {"client_id": 1, "seq": 1, "size": 1, "notice": 1},
+            )
+        )
+        old = [d for d in old if (d["client_id"], d["seq"]) not in keep]
+        removed: dict[str, list[int]] = {}
+        for chunk in _chunks(old):
+            result = await self._q(
+                db.queue.delete_many({"_id": {"$in": [d["_id"] for d in chunk]}})
+            )
+            if result.deleted_count:
+                for d in chunk:
+                    r = removed.setdefault(d["client_id"], [0, 0, 0, 0])
+                    r[0] += 1
+                    r[1] += d.get("size", 0)
+                    r[2] += d.get("notice") is not None
+                    r[3] = max(r[3], d["seq"] + 1)
+        writes: list[_Write] = [
+            UpdateOne(
+                {"_id": c},
+                {
+                    "$inc": {"queued": -n, "queued_bytes": -size, "notices": -notices},
+                    "$max": {"next_seq": above},
+                },
+            )
+            for c, (n, size, notices, above) in removed.items()
+        ]
+        for chunk in _chunks(writes):
+            await self._q(db.sessions.bulk_write(chunk, ordered=False))
+        idle = await self._q(db.sessions.delete_many({"has_connected": False, "queued": 0}))
+        return len(old), idle.deleted_count
+
+    async def _queue_totals(self) -> QueueTotals:
+        db = self._db
+        sessions = messages = size = 0
+        fields = {"queued": 1, "queued_bytes": 1}
+        for doc in await self._q(db.sessions.find({}, fields)):
+            sessions += 1
+            messages += doc.get("queued", 0)
+            size += doc.get("queued_bytes", 0)
+        first = await self._q(
+            db.queue.find({}, {"queued_at": 1}, sort=qf.sort(qf.ASCENDING("queued_at")), limit=1)
+        )
+        return QueueTotals(sessions, messages, size, first[0]["queued_at"] if first else None)
+
+    async def _load_subscriptions(self) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+        docs = await self._q(self._db.sessions.find({}, {"subscriptions": 1, "clean": 1}))
+        return [
+            (d["_id"], _subscriptions(d))
+            for d in docs
+            if d.get("subscriptions") and not d.get("clean", False)
+        ]
 
     async def _load_sessions(self) -> list[SessionRecord]:
         db = self._db
-        subscriptions = {}
-        has_connected = set()
-        for doc in await self._q(db.sessions.find({})):
-            subs = doc.get("subscriptions", ())
-            subscriptions[doc["_id"]] = tuple((s["filter"], s["qos"]) for s in subs)
-            # Sessions kept before the flag existed are taken to have connected.
-            if doc.get("has_connected", True):
-                has_connected.add(doc["_id"])
         queues: dict[str, list[QueuedMessage]] = {}
         by_seq = qf.sort(qf.ASCENDING("client_id") + qf.ASCENDING("seq"))
         for doc in await self._q(db.queue.find({}, sort=by_seq)):
-            queues.setdefault(doc["client_id"], []).append(
-                QueuedMessage(
-                    doc["seq"],
-                    _message(doc),
-                    doc["released"],
-                    doc["queued_at"],
-                    doc.get("notice"),
-                    doc.get("pushed", False),
-                )
-            )
-        inbound: dict[str, set[int]] = {}
+            queues.setdefault(doc["client_id"], []).append(_queued(doc))
+        inbound: dict[str, list[dict[str, Any]]] = {}
         for doc in await self._q(db.inbound.find({})):
-            inbound.setdefault(doc["client_id"], set()).add(doc["packet_id"])
-        # A crash between writes can leave queue entries without their
-        # session document; they still belong to a session.
-        clients = sorted(subscriptions.keys() | queues.keys() | inbound.keys())
+            inbound.setdefault(doc["client_id"], []).append(doc)
+        docs = await self._q(db.sessions.find({}, sort=qf.sort(qf.ASCENDING("_id"))))
         return [
-            SessionRecord(
-                c,
-                subscriptions.get(c, ()),
-                tuple(queues.get(c, ())),
-                frozenset(inbound.get(c, ())),
-                c in has_connected,
-            )
-            for c in clients
+            self._record(doc, queues.get(doc["_id"], ()), inbound.get(doc["_id"], ()))
+            for doc in docs
         ]
 
     async def _load_retained(self) -> list[Message]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar, assert_never, cast
 
@@ -24,14 +24,18 @@ from zope.interface import implementer
 from ..failures import StartFailure
 from .group import GroupCommitter
 from .interfaces import (
+    NO_ROOM,
     AddInbound,
+    Attach,
     ChatRecord,
-    ChatStored,
     Dequeue,
+    Detach,
     Device,
+    DiscardSession,
     DropDevice,
     DropSession,
     Enqueue,
+    Guarded,
     InsertChat,
     Inserted,
     IStore,
@@ -40,18 +44,25 @@ from .interfaces import (
     MarkReceived,
     Message,
     Op,
+    PendingPush,
     PutDevice,
     PutSession,
+    QueueConflict,
+    Queued,
     QueuedMessage,
+    QueueTotals,
     Release,
     RemoveInbound,
     SessionRecord,
+    SessionSummary,
     SetBan,
     SetRetained,
     StoreUnavailable,
 )
 
 _T = TypeVar("_T")
+# Expired messages dropped per transaction.
+_EXPIRE_SLICE = 10_000
 
 # Schema versions, oldest first; version N is MIGRATIONS[N - 1].  Only ever
 # append: a file records the versions applied to it in schema_migrations.
@@ -146,6 +157,27 @@ MIGRATIONS: tuple[str, ...] = (
         until INTEGER NOT NULL
     );
     CREATE INDEX bans_by_end ON bans (until);
+    """,
+    # The store as the source of truth: each session keeps its seq counter
+    # and its queue's counters (checked where an Enqueue commits), whether
+    # it is clean, and what its last connection sent (NULL: unknown).  The
+    # indexes serve expiry and the pushes still owed, without scanning.
+    """
+    ALTER TABLE sessions ADD COLUMN next_seq INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE sessions ADD COLUMN queued INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN queued_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN notices INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN clean INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN sent_through INTEGER DEFAULT 0;
+    UPDATE sessions SET sent_through = NULL WHERE has_connected;
+    INSERT OR IGNORE INTO sessions (client_id, subscriptions, has_connected)
+        SELECT DISTINCT client_id, '[]', 0 FROM queue;
+    UPDATE sessions SET (next_seq, queued, queued_bytes, notices) = (
+        SELECT max(seq) + 1, count(*), sum(length(payload)), count(notice)
+        FROM queue WHERE queue.client_id = sessions.client_id)
+    WHERE client_id IN (SELECT client_id FROM queue);
+    CREATE INDEX queue_by_age ON queue (queued_at);
+    CREATE INDEX queue_unpushed ON queue (client_id, seq) WHERE notice IS NOT NULL AND NOT pushed;
     """,
 )
 
@@ -272,195 +304,410 @@ def _unavailable(error: sqlite3.Error) -> bool:
     return code & 0xFF in _UNAVAILABLE
 
 
-def _touch(conn: sqlite3.Connection, client_id: str) -> None:
-    # A message or packet id may arrive before the session's own record.
-    conn.execute(
-        "INSERT OR IGNORE INTO sessions (client_id, subscriptions, has_connected)"
-        " VALUES (?, '[]', 0)",
-        (client_id,),
+_QUEUE_COLUMNS = "seq, topic, payload, qos, retain, released, queued_at, notice, pushed"
+
+
+def _queued(row: Sequence[object]) -> QueuedMessage:
+    seq, topic, payload, qos, retain, released, at, notice, pushed = row
+    return QueuedMessage(
+        cast(int, seq),
+        Message(cast(str, topic), cast(bytes, payload), cast(int, qos), bool(retain)),
+        bool(released),
+        cast(int, at),
+        cast("str | None", notice),
+        bool(pushed),
     )
 
 
-def _apply(conn: sqlite3.Connection, op: Op) -> object:
-    match op:
-        case PutSession(client_id, subscriptions, has_connected):
-            conn.execute(
-                "INSERT INTO sessions (client_id, subscriptions, has_connected) VALUES (?, ?, ?)"
-                " ON CONFLICT (client_id) DO UPDATE SET subscriptions = excluded.subscriptions,"
-                " has_connected = max(has_connected, excluded.has_connected)",
-                (client_id, json.dumps(subscriptions), has_connected),
-            )
-        case DropSession(client_id):
-            for table in ("sessions", "queue", "inbound"):
-                conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
-        case Enqueue(client_id, seq, message, queued_at, notice):
-            _touch(conn, client_id)
-            conn.execute(
-                "INSERT OR REPLACE INTO queue (client_id, seq, topic, payload, qos, retain,"
+@attrs.define
+class _Writer:
+    """
+    One transaction's operations.  Acknowledged messages leave their
+    session's counters in one statement per session and batch, written
+    before anything reads those counters.
+    """
+
+    conn: sqlite3.Connection
+    # client id -> [messages, bytes, notices] dequeued, not yet counted.
+    _removed: dict[str, list[int]] = attrs.Factory(dict)
+
+    def flush(self, client_id: str | None = None) -> None:
+        clients = list(self._removed) if client_id is None else [client_id]
+        for client in clients:
+            removed = self._removed.pop(client, None)
+            if removed is not None:
+                self.conn.execute(
+                    "UPDATE sessions SET queued = queued - ?, queued_bytes = queued_bytes - ?,"
+                    " notices = notices - ? WHERE client_id = ?",
+                    (*removed, client),
+                )
+
+    def _touch(self, client_id: str) -> bool:
+        """Make the client's session if it has none; whether it was made."""
+        cursor = self.conn.execute(
+            "INSERT OR IGNORE INTO sessions (client_id, subscriptions, has_connected)"
+            " VALUES (?, '[]', 0)",
+            (client_id,),
+        )
+        return cursor.rowcount > 0
+
+    def _reserve(self, op: Enqueue, size: int) -> tuple[int, int] | None:
+        """Count op's message in its session: (its seq, notices), or None without room."""
+        notice = op.notice is not None
+        allocate = (
+            "next_seq = next_seq + 1" if op.seq is None else "next_seq = max(next_seq, ? + 1)"
+        )
+        sql = (
+            f"UPDATE sessions SET {allocate}, queued = queued + 1,"
+            " queued_bytes = queued_bytes + ?, notices = notices + ? WHERE client_id = ?"
+        )
+        params: list[object] = [] if op.seq is None else [op.seq]
+        params += [size, notice, op.client_id]
+        if op.room is not None:
+            sql += " AND queued < ? AND queued_bytes + ? <= ?"
+            params += [op.room.messages, size, op.room.bytes]
+        sql += " RETURNING next_seq - 1, notices"
+        for _ in range(2):
+            row = self.conn.execute(sql, params).fetchone()
+            if row is not None:
+                seq, notices = row
+                return (seq if op.seq is None else op.seq), notices
+            # No row: either no session yet, or no room in it.
+            if not self._touch(op.client_id):
+                return None
+        return None
+
+    def enqueue(self, op: Enqueue) -> object:
+        self.flush(op.client_id)
+        message = op.message
+        reserved = self._reserve(op, len(message.payload))
+        if reserved is None:
+            return NO_ROOM
+        seq, notices = reserved
+        try:
+            self.conn.execute(
+                "INSERT INTO queue (client_id, seq, topic, payload, qos, retain,"
                 " released, queued_at, notice, pushed) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 0)",
                 (
-                    client_id,
+                    op.client_id,
                     seq,
                     message.topic,
                     message.payload,
                     message.qos,
                     message.retain,
-                    queued_at,
-                    notice,
+                    op.queued_at,
+                    op.notice,
                 ),
             )
-        case MarkPushed(client_id, seq):
-            conn.execute(
-                "UPDATE queue SET pushed = 1 WHERE client_id = ? AND seq = ?", (client_id, seq)
-            )
-        case Release(client_id, seq):
-            conn.execute(
-                "UPDATE queue SET released = 1 WHERE client_id = ? AND seq = ?",
-                (client_id, seq),
-            )
-        case Dequeue(client_id, seq):
-            conn.execute("DELETE FROM queue WHERE client_id = ? AND seq = ?", (client_id, seq))
-        case AddInbound(client_id, packet_id):
-            _touch(conn, client_id)
-            conn.execute(
-                "INSERT OR IGNORE INTO inbound (client_id, packet_id) VALUES (?, ?)",
-                (client_id, packet_id),
-            )
-        case RemoveInbound(client_id, packet_id):
-            conn.execute(
-                "DELETE FROM inbound WHERE client_id = ? AND packet_id = ?",
-                (client_id, packet_id),
-            )
-        case SetRetained(topic, message):
-            if message is None:
-                conn.execute("DELETE FROM retained WHERE topic = ?", (topic,))
-            else:
+        except sqlite3.IntegrityError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+                raise
+            raise QueueConflict(f"seq {seq} of {op.client_id} is taken") from e
+        return Queued(seq, notices)
+
+    def dequeue(self, client_id: str, seq: int) -> None:
+        # Not "notice IS NOT NULL": SQLite 3.40 answers it wrongly in a
+        # RETURNING clause here (the partial index on that condition).
+        row = self.conn.execute(
+            "DELETE FROM queue WHERE client_id = ? AND seq = ?"
+            " RETURNING length(payload), length(notice)",
+            (client_id, seq),
+        ).fetchone()
+        if row is not None:
+            removed = self._removed.setdefault(client_id, [0, 0, 0])
+            removed[0] += 1
+            removed[1] += row[0]
+            removed[2] += row[1] is not None
+
+    def then(self, then: Sequence[Op]) -> tuple[object, ...] | None:
+        """
+        Apply then inside the savepoint the caller opened; None, with the
+        savepoint rolled back, when a required Enqueue found no room.
+        """
+        removed = {c: list(r) for c, r in self._removed.items()}
+        results = []
+        for inner in then:
+            result = self.apply(inner)
+            if result is NO_ROOM and isinstance(inner, Enqueue) and inner.required:
+                self.conn.execute("ROLLBACK TO chat")
+                self.conn.execute("RELEASE chat")
+                self._removed = removed
+                return None
+            results.append(result)
+        self.conn.execute("RELEASE chat")
+        return tuple(results)
+
+    def apply(self, op: Op) -> object:
+        conn = self.conn
+        match op:
+            case PutSession(client_id, subscriptions):
                 conn.execute(
-                    "INSERT OR REPLACE INTO retained (topic, payload, qos, retain)"
-                    " VALUES (?, ?, ?, ?)",
-                    (topic, message.payload, message.qos, message.retain),
+                    "INSERT INTO sessions (client_id, subscriptions, has_connected)"
+                    " VALUES (?, ?, 0) ON CONFLICT (client_id)"
+                    " DO UPDATE SET subscriptions = excluded.subscriptions",
+                    (client_id, json.dumps(subscriptions)),
                 )
-        case InsertChat(chat, then, token, digest):
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO chats"
-                " (sender, msgid, recipient, o_id, envelope, received_at, token, digest)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    chat.sender,
-                    chat.msgid,
-                    chat.recipient,
-                    chat.o_id,
-                    chat.envelope,
-                    chat.received_at,
-                    token,
-                    digest,
-                ),
-            )
-            if cursor.rowcount == 0:
-                stored = conn.execute(
-                    "SELECT token, recipient, digest FROM chats WHERE sender = ? AND msgid = ?",
-                    (chat.sender, chat.msgid),
+            case Attach(client_id, subscriptions, clean):
+                conn.execute(
+                    "INSERT INTO sessions (client_id, subscriptions, has_connected, clean,"
+                    " sent_through) VALUES (?, ?, 1, ?, NULL) ON CONFLICT (client_id) DO UPDATE"
+                    " SET subscriptions = excluded.subscriptions, has_connected = 1,"
+                    " clean = excluded.clean, sent_through = NULL",
+                    (client_id, json.dumps(subscriptions), clean),
+                )
+            case Detach(client_id, sent_through):
+                conn.execute(
+                    "UPDATE sessions SET sent_through = ? WHERE client_id = ?",
+                    (sent_through, client_id),
+                )
+            case DropSession(client_id):
+                self._removed.pop(client_id, None)
+                for table in ("sessions", "queue", "inbound"):
+                    conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
+            case DiscardSession(client_id, through):
+                self._removed.pop(client_id, None)
+                conn.execute(
+                    "DELETE FROM queue WHERE client_id = ? AND seq <= ?", (client_id, through)
+                )
+                conn.execute("DELETE FROM inbound WHERE client_id = ?", (client_id,))
+                conn.execute(
+                    "UPDATE sessions SET subscriptions = '[]', has_connected = 0, clean = 0,"
+                    " sent_through = 0, (queued, queued_bytes, notices) = (SELECT count(*),"
+                    " coalesce(sum(length(payload)), 0), count(notice) FROM queue"
+                    " WHERE client_id = ?1) WHERE client_id = ?1",
+                    (client_id,),
+                )
+            case Enqueue():
+                return self.enqueue(op)
+            case MarkPushed(client_id, seq):
+                conn.execute(
+                    "UPDATE queue SET pushed = 1 WHERE client_id = ? AND seq = ?", (client_id, seq)
+                )
+            case Release(client_id, seq):
+                conn.execute(
+                    "UPDATE queue SET released = 1 WHERE client_id = ? AND seq = ?",
+                    (client_id, seq),
+                )
+            case Dequeue(client_id, seq):
+                self.dequeue(client_id, seq)
+            case AddInbound(client_id, packet_id):
+                self._touch(client_id)
+                conn.execute(
+                    "INSERT OR IGNORE INTO inbound (client_id, packet_id) VALUES (?, ?)",
+                    (client_id, packet_id),
+                )
+            case RemoveInbound(client_id, packet_id):
+                conn.execute(
+                    "DELETE FROM inbound WHERE client_id = ? AND packet_id = ?",
+                    (client_id, packet_id),
+                )
+            case SetRetained(topic, message):
+                if message is None:
+                    conn.execute("DELETE FROM retained WHERE topic = ?", (topic,))
+                else:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO retained (topic, payload, qos, retain)"
+                        " VALUES (?, ?, ?, ?)",
+                        (topic, message.payload, message.qos, message.retain),
+                    )
+            case InsertChat(chat, then, token, digest):
+                conn.execute("SAVEPOINT chat")
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO chats"
+                    " (sender, msgid, recipient, o_id, envelope, received_at, token, digest)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        chat.sender,
+                        chat.msgid,
+                        chat.recipient,
+                        chat.o_id,
+                        chat.envelope,
+                        chat.received_at,
+                        token,
+                        digest,
+                    ),
+                )
+                if cursor.rowcount == 0:
+                    conn.execute("RELEASE chat")
+                    stored = conn.execute(
+                        "SELECT token, recipient, digest FROM chats WHERE sender = ? AND msgid = ?",
+                        (chat.sender, chat.msgid),
+                    ).fetchone()
+                    result = op.against(*stored)
+                    # Its own token: an earlier attempt committed it, then and all.
+                    return Guarded(result, (None,) * len(then) if result is Inserted.NEW else ())
+                results = self.then(then)
+                if results is None:
+                    return Guarded(Inserted.FULL)
+                return Guarded(Inserted.NEW, results)
+            case MarkReceived(sender, msgid, recipient, at, then):
+                found = conn.execute(
+                    "SELECT 1 FROM chats WHERE sender = ? AND msgid = ? AND recipient = ?",
+                    (sender, msgid, recipient),
                 ).fetchone()
-                result = op.against(*stored)
-                if result is not Inserted.NEW:
-                    return result
-            for inner in then:
-                _apply(conn, inner)
-            return Inserted.NEW
-        case ChatStored(sender, msgid):
-            found = conn.execute(
-                "SELECT recipient, digest FROM chats WHERE sender = ? AND msgid = ?",
-                (sender, msgid),
-            ).fetchone()
-            return None if found is None else op.against(*found)
-        case MarkReceived(sender, msgid, recipient, at, then):
-            found = conn.execute(
-                "SELECT 1 FROM chats WHERE sender = ? AND msgid = ? AND recipient = ?",
-                (sender, msgid, recipient),
-            ).fetchone()
-            if found is None:
-                return False
-            conn.execute(
-                "INSERT OR IGNORE INTO receipts (sender, msgid, at) VALUES (?, ?, ?)",
-                (sender, msgid, at),
-            )
-            for inner in then:
-                _apply(conn, inner)
-            return True
-        case PutDevice(device):
-            conn.execute(
-                "INSERT OR REPLACE INTO devices (user_id, platform, token, logged_out)"
-                " VALUES (?, ?, ?, ?)",
-                (device.user_id, device.platform, device.token, device.logged_out),
-            )
-        case LogOut(user_id):
-            conn.execute(
-                "INSERT INTO devices (user_id, logged_out) VALUES (?, 1)"
-                " ON CONFLICT (user_id) DO UPDATE SET logged_out = 1",
-                (user_id,),
-            )
-        case DropDevice(user_id):
-            conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
-        case SetBan(client_id, None):
-            conn.execute("DELETE FROM bans WHERE client_id = ?", (client_id,))
-        case SetBan(client_id, until):
-            conn.execute(
-                "INSERT OR REPLACE INTO bans (client_id, until) VALUES (?, ?)", (client_id, until)
-            )
-        case _:
-            assert_never(op)
-    return None
+                if found is None:
+                    return Guarded(False)
+                conn.execute(
+                    "INSERT OR IGNORE INTO receipts (sender, msgid, at) VALUES (?, ?, ?)",
+                    (sender, msgid, at),
+                )
+                return Guarded(True, tuple(self.apply(inner) for inner in then))
+            case PutDevice(device):
+                conn.execute(
+                    "INSERT OR REPLACE INTO devices (user_id, platform, token, logged_out)"
+                    " VALUES (?, ?, ?, ?)",
+                    (device.user_id, device.platform, device.token, device.logged_out),
+                )
+            case LogOut(user_id):
+                conn.execute(
+                    "INSERT INTO devices (user_id, logged_out) VALUES (?, 1)"
+                    " ON CONFLICT (user_id) DO UPDATE SET logged_out = 1",
+                    (user_id,),
+                )
+            case DropDevice(user_id):
+                conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+            case SetBan(client_id, None):
+                conn.execute("DELETE FROM bans WHERE client_id = ?", (client_id,))
+            case SetBan(client_id, until):
+                conn.execute(
+                    "INSERT OR REPLACE INTO bans (client_id, until) VALUES (?, ?)",
+                    (client_id, until),
+                )
+            case _:
+                assert_never(op)
+        return None
 
 
 def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
     with _transaction(conn, "IMMEDIATE"):
-        return [_apply(conn, op) for op in ops]
+        writer = _Writer(conn)
+        results = [writer.apply(op) for op in ops]
+        writer.flush()
+        return results
+
+
+def _record(conn: sqlite3.Connection, client_id: str, limit: int | None) -> SessionRecord | None:
+    row = conn.execute(
+        "SELECT subscriptions, has_connected, clean, sent_through FROM sessions"
+        " WHERE client_id = ?",
+        (client_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    subscriptions, has_connected, clean, sent_through = row
+    queue = conn.execute(
+        f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_id = ? ORDER BY seq LIMIT ?",
+        (client_id, -1 if limit is None else limit),
+    )
+    inbound = conn.execute("SELECT packet_id FROM inbound WHERE client_id = ?", (client_id,))
+    return SessionRecord(
+        client_id,
+        tuple((f, q) for f, q in json.loads(subscriptions)),
+        tuple(_queued(r) for r in queue),
+        frozenset(packet_id for (packet_id,) in inbound),
+        bool(has_connected),
+        bool(clean),
+        sent_through,
+    )
+
+
+def _open_session(conn: sqlite3.Connection, client_id: str, limit: int) -> SessionRecord | None:
+    with _transaction(conn, "DEFERRED"):
+        return _record(conn, client_id, max(limit, 0))
+
+
+def _read_queue(
+    conn: sqlite3.Connection, client_id: str, after: int, limit: int
+) -> list[QueuedMessage]:
+    rows = conn.execute(
+        f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (client_id, after, max(limit, 0)),
+    )
+    return [_queued(r) for r in rows]
+
+
+def _session_summary(conn: sqlite3.Connection, client_id: str) -> SessionSummary | None:
+    row = conn.execute(
+        "SELECT queued, queued_bytes, (SELECT queued_at FROM queue WHERE client_id = ?1"
+        " ORDER BY seq LIMIT 1), next_seq - 1 FROM sessions WHERE client_id = ?1",
+        (client_id,),
+    ).fetchone()
+    return None if row is None else SessionSummary(*row)
+
+
+def _pending_pushes(
+    conn: sqlite3.Connection, after: tuple[str, int] | None, limit: int, client_id: str | None
+) -> list[PendingPush]:
+    # The conditions of the partial index queue_unpushed, word for word.
+    sql = (
+        "SELECT q.client_id, q.seq, q.notice, q.queued_at, s.notices FROM queue q"
+        " JOIN sessions s ON s.client_id = q.client_id"
+        " WHERE q.notice IS NOT NULL AND NOT q.pushed"
+    )
+    params: list[object] = []
+    if client_id is not None:
+        sql += " AND q.client_id = ? AND q.seq > ?"
+        params += [client_id, -1 if after is None else after[1]]
+    elif after is not None:
+        sql += " AND (q.client_id, q.seq) > (?, ?)"
+        params += list(after)
+    sql += " ORDER BY q.client_id, q.seq LIMIT ?"
+    params.append(max(limit, 0))
+    return [PendingPush(*row) for row in conn.execute(sql, params)]
+
+
+def _expire_some(
+    conn: sqlite3.Connection, before: int, keep: Collection[tuple[str, int]], limit: int
+) -> tuple[int, int]:
+    """
+    Drop up to limit messages queued before ``before`` (but those in keep):
+    how many went, and how many of the oldest were looked at.
+    """
+    with _transaction(conn, "IMMEDIATE"):
+        rows = conn.execute(
+            "SELECT client_id, seq FROM queue WHERE queued_at < ? ORDER BY queued_at LIMIT ?",
+            (before, limit + len(keep)),
+        ).fetchall()
+        writer = _Writer(conn)
+        gone = 0
+        for client_id, seq in rows:
+            if (client_id, seq) not in keep and gone < limit:
+                writer.dequeue(client_id, seq)
+                gone += 1
+        writer.flush()
+        return gone, len(rows)
+
+
+def _drop_idle(conn: sqlite3.Connection) -> int:
+    with _transaction(conn, "IMMEDIATE"):
+        return conn.execute("DELETE FROM sessions WHERE NOT has_connected AND queued = 0").rowcount
+
+
+def _queue_totals(conn: sqlite3.Connection) -> QueueTotals:
+    with _transaction(conn, "DEFERRED"):
+        sessions, messages, size = conn.execute(
+            "SELECT count(*), coalesce(sum(queued), 0), coalesce(sum(queued_bytes), 0)"
+            " FROM sessions"
+        ).fetchone()
+        (oldest,) = conn.execute("SELECT min(queued_at) FROM queue").fetchone()
+    return QueueTotals(sessions, messages, size, oldest)
+
+
+def _load_subscriptions(conn: sqlite3.Connection) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+    return [
+        (client_id, tuple((f, q) for f, q in json.loads(subscriptions)))
+        for client_id, subscriptions in conn.execute(
+            "SELECT client_id, subscriptions FROM sessions"
+            " WHERE subscriptions != '[]' AND NOT clean"
+        )
+    ]
 
 
 def _load_sessions(conn: sqlite3.Connection) -> list[SessionRecord]:
     with _transaction(conn, "DEFERRED"):
-        sessions = conn.execute(
-            "SELECT client_id, subscriptions, has_connected FROM sessions ORDER BY client_id"
-        ).fetchall()
-        queues: dict[str, list[QueuedMessage]] = {}
-        for (
-            client_id,
-            seq,
-            topic,
-            payload,
-            qos,
-            retain,
-            released,
-            at,
-            notice,
-            pushed,
-        ) in conn.execute(
-            "SELECT client_id, seq, topic, payload, qos, retain, released,"
-            " queued_at, notice, pushed FROM queue ORDER BY client_id, seq"
-        ):
-            queues.setdefault(client_id, []).append(
-                QueuedMessage(
-                    seq,
-                    Message(topic, payload, qos, bool(retain)),
-                    bool(released),
-                    at,
-                    notice,
-                    bool(pushed),
-                )
-            )
-        inbound: dict[str, set[int]] = {}
-        for client_id, packet_id in conn.execute("SELECT client_id, packet_id FROM inbound"):
-            inbound.setdefault(client_id, set()).add(packet_id)
-    return [
-        SessionRecord(
-            client_id,
-            tuple((f, q) for f, q in json.loads(subscriptions)),
-            tuple(queues.get(client_id, ())),
-            frozenset(inbound.get(client_id, ())),
-            bool(has_connected),
-        )
-        for client_id, subscriptions, has_connected in sessions
-    ]
+        clients = [c for (c,) in conn.execute("SELECT client_id FROM sessions ORDER BY client_id")]
+        records = [_record(conn, c, None) for c in clients]
+    return [r for r in records if r is not None]
 
 
 def _load_retained(conn: sqlite3.Connection) -> list[Message]:
@@ -533,6 +780,9 @@ class SQLiteStore:
     _migrations: Sequence[str] = MIGRATIONS
     _pool: ThreadPool = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
+    # Told, on the worker thread and before any caller hears of it, that the
+    # file turned out to be damaged: nothing more it holds can be relied on.
+    on_damaged: Callable[[StoreDamaged], object] | None = attrs.field(default=None, init=False)
     # Touched only on the worker thread; None until (re)opened there.
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
 
@@ -577,6 +827,39 @@ class SQLiteStore:
 
     def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
         return self._committer.submit(ops)
+
+    def open_session(self, client_id: str, limit: int) -> Deferred[SessionRecord | None]:
+        return self._call(_open_session, client_id, limit)
+
+    def read_queue(self, client_id: str, after: int, limit: int) -> Deferred[list[QueuedMessage]]:
+        return self._call(_read_queue, client_id, after, limit)
+
+    def session_summary(self, client_id: str) -> Deferred[SessionSummary | None]:
+        return self._call(_session_summary, client_id)
+
+    def pending_pushes(
+        self, after: tuple[str, int] | None, limit: int, client_id: str | None = None
+    ) -> Deferred[list[PendingPush]]:
+        return self._call(_pending_pushes, after, limit, client_id)
+
+    def expire(self, before: int, keep: Collection[tuple[str, int]]) -> Deferred[tuple[int, int]]:
+        return Deferred.fromCoroutine(self._expire(before, frozenset(keep)))
+
+    async def _expire(self, before: int, keep: frozenset[tuple[str, int]]) -> tuple[int, int]:
+        # In slices, each a transaction of its own, so commits are not held up.
+        messages = 0
+        while True:
+            gone, looked = await self._call(_expire_some, before, keep, _EXPIRE_SLICE)
+            messages += gone
+            if looked < _EXPIRE_SLICE + len(keep):
+                break
+        return messages, await self._call(_drop_idle)
+
+    def queue_totals(self) -> Deferred[QueueTotals]:
+        return self._call(_queue_totals)
+
+    def load_subscriptions(self) -> Deferred[list[tuple[str, tuple[tuple[str, int], ...]]]]:
+        return self._call(_load_subscriptions)
 
     def load_sessions(self) -> Deferred[list[SessionRecord]]:
         return self._call(_load_sessions)
@@ -635,9 +918,12 @@ class SQLiteStore:
             return f(self._conn, *args)
         except sqlite3.Error as e:
             if _damaged(e):
-                raise StoreDamaged(
+                damaged = StoreDamaged(
                     f"the SQLite store {os.path.abspath(self._path)} is damaged: {e}"
-                ) from e
+                )
+                if self.on_damaged is not None:
+                    self.on_damaged(damaged)
+                raise damaged from e
             if not _unavailable(e):
                 raise
             # Start afresh next time: the old connection may be wedged.

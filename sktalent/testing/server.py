@@ -113,6 +113,17 @@ class ServerProcess:
             time.sleep(0.02)
         return self.process.returncode
 
+    def run_to_exit(self, timeout: float = 30.0) -> int:
+        """Start the server and wait, at most timeout seconds, for it to exit: its status."""
+        self.spawn()
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            raise AssertionError(f"the server ran on:\n{self.log}") from None
+
     def spawn(self) -> None:
         """Start the process, not waiting for anything."""
         command = [
