@@ -1,0 +1,291 @@
+"""
+Sessions as the store holds them, in memory with a Clock: opened from the
+store on CONNECT (behind the gate, within a timeout), their queues read in
+pages, out of memory once the connection ends, and woken for what another
+process queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from sktalent.mqtt import packets as p
+from sktalent.mqtt.interfaces import ISessionGate
+from sktalent.store.interfaces import Enqueue, Message, QueuedMessage, SessionRecord
+from sktalent.store.memory import MemoryStore
+
+from .mqttclient import Client, Harness, only
+
+
+@attrs.define
+class CountingStore(MemoryStore):
+    """
+    A MemoryStore that counts the queue entries it hands out, and whose
+    session reads wait for the test while ``holding``.
+    """
+
+    handed: int = 0
+    holding: bool = False
+    held: list[Deferred[SessionRecord | None]] = attrs.Factory(list)
+
+    def open_session(self, client_id: str, limit: int) -> Deferred[SessionRecord | None]:
+        opened = MemoryStore.open_session(self, client_id, limit)
+        if not self.holding:
+            return opened.addCallback(self._count)
+        held: Deferred[SessionRecord | None] = Deferred()
+        self.held.append(held)
+        # What the store held when asked, handed over when the test says.
+        return opened.addCallback(lambda record: held.addCallback(lambda _: record))
+
+    def _count(self, record: SessionRecord | None) -> SessionRecord | None:
+        self.handed += 0 if record is None else len(record.queue)
+        return record
+
+    def read_queue(self, client_id: str, after: int, limit: int) -> Deferred[list[QueuedMessage]]:
+        def count(page: list[QueuedMessage]) -> list[QueuedMessage]:
+            self.handed += len(page)
+            return page
+
+        return MemoryStore.read_queue(self, client_id, after, limit).addCallback(count)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d in held:
+            d.callback(None)
+
+
+@implementer(ISessionGate)
+@attrs.define
+class RecordingGate:
+    """A gate that opens when the test says, and keeps what it is told."""
+
+    waiting: list[tuple[str, Deferred[None]]] = attrs.Factory(list)
+    told: list[tuple[str, str]] = attrs.Factory(list)
+    shut: bool = True
+
+    def before_open(self, client_id: str) -> Deferred[None]:
+        if not self.shut:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.waiting.append((client_id, d))
+        return d
+
+    def opened(self, client_id: str) -> None:
+        self.told.append(("opened", client_id))
+
+    def closed(self, client_id: str) -> None:
+        self.told.append(("closed", client_id))
+
+
+def queue(store: MemoryStore, client_id: str, payloads: Sequence[bytes]) -> None:
+    """Queue payloads for client_id straight in the store, as another process would."""
+    store.submit([Enqueue(client_id, Message("t", payload, 1)) for payload in payloads])
+
+
+def payloads(packets: Sequence[p.Packet]) -> list[bytes]:
+    return [x.payload for x in only(p.Publish, packets)]
+
+
+class PagingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = CountingStore()
+        self.h = Harness(store=self.store)
+
+    def connect(self, client_id: str = "s") -> tuple[Client, list[p.Packet]]:
+        c = self.h.client()
+        packets = c.connect(client_id, clean=False)
+        self.assertEqual(only(p.ConnAck, packets[:1])[0].return_code, 0)
+        return c, packets[1:]
+
+    def test_queue_read_in_pages(self) -> None:
+        """
+        A client with 1,000 queued gets them all, once and in order, while
+        memory never holds more of them than a window and a page, and the
+        store hands out each of them once.
+        """
+        numbers = [b"%d" % n for n in range(1000)]
+        queue(self.store, "s", numbers)
+        c, packets = self.connect()
+        got: list[bytes] = []
+        session = self.h.broker.session("s")
+        assert session is not None
+        limit = self.h.broker.max_inflight + 2 * self.h.broker.max_inflight
+        while packets:
+            self.assertLessEqual(len(session.inflight) + len(session.unsent), limit)
+            for publish in only(p.Publish, packets):
+                got.append(publish.payload)
+                assert publish.packet_id is not None
+                c.send(p.PubAck(publish.packet_id))
+            packets = c.received()
+        self.assertEqual(got, numbers)
+        self.assertEqual(self.store.handed, 1000)
+
+    def test_session_leaves_memory_with_its_connection(self) -> None:
+        """
+        Once its connection ends a persistent session is in the store only;
+        a message queued for it then is stored, not loaded, and comes at the
+        next CONNECT after what was unacknowledged, which comes with DUP.
+        """
+        queue(self.store, "s", [b"one"])
+        c, packets = self.connect()
+        [first] = only(p.Publish, packets)
+        c.lose()
+        self.assertIsNone(self.h.broker.session("s"))
+        queue(self.store, "s", [b"two"])
+        self.assertIsNone(self.h.broker.session("s"))
+        _, packets = self.connect()
+        self.assertEqual(packets[0], attrs.evolve(first, dup=True))
+        self.assertEqual([x.dup for x in only(p.Publish, packets)], [True, False])
+        self.assertEqual(payloads(packets), [b"one", b"two"])
+
+    def test_wake_reads_what_another_process_queued(self) -> None:
+        """
+        A message queued in the store by another process reaches a connected
+        client once the broker is woken for it: each once, in order, and
+        nothing is read twice.
+        """
+        c, packets = self.connect()
+        self.assertEqual(packets, [])
+        queue(self.store, "s", [b"a", b"b"])
+        self.assertEqual(c.received(), [])
+        self.h.broker.wake("s")
+        self.assertEqual(payloads(c.received()), [b"a", b"b"])
+        self.h.broker.wake("s")
+        self.h.broker.wake("nobody")
+        self.assertEqual(c.received(), [])
+        queue(self.store, "s", [b"c"])
+        self.h.broker.wake("s")
+        self.assertEqual(payloads(c.received()), [b"c"])
+        self.assertEqual(self.store.handed, 3)
+
+    def test_enqueue_while_the_session_is_opened(self) -> None:
+        """
+        Messages committed while a CONNECT is reading its session from the
+        store come after the first page, each once, in order.
+        """
+        queue(self.store, "s", [b"1", b"2"])
+        self.store.holding = True
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        self.assertEqual(c.received(), [])
+        queue(self.store, "s", [b"3"])
+        self.store.holding = False
+        self.store.release()
+        packets = c.received()
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual(payloads(packets[1:]), [b"1", b"2", b"3"])
+
+
+class OpenTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = CountingStore()
+        self.gate = RecordingGate()
+        self.h = Harness(store=self.store)
+        self.h.broker.gate = self.gate
+
+    def test_gate_before_open(self) -> None:
+        """
+        The session is read from the store only once the gate opened, and
+        the CONNACK follows; the gate hears when it opened and closed here.
+        """
+        queue(self.store, "s", [b"kept"])
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        self.assertEqual((c.received(), self.store.handed), ([], 0))
+        [(client_id, gate)] = self.gate.waiting
+        self.assertEqual(client_id, "s")
+        gate.callback(None)
+        packets = c.received()
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual(payloads(packets[1:]), [b"kept"])
+        c.lose()
+        self.assertEqual(self.gate.told, [("opened", "s"), ("closed", "s")])
+
+    def test_store_not_answering_gets_connack_3(self) -> None:
+        """
+        A session the store does not hand over within the open timeout gets
+        CONNACK 3, counted; the client may try again once it answers.
+        """
+        self.gate.shut = False
+        self.store.holding = True
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        self.h.clock.advance(self.h.broker.open_timeout)
+        self.assertEqual(c.received(), [p.ConnAck(3)])
+        self.assertTrue(c.closed)
+        failures = self.h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "store_unavailable"}
+        )
+        self.assertEqual(failures, 1)
+        self.store.holding = False
+        self.store.release()
+        self.assertEqual(self.h.client().connect("s", clean=False), [p.ConnAck(0, False)])
+
+    def test_gate_not_opening_gets_connack_3(self) -> None:
+        """A gate that does not open in time refuses the CONNECT with CONNACK 3."""
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        self.h.clock.advance(self.h.broker.open_timeout)
+        self.assertEqual(c.received(), [p.ConnAck(3)])
+        self.assertEqual(self.gate.told, [])
+
+    def test_connects_of_one_client_one_at_a_time(self) -> None:
+        """
+        A second CONNECT of a client whose session is being opened waits for
+        the first, then takes the session over.
+        """
+        first, second = self.h.client(), self.h.client()
+        first.send(p.Connect("s", clean_session=False))
+        second.send(p.Connect("s", clean_session=False))
+        self.assertEqual(len(self.gate.waiting), 1)
+        self.gate.waiting[0][1].callback(None)
+        self.assertEqual(first.received(), [p.ConnAck(0, False)])
+        self.assertEqual(len(self.gate.waiting), 2)
+        self.gate.waiting[1][1].callback(None)
+        self.assertEqual(second.received(), [p.ConnAck(0, True)])
+        self.assertTrue(first.closed)
+
+    def test_gone_while_opened(self) -> None:
+        """A client gone while its session was opened leaves nothing in memory."""
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        c.lose()
+        self.gate.waiting[0][1].callback(None)
+        self.assertIsNone(self.h.broker.session("s"))
+        self.assertEqual(self.gate.told, [("opened", "s"), ("closed", "s")])
+
+
+class DupTests(SynchronousTestCase):
+    def test_dup_after_a_crash(self) -> None:
+        """
+        After a crash (nothing said what the connection had sent) the head
+        of the queue, as much as a window, is resent with DUP; after a
+        connection that ended, exactly what it was sent.
+        """
+        store = MemoryStore()
+        h = Harness(store=store)
+        h.broker.max_inflight = 2
+        queue(store, "s", [b"1", b"2", b"3", b"4"])
+        c = h.client()
+        self.assertEqual(len(c.connect("s", clean=False)), 3)
+        # A new server on the same store: the old one died, c with it.
+        h = Harness(store=store)
+        h.broker.max_inflight = 2
+        c = h.client()
+        sent = only(p.Publish, c.connect("s", clean=False)[1:])
+        self.assertEqual([(x.payload, x.dup) for x in sent], [(b"1", True), (b"2", True)])
+        assert sent[0].packet_id is not None
+        c.send(p.PubAck(sent[0].packet_id))
+        self.assertEqual(
+            [(x.payload, x.dup) for x in only(p.Publish, c.received())], [(b"3", False)]
+        )
+        c.lose()
+        h.clock.advance(0)
+        c = h.client()
+        again = only(p.Publish, c.connect("s", clean=False)[1:])
+        self.assertEqual([(x.payload, x.dup) for x in again], [(b"2", True), (b"3", True)])
