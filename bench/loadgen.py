@@ -603,16 +603,19 @@ class Chat:
     window: int = 32
     content_size: int = 40
     limit: float = 60.0
+    # Persistent sessions (cleansession=false), as the apps connect.
+    durable: bool = False
 
     async def __call__(self, port: int, probe: ServerProbe) -> Result:
         return await _scenario(self.limit, lambda run: self._run(run, port, probe))
 
     async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
+        clean = not self.durable
         senders = await connect_many(
-            run, port, [login(self.secret, f"bench-a{i}") for i in range(self.pairs)]
+            run, port, [login(self.secret, f"bench-a{i}", clean) for i in range(self.pairs)]
         )
         recipients = await connect_many(
-            run, port, [login(self.secret, f"bench-b{i}") for i in range(self.pairs)]
+            run, port, [login(self.secret, f"bench-b{i}", clean) for i in range(self.pairs)]
         )
         share = self.messages // self.pairs
         expected = share * self.pairs

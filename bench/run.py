@@ -121,7 +121,7 @@ class Case:
     persistence: bool = False
 
 
-def cases(sizes: Sizes) -> list[Case]:
+def cases(sizes: Sizes, persistent_chat: bool = False) -> list[Case]:
     limit = sizes.limit
     return [
         Case("1 fan-in QoS 0, 10 -> 1", lambda _: FanIn(messages=sizes.fanin, limit=limit)),
@@ -130,7 +130,7 @@ def cases(sizes: Sizes) -> list[Case]:
         Case(
             "4 durable chat, 50 pairs",
             lambda server: (
-                Chat(server.secret, messages=sizes.chat, limit=limit)
+                Chat(server.secret, messages=sizes.chat, limit=limit, durable=persistent_chat)
                 if server is not None
                 else Pairs(messages=sizes.chat, limit=limit, durable=True)
             ),
@@ -220,6 +220,11 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     parser.add_argument(
+        "--persistent-chat",
+        action="store_true",
+        help="scenario 4's users connect with cleansession=0, as the apps do",
+    )
+    parser.add_argument(
         "--only",
         type=int,
         action="append",
@@ -236,7 +241,7 @@ def main(argv: Sequence[str]) -> int:
     started = time.monotonic()
     rows = []
     timed_out = []
-    for index, case in enumerate(cases(sizes), start=1):
+    for index, case in enumerate(cases(sizes, options.persistent_chat), start=1):
         if options.only and index not in options.only:
             continue
         ours, theirs = run_case(case)

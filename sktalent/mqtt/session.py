@@ -43,14 +43,18 @@ class QueueLimits:
 
     messages: int = 10_000
     bytes: int = 16 * 1024 * 1024
+    # Without and with the headroom: made once, used for every message.
+    _rooms: tuple[Room, Room] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        with_headroom = Room(
+            self.messages + max(1, self.messages // 10), self.bytes + max(1, self.bytes // 10)
+        )
+        object.__setattr__(self, "_rooms", (Room(self.messages, self.bytes), with_headroom))
 
     def room(self, headroom: bool) -> Room:
         """The room an Enqueue may use."""
-        if not headroom:
-            return Room(self.messages, self.bytes)
-        return Room(
-            self.messages + max(1, self.messages // 10), self.bytes + max(1, self.bytes // 10)
-        )
+        return self._rooms[headroom]
 
     def admit(self, held: int, held_bytes: int, size: int, headroom: bool) -> bool:
         """

@@ -20,12 +20,22 @@ holds whether or not its client is connected anywhere.
 from __future__ import annotations
 
 import enum
+import itertools
 import secrets
 from collections.abc import Collection, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+# Tokens of operations: unique to this process (a random prefix) and to each
+# operation (a count), and cheap, as every queued message has one.
+_TOKENS = map(f"{secrets.token_hex(6)}-{{:x}}".format, itertools.count())
+
+
+def new_token() -> str:
+    """A token no other operation of any process has."""
+    return next(_TOKENS)
 
 
 @attrs.frozen
@@ -226,7 +236,7 @@ class Enqueue:
     room: Room | None = None
     required: bool = False
     seq: int | None = None
-    token: str = attrs.Factory(lambda: secrets.token_hex(8))
+    token: str = attrs.Factory(new_token)
 
 
 @attrs.frozen
@@ -334,7 +344,7 @@ class InsertChat:
 
     chat: ChatRecord
     then: tuple[Op, ...] = ()
-    token: str = attrs.Factory(lambda: secrets.token_hex(8))
+    token: str = attrs.Factory(new_token)
     digest: str = ""
 
     def against(self, token: str | None, recipient: str, digest: str | None) -> Inserted:

@@ -320,70 +320,105 @@ def _queued(row: Sequence[object]) -> QueuedMessage:
 
 
 @attrs.define
+class _Counts:
+    """A session's counters as a transaction leaves them."""
+
+    next_seq: int
+    queued: int
+    queued_bytes: int
+    notices: int
+
+    def fits(self, op: Enqueue) -> bool:
+        room = op.room
+        return room is None or (
+            self.queued < room.messages
+            and self.queued_bytes + len(op.message.payload) <= room.bytes
+        )
+
+    def add(self, size: int, notice: bool, sign: int = 1) -> None:
+        self.queued += sign
+        self.queued_bytes += sign * size
+        self.notices += sign * notice
+
+
+@attrs.define
 class _Writer:
     """
-    One transaction's operations.  Acknowledged messages leave their
-    session's counters in one statement per session and batch, written
-    before anything reads those counters.
+    One transaction's operations.  The counters of each session it queues
+    in are read once and written back once (flush), however many messages
+    it queues; those it only dequeues from are changed by difference.
     """
 
     conn: sqlite3.Connection
-    # client id -> [messages, bytes, notices] dequeued, not yet counted.
-    _removed: dict[str, list[int]] = attrs.Factory(dict)
+    # client id -> its counters, read and changed in this transaction.
+    _counts: dict[str, _Counts] = attrs.Factory(dict)
+    # client id -> messages dequeued (as a change of _Counts) not yet written.
+    _removed: dict[str, _Counts] = attrs.Factory(dict)
+
+    def _peek(self, client_id: str) -> _Counts | None:
+        """The client's counters as they stand, or None without a session."""
+        counts = self._counts.get(client_id)
+        if counts is not None:
+            return counts
+        row = self.conn.execute(
+            "SELECT next_seq, queued, queued_bytes, notices FROM sessions WHERE client_id = ?",
+            (client_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        counts = self._counts[client_id] = _Counts(*row)
+        removed = self._removed.pop(client_id, None)
+        if removed is not None:
+            counts.add(removed.queued_bytes, False, -removed.queued)
+            counts.notices -= removed.notices
+        return counts
+
+    def _session(self, client_id: str) -> _Counts:
+        """The client's counters, its session made if it has none."""
+        counts = self._peek(client_id)
+        if counts is None:
+            self._touch(client_id)
+            counts = self._counts[client_id] = _Counts(1, 0, 0, 0)
+        return counts
 
     def flush(self, client_id: str | None = None) -> None:
-        clients = list(self._removed) if client_id is None else [client_id]
+        """Write the counters changed (all, or client_id's) and forget them."""
+        clients = [client_id] if client_id is not None else [*self._counts, *self._removed]
         for client in clients:
+            counts = self._counts.pop(client, None)
+            if counts is not None:
+                self.conn.execute(
+                    "UPDATE sessions SET next_seq = ?, queued = ?, queued_bytes = ?, notices = ?"
+                    " WHERE client_id = ?",
+                    (counts.next_seq, counts.queued, counts.queued_bytes, counts.notices, client),
+                )
             removed = self._removed.pop(client, None)
             if removed is not None:
                 self.conn.execute(
                     "UPDATE sessions SET queued = queued - ?, queued_bytes = queued_bytes - ?,"
                     " notices = notices - ? WHERE client_id = ?",
-                    (*removed, client),
+                    (removed.queued, removed.queued_bytes, removed.notices, client),
                 )
 
-    def _touch(self, client_id: str) -> bool:
-        """Make the client's session if it has none; whether it was made."""
-        cursor = self.conn.execute(
+    def forget(self, client_id: str) -> None:
+        """client_id's counters are changed in SQL: write none of them."""
+        self._counts.pop(client_id, None)
+        self._removed.pop(client_id, None)
+
+    def _touch(self, client_id: str) -> None:
+        """Make the client's session if it has none."""
+        self.conn.execute(
             "INSERT OR IGNORE INTO sessions (client_id, subscriptions, has_connected)"
             " VALUES (?, '[]', 0)",
             (client_id,),
         )
-        return cursor.rowcount > 0
-
-    def _reserve(self, op: Enqueue, size: int) -> tuple[int, int] | None:
-        """Count op's message in its session: (its seq, notices), or None without room."""
-        notice = op.notice is not None
-        allocate = (
-            "next_seq = next_seq + 1" if op.seq is None else "next_seq = max(next_seq, ? + 1)"
-        )
-        sql = (
-            f"UPDATE sessions SET {allocate}, queued = queued + 1,"
-            " queued_bytes = queued_bytes + ?, notices = notices + ? WHERE client_id = ?"
-        )
-        params: list[object] = [] if op.seq is None else [op.seq]
-        params += [size, notice, op.client_id]
-        if op.room is not None:
-            sql += " AND queued < ? AND queued_bytes + ? <= ?"
-            params += [op.room.messages, size, op.room.bytes]
-        sql += " RETURNING next_seq - 1, notices"
-        for _ in range(2):
-            row = self.conn.execute(sql, params).fetchone()
-            if row is not None:
-                seq, notices = row
-                return (seq if op.seq is None else op.seq), notices
-            # No row: either no session yet, or no room in it.
-            if not self._touch(op.client_id):
-                return None
-        return None
 
     def enqueue(self, op: Enqueue) -> object:
-        self.flush(op.client_id)
-        message = op.message
-        reserved = self._reserve(op, len(message.payload))
-        if reserved is None:
+        counts = self._session(op.client_id)
+        if not counts.fits(op):
             return NO_ROOM
-        seq, notices = reserved
+        message = op.message
+        seq = counts.next_seq if op.seq is None else op.seq
         try:
             self.conn.execute(
                 "INSERT INTO queue (client_id, seq, topic, payload, qos, retain,"
@@ -403,7 +438,9 @@ class _Writer:
             if e.sqlite_errorcode != sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
                 raise
             raise QueueConflict(f"seq {seq} of {op.client_id} is taken") from e
-        return Queued(seq, notices)
+        counts.next_seq = max(counts.next_seq, seq + 1)
+        counts.add(len(message.payload), op.notice is not None)
+        return Queued(seq, counts.notices)
 
     def dequeue(self, client_id: str, seq: int) -> None:
         # Not "notice IS NOT NULL": SQLite 3.40 answers it wrongly in a
@@ -413,25 +450,62 @@ class _Writer:
             " RETURNING length(payload), length(notice)",
             (client_id, seq),
         ).fetchone()
-        if row is not None:
-            removed = self._removed.setdefault(client_id, [0, 0, 0])
-            removed[0] += 1
-            removed[1] += row[0]
-            removed[2] += row[1] is not None
+        if row is None:
+            return
+        counts = self._counts.get(client_id)
+        if counts is None:
+            counts = self._removed.setdefault(client_id, _Counts(0, 0, 0, 0))
+            counts.add(row[0], row[1] is not None)
+        else:
+            counts.add(row[0], row[1] is not None, -1)
 
-    def then(self, then: Sequence[Op]) -> tuple[object, ...] | None:
+    def _full(self, then: Sequence[Op]) -> bool | None:
         """
-        Apply then inside the savepoint the caller opened; None, with the
-        savepoint rolled back, when a required Enqueue found no room.
+        Whether a required Enqueue of then would find no room, counted
+        ahead; None when then holds other operations before one, whose
+        effect only applying them tells.
         """
-        removed = {c: list(r) for c, r in self._removed.items()}
+        held: dict[str, _Counts] = {}
+        for i, op in enumerate(then):
+            if not isinstance(op, Enqueue):
+                later = then[i + 1 :]
+                if any(isinstance(o, Enqueue) and o.required for o in later):
+                    return None
+                continue
+            counts = held.get(op.client_id)
+            if counts is None:
+                found = self._peek(op.client_id) or _Counts(1, 0, 0, 0)
+                counts = held[op.client_id] = attrs.evolve(found)
+            if counts.fits(op):
+                counts.add(len(op.message.payload), False)
+            elif op.required:
+                return True
+        return False
+
+    def then(self, chat_row: int, then: Sequence[Op]) -> tuple[object, ...] | None:
+        """
+        Apply then, the operations of the chat just inserted as chat_row;
+        None, with the chat and all of then undone, when a required Enqueue
+        finds no room.
+        """
+        full = self._full(then)
+        if full:
+            self.conn.execute("DELETE FROM chats WHERE id = ?", (chat_row,))
+            return None
+        if full is False:
+            return tuple(self.apply(inner) for inner in then)
+        # Decided only by applying: under a savepoint.
+        self.conn.execute("SAVEPOINT chat")
+        counts = {c: attrs.evolve(n) for c, n in self._counts.items()}
+        removed = {c: attrs.evolve(n) for c, n in self._removed.items()}
         results = []
         for inner in then:
             result = self.apply(inner)
             if result is NO_ROOM and isinstance(inner, Enqueue) and inner.required:
                 self.conn.execute("ROLLBACK TO chat")
                 self.conn.execute("RELEASE chat")
-                self._removed = removed
+                self._counts, self._removed = counts, removed
+                self.conn.execute("DELETE FROM chats WHERE id = ?", (chat_row,))
                 return None
             results.append(result)
         self.conn.execute("RELEASE chat")
@@ -461,11 +535,12 @@ class _Writer:
                     (sent_through, client_id),
                 )
             case DropSession(client_id):
-                self._removed.pop(client_id, None)
+                self.forget(client_id)
                 for table in ("sessions", "queue", "inbound"):
                     conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
             case DiscardSession(client_id, through):
-                self._removed.pop(client_id, None)
+                # Its seq counter written first; the rest is counted again.
+                self.flush(client_id)
                 conn.execute(
                     "DELETE FROM queue WHERE client_id = ? AND seq <= ?", (client_id, through)
                 )
@@ -511,7 +586,6 @@ class _Writer:
                         (topic, message.payload, message.qos, message.retain),
                     )
             case InsertChat(chat, then, token, digest):
-                conn.execute("SAVEPOINT chat")
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO chats"
                     " (sender, msgid, recipient, o_id, envelope, received_at, token, digest)"
@@ -528,7 +602,6 @@ class _Writer:
                     ),
                 )
                 if cursor.rowcount == 0:
-                    conn.execute("RELEASE chat")
                     stored = conn.execute(
                         "SELECT token, recipient, digest FROM chats WHERE sender = ? AND msgid = ?",
                         (chat.sender, chat.msgid),
@@ -536,7 +609,8 @@ class _Writer:
                     result = op.against(*stored)
                     # Its own token: an earlier attempt committed it, then and all.
                     return Guarded(result, (None,) * len(then) if result is Inserted.NEW else ())
-                results = self.then(then)
+                assert cursor.lastrowid is not None
+                results = self.then(cursor.lastrowid, then)
                 if results is None:
                     return Guarded(Inserted.FULL)
                 return Guarded(Inserted.NEW, results)
