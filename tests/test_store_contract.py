@@ -636,6 +636,28 @@ class StoreContract(_Mixin):
         )
         self.assertEqual(await self.store.chat_history("o1", 10, None), [c])
 
+    async def test_insert_chat_full_after_other_operations(self) -> None:
+        """
+        A required Enqueue that finds no room after other operations of the
+        same ``then`` undoes them too: nothing of the chat is stored.
+        """
+        room = Room(0, 100)
+        m = Message("t", b"m", 1)
+        c = chat(msgid(1), 1000)
+        insert = InsertChat(
+            c,
+            (
+                PutDevice(Device("alice", "ios", "t")),
+                Enqueue("alice", m),
+                Enqueue("bob", m, room=room, required=True),
+            ),
+        )
+        self.assertEqual(await self.store.submit([insert]), [Guarded(FULL)])
+        self.assertEqual(await self.store.chat_history("o1", 10, None), [])
+        self.assertIsNone(await self.store.get_device("alice"))
+        self.assertEqual(await self.store.read_queue("alice", 0, 10), [])
+        self.assertEqual(await self.store.submit([Enqueue("alice", m)]), [Queued(1, 0)])
+
     async def test_insert_chat_retried(self) -> None:
         """
         The same InsertChat committed again (a retry whose first attempt
