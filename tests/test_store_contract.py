@@ -658,6 +658,21 @@ class StoreContract(_Mixin):
         self.assertEqual(await self.store.read_queue("alice", 0, 10), [])
         self.assertEqual(await self.store.submit([Enqueue("alice", m)]), [Queued(1, 0)])
 
+    async def test_insert_chat_full_counts_its_own_enqueues(self) -> None:
+        """
+        The room a required Enqueue finds counts the Enqueues of the same
+        ``then`` before it: taking the last place first leaves it none.
+        """
+        room = Room(1, 100)
+        m = Message("t", b"m", 1)
+        insert = InsertChat(
+            chat(msgid(1), 1000),
+            (Enqueue("bob", m, room=room), Enqueue("bob", m, room=room, required=True)),
+        )
+        self.assertEqual(await self.store.submit([insert]), [Guarded(FULL)])
+        self.assertEqual(await self.store.read_queue("bob", 0, 10), [])
+        self.assertEqual(await self.store.chat_history("o1", 10, None), [])
+
     async def test_insert_chat_retried(self) -> None:
         """
         The same InsertChat committed again (a retry whose first attempt

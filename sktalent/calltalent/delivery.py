@@ -84,7 +84,7 @@ class _Wait:
 
 @attrs.frozen
 class _Due:
-    """A push decided, to be marked in the store and then sent."""
+    """A push decided: sent, then marked in the store once the pusher settled it."""
 
     client_id: str
     seq: int

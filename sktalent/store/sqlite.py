@@ -465,19 +465,23 @@ class _Writer:
         ahead; None when then holds other operations before one, whose
         effect only applying them tells.
         """
-        held: dict[str, _Counts] = {}
+        # client id -> (messages, bytes) the Enqueues before add to its queue.
+        ahead: dict[str, tuple[int, int]] = {}
         for i, op in enumerate(then):
             if not isinstance(op, Enqueue):
                 later = then[i + 1 :]
                 if any(isinstance(o, Enqueue) and o.required for o in later):
                     return None
                 continue
-            counts = held.get(op.client_id)
-            if counts is None:
-                found = self._peek(op.client_id) or _Counts(1, 0, 0, 0)
-                counts = held[op.client_id] = attrs.evolve(found)
-            if counts.fits(op):
-                counts.add(len(op.message.payload), False)
+            counts = self._peek(op.client_id)
+            added, added_bytes = ahead.get(op.client_id, (0, 0))
+            messages, size = added, added_bytes
+            if counts is not None:
+                messages += counts.queued
+                size += counts.queued_bytes
+            room, more = op.room, len(op.message.payload)
+            if room is None or (messages < room.messages and size + more <= room.bytes):
+                ahead[op.client_id] = (added + 1, added_bytes + more)
             elif op.required:
                 return True
         return False
