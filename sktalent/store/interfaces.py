@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import itertools
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -426,6 +426,14 @@ Op = (
     | DropDevice
     | SetBan
 )
+
+
+def every_op(ops: Sequence[Op]) -> Iterator[Op]:
+    """Every operation of ops, those in a ``then`` included, in order."""
+    for op in ops:
+        yield op
+        if isinstance(op, InsertChat | MarkReceived):
+            yield from every_op(op.then)
 
 
 class StoreUnavailable(Exception):

@@ -101,6 +101,7 @@ from .interfaces import (
     SetBan,
     SetRetained,
     StoreUnavailable,
+    every_op,
 )
 
 _T = TypeVar("_T")
@@ -170,38 +171,8 @@ def _queued(doc: dict[str, Any]) -> QueuedMessage:
     )
 
 
-def _walk(ops: Sequence[Op]) -> Iterator[Op]:
-    """Every operation, those in ``then`` included."""
-    for op in ops:
-        yield op
-        match op:
-            case InsertChat(_, then, _, _) | MarkReceived(_, _, _, _, then):
-                yield from _walk(then)
-            case (
-                PutSession()
-                | Attach()
-                | Detach()
-                | DropSession()
-                | DiscardSession()
-                | Enqueue()
-                | MarkPushed()
-                | Release()
-                | Dequeue()
-                | AddInbound()
-                | RemoveInbound()
-                | SetRetained()
-                | PutDevice()
-                | LogOut()
-                | DropDevice()
-                | SetBan()
-            ):
-                pass  # Nothing inside.
-            case _:
-                assert_never(op)
-
-
 def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
-    for op in _walk(ops):
+    for op in every_op(ops):
         if isinstance(op, InsertChat):
             yield (op.chat.sender, op.chat.msgid)
         elif isinstance(op, MarkReceived):
@@ -315,7 +286,7 @@ class _Plan:
 
     def _release(self, then: Sequence[Op]) -> None:
         """then is not stored: the room reserved for its Enqueues goes back."""
-        for op in _walk(then):
+        for op in every_op(then):
             found = self.enqueues.get(id(op))
             if found is not None and found.ok and not found.landed:
                 self.released.append(found)
@@ -773,7 +744,7 @@ class MongoStore:
 
     async def _landed(self, ops: Sequence[Op]) -> dict[str, _Enq]:
         """The Enqueues of a batch tried again that an earlier attempt stored, by token."""
-        tokens = [op.token for op in _walk(ops) if isinstance(op, Enqueue)]
+        tokens = [op.token for op in every_op(ops) if isinstance(op, Enqueue)]
         found: dict[str, _Enq] = {}
         for chunk in _chunks(tokens):
             for doc in await self._writing.queue.find(
@@ -799,7 +770,7 @@ class MongoStore:
                 return [None]
         # First the Enqueues and the room they need, then what is decided.
         enqueues: dict[int, _Enq] = {}
-        for op in _walk(ops):
+        for op in every_op(ops):
             if isinstance(op, Enqueue) and op.token in landed:
                 enqueues[id(op)] = attrs.evolve(landed[op.token], op=op)
         _Plan(dict(known), enqueues, dry=True).add_all(ops)

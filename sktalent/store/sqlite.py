@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar, assert_never, cast
 
@@ -58,9 +58,12 @@ from .interfaces import (
     SetBan,
     SetRetained,
     StoreUnavailable,
+    every_op,
 )
 
 _T = TypeVar("_T")
+# Sessions whose counters one statement reads or writes.
+_CHUNK = 500
 # Expired messages dropped per transaction.
 _EXPIRE_SLICE = 10_000
 
@@ -344,34 +347,35 @@ class _Counts:
 @attrs.define
 class _Writer:
     """
-    One transaction's operations.  The counters of each session it queues
-    in are read once and written back once (flush), however many messages
-    it queues; those it only dequeues from are changed by difference.
+    One transaction's operations.  The counters of the sessions it queues
+    in or dequeues from are read in one statement before (prefetch) and
+    written back in one after (flush), however many messages it moves: each
+    statement costs the reactor thread a hand-over of the GIL.
     """
 
     conn: sqlite3.Connection
     # client id -> its counters, read and changed in this transaction.
     _counts: dict[str, _Counts] = attrs.Factory(dict)
-    # client id -> messages dequeued (as a change of _Counts) not yet written.
-    _removed: dict[str, _Counts] = attrs.Factory(dict)
+    _changed: set[str] = attrs.Factory(set)
+
+    def prefetch(self, clients: Iterable[str]) -> None:
+        """Read the counters of these clients' sessions (those that have one)."""
+        wanted = [c for c in dict.fromkeys(clients) if c not in self._counts]
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for client_id, *counts in self.conn.execute(
+                "SELECT client_id, next_seq, queued, queued_bytes, notices FROM sessions"
+                f" WHERE client_id IN ({marks})",
+                chunk,
+            ):
+                self._counts[client_id] = _Counts(*counts)
 
     def _peek(self, client_id: str) -> _Counts | None:
         """The client's counters as they stand, or None without a session."""
-        counts = self._counts.get(client_id)
-        if counts is not None:
-            return counts
-        row = self.conn.execute(
-            "SELECT next_seq, queued, queued_bytes, notices FROM sessions WHERE client_id = ?",
-            (client_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        counts = self._counts[client_id] = _Counts(*row)
-        removed = self._removed.pop(client_id, None)
-        if removed is not None:
-            counts.add(removed.queued_bytes, False, -removed.queued)
-            counts.notices -= removed.notices
-        return counts
+        if client_id not in self._counts:
+            self.prefetch([client_id])
+        return self._counts.get(client_id)
 
     def _session(self, client_id: str) -> _Counts:
         """The client's counters, its session made if it has none."""
@@ -383,27 +387,28 @@ class _Writer:
 
     def flush(self, client_id: str | None = None) -> None:
         """Write the counters changed (all, or client_id's) and forget them."""
-        clients = [client_id] if client_id is not None else [*self._counts, *self._removed]
+        clients = list(self._changed) if client_id is None else [client_id]
+        rows = []
         for client in clients:
             counts = self._counts.pop(client, None)
-            if counts is not None:
-                self.conn.execute(
-                    "UPDATE sessions SET next_seq = ?, queued = ?, queued_bytes = ?, notices = ?"
-                    " WHERE client_id = ?",
-                    (counts.next_seq, counts.queued, counts.queued_bytes, counts.notices, client),
-                )
-            removed = self._removed.pop(client, None)
-            if removed is not None:
-                self.conn.execute(
-                    "UPDATE sessions SET queued = queued - ?, queued_bytes = queued_bytes - ?,"
-                    " notices = notices - ? WHERE client_id = ?",
-                    (removed.queued, removed.queued_bytes, removed.notices, client),
-                )
+            if counts is not None and client in self._changed:
+                c = counts
+                rows.append((client, c.next_seq, c.queued, c.queued_bytes, c.notices))
+            self._changed.discard(client)
+        for i in range(0, len(rows), _CHUNK):
+            chunk = rows[i : i + _CHUNK]
+            values = ",".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+            self.conn.execute(
+                "UPDATE sessions SET next_seq = v.column2, queued = v.column3,"
+                " queued_bytes = v.column4, notices = v.column5"
+                f" FROM (VALUES {values}) AS v WHERE sessions.client_id = v.column1",
+                [field for row in chunk for field in row],
+            )
 
     def forget(self, client_id: str) -> None:
         """client_id's counters are changed in SQL: write none of them."""
         self._counts.pop(client_id, None)
-        self._removed.pop(client_id, None)
+        self._changed.discard(client_id)
 
     def _touch(self, client_id: str) -> None:
         """Make the client's session if it has none."""
@@ -440,6 +445,7 @@ class _Writer:
             raise QueueConflict(f"seq {seq} of {op.client_id} is taken") from e
         counts.next_seq = max(counts.next_seq, seq + 1)
         counts.add(len(message.payload), op.notice is not None)
+        self._changed.add(op.client_id)
         return Queued(seq, counts.notices)
 
     def dequeue(self, client_id: str, seq: int) -> None:
@@ -450,14 +456,10 @@ class _Writer:
             " RETURNING length(payload), length(notice)",
             (client_id, seq),
         ).fetchone()
-        if row is None:
-            return
-        counts = self._counts.get(client_id)
-        if counts is None:
-            counts = self._removed.setdefault(client_id, _Counts(0, 0, 0, 0))
-            counts.add(row[0], row[1] is not None)
-        else:
+        counts = None if row is None else self._peek(client_id)
+        if counts is not None:
             counts.add(row[0], row[1] is not None, -1)
+            self._changed.add(client_id)
 
     def _full(self, then: Sequence[Op]) -> bool | None:
         """
@@ -501,14 +503,14 @@ class _Writer:
         # Decided only by applying: under a savepoint.
         self.conn.execute("SAVEPOINT chat")
         counts = {c: attrs.evolve(n) for c, n in self._counts.items()}
-        removed = {c: attrs.evolve(n) for c, n in self._removed.items()}
+        changed = set(self._changed)
         results = []
         for inner in then:
             result = self.apply(inner)
             if result is NO_ROOM and isinstance(inner, Enqueue) and inner.required:
                 self.conn.execute("ROLLBACK TO chat")
                 self.conn.execute("RELEASE chat")
-                self._counts, self._removed = counts, removed
+                self._counts, self._changed = counts, changed
                 self.conn.execute("DELETE FROM chats WHERE id = ?", (chat_row,))
                 return None
             results.append(result)
@@ -659,6 +661,7 @@ class _Writer:
 def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
     with _transaction(conn, "IMMEDIATE"):
         writer = _Writer(conn)
+        writer.prefetch(op.client_id for op in every_op(ops) if isinstance(op, Enqueue | Dequeue))
         results = [writer.apply(op) for op in ops]
         writer.flush()
         return results
@@ -747,6 +750,7 @@ def _expire_some(
             (before, limit + len(keep)),
         ).fetchall()
         writer = _Writer(conn)
+        writer.prefetch(client_id for client_id, _ in rows)
         gone = 0
         for client_id, seq in rows:
             if (client_id, seq) not in keep and gone < limit:
