@@ -116,7 +116,7 @@ class PagingTests(SynchronousTestCase):
         assert session is not None
         limit = self.h.broker.max_inflight + 2 * self.h.broker.max_inflight
         while packets:
-            self.assertLessEqual(len(session.inflight) + len(session.unsent), limit)
+            self.assertLessEqual(len(session.taken()), limit)
             for publish in only(p.Publish, packets):
                 got.append(publish.payload)
                 assert publish.packet_id is not None
