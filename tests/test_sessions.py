@@ -16,7 +16,15 @@ from zope.interface import implementer
 
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.interfaces import ISessionGate
-from sktalent.store.interfaces import Enqueue, Message, QueuedMessage, SessionRecord
+from sktalent.mqtt.plan import Plan
+from sktalent.store.interfaces import (
+    Enqueue,
+    Message,
+    Op,
+    QueuedMessage,
+    SessionRecord,
+    every_op,
+)
 from sktalent.store.memory import MemoryStore
 
 from .mqttclient import Client, Harness, only
@@ -57,6 +65,37 @@ class CountingStore(MemoryStore):
         held, self.held = self.held, []
         for d in held:
             d.callback(None)
+
+
+@attrs.define
+class SlowCommits(MemoryStore):
+    """
+    A MemoryStore whose commits are answered when the test says, while
+    ``slow`` (what they write is there at once, as a commit under way may
+    already be); each answer is kept with the client ids it concerns.
+    """
+
+    slow: bool = False
+    answers: list[tuple[set[str], Deferred[None]]] = attrs.Factory(list)
+
+    def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
+        done = MemoryStore.submit(self, ops)
+        if not self.slow:
+            return done
+        answer: Deferred[None] = Deferred()
+        clients = {c for op in every_op(ops) if (c := getattr(op, "client_id", None))}
+        self.answers.append((clients, answer))
+        return done.addCallback(lambda results: answer.addCallback(lambda _: results))
+
+    def answer(self, client_id: str | None = None) -> None:
+        """Answer the commits held that concern client_id (all, without)."""
+        keep = []
+        for clients, d in self.answers:
+            if client_id is None or client_id in clients:
+                d.callback(None)
+            else:
+                keep.append((clients, d))
+        self.answers = keep
 
 
 @implementer(ISessionGate)
@@ -258,6 +297,68 @@ class OpenTests(SynchronousTestCase):
         self.gate.waiting[0][1].callback(None)
         self.assertIsNone(self.h.broker.session("s"))
         self.assertEqual(self.gate.told, [("opened", "s"), ("closed", "s")])
+
+
+class SlowCommitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = SlowCommits()
+        self.h = Harness(store=self.store)
+
+    def test_connack_not_behind_other_clients_commits(self) -> None:
+        """
+        A CONNECT is answered while other clients' commits are still under
+        way; its queue is sent once its session's own record is durable.
+        """
+        queue(self.store, "s", [b"kept"])
+        self.store.slow = True
+        plan = Plan()
+        plan.add(Enqueue("other", Message("t", b"x", 1)))
+        self.h.broker.commit(plan)
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        self.assertEqual(c.received(), [p.ConnAck(0, True)])
+        self.store.answer("s")
+        # Still in order behind the other client's commit.
+        self.assertEqual(c.received(), [])
+        self.store.answer()
+        self.assertEqual(payloads(c.received()), [b"kept"])
+
+    def test_session_read_after_its_own_commits(self) -> None:
+        """
+        A CONNECT reads its session only once what this process committed
+        for that client is settled (here: what its last connection
+        acknowledged), so nothing acknowledged is sent again.
+        """
+        queue(self.store, "s", [b"1", b"2"])
+        c = self.h.client()
+        sent = only(p.Publish, c.connect("s", clean=False)[1:])
+        self.store.slow = True
+        for publish in sent:
+            assert publish.packet_id is not None
+            c.send(p.PubAck(publish.packet_id))
+        c.lose()
+        self.h.clock.advance(0)
+        again = self.h.client()
+        again.send(p.Connect("s", clean_session=False))
+        self.assertEqual(again.received(), [])
+        self.store.answer("s")
+        packets = again.received()
+        self.assertEqual(packets[0], p.ConnAck(0, True))
+        self.assertEqual(payloads(packets[1:]), [])
+        self.store.answer()
+        self.assertEqual(payloads(again.received()), [])
+
+    def test_gone_before_its_record_is_durable(self) -> None:
+        """A connection gone before its session's record is durable is sent nothing."""
+        queue(self.store, "s", [b"kept"])
+        self.store.slow = True
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        self.assertEqual(c.received(), [p.ConnAck(0, True)])
+        c.lose()
+        self.store.answer()
+        self.assertEqual(c.received(), [])
+        self.assertIsNone(self.h.broker.session("s"))
 
 
 class DupTests(SynchronousTestCase):

@@ -264,7 +264,7 @@ class PushDelivery:
         after: int | None,
     ) -> None:
         # After what was acknowledged until now is durable.
-        await self._broker.barrier()
+        await self._broker.barrier(client_id)
         while not self._stopped:
             start = None if after is None else (client_id, after)
             page = await self._store.pending_pushes(start, PAGE, client_id)

@@ -112,6 +112,9 @@ class Broker:
     # Seconds a CONNECT may wait for its session: past it, CONNACK 3.
     open_timeout: float
     _overflowing: OrderedDict[str, None]
+    # Sessions opened whose Attach is being committed: they are sent
+    # nothing before it is durable (fires True), or end (False).
+    _attaching: dict[Session, Deferred[bool]]
 
     def __init__(
         self,
@@ -145,6 +148,7 @@ class Broker:
             LocalGate() if gate is None else gate,
             open_timeout,
             OrderedDict(),
+            {},
         )
 
     @property
@@ -196,8 +200,8 @@ class Broker:
         """See Pipeline.apply_now."""
         return self._pipeline.apply_now(plan)
 
-    def barrier(self) -> Deferred[None]:
-        return self._pipeline.barrier()
+    def barrier(self, client_id: str | None = None) -> Deferred[None]:
+        return self._pipeline.barrier(client_id)
 
     # -- sessions (IBroker and the protocol) ----------------------------------
 
@@ -254,7 +258,7 @@ class Broker:
             session.cursor = through
             present = False
         else:
-            await self.barrier()
+            await self.barrier(client_id)
             record = await self._store.open_session(client_id, self._queues.page)
             if record is not None and record.clean:
                 # Left over by a process that died: its clean session ended then.
@@ -268,14 +272,19 @@ class Broker:
         plan = Plan()
         plan.add(Attach(client_id, tuple(sorted(session.subscriptions.items())), clean))
         self._registry.register(session)
-        try:
-            await self.commit(plan)
-        except BaseException:
-            self._registry.unload(session)
-            raise
         session.attach(connection)
+        # Not waited for here: the CONNACK does not queue behind every
+        # commit under way, only what the session sends does (resume()).
+        self._attaching[session] = self.commit(plan).addCallbacks(
+            lambda _: True, self._not_attached, errbackArgs=(client_id,)
+        )
         self.gate.opened(client_id)
         return session, present
+
+    @staticmethod
+    def _not_attached(failure: Failure, client_id: str) -> bool:
+        log.failure("Saving the session of {client} failed", failure, client=client_id)
+        return False
 
     async def _discard(self, client_id: str) -> int:
         """
@@ -283,7 +292,7 @@ class Broker:
         unacknowledged and never pushed; answer the highest seq discarded.
         """
         self._registry.drop_standing(client_id)
-        await self.barrier()
+        await self.barrier(client_id)
         summary = await self._store.session_summary(client_id)
         if summary is None:
             return 0
@@ -296,10 +305,14 @@ class Broker:
             if len(page) < PUSH_PAGE or page[-1].seq > summary.last_seq:
                 break
         plan = Plan()
+        # What was held is pushed once it is gone from the store; the
+        # next session needs only the seq (later commits follow this one).
         plan.add(DiscardSession(client_id, summary.last_seq))
-        await self.commit(plan)
         if watcher is not None and unpushed:
-            watcher.discarded(client_id, unpushed)
+            plan.add(None, lambda _: watcher.discarded(client_id, unpushed))
+        self.commit(plan).addErrback(
+            logged(log, "Discarding the session of {client} failed", client=client_id)
+        )
         return summary.last_seq
 
     def disconnected(self, session: Session, connection: IConnection) -> None:
@@ -308,6 +321,7 @@ class Broker:
             return  # Taken over already.
         session.detach()
         client_id = session.client_id
+        self._attaching.pop(session, None)
         self._registry.unload(session)
         self.gate.closed(client_id)
         if session.persistent:
@@ -323,7 +337,7 @@ class Broker:
         return Deferred.fromCoroutine(self._status(client_id))
 
     async def _status(self, client_id: str) -> SessionStatus | None:
-        await self.barrier()
+        await self.barrier(client_id)
         summary = await self._store.session_summary(client_id)
         # As it is now, not as it was before the store answered.
         session = self._registry.get(client_id)
@@ -395,9 +409,27 @@ class Broker:
             session.wake()
 
     def resume(self, session: Session) -> None:
-        """The CONNACK is out: session's client may be sent its queue."""
+        """
+        The CONNACK is out: session's client may be sent its queue, once
+        its Attach is durable (so that a crash before cannot leave the
+        store saying less was sent than was).
+        """
         self._overflowing.pop(session.client_id, None)
-        session.resume()
+        attaching = self._attaching.pop(session, None)
+        if attaching is None:
+            session.resume()
+            return
+        connection = session.connection
+
+        def attached(ok: bool) -> None:
+            if session.connection is not connection or connection is None:
+                return  # Gone meanwhile, or taken over.
+            if ok:
+                session.resume()
+            else:
+                connection.end("its session could not be saved")
+
+        attaching.addCallback(attached)
 
     # -- operators ----------------------------------------------------------
 

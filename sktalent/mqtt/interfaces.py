@@ -212,10 +212,12 @@ class IBroker(Interface):
         Fails when the store failed the commit.
         """
 
-    def barrier() -> Deferred[None]:
+    def barrier(client_id: str | None = None) -> Deferred[None]:
         """
         Fire once everything committed before now, acknowledgements
         included, is durable: what the store answers after it is current.
+        With client_id, only what concerns that client's session is waited
+        for (it does not queue behind every other client's commits).
         """
 
     def session(client_id: str) -> SessionView | None:

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..failures import logged
-from ..store.interfaces import Guarded, IStore, Op
+from ..store.interfaces import Guarded, IStore, Op, every_op
 
 log = Logger()
 
@@ -101,6 +101,20 @@ class _Pending:
     done: Deferred[None]
     results: list[object] | None = None
     failure: Any = None
+    # Fired once the store answered (durable or failed), in any order.
+    answered: list[Deferred[None]] | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.results is not None or self.failure is not None
+
+    def touches(self, client_id: str) -> bool:
+        return any(getattr(op, "client_id", None) == client_id for op in every_op(self.plan.ops))
+
+    def settle(self) -> None:
+        waiting, self.answered = self.answered or [], None
+        for d in waiting:
+            d.callback(None)
 
 
 @attrs.define(eq=False)
@@ -142,10 +156,12 @@ class Pipeline:
 
             def landed(results: list[object]) -> None:
                 pending.results = results
+                pending.settle()
                 self._drain()
 
             def failed(failure: Any) -> None:
                 pending.failure = failure
+                pending.settle()
                 self._drain()
 
             self._store.submit(plan.ops).addCallbacks(landed, failed)
@@ -162,15 +178,26 @@ class Pipeline:
         plan.apply(())
         return True
 
-    def barrier(self) -> Deferred[None]:
+    def barrier(self, client_id: str | None = None) -> Deferred[None]:
         """
         Fire once everything committed before now has completed, the
-        bookkeeping of later() included.
+        bookkeeping of later() included.  With client_id: once every
+        operation on client_id's session committed before now is settled in
+        the store (durable, or failed), whatever else is still under way:
+        what the store then answers about that session is current.
         """
         if self._loose_flush is not None:
             self._loose_flush.cancel()
             self._flush_loose()
-        return self.commit(Plan())
+        if client_id is None:
+            return self.commit(Plan())
+        waits: list[Deferred[None]] = []
+        for pending in self._pending:
+            if not pending.settled and pending.touches(client_id):
+                d: Deferred[None] = Deferred()
+                pending.answered = [*(pending.answered or ()), d]
+                waits.append(d)
+        return gatherResults(waits).addCallback(lambda _: None)
 
     def later(self, op: Op) -> None:
         """

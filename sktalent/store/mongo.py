@@ -20,14 +20,16 @@ notices) and ``next_seq``, a hint of the next free seq that never goes down.
 An Enqueue first reserves its room: one conditional ``$inc`` per client and
 batch, that holds only when every message of the batch for that client fits
 its room, and marks the document with the batch's token, so the batch reads
-back which reservations took; a client whose messages do not all fit then
-reserves them one by one (find_one_and_update), at its limit only.  Several
+back which reservations took (and the hint, in the same read); a client
+whose messages do not all fit then reserves them one by one
+(find_one_and_update), at its limit only.  Several
 processes reserving for one client never exceed its room between them.  Then
 the messages are inserted at seqs from the hint, in seq order, in one ordered
 bulk: the insert is what allocates a seq (the _id is unique), so a seq
 another process took is a duplicate key, retried above the highest seq in
 the queue, and a message becomes visible only after every one below it that
-was allocated before it.  The hint is raised past them last.
+was allocated before it.  The hint is raised past them with the batch's
+other session writes, after.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from twisted.internet.defer import (
     Deferred,
     FirstError,
     TimeoutError,
+    ensureDeferred,
     gatherResults,
 )
 from twisted.internet.interfaces import IReactorTime
@@ -775,13 +778,19 @@ class MongoStore:
                 enqueues[id(op)] = attrs.evolve(landed[op.token], op=op)
         _Plan(dict(known), enqueues, dry=True).add_all(ops)
         reserving = [e for e in enqueues.values() if not e.landed]
-        marked = await self._reserve(reserving) if reserving else []
+        # What is dequeued is read meanwhile: it does not touch what is reserved.
+        dequeued = ensureDeferred(self._dequeued(ops))
+        try:
+            marked, hints = await self._reserve(reserving) if reserving else ([], {})
+        finally:
+            removed = await dequeued
         plan = _Plan(known, enqueues, dry=False)
         results = plan.add_all(ops)
-        await self._insert(plan.accepted)
-        plan.early.setdefault("sessions", []).extend(marked)
+        sessions = plan.early.setdefault("sessions", [])
+        sessions += marked
+        sessions += await self._insert(plan.accepted, hints)
         self._counted(plan)
-        await self._dequeued(plan, ops)
+        sessions += removed
         try:
             await gatherResults(
                 [(db[name].bulk_write(writes)) for name, writes in plan.early.items() if writes],
@@ -793,18 +802,20 @@ class MongoStore:
             await db[name].bulk_write(writes)
         return [_result(r) for r in results]
 
-    async def _reserve(self, enqueues: list[_Enq]) -> list[_Write]:
+    async def _reserve(self, enqueues: list[_Enq]) -> tuple[list[_Write], dict[str, int]]:
         """
         Count the Enqueues in their sessions where they have room, and
         decide which: each client's together in one conditional update,
         one by one for a client whose messages do not all fit.  Answer the
-        writes that take the batch's marks out again.
+        writes that take the batch's marks out again, and each client's
+        next seq as its session said (a hint).
         """
         by_client: dict[str, list[_Enq]] = {}
         for enq in enqueues:
             by_client.setdefault(enq.op.client_id, []).append(enq)
         token = secrets.token_hex(8)
         marked: list[_Write] = []
+        hints: dict[str, int] = {}
         docs = await self._reserve_groups(by_client, token)
         missing = [c for c in by_client if c not in docs]
         if missing:
@@ -819,6 +830,7 @@ class MongoStore:
             docs |= await self._reserve_groups({c: by_client[c] for c in missing}, token)
         for client_id, group in by_client.items():
             doc = docs.get(client_id, {})
+            hints[client_id] = doc.get("next_seq", 1)
             if token in doc.get("reserved", ()):
                 marked.append(UpdateOne({"_id": client_id}, {"$pull": {"reserved": token}}))
                 for enq in group:
@@ -839,7 +851,9 @@ class MongoStore:
                 )
                 enq.ok = one is not None
                 enq.notices = 0 if one is None else one.get("notices", 0)
-        return marked
+                if one is not None:
+                    hints[client_id] = max(hints[client_id], one.get("next_seq", 1))
+        return marked, hints
 
     async def _reserve_groups(
         self, by_client: dict[str, list[_Enq]], token: str
@@ -869,7 +883,9 @@ class MongoStore:
         await sessions.bulk_write(writes, ordered=False)
         docs: dict[str, dict[str, Any]] = {}
         for chunk in _chunks(list(by_client)):
-            found = sessions.find({"_id": {"$in": list(chunk)}}, {"reserved": 1, "notices": 1})
+            found = sessions.find(
+                {"_id": {"$in": list(chunk)}}, {"reserved": 1, "notices": 1, "next_seq": 1}
+            )
             for doc in await found:
                 docs[doc["_id"]] = doc
         return docs
@@ -892,20 +908,18 @@ class MongoStore:
             condition = {"queued": {"$lte": messages}, "queued_bytes": {"$lte": bytes_}}
         return condition
 
-    async def _insert(self, accepted: list[_Enq]) -> None:
+    async def _insert(self, accepted: list[_Enq], hints: dict[str, int]) -> list[_Write]:
         """
         Insert the accepted messages in order, each at the next free seq of
         its client from the hint: a seq taken meanwhile is retried above the
-        highest in the queue; one given by the Enqueue must be free.
+        highest in the queue; one given by the Enqueue must be free.  Answer
+        the writes that raise the hints past what was inserted.
         """
         if not accepted:
-            return
+            return []
         db = self._writing
         clients = list(dict.fromkeys(e.op.client_id for e in accepted))
-        hints: dict[str, int] = {c: 1 for c in clients}
-        for chunk in _chunks(clients):
-            for doc in await db.sessions.find({"_id": {"$in": list(chunk)}}, {"next_seq": 1}):
-                hints[doc["_id"]] = doc.get("next_seq", 1)
+        hints = {c: hints.get(c, 1) for c in clients}
         pending = list(accepted)
         while pending:
             docs = []
@@ -952,8 +966,7 @@ class MongoStore:
                         enq.seq = None
                 continue
             pending = []
-        raised = [UpdateOne({"_id": c}, {"$max": {"next_seq": hints[c]}}) for c in clients]
-        await db.sessions.bulk_write(raised, ordered=False)
+        return [UpdateOne({"_id": c}, {"$max": {"next_seq": hints[c]}}) for c in clients]
 
     def _counted(self, plan: _Plan) -> None:
         """Give back the room reserved for what was not stored."""
@@ -971,11 +984,11 @@ class MongoStore:
                 )
             )
 
-    async def _dequeued(self, plan: _Plan, ops: Sequence[Op]) -> None:
-        """Take what is dequeued, and found, out of its session's counters."""
+    async def _dequeued(self, ops: Sequence[Op]) -> list[_Write]:
+        """The writes that take what is dequeued, and found, out of its session's counters."""
         keys = [_id(op.client_id, op.seq) for op in ops if isinstance(op, Dequeue)]
         if not keys:
-            return
+            return []
         removed: dict[str, list[int]] = {}
         for chunk in _chunks(keys):
             for doc in await self._writing.queue.find(
@@ -987,17 +1000,17 @@ class MongoStore:
                 r[1] += doc.get("size", 0)
                 r[2] += doc.get("notice") is not None
                 r[3] = max(r[3], doc["seq"] + 1)
-        for client_id, (n, size, notices, above) in removed.items():
-            plan.early.setdefault("sessions", []).append(
-                UpdateOne(
-                    {"_id": client_id},
-                    {
-                        "$inc": {"queued": -n, "queued_bytes": -size, "notices": -notices},
-                        # A seq once used is never used again, even if the hint lagged.
-                        "$max": {"next_seq": above},
-                    },
-                )
+        return [
+            UpdateOne(
+                {"_id": client_id},
+                {
+                    "$inc": {"queued": -n, "queued_bytes": -size, "notices": -notices},
+                    # A seq once used is never used again, even if the hint lagged.
+                    "$max": {"next_seq": above},
+                },
             )
+            for client_id, (n, size, notices, above) in removed.items()
+        ]
 
     async def _discard(self, client_id: str, through: int) -> None:
         db = self._writing
