@@ -1167,12 +1167,15 @@ class MongoStore:
 
     async def _queue_totals(self) -> QueueTotals:
         db = self._db
-        sessions = messages = size = 0
-        fields = {"queued": 1, "queued_bytes": 1}
-        for doc in await self._q(db.sessions.find({}, fields)):
-            sessions += 1
-            messages += doc.get("queued", 0)
-            size += doc.get("queued_bytes", 0)
+        # Summed in the server: a million sessions are not sent over.  One
+        # sum per request: FerretDB computes only the first of a $group.
+        sums: list[int] = []
+        for field in ("queued", "queued_bytes"):
+            group = {"$group": {"_id": "all", "sum": {"$sum": f"${field}"}}}
+            [summed] = await self._q(db.sessions.aggregate([group])) or [{}]
+            sums.append(summed.get("sum", 0))
+        messages, size = sums
+        sessions = await self._q(db.sessions.count_documents({}))
         first = await self._q(
             db.queue.find({}, {"queued_at": 1}, sort=qf.sort(qf.ASCENDING("queued_at")), limit=1)
         )
