@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -66,7 +66,7 @@ from sktalent.store.interfaces import (
     StoreUnavailable,
 )
 from sktalent.store.memory import MemoryStore
-from sktalent.store.mongo import MongoStore
+from sktalent.store.mongo import STALE_MARK, MongoStore
 from sktalent.store.sqlite import SQLiteStore
 from sktalent.testing.server import free_port
 
@@ -1196,6 +1196,36 @@ class MongoStoreTests(DurableContract, TestCase):
             (await self.store.open_session("bob", 0), await self.store.session_summary("bob")),
             (SessionRecord("bob", ()), SessionSummary(2, 2, 0, 2)),
         )
+
+    async def test_counters_put_right_at_open(self) -> None:
+        """
+        Counters a dead batch left off the queue are put right when the
+        session is opened, but not while a reservation is under way (its
+        messages are not in the queue yet); a mark that old can only be a
+        dead batch's, and goes.
+        """
+        await self.store.submit([Enqueue("bob", Message("t", b"abc", 1), notice="n")])
+        pool = ConnectionPool(self.uri)
+        self.addCleanup(pool.disconnect)
+        sessions = pool[urlsplit(self.uri).path.lstrip("/")].sessions
+        now = int(time.time() * 1000)
+        off = {"queued": 5, "queued_bytes": 50, "notices": 0}
+        for marks, expected in (
+            ([f"{now}-a"], SessionSummary(5, 50, 0, 1)),
+            ([f"{now - int(STALE_MARK * 1000) - 1}-a"], SessionSummary(1, 3, 0, 1)),
+            (None, SessionSummary(1, 3, 0, 1)),
+        ):
+            update: dict[str, Any] = {"$set": off}
+            if marks is None:
+                update["$unset"] = {"reserved": ""}
+            else:
+                update["$set"] = off | {"reserved": marks}
+            await sessions.update_one({"_id": "bob"}, update)
+            await self.store.open_session("bob", 0)
+            summary = await self.store.session_summary("bob")
+            self.assertEqual(summary and attrs.evolve(summary, oldest_queued_at=0), expected)
+            [doc] = await sessions.find({"_id": "bob"})
+            self.assertEqual(doc["notices"], 0 if expected.queued == 5 else 1)
 
     async def two_stores(self) -> MongoStore:
         """A second store on this test's database: another process of a cluster."""

@@ -123,6 +123,9 @@ _INDEX_OPTIONS_CONFLICT = 85
 _DUPLICATE_KEY = 11000
 # Bounds the size of one $or query or $in list.
 _CHUNK = 500
+# Seconds after which a reservation mark can only be a dead batch's: no
+# batch takes that long while the store answers.
+STALE_MARK = 600.0
 # The schema version this store writes (the "schema" document of "meta").
 _SCHEMA = 2
 
@@ -452,6 +455,12 @@ def _counted(docs: Sequence[dict[str, Any]]) -> dict[str, int]:
         counted["queued_bytes"] += doc.get("size", 0)
         counted["notices"] += doc.get("notice") is not None
     return counted
+
+
+def _marked_at(token: str) -> int:
+    """When a reservation mark was made, in ms (0 if it does not say)."""
+    made, _, _ = token.partition("-")
+    return int(made) if made.isdigit() else 0
 
 
 def _runs(ops: Sequence[Op]) -> Iterator[Sequence[Op]]:
@@ -787,10 +796,12 @@ class MongoStore:
         plan = _Plan(known, enqueues, dry=False)
         results = plan.add_all(ops)
         sessions = plan.early.setdefault("sessions", [])
-        sessions += marked
         sessions += await self._insert(plan.accepted, hints)
         self._counted(plan)
         sessions += removed
+        # Last (the bulk is ordered): while a mark is on, the counters may
+        # be ahead of the queue, and are not put right (_open_session).
+        sessions += marked
         try:
             await gatherResults(
                 [(db[name].bulk_write(writes)) for name, writes in plan.early.items() if writes],
@@ -813,7 +824,8 @@ class MongoStore:
         by_client: dict[str, list[_Enq]] = {}
         for enq in enqueues:
             by_client.setdefault(enq.op.client_id, []).append(enq)
-        token = secrets.token_hex(8)
+        # When it was made, so that one a crash left behind can be told.
+        token = f"{int(self._reactor.seconds() * 1000)}-{secrets.token_hex(6)}"
         marked: list[_Write] = []
         hints: dict[str, int] = {}
         docs = await self._reserve_groups(by_client, token)
@@ -831,8 +843,8 @@ class MongoStore:
         for client_id, group in by_client.items():
             doc = docs.get(client_id, {})
             hints[client_id] = doc.get("next_seq", 1)
+            marked.append(UpdateOne({"_id": client_id}, {"$pull": {"reserved": token}}))
             if token in doc.get("reserved", ()):
-                marked.append(UpdateOne({"_id": client_id}, {"$pull": {"reserved": token}}))
                 for enq in group:
                     enq.ok, enq.notices = True, doc.get("notices", 0)
                 continue
@@ -845,7 +857,8 @@ class MongoStore:
                             "queued": 1,
                             "queued_bytes": enq.size,
                             "notices": int(enq.op.notice is not None),
-                        }
+                        },
+                        "$addToSet": {"reserved": token},
                     },
                     return_document=True,
                 )
@@ -1034,17 +1047,33 @@ class MongoStore:
         doc = await self._q(db.sessions.find_one({"_id": client_id}))
         if doc is None:
             return None
-        # Counters a crash or a retried batch left too high are put right
-        # here; the difference, not the count, so reservations under way
-        # are kept.
-        entries = db.queue.find({"client_id": client_id}, {"size": 1, "notice": 1})
-        counted = _counted(await self._q(entries))
-        drift = {k: v - doc.get(k, 0) for k, v in counted.items() if v != doc.get(k, 0)}
-        if drift:
-            await self._q(db.sessions.update_one({"_id": client_id}, {"$inc": drift}))
+        await self._repair(doc)
         queue = await self._read_queue(client_id, 0, limit)
         inbound = await self._q(db.inbound.find({"client_id": client_id}, {"packet_id": 1}))
         return self._record(doc, queue, inbound)
+
+    async def _repair(self, doc: dict[str, Any]) -> None:
+        """
+        Put right the counters a crash left off the queue (a batch that
+        died between its writes): only while no reservation is under way,
+        and only if they did not change since doc was read.  A mark older
+        than STALE_MARK is a dead batch's, and taken off.
+        """
+        db = self._db
+        reserved = doc.get("reserved", [])
+        oldest = int((self._reactor.seconds() - STALE_MARK) * 1000)
+        stale = [t for t in reserved if _marked_at(t) < oldest]
+        if len(stale) < len(reserved):
+            return
+        entries = db.queue.find({"client_id": doc["_id"]}, {"size": 1, "notice": 1})
+        counted = _counted(await self._q(entries))
+        if not stale and all(doc.get(k, 0) == v for k, v in counted.items()):
+            return
+        unchanged = {k: doc.get(k, 0) for k in counted} | {"reserved": reserved}
+        if "reserved" not in doc:
+            unchanged["reserved"] = {"$exists": False}
+        update: dict[str, Any] = {"$set": counted | {"reserved": []}}
+        await self._q(db.sessions.update_one({"_id": doc["_id"], **unchanged}, update))
 
     @staticmethod
     def _record(
