@@ -1,8 +1,8 @@
 """
 Sessions as the store holds them, in memory with a Clock: opened from the
 store on CONNECT (behind the gate, within a timeout), their queues read in
-pages, out of memory once the connection ends, and woken for what another
-process queued.
+pages, out of memory once the connection ends, woken for what another
+process queued, and released to another process.
 """
 
 from __future__ import annotations
@@ -359,6 +359,70 @@ class SlowCommitTests(SynchronousTestCase):
         self.store.answer()
         self.assertEqual(c.received(), [])
         self.assertIsNone(self.h.broker.session("s"))
+
+
+class ReleaseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = SlowCommits()
+        self.h = Harness(store=self.store)
+        self.gate = RecordingGate(shut=False)
+        self.h.broker.gate = self.gate
+
+    def test_release_closes_and_settles(self) -> None:
+        """
+        Releasing a session (for another process) closes its connection as
+        a takeover and fires once what that connection acknowledged is
+        settled in the store: the next CONNECT, wherever, gets the rest.
+        """
+        queue(self.store, "s", [b"1", b"2"])
+        c = self.h.client()
+        first = only(p.Publish, c.connect("s", clean=False)[1:])[0]
+        assert first.packet_id is not None
+        self.store.slow = True
+        c.send(p.PubAck(first.packet_id))
+        released = self.h.broker.release("s")
+        self.assertTrue(c.closed)
+        self.assertIsNone(self.h.broker.session("s"))
+        self.assertEqual(self.gate.told, [("opened", "s"), ("closed", "s")])
+        self.assertNoResult(released)
+        self.store.answer("s")
+        self.successResultOf(released)
+        self.store.slow = False
+        again = self.h.client().connect("s", clean=False)[1:]
+        self.assertEqual([(x.payload, x.dup) for x in only(p.Publish, again)], [(b"2", True)])
+
+    def test_release_waits_for_an_open_here(self) -> None:
+        """
+        A session being opened here when it is released is released once
+        opened: that CONNECT's connection closes without a CONNACK, and
+        nothing of it stays in memory.
+        """
+        self.gate.shut = True
+        c = self.h.client()
+        c.send(p.Connect("s", clean_session=False))
+        released = self.h.broker.release("s")
+        self.assertNoResult(released)
+        self.gate.waiting[0][1].callback(None)
+        self.successResultOf(released)
+        self.assertEqual(c.received(), [])
+        self.assertTrue(c.closed)
+        self.assertIsNone(self.h.broker.session("s"))
+
+    def test_release_of_a_clean_session_discards_it(self) -> None:
+        """
+        A clean session released is discarded before the release fires: the
+        next process finds nothing of it.
+        """
+        h = Harness(store=self.store, plain=False)
+        h.client().connect("s", clean=True)
+        queue(self.store, "s", [b"x"])
+        self.successResultOf(h.broker.release("s"))
+        summary = self.successResultOf(self.store.session_summary("s"))
+        self.assertEqual(summary and summary.queued, 0)
+
+    def test_release_of_no_session(self) -> None:
+        """Nothing connected here: the release fires at once."""
+        self.successResultOf(self.h.broker.release("nobody"))
 
 
 class DupTests(SynchronousTestCase):

@@ -319,6 +319,17 @@ class Broker:
         """The connection of session went away: the session leaves memory."""
         if session.connection is not connection:
             return  # Taken over already.
+        if self._leave(session):
+            client_id = session.client_id
+            self._registry.serial(client_id, lambda: self._discard(client_id)).addErrback(
+                logged(log, "Discarding the clean session of {client} failed", client=client_id)
+            )
+
+    def _leave(self, session: Session) -> bool:
+        """
+        session's connection is gone: the session leaves memory.  True when
+        it is a clean session the store holds, to be discarded now.
+        """
         session.detach()
         client_id = session.client_id
         self._attaching.pop(session, None)
@@ -328,10 +339,19 @@ class Broker:
             self._pipeline.later(Detach(client_id, session.sent_through))
             if self._queues.watcher is not None:
                 self._queues.watcher.detached(client_id)
-        elif session.stored:
-            self._registry.serial(client_id, lambda: self._discard(client_id)).addErrback(
-                logged(log, "Discarding the clean session of {client} failed", client=client_id)
-            )
+            return False
+        return session.stored
+
+    def release(self, client_id: str) -> Deferred[None]:
+        return self._registry.serial(client_id, lambda: self._release(client_id))
+
+    async def _release(self, client_id: str) -> None:
+        session = self._registry.get(client_id)
+        if session is not None and session.connection is not None:
+            session.connection.take_over()
+            if self._leave(session):
+                await self._discard(client_id)
+        await self.barrier(client_id)
 
     def status(self, client_id: str) -> Deferred[SessionStatus | None]:
         return Deferred.fromCoroutine(self._status(client_id))

@@ -263,6 +263,16 @@ class IBroker(Interface):
     def disconnect(client_id: str) -> None:
         """Close the client's connection here, if it has one (a ban is Bans's)."""
 
+    def release(client_id: str) -> Deferred[None]:
+        """
+        Give client_id's session up to another process: close its connection
+        here as a takeover (after a CONNECT being opened here, if one is),
+        and fire once everything this process committed for that session,
+        what it acknowledged and what it was sent included, is settled in
+        the store.  What a cluster's ISessionGate.before_open on another
+        node waits for from this one.
+        """
+
     def remove(plan: Plan, client_id: str) -> None:
         """
         Forget the client's session and its queue, in the store with plan,
