@@ -22,13 +22,13 @@ texts.  ``{{`` and ``}}`` stand for a brace.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from string import Formatter
 from typing import Any
 
 import attrs
 
+from ..jsonfile import load_json_file
 from ..push.interfaces import PushNotice
 from .notifications import PAYLOADS, nonempty_text
 
@@ -122,19 +122,7 @@ def load_texts(path: str) -> TextTable:
     The texts of the file at path over the defaults; any problem is a
     ValueError whose message is one line naming the file and the key.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ValueError(f"Cannot read the push texts file {path}: {e.strerror}.") from e
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"The push texts file {path} is not valid JSON: {e}.") from e
-    try:
-        return parse_texts(data)
-    except ValueError as e:
-        raise ValueError(f"The push texts file {path} is wrong: {e}") from e
+    return load_json_file(path, "push texts file", parse_texts)
 
 
 @attrs.define

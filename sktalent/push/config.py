@@ -5,10 +5,11 @@ patiently.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 import attrs
+
+from ..jsonfile import load_json_file
 
 UMENG_ENDPOINT = "https://msgapi.umeng.com/api/send"
 
@@ -60,19 +61,7 @@ def load_config(path: str) -> UmengConfig:
     Read and check the JSON file at path; any problem is a ValueError whose
     message is one sentence naming it.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ValueError(f"Cannot read the Umeng config {path}: {e.strerror}.") from e
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"The Umeng config {path} is not valid JSON: {e}.") from e
-    try:
-        return parse_config(data)
-    except ValueError as e:
-        raise ValueError(f"The Umeng config {path} is wrong: {e}") from e
+    return load_json_file(path, "Umeng config", parse_config)
 
 
 def parse_config(data: object) -> UmengConfig:
