@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -17,6 +19,19 @@ def logged(log: Logger, what: str, **fields: object) -> Callable[[Failure], None
         log.failure(what, failure, LogLevel.critical, **fields)
 
     return errback
+
+
+def every(
+    clock: IReactorTime, interval: float, call: Callable[[], object], log: Logger, what: str
+) -> LoopingCall:
+    """
+    Call now, then every interval seconds; a loop that ends by failing is
+    logged as what.  stop() it when it is running.
+    """
+    loop = LoopingCall(call)
+    loop.clock = clock
+    loop.start(interval).addErrback(logged(log, what))
+    return loop
 
 
 class StartFailure(Exception):

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__
-from .failures import logged
+from .failures import every
 from .store.interfaces import IStore, QueueTotals
 
 log = Logger()
@@ -276,9 +276,9 @@ class QueueFigures:
 
     def start(self) -> None:
         """Read now, then every interval until stop()."""
-        self._loop = LoopingCall(self.refresh)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval).addErrback(logged(log, "Reading queue figures stopped"))
+        self._loop = every(
+            self._clock, self.interval, self.refresh, log, "Reading queue figures stopped"
+        )
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:

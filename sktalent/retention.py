@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .failures import logged
+from .failures import every
 from .metrics import Metrics
 from .mqtt.interfaces import IBroker
 from .store.interfaces import IStore
@@ -35,9 +35,7 @@ class Retention:
 
     def start(self) -> None:
         """Purge now, then every interval until stop()."""
-        self._loop = LoopingCall(self.purge)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval).addErrback(logged(log, "Purging stopped"))
+        self._loop = every(self._clock, self.interval, self.purge, log, "Purging stopped")
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
