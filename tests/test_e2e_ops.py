@@ -23,7 +23,7 @@ from sktalent.testing.server import ServerProcess, free_port, listening, running
 
 from .helpers import port_taken
 from .pahoclient import PahoUser
-from .umengstub import ANDROID, IOS, UmengStub
+from .umengstub import APPS, UmengStub
 
 OLD_TOKEN = "old-token"
 NEW_TOKEN = "new-token"
@@ -210,15 +210,7 @@ class ReloadTests(SynchronousTestCase):
         running(self, self.server)
 
     def write_umeng(self, stub: UmengStub) -> None:
-        apps = {
-            "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
-            "android": {
-                "appkey": ANDROID.appkey,
-                "app_master_secret": ANDROID.app_master_secret,
-                "activity": "com.calltalent.app.MainActivity",
-            },
-        }
-        self.umeng.write_text(json.dumps({"endpoint": stub.endpoint, **apps}))
+        self.umeng.write_text(json.dumps({"endpoint": stub.endpoint, **APPS}))
 
     def write_texts(self, paid: object) -> None:
         self.texts.write_text(json.dumps({"order": {"paid": paid}}), encoding="utf-8")

@@ -31,17 +31,9 @@ from sktalent.store.memory import MemoryStore
 from sktalent.tap import Core, Listener, Options, makeService, node_name
 
 from .mqttclient import Harness
-from .umengstub import ANDROID, IOS
+from .umengstub import APPS
 
 ROOT = Path(sktalent.__file__).resolve().parent.parent
-UMENG = {
-    "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
-    "android": {
-        "appkey": ANDROID.appkey,
-        "app_master_secret": ANDROID.app_master_secret,
-        "activity": "x.Main",
-    },
-}
 
 
 class OptionsTests(SynchronousTestCase):
@@ -183,7 +175,7 @@ class OptionsTests(SynchronousTestCase):
         named by its option where the README and the deployment notes say
         what a reload rereads.
         """
-        files = {"tokens": "t0ken\n", "texts.json": "{}", "umeng.json": json.dumps(UMENG)}
+        files = {"tokens": "t0ken\n", "texts.json": "{}", "umeng.json": json.dumps(APPS)}
         for name, content in files.items():
             (self.directory / name).write_text(content, encoding="utf-8")
         options = self.parse(

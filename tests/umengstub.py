@@ -32,6 +32,15 @@ class StubApp:
 
 IOS = StubApp("ios", "5f0ios0000000000000000aa", "ios-master-secret")
 ANDROID = StubApp("android", "5f0android00000000000bb", "android-master-secret")
+# The "ios" and "android" entries of an --umeng-config file for both apps.
+APPS = {
+    "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
+    "android": {
+        "appkey": ANDROID.appkey,
+        "app_master_secret": ANDROID.app_master_secret,
+        "activity": "com.calltalent.app.MainActivity",
+    },
+}
 
 
 @attrs.frozen
