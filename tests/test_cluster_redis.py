@@ -1,0 +1,167 @@
+"""
+The cluster's Redis backend (sktalent/cluster/redis.py) against a real
+redis-server: its scripts, and its links going and coming back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from sktalent.cluster import RedisAddress
+from sktalent.cluster.interfaces import BackendDown, Holder
+from sktalent.cluster.redis import RedisBackend
+
+from .clusterprocs import RedisProcess, running_redis
+
+A = Holder("a", "i1", 1000)
+B = Holder("b", "j1", 2000)
+
+
+class RedisBackendTests(TestCase):
+    def setUp(self) -> None:
+        self.redis = running_redis(self)
+
+    async def backend(self, node: str, redis: RedisProcess | None = None) -> RedisBackend:
+        """A started backend for node, once Redis answers it."""
+        backend = RedisBackend(RedisAddress.parse((redis or self.redis).uri), node, reactor)
+        self.messages: list[Any] = []
+        self.ups: list[bool] = []
+        up: Deferred[None] = Deferred()
+
+        def came_up() -> None:
+            self.ups.append(True)
+            if not up.called:
+                up.callback(None)
+
+        backend.start(self.messages.append, came_up, lambda: self.ups.append(False))
+        self.addCleanup(backend.stop)
+        await up.addTimeout(10, reactor)
+        return backend
+
+    async def test_presence(self) -> None:
+        """
+        A claim is seen by locate while its node's lease lives; a release by
+        another holder leaves it; its own release removes it.
+        """
+        a = await self.backend("a")
+        b = await self.backend("b")
+        self.assertIsNone(await a.lease("i1", 10_000))
+        claimed = await a.claim("alice", A)
+        self.assertEqual((claimed.previous, claimed.banned_for, claimed.rate), (None, 0, None))
+        self.assertEqual(await b.locate(["alice", "nobody"]), [A, None])
+        await b.release("alice", B, None, 0)
+        self.assertEqual(await b.locate(["alice"]), [A])
+        await a.release("alice", A, "state", 5_000)
+        self.assertEqual(await b.locate(["alice"]), [None])
+        self.assertEqual((await b.claim("alice", B)).rate, "state")
+
+    async def test_claim_finds_live_holder(self) -> None:
+        """A claim answers the previous holder only while that node's lease lives."""
+        a = await self.backend("a")
+        await a.lease("i1", 10_000)
+        await a.claim("alice", A)
+        self.assertEqual((await a.claim("alice", B)).previous, A)
+        await a.lease("i1", 0)
+        await a.claim("alice", A)
+        self.assertIsNone((await a.claim("alice", B)).previous)
+
+    async def test_lease_held_by_another(self) -> None:
+        """A node's name held by another live incarnation is answered with it."""
+        a = await self.backend("a")
+        self.assertIsNone(await a.lease("i1", 10_000))
+        self.assertEqual(await a.lease("i2", 10_000), "i1")
+        self.assertIsNone(await a.lease("i1", 0))
+        self.assertIsNone(await a.lease("i2", 10_000))
+
+    async def test_lease_runs_out(self) -> None:
+        """A lease not renewed runs out, and the node's users are offline."""
+        a = await self.backend("a")
+        await a.lease("i1", 200)
+        await a.claim("alice", A)
+        self.assertEqual(await a.locate(["alice"]), [A])
+        await deferLater(reactor, 0.3)
+        self.assertEqual(await a.locate(["alice"]), [None])
+
+    async def test_reap(self) -> None:
+        """
+        The users a dead node still holds are taken once, in batches; those
+        who connected elsewhere meanwhile are not taken.
+        """
+        a = await self.backend("a")
+        b = await self.backend("b")
+        await a.lease("i1", 10_000)
+        await b.lease("j1", 10_000)
+        for i in range(5):
+            await a.claim(f"u{i}", A)
+        await b.claim("u0", B)
+        self.assertEqual(await b.reap(10), [])
+        await a.lease("i1", 0)
+        first = await b.reap(2)
+        rest = await a.reap(10)
+        self.assertEqual(sorted(first + rest), ["u1", "u2", "u3", "u4"])
+        self.assertEqual(len(first), 2)
+        self.assertEqual(await b.reap(10), [])
+        self.assertEqual(await b.locate(["u0", "u1"]), [B, None])
+
+    async def test_reassert(self) -> None:
+        """
+        Reasserting puts this node's presences back, leaves users another
+        live node holds (and names them), and drops those it no longer has.
+        """
+        a = await self.backend("a")
+        b = await self.backend("b")
+        await a.lease("i1", 10_000)
+        await b.lease("j1", 10_000)
+        await a.claim("gone", A)
+        await b.claim("taken", B)
+        taken = await a.reassert("i1", {"alice": A, "taken": A})
+        self.assertEqual(taken, ["taken"])
+        self.assertEqual(await b.locate(["alice", "taken", "gone"]), [A, B, None])
+
+    async def test_ban(self) -> None:
+        """A banned user is not claimed, and told how long the ban runs; 0 lifts it."""
+        a = await self.backend("a")
+        await a.ban("eve", 60_000)
+        claimed = await a.claim("eve", A)
+        self.assertTrue(59_000 < claimed.banned_for <= 60_000)
+        await a.lease("i1", 10_000)
+        self.assertEqual(await a.locate(["eve"]), [None])
+        await a.ban("eve", 0)
+        self.assertEqual((await a.claim("eve", A)).banned_for, 0)
+
+    async def test_messages(self) -> None:
+        """A message to a node reaches it alone; a broadcast every node."""
+        a = await self.backend("a")
+        a_heard = self.messages
+        b = await self.backend("b")
+        self.assertEqual(await a.send("b", {"k": "wake", "u": ["bob"]}), 1)
+        self.assertEqual(await a.send("c", {"k": "wake", "u": ["x"]}), 0)
+        self.assertEqual(await b.broadcast({"k": "disconnect", "u": "eve"}), 2)
+        await deferLater(reactor, 0.2)
+        self.assertEqual(
+            self.messages, [{"k": "wake", "u": ["bob"]}, {"k": "disconnect", "u": "eve"}]
+        )
+        self.assertEqual(a_heard, [{"k": "disconnect", "u": "eve"}])
+
+    async def test_redis_restarted(self) -> None:
+        """
+        Redis stopping is noticed, calls fail with BackendDown meanwhile, and
+        the links come back within a second of its return.
+        """
+        a = await self.backend("a")
+        self.redis.stop()
+        await deferLater(reactor, 0.3)
+        self.assertFalse(a.up)
+        self.assertEqual(self.ups, [True, False])
+        with self.assertRaises(BackendDown):
+            await a.locate(["alice"])
+        self.redis.start()
+        await deferLater(reactor, 1.2)
+        self.assertTrue(a.up)
+        self.assertEqual(self.ups, [True, False, True])
+        self.assertEqual(await a.locate(["alice"]), [None])
