@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from .server import free_port, listening, wait_for
+from sktalent.testing.server import free_port, listening, wait_for
 
 
 def need(program: str) -> str:

@@ -19,7 +19,7 @@ from sktalent.cluster.interfaces import BackendDown, Claimed, Holder
 
 @attrs.define(eq=False)
 class FakeRedis:
-    """The shared state: leases, presences, bans, rate states, listeners."""
+    """The shared state: leases, presences, rate states, listeners."""
 
     clock: Clock
     up: bool = True
@@ -28,7 +28,6 @@ class FakeRedis:
     presence: dict[str, Holder] = attrs.Factory(dict)
     # (name, incarnation) -> users claimed
     members: dict[tuple[str, str], set[str]] = attrs.Factory(dict)
-    bans: dict[str, float] = attrs.Factory(dict)
     rates: dict[str, tuple[str, float]] = attrs.Factory(dict)
     backends: list[FakeBackend] = attrs.Factory(list)
 
@@ -120,16 +119,12 @@ class FakeBackend:
     def claim(self, user: str, holder: Holder) -> Deferred[Claimed]:
         def claim() -> Claimed:
             r = self.redis
-            ban = r.bans.get(user, 0) - r.now
-            if ban > 0:
-                return Claimed(None, int(ban * 1000))
             old = r.presence.get(user)
             r.presence[user] = holder
             r.members.setdefault((holder.node, holder.incarnation), set()).add(user)
             rate = r.rates.get(user)
             return Claimed(
                 old if r.live(old) else None,
-                0,
                 rate[0] if rate is not None and rate[1] > r.now else None,
             )
 
@@ -204,15 +199,6 @@ class FakeBackend:
             return taken
 
         return self._call("reap", reap)
-
-    def ban(self, user: str, milliseconds: int) -> Deferred[None]:
-        def ban() -> None:
-            if milliseconds:
-                self.redis.bans[user] = self.redis.now + milliseconds / 1000
-            else:
-                self.redis.bans.pop(user, None)
-
-        return self._call("ban", ban)
 
     def send(self, node: str, message: Mapping[str, Any]) -> Deferred[int]:
         return self._publish([b for b in self.redis.backends if b.node == node], message, node)

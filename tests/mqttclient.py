@@ -21,7 +21,7 @@ from sktalent.mqtt.auth import AllowEveryone, AllowEverything, portal_for
 from sktalent.mqtt.bans import Bans
 from sktalent.mqtt.broker import Broker
 from sktalent.mqtt.codec import Decoder, encode_all
-from sktalent.mqtt.interfaces import IApplication, IAuthorizer
+from sktalent.mqtt.interfaces import IApplication, IAuthorizer, ISessionGate
 from sktalent.mqtt.protocol import Limits, MQTTFactory, MQTTServerProtocol
 from sktalent.mqtt.router import RetainedLimits
 from sktalent.store.interfaces import IStore, Op, StoreUnavailable
@@ -126,6 +126,7 @@ class Harness:
     retained: RetainedLimits = attrs.Factory(RetainedLimits)
     # A plain broker's (see Broker); False for an application's.
     plain: bool = True
+    gate: ISessionGate | None = None
     broker: Broker = attrs.field(init=False)
     bans: Bans = attrs.field(init=False)
     factory: MQTTFactory = attrs.field(init=False)
@@ -139,6 +140,7 @@ class Harness:
             retained_limits=self.retained,
             route_offline=self.plain,
             clean_in_memory=self.plain,
+            gate=self.gate,
         )
         self.bans = Bans(self.store, self.broker, self.clock)
         self.factory = self.make_factory()

@@ -36,6 +36,7 @@ from sktalent.calltalent.notifications import (
     validate_notification,
     validate_user_id,
 )
+from sktalent.cluster.interfaces import BackendDown
 from sktalent.metrics import Metrics
 from sktalent.store.interfaces import (
     ChatRecord,
@@ -88,6 +89,8 @@ class RecordingApp:
     sessions: dict[str, SessionInfo] = attrs.Factory(dict)
     disconnects: list[tuple[str, int | None]] = attrs.Factory(list)
     deleted: list[str] = attrs.Factory(list)
+    # Parts besides the store that health() reports, as a cluster node has.
+    parts: dict[str, bool] = attrs.Factory(dict)
 
     def _result(self, value: Any) -> Deferred[Any]:
         return succeed(value) if self.failure is None else fail(self.failure)
@@ -121,8 +124,8 @@ class RecordingApp:
             return fail(self.failure)
         return self.store.submit([op]).addCallback(lambda _: None)
 
-    def is_online(self, user_id: str) -> bool:
-        return user_id in self.online
+    def is_online(self, user_id: str) -> Deferred[bool]:
+        return self._result(user_id in self.online)
 
     def session_info(self, user_id: str) -> Deferred[SessionInfo | None]:
         return self._result(self.sessions.get(user_id))
@@ -141,8 +144,8 @@ class RecordingApp:
             return fail(self.failure)
         return self.store.chat_history(o_id, limit, before)
 
-    def health(self) -> Deferred[None]:
-        return self.store.ping() if self.failure is None else fail(self.failure)
+    def health(self) -> Deferred[dict[str, bool]]:
+        return succeed({"store": self.failure is None, **self.parts})
 
 
 @attrs.frozen
@@ -490,7 +493,9 @@ class WithoutTokenFileTests(ApiTestCase):
 
     async def test_open_routes(self) -> None:
         """/healthz and /metrics still answer."""
-        self.assertJSON(await self.call("GET", "/healthz", token=None), 200, {"status": "ok"})
+        self.assertJSON(
+            await self.call("GET", "/healthz", token=None), 200, {"status": "ok", "store": "ok"}
+        )
         self.assertEqual((await self.call("GET", "/metrics", token=None)).status, 200)
 
 
@@ -972,13 +977,41 @@ def families(exposition: bytes) -> set[str]:
 
 class HealthAndMetricsTests(ApiTestCase):
     async def test_healthy(self) -> None:
-        """/healthz is 200 when the application's health check fires."""
-        self.assertJSON(await self.call("GET", "/healthz"), 200, {"status": "ok"})
+        """/healthz is 200 when every part answers, and says so of each."""
+        self.assertJSON(await self.call("GET", "/healthz"), 200, {"status": "ok", "store": "ok"})
+        self.app.parts["redis"] = True
+        self.assertJSON(
+            await self.call("GET", "/healthz"), 200, {"status": "ok", "store": "ok", "redis": "ok"}
+        )
 
     async def test_unhealthy(self) -> None:
-        """/healthz is 503 when the application's health check fails."""
+        """/healthz is 503 when the store does not answer."""
         self.app.failure = StoreUnavailable("no answer")
-        self.assertJSON(await self.call("GET", "/healthz"), 503, {"status": "unavailable"})
+        self.assertJSON(
+            await self.call("GET", "/healthz"),
+            503,
+            {"status": "unavailable", "store": "unavailable"},
+        )
+
+    async def test_redis_down(self) -> None:
+        """/healthz is 503 when Redis is down, and says that the store is not."""
+        self.app.parts["redis"] = False
+        self.assertJSON(
+            await self.call("GET", "/healthz"),
+            503,
+            {"status": "unavailable", "store": "ok", "redis": "unavailable"},
+        )
+
+    async def test_cluster_unavailable(self) -> None:
+        """
+        A call that needs the cluster's Redis while it is down answers 503
+        unavailable, saying so.
+        """
+        self.app.failure = BackendDown("Redis is unavailable")
+        reply = await self.call("GET", "/v1/users/alice/presence")
+        self.assertError(reply, 503, "unavailable")
+        self.assertIn("Redis", reply.json()["message"])
+        self.assertError(await self.call("POST", "/v1/users/bob/disconnect"), 503, "unavailable")
 
     async def test_metrics(self) -> None:
         """/metrics is the application's metrics in the Prometheus text format."""

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.cluster.interfaces import BackendDown
-from sktalent.cluster.node import Banned, ClusterNode
+from sktalent.cluster.node import ClusterNode
 from sktalent.failures import StartFailure
 from sktalent.mqtt.interfaces import ServiceUnavailable
 
@@ -233,23 +233,12 @@ class TakeoverTests(ClusterCase):
         a.node.attached("alice")
         self.assertEqual(a.local.released, ["alice"])
 
-    def test_banned(self) -> None:
-        """A user banned on any node is refused (CONNACK 5) on every node until the ban ends."""
+    def test_disconnect(self) -> None:
+        """An operator's disconnect on any node closes the user's connection where it is."""
         a, b = self.member("a"), self.member("b")
         self.connect(a, "alice")
-        self.successResultOf(b.node.disconnect("alice", 60))
-        self.assertEqual(a.local.disconnected, ["alice"])
-        failure = self.failureResultOf(b.node.before_open("alice"), Banned)
-        self.assertEqual(failure.value.code, 5)
-        self.clock.advance(61)
-        self.successResultOf(a.node.before_open("alice"))
-
-    def test_ban_lifted(self) -> None:
-        """ban_seconds 0 lifts a ban everywhere."""
-        a, b = self.member("a"), self.member("b")
-        self.successResultOf(a.node.disconnect("alice", 600))
-        self.successResultOf(a.node.disconnect("alice", 0))
-        self.successResultOf(b.node.before_open("alice"))
+        self.successResultOf(b.node.disconnect("alice"))
+        self.assertEqual((a.local.disconnected, b.local.disconnected), (["alice"], []))
 
 
 class RoutingTests(ClusterCase):

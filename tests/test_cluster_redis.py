@@ -52,7 +52,7 @@ class RedisBackendTests(TestCase):
         b = await self.backend("b")
         self.assertIsNone(await a.lease("i1", 10_000))
         claimed = await a.claim("alice", A)
-        self.assertEqual((claimed.previous, claimed.banned_for, claimed.rate), (None, 0, None))
+        self.assertEqual((claimed.previous, claimed.rate), (None, None))
         self.assertEqual(await b.locate(["alice", "nobody"]), [A, None])
         await b.release("alice", B, None, 0)
         self.assertEqual(await b.locate(["alice"]), [A])
@@ -122,17 +122,6 @@ class RedisBackendTests(TestCase):
         taken = await a.reassert("i1", {"alice": A, "taken": A})
         self.assertEqual(taken, ["taken"])
         self.assertEqual(await b.locate(["alice", "taken", "gone"]), [A, B, None])
-
-    async def test_ban(self) -> None:
-        """A banned user is not claimed, and told how long the ban runs; 0 lifts it."""
-        a = await self.backend("a")
-        await a.ban("eve", 60_000)
-        claimed = await a.claim("eve", A)
-        self.assertTrue(59_000 < claimed.banned_for <= 60_000)
-        await a.lease("i1", 10_000)
-        self.assertEqual(await a.locate(["eve"]), [None])
-        await a.ban("eve", 0)
-        self.assertEqual((await a.claim("eve", A)).banned_for, 0)
 
     async def test_messages(self) -> None:
         """A message to a node reaches it alone; a broadcast every node."""

@@ -35,6 +35,7 @@ from ..calltalent.notifications import (
     validate_user_id,
 )
 from ..metrics import Metrics
+from ..mqtt.interfaces import ServiceUnavailable
 from ..store.interfaces import Device, StoreUnavailable
 
 JSON_TYPE = b"application/json; charset=utf-8"
@@ -345,6 +346,11 @@ class ApiResource(Resource):
             answer = _Answer(
                 503, _error_body("unavailable", "The store is unavailable; try again.")
             )
+        except ServiceUnavailable as e:
+            log.warn("{call}: {e}", call=_described(request), e=e)
+            answer = _Answer(
+                503, _error_body("unavailable", "The cluster's Redis is unavailable; try again.")
+            )
         except Exception:  # noqa: BLE001 - any other failure is answered 500 and logged
             if _gone(request):
                 return
@@ -450,7 +456,7 @@ class ApiResource(Resource):
 
     async def _presence(self, call: _Call) -> _Answer:
         user_id = validate_user_id(call.params[0], "userID")
-        return _json(200, {"online": bool(self._app.is_online(user_id))})
+        return _json(200, {"online": bool(await self._app.is_online(user_id))})
 
     async def _session(self, call: _Call) -> _Answer:
         user_id = validate_user_id(call.params[0], "userID")
@@ -494,12 +500,11 @@ class ApiResource(Resource):
         return _json(200, {"messages": [json.loads(r.envelope) for r in records]})
 
     async def _health(self, call: _Call) -> _Answer:
-        try:
-            await self._app.health()
-        except Exception as e:  # noqa: BLE001 - whatever the failure, not healthy
-            log.info("Health check failed: {error!r}", error=e)
-            return _json(503, {"status": "unavailable"})
-        return _json(200, {"status": "ok"})
+        parts = await self._app.health()
+        healthy = all(parts.values())
+        answer = {"status": "ok" if healthy else "unavailable"}
+        answer.update({part: "ok" if up else "unavailable" for part, up in parts.items()})
+        return _json(200 if healthy else 503, answer)
 
     async def _metrics(self, call: _Call) -> _Answer:
         return _Answer(200, self._app.metrics.exposition(), METRICS_TYPE)

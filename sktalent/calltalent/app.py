@@ -15,11 +15,11 @@ import re
 import socket
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 from prometheus_client import Counter
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -49,6 +49,9 @@ from .interfaces import ICallTalent, InvalidRequest, QueueFull, SessionInfo
 from .notifications import ID_RULE, bounded_id, validate_notification, validate_user_id
 from .pushtexts import PushTexts
 from .rules import SERVER_TOPIC, client_topic
+
+if TYPE_CHECKING:
+    from ..cluster.node import ClusterNode
 
 log = Logger()
 
@@ -186,6 +189,8 @@ class CallTalent:
     # This server's name, for operators.
     node: str = attrs.field(factory=socket.gethostname, kw_only=True)
     _bans: Bans = attrs.field(kw_only=True)
+    # In a cluster, the node that knows who is connected where.
+    cluster: ClusterNode | None = attrs.field(default=None, kw_only=True)
     _counters: dict[tuple[Counter, str], Counter] = attrs.Factory(dict)
 
     # -- IApplication: what clients publish --------------------------------
@@ -284,6 +289,37 @@ class CallTalent:
         sender.seen = now
         self._senders[client_id] = sender
         return sender
+
+    def rate_state(self, client_id: str) -> str | None:
+        """client_id's rate limits as they are now, for the node it connects to next."""
+        sender = self._senders.get(client_id)
+        if sender is None:
+            return None
+        now = self._clock.seconds()
+        return _json(
+            [
+                sender.chats.tokens,
+                sender.receipts.tokens,
+                now - sender.chats.at,
+                now - sender.warned,
+            ]
+        )
+
+    def seed_rate(self, client_id: str, state: str) -> None:
+        """Continue client_id's rate limits from rate_state() of another node."""
+        try:
+            chats, receipts, age, warned = (float(x) for x in json.loads(state))
+        except (ValueError, TypeError):
+            log.warn(
+                "Ignored a bad rate state for {client}: {state!r}", client=client_id, state=state
+            )
+            return
+        now = self._clock.seconds()
+        sender = self._sender(client_id, now)
+        # Ages, not times: the nodes' clocks need not agree.
+        sender.chats.tokens, sender.chats.at = chats, now - age
+        sender.receipts.tokens, sender.receipts.at = receipts, now - age
+        sender.warned = now - warned
 
     def _over_rate(
         self, plan: Plan, client_id: str, sender: _Sender, now: float, msgid: str
@@ -494,8 +530,12 @@ class CallTalent:
         plan.add(LogOut(user_id))
         return self._broker.commit(plan)
 
-    def is_online(self, user_id: str) -> bool:
-        return self._broker.is_online(user_id)
+    def is_online(self, user_id: str) -> Deferred[bool]:
+        if self.cluster is None:
+            return succeed(self._broker.is_online(user_id))
+        return Deferred.fromCoroutine(self.cluster.locate(user_id)).addCallback(
+            lambda holder: holder is not None
+        )
 
     def session_info(self, user_id: str) -> Deferred[SessionInfo | None]:
         return Deferred.fromCoroutine(self._session_info(user_id))
@@ -505,6 +545,17 @@ class CallTalent:
         if status is None:
             return None
         device = await self._store.get_device(user_id)
+        if self.cluster is not None:
+            # Connected to this node or another: Redis knows.
+            holder = await self.cluster.locate(user_id)
+            return SessionInfo(
+                online=holder is not None,
+                node=None if holder is None else holder.node,
+                connected_since=None if holder is None else holder.since,
+                queued=status.queued,
+                oldest_queued_at=status.oldest_queued_at,
+                platform=None if device is None else device.platform,
+            )
         since = status.connected_since
         return SessionInfo(
             online=status.online,
@@ -527,7 +578,11 @@ class CallTalent:
             self._bans.set(plan, user_id, ban_seconds)
             # Durable first: a ban that could not be kept disconnects nobody.
             await self._broker.commit(plan)
-        self._broker.disconnect(user_id)
+        if self.cluster is not None:
+            # Whichever node holds the connection closes it.
+            await self.cluster.disconnect(user_id)
+        else:
+            self._broker.disconnect(user_id)
         return True
 
     def delete_user(self, user_id: str) -> Deferred[None]:
@@ -551,10 +606,21 @@ class CallTalent:
         if not self._store.available:
             raise StoreUnavailable(f"the {self._store.name} store is unavailable")
 
-    def health(self) -> Deferred[None]:
+    def health(self) -> Deferred[dict[str, bool]]:
+        return Deferred.fromCoroutine(self._health())
+
+    async def _health(self) -> dict[str, bool]:
+        parts = {"store": await self._store_answers()}
+        if self.cluster is not None:
+            parts["redis"] = self.cluster.up
+        return parts
+
+    async def _store_answers(self) -> bool:
         try:
             self._check_store()
-        except StoreUnavailable as e:
-            return fail(e)
-        # A health check must answer quickly even when the store does not.
-        return self._store.ping().addTimeout(_HEALTH_TIMEOUT, self._clock)
+            # A health check must answer quickly even when the store does not.
+            await self._store.ping().addTimeout(_HEALTH_TIMEOUT, self._clock)
+        except Exception as e:  # noqa: BLE001 - whatever the failure, not healthy
+            log.info("Health check: the store does not answer: {error!r}", error=e)
+            return False
+        return True

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -46,6 +47,9 @@ from ..mqtt.interfaces import IBroker, IConnection, IQueueWatcher, SessionView
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import IStore, MarkPushed, PendingPush
+
+if TYPE_CHECKING:
+    from ..cluster.node import ClusterNode
 
 log = Logger()
 
@@ -101,6 +105,8 @@ class PushDelivery:
     _pusher: IPusher
     _clock: IReactorTime
     push_after: float = 5.0
+    # In a cluster: a client not connected here may be connected to another node.
+    cluster: ClusterNode | None = None
     # In order of due time (every wait is push_after long), by (client id,
     # seq), the seq None for the rest of a queue handed over.
     _waits: OrderedDict[tuple[str, int | None], _Wait] = attrs.Factory(OrderedDict)
@@ -119,7 +125,7 @@ class PushDelivery:
         self, client_id: str, seq: int, notice: str, badge: int, connection: IConnection | None
     ) -> None:
         if connection is None:
-            self._push(_Due(client_id, seq, notice, badge, "offline"))
+            self._offline(_Due(client_id, seq, notice, badge, "offline"))
         else:
             self._wait(_Wait(self._clock.seconds() + self.push_after, client_id, connection, seq))
 
@@ -142,6 +148,21 @@ class PushDelivery:
 
     def detached(self, client_id: str) -> None:
         self._owed(client_id, "connection_lost", lambda _: True)
+
+    def push_unpushed(self, client_id: str) -> None:
+        """
+        client_id is connected nowhere (it left another node, or that node
+        died): push what its queue holds unpushed.
+        """
+        self._owed(client_id, "offline", lambda _: True)
+
+    def _offline(self, due: _Due) -> None:
+        """Push due, for a client not connected here: in a cluster, if connected nowhere."""
+        if self.cluster is None:
+            self._push(due)
+        else:
+            # The node holding the client's connection, if any, takes it from here.
+            self.cluster.deliver(due.client_id, lambda: self._push(due))
 
     def discarded(self, client_id: str, unpushed: Sequence[PendingPush]) -> None:
         # Their queue entries are gone: nothing is left to mark or withdraw.
@@ -167,7 +188,7 @@ class PushDelivery:
             page = await self._store.pending_pushes(after, PAGE)
             for pending in page:
                 if self._broker.session(pending.client_id) is None:
-                    self._push(self._due_of(pending, "offline"))
+                    self._offline(self._due_of(pending, "offline"))
             if len(page) < PAGE:
                 return
             after = (page[-1].client_id, page[-1].seq)

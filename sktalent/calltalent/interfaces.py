@@ -71,18 +71,22 @@ class ICallTalent(Interface):
         registered, while their messages keep queuing; fire when durable.
         """
 
-    def is_online(user_id: str) -> bool:
-        """True while the user has a live MQTT connection."""
+    def is_online(user_id: str) -> Deferred[bool]:
+        """
+        True while the user has a live MQTT connection (on any node of a
+        cluster).
+        """
 
     def session_info(user_id: str) -> Deferred[SessionInfo | None]:
         """The user's session, or None for a user without one."""
 
     def disconnect(user_id: str, ban_seconds: int | None) -> Deferred[bool]:
         """
-        Close the user's connection; ban_seconds, when given, refuses the user
-        (CONNACK 5) until that many seconds from now, also after a restart, 0
-        lifting a ban: the connection is closed once that is durable.  False
-        for a user without a session (connected or stored).
+        Close the user's connection (on whichever node of a cluster holds
+        it); ban_seconds, when given, refuses the user (CONNACK 5) until that
+        many seconds from now, also after a restart, 0 lifting a ban: the
+        connection is closed once that is durable.  False for a user without
+        a session (connected or stored).
         """
 
     def delete_user(user_id: str) -> Deferred[None]:
@@ -94,5 +98,8 @@ class ICallTalent(Interface):
     def history(o_id: str, limit: int, before: str | None) -> Deferred[list[ChatRecord]]:
         """The order's stored chat, oldest first."""
 
-    def health() -> Deferred[None]:
-        """Fire when the store answers; fail otherwise."""
+    def health() -> Deferred[dict[str, bool]]:
+        """
+        Whether each part the server depends on answers: the store, and in
+        a cluster Redis.
+        """

@@ -30,9 +30,6 @@ class Claimed:
 
     # The live node holding the user before, if any (possibly this one).
     previous: Holder | None
-    # Milliseconds the user's ban still runs; 0 when not banned.  A banned
-    # user is not claimed.
-    banned_for: int = 0
     # The user's rate limit state as its last node left it, if recent.
     rate: str | None = None
 
@@ -46,7 +43,7 @@ class BackendDown(ServiceUnavailable):
 
 class IClusterBackend(Protocol):
     """
-    Presence, leases, bans and messages between nodes, as kept in Redis.
+    Presence, leases and messages between nodes, as kept in Redis.
     Every call fails with BackendDown while Redis cannot be reached.
     """
 
@@ -76,7 +73,7 @@ class IClusterBackend(Protocol):
         """
 
     def claim(self, user: str, holder: Holder) -> Deferred[Claimed]:
-        """Make holder the user's presence, unless the user is banned."""
+        """Make holder the user's presence."""
 
     def release(self, user: str, holder: Holder, rate: str | None, rate_ms: int) -> Deferred[None]:
         """
@@ -100,9 +97,6 @@ class IClusterBackend(Protocol):
         ran out, remove their presence and fire with them: each such user is
         taken by one node only.
         """
-
-    def ban(self, user: str, milliseconds: int) -> Deferred[None]:
-        """Refuse the user's claims for that long; 0 lifts a ban."""
 
     def send(self, node: str, message: Mapping[str, Any]) -> Deferred[int]:
         """Send message to one node; fire with how many listeners heard it."""

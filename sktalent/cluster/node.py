@@ -39,8 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..failures import StartFailure
-from ..mqtt.interfaces import ConnectRefused, ISessionGate
-from ..mqtt.packets import REFUSED_NOT_AUTHORIZED
+from ..mqtt.interfaces import ISessionGate
 from .interfaces import BackendDown, Holder, IClusterBackend, ILocalNode
 
 log = Logger()
@@ -61,14 +60,6 @@ _SWEEP_MAX = 50
 _REAP_BATCH = 500
 # A wake is routed again at most this many times.
 _MAX_HOPS = 2
-
-
-class Banned(ConnectRefused):
-    """The user is banned cluster-wide for this many more milliseconds."""
-
-    def __init__(self, milliseconds: int) -> None:
-        super().__init__(REFUSED_NOT_AUTHORIZED, "banned")
-        self.milliseconds = milliseconds
 
 
 @implementer(ISessionGate)
@@ -262,8 +253,8 @@ class ClusterNode:
         """
         A client of user sent CONNECT here: claim the user's presence and
         make any other node holding the user close and flush it.  Fails with
-        Banned, or BackendDown while Redis is unavailable.  Whatever the
-        outcome, left(user) must follow when that connection ends.
+        BackendDown while Redis is unavailable.  Whatever the outcome,
+        left(user) must follow when that connection ends.
         """
         self._claims[user] = self._claims.get(user, 0) + 1
         return Deferred.fromCoroutine(self._before_open(user))
@@ -273,8 +264,6 @@ class ClusterNode:
             raise BackendDown("Redis is unavailable")
         holder = Holder(self.name, self.incarnation, self._now_ms())
         claimed = await self._backend.claim(user, holder)
-        if claimed.banned_for:
-            raise Banned(claimed.banned_for)
         self._holders[user] = holder
         self._revoked.discard(user)
         self._opening.setdefault(user, False)
@@ -471,15 +460,10 @@ class ClusterNode:
         (holder,) = await self._backend.locate([user])
         return holder
 
-    async def disconnect(self, user: str, ban_seconds: int | None) -> None:
-        """
-        Close user's connection wherever it is; ban_seconds, when given,
-        replaces the user's ban cluster-wide (0 lifts it).
-        """
+    async def disconnect(self, user: str) -> None:
+        """Close user's connection, on whichever node holds it."""
         if not self._backend.up:
             raise BackendDown("Redis is unavailable")
-        if ban_seconds is not None:
-            await self._backend.ban(user, ban_seconds * 1000)
         await self._backend.broadcast({"k": "disconnect", "u": user})
 
 

@@ -12,7 +12,6 @@ Keys (all under ``sktalent:``, in the database the URI names):
 - ``user:USER``: NAME + US + INCARNATION + US + SINCE of the node holding
   USER's connection; it counts only while that incarnation's lease lives.
 - ``members:NAME US INCARNATION``: the users that incarnation claimed.
-- ``ban:USER``: set while USER is banned, with the ban's time to live.
 - ``rate:USER``: USER's rate limit state, kept a few seconds for the node it
   connects to next.
 
@@ -76,15 +75,13 @@ CLAIM = (
     _LIVE
     + """
 local p, user = ARGV[1], ARGV[2]
-local banned = redis.call('PTTL', p .. 'ban:' .. user)
-if banned > 0 then return {'', banned, ''} end
 local key = p .. 'user:' .. user
 local old = redis.call('GET', key)
 if not live(p, old) then old = '' end
 local mine = ARGV[3] .. '\\31' .. ARGV[4]
 redis.call('SET', key, mine .. '\\31' .. ARGV[5])
 redis.call('SADD', p .. 'members:' .. mine, user)
-return {old, 0, redis.call('GET', p .. 'rate:' .. user) or ''}
+return {old, redis.call('GET', p .. 'rate:' .. user) or ''}
 """
 )
 
@@ -355,8 +352,8 @@ class RedisBackend:
 
     def claim(self, user: str, holder: Holder) -> Deferred[Claimed]:
         def claimed(reply: list[Any]) -> Claimed:
-            old, banned, rate = reply
-            return Claimed(decode_holder(old), int(banned), rate or None)
+            old, rate = reply
+            return Claimed(decode_holder(old), rate or None)
 
         d = self._script(CLAIM, user, holder.node, holder.incarnation, holder.since)
         return d.addCallback(claimed)
@@ -392,15 +389,6 @@ class RedisBackend:
 
     def reap(self, batch: int) -> Deferred[list[str]]:
         return self._script(REAP, batch).addCallback(list)
-
-    def ban(self, user: str, milliseconds: int) -> Deferred[None]:
-        key = f"{PREFIX}ban:{user}"
-        d = (
-            self._run("set", key, "1", pexpire=milliseconds)
-            if milliseconds > 0
-            else self._run("delete", key)
-        )
-        return d.addCallback(lambda _: None)
 
     def send(self, node: str, message: Mapping[str, Any]) -> Deferred[int]:
         return self._run("publish", node_channel(node), _compact(message))

@@ -39,6 +39,7 @@ from .interfaces import (
     IConnection,
     IQueueWatcher,
     ISessionGate,
+    ServiceUnavailable,
     SessionStatus,
     Ticket,
 )
@@ -73,6 +74,11 @@ class LocalGate:
 
 class OpenFailed(Exception):
     """A session could not be opened in time: the store or the gate did not answer."""
+
+    def __init__(self, message: str, reason: str = "store_unavailable") -> None:
+        super().__init__(message)
+        # The label of sktalent_auth_failures_total for the refused CONNECT.
+        self.reason = reason
 
 
 @implementer(IBroker)
@@ -224,8 +230,11 @@ class Broker:
         opening = self._registry.serial(client_id, lambda: self._open(client_id, clean, connection))
 
         def unavailable(failure: Failure) -> NoReturn:
-            failure.trap(TimeoutError, StoreUnavailable)
-            raise OpenFailed(f"the session of {client_id} could not be opened: {failure.value}")
+            failure.trap(TimeoutError, StoreUnavailable, ServiceUnavailable)
+            raise OpenFailed(
+                f"the session of {client_id} could not be opened: {failure.value}",
+                "cluster_unavailable" if failure.check(ServiceUnavailable) else "store_unavailable",
+            )
 
         return opening.addTimeout(self.open_timeout, self._clock).addErrback(unavailable)
 
@@ -450,6 +459,31 @@ class Broker:
                 connection.end("its session could not be saved")
 
         attaching.addCallback(attached)
+
+    def connected(self) -> list[tuple[str, float]]:
+        """(client id, clock seconds when it attached) of every live connection."""
+        return [
+            (s.client_id, s.connected_since)
+            for s in self._registry.sessions()
+            if s.connected_since is not None
+        ]
+
+    def release(self, client_id: str) -> Deferred[None]:
+        """
+        The client connected to another node: close its connection here as
+        a takeover, which is not an end (nothing is pushed for it: the
+        other node resends what is unacknowledged), and fire once what the
+        client did here (its acknowledgements) is durable.
+        """
+        session = self._registry.get(client_id)
+        if session is not None and session.connection is not None:
+            connection = session.connection
+            session.detach()
+            connection.take_over()
+            self._registry.unload(session)
+            if session.persistent:
+                self._pipeline.later(Detach(client_id, session.sent_through))
+        return self._pipeline.flush()
 
     # -- operators ----------------------------------------------------------
 

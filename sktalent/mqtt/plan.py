@@ -208,6 +208,16 @@ class Pipeline:
         if self._loose_flush is None:
             self._loose_flush = self._clock.callLater(0, self._flush_loose)
 
+    def flush(self) -> Deferred[None]:
+        """
+        Commit the bookkeeping of this turn now; fire once it and everything
+        committed before it has completed.
+        """
+        if self._loose_flush is not None:
+            self._loose_flush.cancel()
+            self._flush_loose()
+        return self.barrier()
+
     def _drain(self) -> None:
         while self._pending and (
             self._pending[0].results is not None or self._pending[0].failure is not None

@@ -464,7 +464,7 @@ class MQTTServerProtocol:
         except OpenFailed as e:
             log.warn("CONNECT of {client} refused: {why}", client=client_id, why=str(e))
             if self._state != CLOSED:
-                self._refuse(p.REFUSED_SERVER_UNAVAILABLE, "store_unavailable")
+                self._refuse(p.REFUSED_SERVER_UNAVAILABLE, e.reason)
             return
         if self._state == CLOSED:
             # Gone while its session was being opened.

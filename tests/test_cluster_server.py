@@ -1,0 +1,246 @@
+"""
+The server's side of cluster mode, in memory: a CONNECT waiting for the
+cluster (the session gate), a session taken to another node, push decisions
+for users connected elsewhere, rate limits handed over, and what operators
+see of users on other nodes.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from sktalent.calltalent.app import CallTalent
+from sktalent.cluster.interfaces import BackendDown
+from sktalent.cluster.node import ClusterNode
+from sktalent.mqtt import packets as p
+from sktalent.mqtt.interfaces import ISessionGate
+from sktalent.store.interfaces import SessionRecord
+
+from .fakecluster import FakeBackend, FakeLocal, FakeRedis
+from .mqttclient import Harness
+from .test_calltalent import PUSH_AFTER, CallTalentCase, chat
+
+
+@implementer(ISessionGate)
+@attrs.define
+class RecordingGate:
+    """A gate that answers CONNECTs when the test says, and records the rest."""
+
+    pending: dict[str, Deferred[None]] = attrs.Factory(dict)
+    calls: list[tuple[str, str]] = attrs.Factory(list)
+    answer: Exception | None = None
+    hold: bool = False
+
+    def before_open(self, client_id: str) -> Deferred[None]:
+        self.calls.append(("before_open", client_id))
+        if self.hold:
+            self.pending[client_id] = Deferred()
+            return self.pending[client_id]
+        return fail(self.answer) if self.answer is not None else succeed(None)
+
+    def attached(self, client_id: str) -> None:
+        self.calls.append(("attached", client_id))
+
+    def left(self, client_id: str) -> None:
+        self.calls.append(("left", client_id))
+
+
+class GateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gate = RecordingGate()
+        self.h = Harness(gate=self.gate)
+
+    def test_connack_waits(self) -> None:
+        """
+        The CONNACK waits for the gate, then the session is attached, and
+        left() follows the connection's end.
+        """
+        self.gate.hold = True
+        c = self.h.client()
+        self.assertEqual(c.connect("a"), [])
+        self.assertFalse(self.h.broker.is_online("a"))
+        self.gate.pending["a"].callback(None)
+        self.assertEqual(c.received(), [p.ConnAck(0, False)])
+        self.assertTrue(self.h.broker.is_online("a"))
+        c.lose()
+        self.assertEqual(self.gate.calls, [("before_open", "a"), ("attached", "a"), ("left", "a")])
+
+    def test_unavailable(self) -> None:
+        """A cluster that cannot decide (Redis down) is CONNACK 3, counted."""
+        self.gate.answer = BackendDown("Redis is unavailable")
+        c = self.h.client()
+        self.assertEqual(c.connect("a"), [p.ConnAck(3)])
+        self.assertTrue(c.closed)
+        failures = self.h.metrics.registry.get_sample_value(
+            "sktalent_auth_failures_total", {"reason": "cluster_unavailable"}
+        )
+        self.assertEqual(failures, 1)
+        c.lose()
+        self.assertEqual(self.gate.calls, [("before_open", "a"), ("left", "a")])
+
+    def test_lost_while_waiting(self) -> None:
+        """A connection lost while the gate decides opens no session, and is left."""
+        self.gate.hold = True
+        c = self.h.client()
+        c.connect("a")
+        c.lose()
+        self.gate.pending["a"].callback(None)
+        self.assertFalse(self.h.broker.is_online("a"))
+        self.assertEqual(self.gate.calls, [("before_open", "a"), ("left", "a")])
+
+    def test_each_connection_left_once(self) -> None:
+        """A connection taken over is left too: one left() per before_open()."""
+        first, second = self.h.client(), self.h.client()
+        first.connect("a", clean=False)
+        second.connect("a", clean=False)
+        first.lose()
+        second.lose()
+        self.assertEqual([c for c in self.gate.calls if c[0] == "left"], [("left", "a")] * 2)
+
+
+class ClusterServerCase(CallTalentCase):
+    """A CallTalent server as node "a" of a cluster whose other nodes are stand-ins."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.redis = FakeRedis(self.h.clock)
+        self.node = self.member("a")
+        self.app.cluster = self.node
+        self.delivery.cluster = self.node
+        self.h.gate = self.node
+        self.h.factory = self.h.make_factory()
+
+    def member(self, name: str, local: FakeLocal | None = None) -> ClusterNode:
+        node = ClusterNode(name, FakeBackend(self.redis, name), self.h.clock)
+        node.attach(local or FakeLocal(self.h.clock))
+        self.successResultOf(node.start())
+        return node
+
+    def elsewhere(self, user: str, name: str = "b") -> FakeLocal:
+        """user connected to another node: that node's local server."""
+        local = FakeLocal(self.h.clock)
+        other = self.member(name, local)
+        self.successResultOf(other.before_open(user))
+        local.users[user] = int(self.h.clock.seconds() * 1000)
+        other.attached(user)
+        return local
+
+
+class TakenAwayTests(ClusterServerCase):
+    def test_released_without_push(self) -> None:
+        """
+        A session taken to another node closes here as a takeover: what was
+        unacknowledged is not pushed from here, and the acknowledgements it
+        made are durable before release() fires.
+        """
+        a, b = self.user("alice"), self.user("bob")
+        self.publish(a, chat("alice", "bob", 1))
+        self.publish(a, chat("alice", "bob", 2), 2)
+        self.frames(a)
+        first, second = (out for out in b.received() if isinstance(out, p.Publish))
+        assert first.packet_id is not None
+        b.send(p.PubAck(first.packet_id))
+        d = self.h.broker.release("bob")
+        self.assertTrue(b.closed)
+        self.successResultOf(d)
+        stored: list[SessionRecord] = self.successResultOf(self.store.load_sessions())
+        (bob,) = [s for s in stored if s.client_id == "bob"]
+        self.assertEqual(len(bob.queue), 1)
+        b.lose()
+        self.h.clock.advance(PUSH_AFTER * 2)
+        self.assertEqual(self.pusher.pushed, [])
+
+
+class PushDecisionTests(ClusterServerCase):
+    def test_offline_everywhere_pushed(self) -> None:
+        """A chat to a user connected nowhere in the cluster is pushed, once looked up."""
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1))
+        self.assertEqual(self.pusher.pushed, [])
+        self.h.clock.advance(0)
+        self.assertEqual([(u, n.reason) for u, n in self.pusher.pushed], [(("bob",), "offline")])
+
+    def test_connected_elsewhere_not_pushed(self) -> None:
+        """
+        A chat to a user connected to another node is not pushed from here:
+        that node is woken, and pushes if it goes unacknowledged.
+        """
+        other = self.elsewhere("bob")
+        a = self.user("alice")
+        self.publish(a, chat("alice", "bob", 1))
+        self.h.clock.advance(0)
+        self.assertEqual(other.woken, ["bob"])
+        self.h.clock.pump([0.5] * int(PUSH_AFTER * 4))
+        self.assertEqual(self.pusher.pushed, [])
+
+    def test_redis_down_decided_later(self) -> None:
+        """A push decision that needs Redis while it is down is made when it is back."""
+        a = self.user("alice")
+        self.redis.go_down()
+        self.publish(a, chat("alice", "bob", 1))
+        self.h.clock.advance(1)
+        self.assertEqual(self.pusher.pushed, [])
+        self.redis.come_back()
+        self.h.clock.advance(0)
+        self.assertEqual([u for u, _ in self.pusher.pushed], [("bob",)])
+
+
+class OperatorTests(ClusterServerCase):
+    def test_presence_elsewhere(self) -> None:
+        """A user connected to another node is online, there, since its connect."""
+        self.h.clock.advance(0.5)
+        self.elsewhere("bob")
+        self.assertTrue(self.successResultOf(self.app.is_online("bob")))
+        info = self.successResultOf(self.app.session_info("bob"))
+        assert info is not None
+        self.assertEqual((info.online, info.node), (True, "b"))
+        self.assertEqual(info.connected_since, int(self.h.clock.seconds() * 1000))
+        self.assertFalse(self.successResultOf(self.app.is_online("carol")))
+        self.assertIsNone(self.successResultOf(self.app.session_info("carol")))
+
+    def test_disconnect_elsewhere(self) -> None:
+        """A disconnect with a ban reaches the node holding the user, and holds everywhere."""
+        other = self.elsewhere("bob")
+        self.assertTrue(self.successResultOf(self.app.disconnect("bob", 60)))
+        self.assertEqual(other.disconnected, ["bob"])
+        self.assertEqual(self.login("bob")[1], [p.ConnAck(5)])
+        self.assertFalse(self.successResultOf(self.app.disconnect("nobody", None)))
+
+    def test_redis_down(self) -> None:
+        """Presence cannot be told while Redis is down: the call fails, BackendDown."""
+        self.redis.go_down()
+        self.failureResultOf(self.app.is_online("bob"), BackendDown)
+        self.assertEqual(self.successResultOf(self.app.health()), {"store": True, "redis": False})
+
+
+class RateHandoverTests(CallTalentCase):
+    def test_rate_follows_the_user(self) -> None:
+        """
+        A sender past its rate on one server is still past it on the server
+        it moves to, given the state the first handed over.
+        """
+        a = self.user("alice")
+        for i in range(1, 70):
+            self.publish(a, chat("alice", "bob", i), i)
+        refusals = [f for f in self.frames(a) if f.get("error") == "rate_limited"]
+        self.assertEqual(len(refusals), 1)
+        state = self.app.rate_state("alice")
+        assert state is not None
+        other = CallTalent(
+            self.h.broker,
+            self.store,
+            self.pusher,
+            self.h.clock,
+            self.h.metrics,
+            self.app._limits,
+            bans=self.h.bans,
+        )
+        other.seed_rate("alice", state)
+        self.h.clock.advance(1.5)
+        self.assertEqual(other.rate_state("alice"), self.app.rate_state("alice"))
+        self.assertIsNone(other.rate_state("nobody"))
+        other.seed_rate("carol", "not json")
+        self.assertIsNone(other.rate_state("carol"))
