@@ -6,6 +6,7 @@ Real Redis and HAProxy processes for the cluster tests, on free ports of
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -89,26 +90,28 @@ class HAProxyProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def config(self, template: str) -> str:
-        """deploy/haproxy.cfg's text with this test's ports and no logging to syslog."""
-        servers = "\n".join(
-            f"    server node{i} 127.0.0.1:{port} check inter 1s fall 2 rise 1"
-            for i, port in enumerate(self.backends, 1)
+        """
+        deploy/haproxy.cfg's text with this test's ports, its own servers,
+        no syslog and connection limits a test machine allows.
+        """
+        servers = "".join(
+            f"    server node{i} 127.0.0.1:{port}\n" for i, port in enumerate(self.backends, 1)
         )
-        text = template.replace("bind :8075", f"bind 127.0.0.1:{self.port}")
-        start = text.index("    server ")
-        end = text.index("\n\n", start) if "\n\n" in text[start:] else len(text)
-        return text[:start] + servers + text[end:]
+        text = re.sub(r"(?m)^    server .*\n", "", template)
+        text = re.sub(r"(?m)^(    default-server .*\n)", lambda m: m[1] + servers, text)
+        text = re.sub(r"(?m)^\s*log /dev/log.*\n", "", text)
+        text = re.sub(r"maxconn \d+", "maxconn 2000", text)
+        return text.replace("bind :8075", f"bind 127.0.0.1:{self.port}")
 
     def start(self, template: str) -> HAProxyProcess:
         path = self.directory / "haproxy.cfg"
         path.write_text(self.config(template))
         haproxy = need("haproxy")
         subprocess.run([haproxy, "-c", "-q", "-f", str(path)], check=True)
-        self.process = subprocess.Popen(
-            [haproxy, "-db", "-f", str(path)],
-            stdout=open(self.directory / "haproxy.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.directory / "haproxy.log", "wb") as out:
+            self.process = subprocess.Popen(
+                [haproxy, "-db", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT
+            )
         wait_for(lambda: listening(self.port), 10, "haproxy to listen")
         return self
 

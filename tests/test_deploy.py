@@ -16,8 +16,11 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 import sktalent
 from sktalent.tap import Options
 
+from .clusterprocs import need
+
 DEPLOY = FilePath(os.path.abspath(sktalent.__file__)).parent().parent().child("deploy")
 UNIT = DEPLOY.child("sktalent.service")
+TEMPLATE = DEPLOY.child("sktalent@.service")
 
 SANDBOXING = {
     # The server says when it is up: start and a reload behind it wait for that.
@@ -131,28 +134,85 @@ class ServiceUnitTests(SynchronousTestCase):
         systemd-analyze verify accepts the unit, with ExecStart pointed at
         this Python's twistd so that the binary exists.
         """
-        analyze = shutil.which("systemd-analyze")
-        if analyze is None:
-            raise SkipTest("systemd-analyze is not installed")
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        if not os.access(twistd, os.X_OK):
-            raise SkipTest(f"no twistd next to {sys.executable}")
-        original = "ExecStart=/opt/sktalent/venv/bin/twistd "
-        self.assertIn(original, self.unit)
-        copy = FilePath(self.mktemp())
-        copy.makedirs()
-        unit = copy.child("sktalent.service")
-        unit.setContent(self.unit.replace(original, f"ExecStart={twistd} ").encode("utf-8"))
-        unit.chmod(0o644)
+        verify(self, self.unit, "sktalent.service", "sktalent.service")
+
+
+class TemplateUnitTests(SynchronousTestCase):
+    """deploy/sktalent@.service: one cluster node per instance."""
+
+    def setUp(self) -> None:
+        self.unit = TEMPLATE.getContent().decode("utf-8")
+        self.settings = service_settings(self.unit)
+
+    def test_like_the_single_unit(self) -> None:
+        """
+        A node runs exactly as the single server does (user, sandboxing,
+        ExecStart, reload) but for its environment files.
+        """
+        single = service_settings(UNIT.getContent().decode("utf-8"))
+        del single["EnvironmentFile"]
+        for key, value in single.items():
+            with self.subTest(key=key):
+                self.assertEqual(self.settings.get(key), value)
+
+    def test_environment_files(self) -> None:
+        """
+        Every instance reads the shared options first, then its own, whose
+        values win (systemd applies EnvironmentFile lines in order).
+        """
+        files = re.findall(r"(?m)^EnvironmentFile=(.*)$", self.unit)
+        self.assertEqual(files, ["/etc/sktalent/sktalent.env", "/etc/sktalent/sktalent-%i.env"])
+
+    def test_systemd_analyze_verify(self) -> None:
+        """systemd-analyze verify accepts an instance of the template."""
+        verify(self, self.unit, "sktalent@.service", "sktalent@1.service")
+
+
+class HAProxyConfigTests(SynchronousTestCase):
+    def test_haproxy_accepts_it(self) -> None:
+        """haproxy -c accepts deploy/haproxy.cfg: TCP on 8075, to the nodes."""
+        text = DEPLOY.child("haproxy.cfg").getContent().decode("utf-8")
+        self.assertIn("mode tcp", text)
+        self.assertIn("bind :8075", text)
+        haproxy = need("haproxy")
         done = subprocess.run(
-            [analyze, "verify", unit.path],
+            [haproxy, "-c", "-f", DEPLOY.child("haproxy.cfg").path],
             capture_output=True,
             text=True,
-            cwd=copy.path,
             timeout=60,
         )
-        self.assertEqual(done.returncode, 0, done.stderr)
-        # verify exits 0 despite settings it ignores, so its warnings count.
-        # Other units on the host may draw some; ours must draw none.
-        self.assertNotIn(unit.path, done.stderr)
-        self.assertNotIn("sktalent.service:", done.stderr)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+
+
+def verify(case: SynchronousTestCase, text: str, name: str, instance: str) -> None:
+    """
+    systemd-analyze verify accepts the unit text, saved as name and checked
+    as instance, with ExecStart pointed at this Python's twistd so that the
+    binary exists.
+    """
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        raise SkipTest("systemd-analyze is not installed")
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if not os.access(twistd, os.X_OK):
+        raise SkipTest(f"no twistd next to {sys.executable}")
+    original = "ExecStart=/opt/sktalent/venv/bin/twistd "
+    case.assertIn(original, text)
+    copy = FilePath(case.mktemp())
+    copy.makedirs()
+    unit = copy.child(name)
+    unit.setContent(text.replace(original, f"ExecStart={twistd} ").encode("utf-8"))
+    unit.chmod(0o644)
+    done = subprocess.run(
+        [analyze, "verify", copy.child(instance).path],
+        capture_output=True,
+        text=True,
+        cwd=copy.path,
+        timeout=60,
+    )
+    case.assertEqual(done.returncode, 0, done.stderr)
+    # verify exits 0 despite settings it ignores, so its warnings count.
+    # Other units on the host may draw some; ours must draw none.
+    case.assertNotIn(copy.path, done.stderr)
+    case.assertNotIn(f"{instance}:", done.stderr)
+    case.assertNotIn(f"{name}:", done.stderr)
