@@ -46,11 +46,11 @@ class ClusterCase(SynchronousTestCase):
         """A client of user connects to member: claimed, opened, attached."""
         self.successResultOf(member.node.before_open(user))
         member.local.users[user] = int(self.clock.seconds() * 1000)
-        member.node.attached(user)
+        member.node.opened(user)
 
     def leave(self, member: Member, user: str) -> None:
         member.local.users.pop(user, None)
-        member.node.left(user)
+        member.node.closed(user)
 
     def where(self, member: Member, user: str) -> str | None:
         holder = self.successResultOf(member.node.locate(user))
@@ -136,23 +136,35 @@ class PresenceTests(ClusterCase):
 
     def test_local_takeover_keeps_presence(self) -> None:
         """
-        A second connection on the same node, then the first one ending,
-        leaves the user online: only the last connection to end releases it.
+        A second connection on the same node takes the session over: the
+        user stays online until that one ends.
         """
         a, b = self.member("a"), self.member("b")
         self.connect(a, "alice")
         self.successResultOf(a.node.before_open("alice"))
-        a.node.left("alice")  # The first connection, taken over.
-        a.node.attached("alice")
+        a.node.opened("alice")
         self.assertEqual(self.where(b, "alice"), "a")
-        a.node.left("alice")
+        a.node.closed("alice")
         self.assertIsNone(self.where(b, "alice"))
 
-    def test_refused_connect_releases(self) -> None:
-        """A CONNECT that fails after its claim still releases the presence."""
+    def test_reconnecting_keeps_presence(self) -> None:
+        """A connection ending while the same user connects here again leaves it online."""
+        a, b = self.member("a"), self.member("b")
+        self.connect(a, "alice")
+        self.successResultOf(a.node.before_open("alice"))
+        a.node.closed("alice")
+        self.assertEqual(self.where(b, "alice"), "a")
+        a.node.opened("alice")
+        self.assertEqual(self.where(b, "alice"), "a")
+
+    def test_failed_open_releases(self) -> None:
+        """
+        A CONNECT whose connection went before its session opened holds the
+        user's presence no longer than open_timeout.
+        """
         a, b = self.member("a"), self.member("b")
         self.successResultOf(a.node.before_open("alice"))
-        a.node.left("alice")
+        self.clock.pump([TICK] * int(a.node.open_timeout / TICK + 2))
         self.assertIsNone(self.where(b, "alice"))
 
     def test_redis_down(self) -> None:
@@ -183,7 +195,7 @@ class TakeoverTests(ClusterCase):
         self.successResultOf(d)
         self.assertEqual(self.where(a, "alice"), "b")
         # a's connection ending afterwards leaves b's presence alone.
-        a.node.left("alice")
+        a.node.closed("alice")
         self.assertEqual(self.where(a, "alice"), "b")
 
     def test_old_node_silent(self) -> None:
@@ -223,15 +235,16 @@ class TakeoverTests(ClusterCase):
     def test_taken_while_opening(self) -> None:
         """
         A user claimed by b while still opening on a is closed on a once
-        attached there: the later CONNECT wins.
+        open there: the later CONNECT wins.
         """
         a, b = self.member("a"), self.member("b")
         self.successResultOf(a.node.before_open("alice"))
         self.successResultOf(b.node.before_open("alice"))
         self.assertEqual(a.local.released, [])
         a.local.users["alice"] = 0
-        a.node.attached("alice")
+        a.node.opened("alice")
         self.assertEqual(a.local.released, ["alice"])
+        self.assertEqual(self.where(a, "alice"), "b")
 
     def test_disconnect(self) -> None:
         """An operator's disconnect on any node closes the user's connection where it is."""
@@ -284,7 +297,7 @@ class RoutingTests(ClusterCase):
         self.turn()
         self.assertEqual(b.local.woken, [])
         b.local.users["bob"] = 0
-        b.node.attached("bob")
+        b.node.opened("bob")
         self.assertEqual(b.local.woken, ["bob"])
 
     def test_left_meanwhile_pushed(self) -> None:
@@ -301,7 +314,7 @@ class RoutingTests(ClusterCase):
         self.assertEqual(b.local.woken, [])
         self.assertEqual(b.local.pushed, ["bob"])
         # Released, and a wake arrives: a fresh lookup finds bob nowhere.
-        b.node.left("bob")
+        b.node.closed("bob")
         b.local.pushed.clear()
         b.backend.send("b", {"k": "wake", "u": ["bob"], "h": 1})
         self.turn()
@@ -315,7 +328,7 @@ class RoutingTests(ClusterCase):
         b.local.users.pop("bob")
         self.successResultOf(c.node.before_open("bob"))
         c.local.users["bob"] = 0
-        c.node.attached("bob")
+        c.node.opened("bob")
         b.local.woken.clear()
         self.turn()
         self.turn()

@@ -41,11 +41,11 @@ class RecordingGate:
             return self.pending[client_id]
         return fail(self.answer) if self.answer is not None else succeed(None)
 
-    def attached(self, client_id: str) -> None:
-        self.calls.append(("attached", client_id))
+    def opened(self, client_id: str) -> None:
+        self.calls.append(("opened", client_id))
 
-    def left(self, client_id: str) -> None:
-        self.calls.append(("left", client_id))
+    def closed(self, client_id: str) -> None:
+        self.calls.append(("closed", client_id))
 
 
 class GateTests(SynchronousTestCase):
@@ -55,8 +55,8 @@ class GateTests(SynchronousTestCase):
 
     def test_connack_waits(self) -> None:
         """
-        The CONNACK waits for the gate, then the session is attached, and
-        left() follows the connection's end.
+        The CONNACK waits for the gate, then the session is opened, and
+        closed() follows the connection's end.
         """
         self.gate.hold = True
         c = self.h.client()
@@ -66,7 +66,7 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(c.received(), [p.ConnAck(0, False)])
         self.assertTrue(self.h.broker.is_online("a"))
         c.lose()
-        self.assertEqual(self.gate.calls, [("before_open", "a"), ("attached", "a"), ("left", "a")])
+        self.assertEqual(self.gate.calls, [("before_open", "a"), ("opened", "a"), ("closed", "a")])
 
     def test_unavailable(self) -> None:
         """A cluster that cannot decide (Redis down) is CONNACK 3, counted."""
@@ -79,26 +79,28 @@ class GateTests(SynchronousTestCase):
         )
         self.assertEqual(failures, 1)
         c.lose()
-        self.assertEqual(self.gate.calls, [("before_open", "a"), ("left", "a")])
+        self.assertEqual(self.gate.calls, [("before_open", "a")])
 
     def test_lost_while_waiting(self) -> None:
-        """A connection lost while the gate decides opens no session, and is left."""
+        """A connection lost while the gate decides opens no session."""
         self.gate.hold = True
         c = self.h.client()
         c.connect("a")
         c.lose()
         self.gate.pending["a"].callback(None)
         self.assertFalse(self.h.broker.is_online("a"))
-        self.assertEqual(self.gate.calls, [("before_open", "a"), ("left", "a")])
+        self.assertEqual(self.gate.calls, [("before_open", "a")])
 
-    def test_each_connection_left_once(self) -> None:
-        """A connection taken over is left too: one left() per before_open()."""
+    def test_taken_over_not_closed(self) -> None:
+        """A connection taken over here is not closed for the gate: the last one is."""
         first, second = self.h.client(), self.h.client()
         first.connect("a", clean=False)
         second.connect("a", clean=False)
         first.lose()
+        self.assertNotIn(("closed", "a"), self.gate.calls)
         second.lose()
-        self.assertEqual([c for c in self.gate.calls if c[0] == "left"], [("left", "a")] * 2)
+        self.assertEqual(self.gate.calls[-1], ("closed", "a"))
+        self.assertEqual(self.gate.calls.count(("closed", "a")), 1)
 
 
 class ClusterServerCase(CallTalentCase):
@@ -125,7 +127,7 @@ class ClusterServerCase(CallTalentCase):
         other = self.member(name, local)
         self.successResultOf(other.before_open(user))
         local.users[user] = int(self.h.clock.seconds() * 1000)
-        other.attached(user)
+        other.opened(user)
         return local
 
 

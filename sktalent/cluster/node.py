@@ -62,14 +62,27 @@ _REAP_BATCH = 500
 _MAX_HOPS = 2
 
 
+@attrs.define(eq=False)
+class _Opening:
+    """A session being opened here: claimed, its queue being read."""
+
+    # Clock seconds when the last CONNECT for it called before_open().
+    since: float
+    # CONNECTs for it under way here.
+    count: int = 0
+    # A wake came meanwhile: replayed once it is open.
+    woken: bool = False
+
+
 @implementer(ISessionGate)
 @attrs.define(eq=False)
 class ClusterNode:
     """
-    This process as a node.  The server calls before_open() when a client
-    sends CONNECT, attached() once its session is attached and left() when
-    that connection ends (whatever happened to it, once before_open() was
-    called); deliver() for what it committed for a user not connected here.
+    This process as a node, the server's ISessionGate: before_open() when a
+    client sends CONNECT, opened() once its session is open here, closed()
+    when its connection here ends (not when another connection of the same
+    client takes it over); deliver() for what the server committed for a
+    user not connected here.
     """
 
     name: str
@@ -82,12 +95,15 @@ class ClusterNode:
     start_timeout: float = 10.0
     incarnation: str = attrs.Factory(lambda: os.urandom(8).hex())
     _local: ILocalNode | None = None
-    # user -> connections here that called before_open() and have not left.
-    _claims: dict[str, int] = attrs.Factory(dict)
+    # How long a session may take to open after before_open(): an opening
+    # older than this failed (its connection went) and holds nothing.
+    open_timeout: float = 30.0
     # user -> the presence this node claimed for it last.
     _holders: dict[str, Holder] = attrs.Factory(dict)
-    # Users claimed and not yet attached -> whether a wake came meanwhile.
-    _opening: dict[str, bool] = attrs.Factory(dict)
+    # Users whose sessions are opening here.
+    _opening: dict[str, _Opening] = attrs.Factory(dict)
+    # Users whose sessions are open here.
+    _here: set[str] = attrs.Factory(set)
     # Users another node took while they were opening here.
     _revoked: set[str] = attrs.Factory(set)
     # Routing asked for this reactor turn: user -> (hops, offline callbacks).
@@ -193,6 +209,7 @@ class ClusterNode:
                 other=other,
             )
             return
+        self._forget_failed_openings()
         await self._reap()
         self._safety_sweep()
 
@@ -237,7 +254,8 @@ class ClusterNode:
         what waited.
         """
         await self._backend.lease(self.incarnation, self.lease_ms)
-        here = {user: self._holders[user] for user in self._claims if user in self._holders}
+        users = self._here | self._opening.keys()
+        here = {user: self._holders[user] for user in users if user in self._holders}
         for user in await self._backend.reassert(self.incarnation, here):
             log.info("{user} connected to another node meanwhile; closing it here", user=user)
             self._revoke(user)
@@ -253,11 +271,26 @@ class ClusterNode:
         """
         A client of user sent CONNECT here: claim the user's presence and
         make any other node holding the user close and flush it.  Fails with
-        BackendDown while Redis is unavailable.  Whatever the outcome,
-        left(user) must follow when that connection ends.
+        BackendDown while Redis is unavailable.
         """
-        self._claims[user] = self._claims.get(user, 0) + 1
-        return Deferred.fromCoroutine(self._before_open(user))
+        opening = self._opening.setdefault(user, _Opening(self._clock.seconds()))
+        opening.count += 1
+        opening.since = self._clock.seconds()
+        d = Deferred.fromCoroutine(self._before_open(user))
+        d.addErrback(self._not_opened, user)
+        return d
+
+    def _not_opened(self, failure: Failure, user: str) -> Failure:
+        self._end_opening(user)
+        return failure
+
+    def _end_opening(self, user: str) -> _Opening | None:
+        opening = self._opening.get(user)
+        if opening is not None:
+            opening.count -= 1
+            if opening.count <= 0:
+                del self._opening[user]
+        return opening
 
     async def _before_open(self, user: str) -> None:
         if not self._backend.up:
@@ -266,7 +299,6 @@ class ClusterNode:
         claimed = await self._backend.claim(user, holder)
         self._holders[user] = holder
         self._revoked.discard(user)
-        self._opening.setdefault(user, False)
         rate = claimed.rate
         previous = claimed.previous
         if previous is not None and previous.node != self.name:
@@ -295,37 +327,47 @@ class ClusterNode:
         finally:
             self._releases.pop(request, None)
 
-    def attached(self, user: str) -> None:
-        """user's session is attached here: wakes meanwhile are replayed."""
-        woken = self._opening.pop(user, False)
-        if user in self._revoked:
+    def opened(self, user: str) -> None:
+        """user's session is open here: wakes that came meanwhile are replayed."""
+        opening = self._end_opening(user)
+        self._here.add(user)
+        if user in self._revoked and user not in self._opening:
             self._revoked.discard(user)
             self._release_here(user)
-        elif woken:
+        elif opening is not None and opening.woken:
             self.local.wake(user)
 
-    def left(self, user: str) -> None:
-        """A connection of user that called before_open() ended."""
-        count = self._claims.get(user, 0) - 1
-        if count > 0:
-            self._claims[user] = count
-            return
-        self._claims.pop(user, None)
-        self._opening.pop(user, None)
-        self._revoked.discard(user)
+    def closed(self, user: str) -> None:
+        """user's connection here ended: its presence goes, unless it is connecting again."""
+        self._here.discard(user)
+        if user not in self._opening:
+            self._release_presence(user)
+
+    def _release_presence(self, user: str) -> None:
         holder = self._holders.pop(user, None)
+        self._revoked.discard(user)
         if holder is None or not self._backend.up:
             return  # Never claimed, or Redis is down: its return reasserts.
         self._backend.release(user, holder, self.local.rate_state(user), _RATE_MS).addErrback(
-            lambda f: log.info("Releasing {user}'s presence failed: {e}", user=user, e=f.value)
+            _log_info, "Releasing {user}'s presence failed: {e}", user=user
         )
 
-    def _revoke(self, user: str) -> None:
+    def _forget_failed_openings(self) -> None:
+        """Openings whose connection went before the session opened hold nothing."""
+        cut = self._clock.seconds() - self.open_timeout
+        for user, opening in list(self._opening.items()):
+            if opening.since < cut:
+                del self._opening[user]
+                if user not in self._here:
+                    self._release_presence(user)
+
+    def _revoke(self, user: str) -> Deferred[None] | None:
         """Another node holds user now: let go of it here."""
         if user in self._opening:
-            self._revoked.add(user)  # Closed once attached.
-        else:
-            self._release_here(user)
+            self._revoked.add(user)  # Closed once open.
+        if self.local.is_connected(user):
+            return self._release_here(user)
+        return None
 
     def _release_here(self, user: str) -> Deferred[None]:
         self._holders.pop(user, None)
@@ -403,10 +445,13 @@ class ClusterNode:
     def _wake_here(
         self, user: str, hops: int, offline: list[Offline], looked_up: bool = False
     ) -> None:
-        if user in self._opening:
-            self._opening[user] = True
-        elif self.local.is_connected(user):
+        opening = self._opening.get(user)
+        if opening is not None:
+            opening.woken = True
+        if self.local.is_connected(user):
             self.local.wake(user)
+        elif opening is not None:
+            pass  # Replayed once open.
         elif looked_up:
             # Redis says here, this node knows better: it left, its release
             # is under way.  Connected nowhere.
@@ -442,10 +487,9 @@ class ClusterNode:
 
     async def _release_for(self, message: Mapping[str, Any]) -> None:
         user = message["u"]
-        if user in self._opening:
-            self._revoked.add(user)
-        elif self.local.is_connected(user):
-            await self._release_here(user)
+        released = self._revoke(user)
+        if released is not None:
+            await released
         rate = self.local.rate_state(user)
         await self._backend.send(
             message["to"], {"k": "released", "id": message["id"], "u": user, "rate": rate}
