@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -37,6 +37,7 @@ from .calltalent.auth import AuthSignChecker, HookChecker
 from .calltalent.delivery import PushDelivery
 from .calltalent.pushtexts import PushTexts, TextTable, load_texts
 from .calltalent.rules import CallTalentRules
+from .cluster import RedisAddress, check_node_name
 from .failures import StartFailure, logged
 from .logs import FORMATS, check_twistd_options, json_file_observer
 from .metrics import Metrics, QueueFigures
@@ -58,6 +59,9 @@ from .retention import Retention
 from .store import check_store_uri, open_store
 from .store.interfaces import IStore, StoreUnavailable
 from .store.sqlite import SQLiteStore, StoreDamaged
+
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
 
 log = Logger()
 
@@ -184,6 +188,20 @@ class Options(usage.Options):
             20,
             "Messages a user may send per second (bursts of 3x).",
             _positive_int,
+        ],
+        [
+            "cluster",
+            None,
+            None,
+            "redis://HOST:PORT/DB: be one node of a cluster sharing this Redis and the"
+            " MongoDB store.",
+        ],
+        [
+            "node",
+            None,
+            None,
+            "With --cluster: this node's name, unique in the cluster"
+            " [default: host name and first MQTT port].",
         ],
         [
             "log-format",
@@ -316,6 +334,7 @@ class Options(usage.Options):
                 "--max-retained and --max-retained-bytes go with --anonymous only:"
                 " CallTalent clients retain nothing"
             )
+        self._check_cluster()
         if self["auth-url"] and not self["auth-url"].startswith(("http://", "https://")):
             raise usage.UsageError(f"--auth-url must be an http(s) URL, not {self['auth-url']!r}")
         if self["log-format"] == "json":
@@ -323,6 +342,29 @@ class Options(usage.Options):
                 check_twistd_options(self.twistd)
             except ValueError as e:
                 raise usage.UsageError(str(e)) from None
+
+    def _check_cluster(self) -> None:
+        if not self["cluster"]:
+            if self["node"]:
+                raise usage.UsageError("--node goes with --cluster only")
+            self["redis"] = None
+            self["node"] = node_name(self["listen"])
+            return
+        try:
+            self["redis"] = RedisAddress.parse(self["cluster"])
+        except ValueError as e:
+            raise usage.UsageError(f"--cluster: {e}") from None
+        if not self["store"].startswith("mongodb://"):
+            raise usage.UsageError(
+                f"--cluster needs a MongoDB store that every node shares"
+                f" (--store mongodb://HOST:PORT/DB), not {self['store']!r}"
+            )
+        if self["anonymous"]:
+            raise usage.UsageError("--cluster serves CallTalent clients; not with --anonymous")
+        try:
+            self["node"] = check_node_name(self["node"] or node_name(self["listen"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--node: {e}") from None
 
     @property
     def twistd(self) -> Mapping[str, Any]:
@@ -429,6 +471,7 @@ class Core(service.Service):
     _retention: Retention
     _delivery: PushDelivery
     _figures: QueueFigures
+    _cluster: ClusterNode | None = None
     _starting: Deferred[None] | None = None
     _ports: list[IListeningPort] = attrs.Factory(list)
 
@@ -439,6 +482,8 @@ class Core(service.Service):
 
     async def _start(self) -> None:
         await self._store.start()
+        if self._cluster is not None:
+            await self._cluster.start()
         await self._broker.start()
         for listener in self._listeners:
             endpoint = endpoints.serverFromString(self._reactor, listener.description)
@@ -485,6 +530,8 @@ class Core(service.Service):
         self._delivery.stop()
         self._factory.close_all()
         self._pusher.stop()
+        if self._cluster is not None:
+            await self._cluster.stop()
         await self._store.stop()
 
     def stopService(self) -> Deferred[None]:
@@ -552,6 +599,28 @@ def _reloadable(
     return files
 
 
+def _cluster(
+    address: RedisAddress,
+    node: str,
+    reactor: Any,
+    broker: Broker,
+    calltalent: CallTalent,
+    delivery: PushDelivery,
+) -> ClusterNode:
+    # Only a cluster node loads the Redis client.
+    from .cluster.local import LocalServer
+    from .cluster.node import ClusterNode
+    from .cluster.redis import RedisBackend
+
+    log.info("Cluster node {node}, Redis at {address}", node=node, address=str(address))
+    cluster = ClusterNode(node, RedisBackend(address, node, reactor), reactor)
+    cluster.attach(LocalServer(broker, calltalent, delivery))
+    broker.gate = cluster
+    calltalent.cluster = cluster
+    delivery.cluster = cluster
+    return cluster
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -559,7 +628,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     from twisted.web.client import Agent
 
     http = treq.client.HTTPClient(Agent(reactor))
-    node = node_name(options["listen"])
+    node = options["node"]
     metrics = Metrics(node=node)
     store = open_store(
         options["store"],
@@ -613,6 +682,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         node=node,
         bans=bans,
     )
+    cluster = None
+    if options["redis"] is not None:
+        cluster = _cluster(options["redis"], node, reactor, broker, calltalent, delivery)
     app: IApplication | None = None if options["anonymous"] else calltalent
     if options["anonymous"]:
         log.critical("ANONYMOUS MODE: no authentication, every topic open. Development only!")
@@ -633,7 +705,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     listeners += [Listener("--listen", d, factory) for d in options["listen"]]
     root = Root(log_observer(options, reactor))
     retention = Retention(reactor, store, broker, metrics, options["retention-days"])
-    core = Core(reactor, store, broker, factory, listeners, pusher, retention, delivery, figures)
+    core = Core(
+        reactor, store, broker, factory, listeners, pusher, retention, delivery, figures, cluster
+    )
     core.setServiceParent(root)
     reloadable = _reloadable(options, reactor, portal, umeng, site.resource, texts)
     Reloader(reactor, reloadable).setServiceParent(root)

@@ -7,70 +7,29 @@ see of users on other nodes.
 
 from __future__ import annotations
 
-import attrs
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from sktalent.calltalent.app import CallTalent
 from sktalent.cluster.interfaces import BackendDown
 from sktalent.cluster.node import ClusterNode
 from sktalent.mqtt import packets as p
-from sktalent.mqtt.interfaces import ISessionGate
-from sktalent.store.interfaces import SessionRecord
+from sktalent.mqtt.plan import Plan
+from sktalent.store.interfaces import Message, SessionRecord
 
 from .fakecluster import FakeBackend, FakeLocal, FakeRedis
 from .mqttclient import Harness
 from .test_calltalent import PUSH_AFTER, CallTalentCase, chat
-
-
-@implementer(ISessionGate)
-@attrs.define
-class RecordingGate:
-    """A gate that answers CONNECTs when the test says, and records the rest."""
-
-    pending: dict[str, Deferred[None]] = attrs.Factory(dict)
-    calls: list[tuple[str, str]] = attrs.Factory(list)
-    answer: Exception | None = None
-    hold: bool = False
-
-    def before_open(self, client_id: str) -> Deferred[None]:
-        self.calls.append(("before_open", client_id))
-        if self.hold:
-            self.pending[client_id] = Deferred()
-            return self.pending[client_id]
-        return fail(self.answer) if self.answer is not None else succeed(None)
-
-    def opened(self, client_id: str) -> None:
-        self.calls.append(("opened", client_id))
-
-    def closed(self, client_id: str) -> None:
-        self.calls.append(("closed", client_id))
+from .test_sessions import RecordingGate
 
 
 class GateTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.gate = RecordingGate()
+        self.gate = RecordingGate(shut=False)
         self.h = Harness(gate=self.gate)
 
-    def test_connack_waits(self) -> None:
-        """
-        The CONNACK waits for the gate, then the session is opened, and
-        closed() follows the connection's end.
-        """
-        self.gate.hold = True
-        c = self.h.client()
-        self.assertEqual(c.connect("a"), [])
-        self.assertFalse(self.h.broker.is_online("a"))
-        self.gate.pending["a"].callback(None)
-        self.assertEqual(c.received(), [p.ConnAck(0, False)])
-        self.assertTrue(self.h.broker.is_online("a"))
-        c.lose()
-        self.assertEqual(self.gate.calls, [("before_open", "a"), ("opened", "a"), ("closed", "a")])
-
     def test_unavailable(self) -> None:
-        """A cluster that cannot decide (Redis down) is CONNACK 3, counted."""
-        self.gate.answer = BackendDown("Redis is unavailable")
+        """A cluster that cannot decide (Redis down) is CONNACK 3, counted as such."""
+        self.gate.failure = BackendDown("Redis is unavailable")
         c = self.h.client()
         self.assertEqual(c.connect("a"), [p.ConnAck(3)])
         self.assertTrue(c.closed)
@@ -78,29 +37,23 @@ class GateTests(SynchronousTestCase):
             "sktalent_auth_failures_total", {"reason": "cluster_unavailable"}
         )
         self.assertEqual(failures, 1)
-        c.lose()
-        self.assertEqual(self.gate.calls, [("before_open", "a")])
+        self.assertEqual(self.gate.told, [])
 
-    def test_lost_while_waiting(self) -> None:
-        """A connection lost while the gate decides opens no session."""
-        self.gate.hold = True
-        c = self.h.client()
-        c.connect("a")
-        c.lose()
-        self.gate.pending["a"].callback(None)
-        self.assertFalse(self.h.broker.is_online("a"))
-        self.assertEqual(self.gate.calls, [("before_open", "a")])
-
-    def test_taken_over_not_closed(self) -> None:
-        """A connection taken over here is not closed for the gate: the last one is."""
-        first, second = self.h.client(), self.h.client()
-        first.connect("a", clean=False)
-        second.connect("a", clean=False)
-        first.lose()
-        self.assertNotIn(("closed", "a"), self.gate.calls)
-        second.lose()
-        self.assertEqual(self.gate.calls[-1], ("closed", "a"))
-        self.assertEqual(self.gate.calls.count(("closed", "a")), 1)
+    def test_queued_elsewhere(self) -> None:
+        """
+        What is committed for a client whose session is not open here is
+        told to the gate (another node may hold it); for one open here, not.
+        """
+        self.h.client().connect("here", clean=False)
+        away = self.h.client()
+        away.connect("away", clean=False)
+        away.lose()
+        plan = Plan()
+        for client_id in ("here", "away"):
+            self.h.broker.enqueue(plan, client_id, Message("t", b"x", 1))
+        self.successResultOf(self.h.broker.commit(plan))
+        self.assertIn(("queued_elsewhere", "away"), self.gate.told)
+        self.assertNotIn(("queued_elsewhere", "here"), self.gate.told)
 
 
 class ClusterServerCase(CallTalentCase):
@@ -122,7 +75,11 @@ class ClusterServerCase(CallTalentCase):
         return node
 
     def elsewhere(self, user: str, name: str = "b") -> FakeLocal:
-        """user connected to another node: that node's local server."""
+        """
+        user connected to another node (its session stored, as that node
+        would have): that node's local server.
+        """
+        self.user(user).lose()
         local = FakeLocal(self.h.clock)
         other = self.member(name, local)
         self.successResultOf(other.before_open(user))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -106,8 +106,12 @@ class RecordingGate:
     waiting: list[tuple[str, Deferred[None]]] = attrs.Factory(list)
     told: list[tuple[str, str]] = attrs.Factory(list)
     shut: bool = True
+    # What before_open fails with, if anything (a cluster without Redis).
+    failure: Exception | None = None
 
     def before_open(self, client_id: str) -> Deferred[None]:
+        if self.failure is not None:
+            return fail(self.failure)
         if not self.shut:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -119,6 +123,9 @@ class RecordingGate:
 
     def closed(self, client_id: str) -> None:
         self.told.append(("closed", client_id))
+
+    def queued_elsewhere(self, client_id: str) -> None:
+        self.told.append(("queued_elsewhere", client_id))
 
 
 def queue(store: MemoryStore, client_id: str, payloads: Sequence[bytes]) -> None:

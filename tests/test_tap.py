@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import sktalent
 from sktalent.calltalent.delivery import PushDelivery
 from sktalent.calltalent.pushtexts import TextTable
+from sktalent.cluster import RedisAddress
 from sktalent.metrics import QueueFigures
 from sktalent.mqtt.router import RetainedLimits
 from sktalent.push.disabled import DisabledPusher
@@ -34,6 +37,8 @@ from .mqttclient import Harness
 from .umengstub import APPS
 
 ROOT = Path(sktalent.__file__).resolve().parent.parent
+
+MONGO = "mongodb://127.0.0.1:27017/sktalent"
 
 
 class OptionsTests(SynchronousTestCase):
@@ -108,6 +113,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(node_name(["tcp:port=1883:interface=::"]), f"{host}:1883")
         self.assertEqual(node_name(["unix:/run/mqtt.sock"]), host)
 
+    def test_cluster(self) -> None:
+        """
+        --cluster with a MongoDB store makes a node, named by --node or else
+        by the host name and first MQTT port; without it there is none.
+        """
+        options = self.parse(["--store", MONGO, "--cluster", "redis://:pw@10.0.0.5:6380/3"])
+        self.assertEqual(options["redis"], RedisAddress("10.0.0.5", 6380, 3, "pw"))
+        self.assertEqual(str(options["redis"]), "redis://10.0.0.5:6380/3")
+        self.assertEqual(options["node"], node_name(["tcp:8075"]))
+        env = {"SKTALENT_CLUSTER": "redis://r", "SKTALENT_NODE": "mqtt-2", "SKTALENT_STORE": MONGO}
+        options = self.parse([], env)
+        self.assertEqual((options["redis"], options["node"]), (RedisAddress("r"), "mqtt-2"))
+        self.assertIsNone(self.parse([])["redis"])
+
     def test_bad_values_one_line(self) -> None:
         """Each bad value stops the start with one line that names it."""
         cases = [
@@ -136,6 +155,13 @@ class OptionsTests(SynchronousTestCase):
             (["--push-after", "nan"], "nan"),
             (["--push-after", "inf"], "inf"),
             (["--push-after", "soon"], "soon"),
+            (["--cluster", "redis://127.0.0.1:6379/0"], "--cluster needs a MongoDB store"),
+            (["--node", "a"], "--node goes with --cluster"),
+            (["--store", MONGO, "--cluster", "http://x"], "--cluster: 'http://x'"),
+            (["--store", MONGO, "--cluster", "redis://h:99999/0"], "port 99999"),
+            (["--store", MONGO, "--cluster", "redis://h:1/16"], "database 16"),
+            (["--store", MONGO, "--cluster", "redis://h/0", "--node", "a b"], "--node"),
+            (["--store", MONGO, "--cluster", "redis://h/0", "--anonymous"], "--anonymous"),
         ]
         for argv, named in cases:
             message = self.refused(argv)
@@ -340,3 +366,38 @@ class CoreTests(SynchronousTestCase):
         self.successResultOf(core.stopService())
         reactor.advance(24 * 3600)
         self.assertEqual(store.purges, 2)
+
+
+class ClusterCodeTests(SynchronousTestCase):
+    def loaded(self, *argv: str) -> list[str]:
+        """The Redis modules a server built with argv has loaded (in a fresh interpreter)."""
+        program = (
+            "import sys\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from sktalent.tap import Options, makeService\n"
+            "options = Options()\n"
+            f"options.parseOptions({list(argv)!r})\n"
+            "makeService(options, MemoryReactorClock())\n"
+            "print(sorted(m for m in sys.modules if 'redis' in m))\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SKTALENT_")}
+        done = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            cwd=tempfile.mkdtemp(),
+            env={**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        loaded: list[str] = json.loads(done.stdout.strip().replace("'", '"'))
+        return loaded
+
+    def test_no_redis_without_cluster(self) -> None:
+        """A server without --cluster loads no Redis code at all."""
+        self.assertEqual(self.loaded(), [])
+
+    def test_redis_with_cluster(self) -> None:
+        """A cluster node loads the Redis client (the check above can fail)."""
+        loaded = self.loaded("--store", MONGO, "--cluster", "redis://127.0.0.1:1/0")
+        self.assertIn("txredisapi", loaded)

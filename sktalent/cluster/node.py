@@ -361,6 +361,10 @@ class ClusterNode:
                 if user not in self._here:
                     self._release_presence(user)
 
+    def queued_elsewhere(self, user: str) -> None:
+        """Wake the node holding user, if any: the store has new messages for it."""
+        self.deliver(user)
+
     def _revoke(self, user: str) -> Deferred[None] | None:
         """Another node holds user now: let go of it here."""
         if user in self._opening:

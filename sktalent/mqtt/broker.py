@@ -71,6 +71,9 @@ class LocalGate:
     def closed(self, client_id: str) -> None:
         pass
 
+    def queued_elsewhere(self, client_id: str) -> None:
+        pass  # No other process can hold it.
+
 
 class OpenFailed(Exception):
     """A session could not be opened in time: the store or the gate did not answer."""
@@ -409,11 +412,15 @@ class Broker:
             if not isinstance(result, Queued):
                 # Committed by an earlier attempt whose answer was lost.
                 self.wake(client_id)
+                if self._registry.get(client_id) is None:
+                    self.gate.queued_elsewhere(client_id)
                 return
             ticket.seq = result.seq
             session = self._registry.get(client_id)
             if session is not None:
                 session.arrived(Outgoing(result.seq, message, queued_at=at, notice=notice))
+            else:
+                self.gate.queued_elsewhere(client_id)
             watcher = self._queues.watcher
             if notice is not None and watcher is not None:
                 connection = None if session is None else session.connection

@@ -174,6 +174,12 @@ class ISessionGate(Interface):
     def closed(client_id: str) -> None:
         """client_id's connection here ended; its session left memory."""
 
+    def queued_elsewhere(client_id: str) -> None:
+        """
+        Messages were committed to the queue of client_id, whose session is
+        not open here: the process that has it open, if any, must read them.
+        """
+
 
 @attrs.define
 class Ticket:

@@ -1,0 +1,46 @@
+"""
+The server a cluster node runs in, as ILocalNode: the broker's sessions, the
+application's rate limits and the push delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from ..calltalent.app import CallTalent
+from ..calltalent.delivery import PushDelivery
+from ..mqtt.broker import Broker
+
+
+@attrs.define(eq=False)
+class LocalServer:
+    _broker: Broker
+    _app: CallTalent
+    _delivery: PushDelivery
+
+    def connected(self) -> Iterable[tuple[str, int]]:
+        return [(user, int(since * 1000)) for user, since in self._broker.connected()]
+
+    def is_connected(self, user: str) -> bool:
+        return self._broker.is_online(user)
+
+    def wake(self, user: str) -> None:
+        self._broker.wake(user)
+
+    def release(self, user: str) -> Deferred[None]:
+        return self._broker.release(user)
+
+    def disconnect(self, user: str) -> None:
+        self._broker.disconnect(user)
+
+    def push_unpushed(self, user: str) -> None:
+        self._delivery.push_unpushed(user)
+
+    def rate_state(self, user: str) -> str | None:
+        return self._app.rate_state(user)
+
+    def seed_rate(self, user: str, state: str) -> None:
+        self._app.seed_rate(user, state)
