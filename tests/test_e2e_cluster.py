@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,12 @@ class Cluster:
         (self.files / "tokens").write_text(TOKEN + "\n")
 
     def start(self, *names: str) -> list[ServerProcess]:
-        """Start a node for each name; each is stopped at the end."""
-        return [self.node(name) for name in names]
+        """
+        Start a node for each name, all at once as systemd would; each is
+        stopped at the end.
+        """
+        with ThreadPoolExecutor(len(names)) as pool:
+            return list(pool.map(self.node, names))
 
     def node(self, name: str) -> ServerProcess:
         server = ServerProcess(
@@ -126,6 +131,12 @@ class StartTests(SynchronousTestCase):
 
 
 class ThreeNodeTests(ClusterCase):
+    def test_started_together(self) -> None:
+        """Three nodes started at once on a new database all start and serve."""
+        nodes = self.cluster.start("a", "b", "c")
+        for server in nodes:
+            self.assertEqual(server.api("/healthz")[0], 200, server.log)
+
     def test_chat_between_nodes(self) -> None:
         """
         Chat between users on different nodes: the recipient gets it, the

@@ -48,6 +48,7 @@ from pymongo.errors import (
     BulkWriteError,
     ConfigurationError,
     ConnectionFailure,
+    DuplicateKeyError,
     OperationFailure,
 )
 from pymongo.uri_parser import parse_uri
@@ -717,9 +718,12 @@ class MongoStore:
         await self._q(
             db.sessions.update_many({"next_seq": {"$exists": False}}, {"$set": _COUNTERS})
         )
-        await self._q(
-            db.meta.update_one({"_id": "schema"}, {"$set": {"version": _SCHEMA}}, upsert=True)
-        )
+        try:
+            await self._q(
+                db.meta.update_one({"_id": "schema"}, {"$set": {"version": _SCHEMA}}, upsert=True)
+            )
+        except DuplicateKeyError:
+            pass  # Another node starting on the same database recorded it first.
 
     # -- commits ----------------------------------------------------------------
 
