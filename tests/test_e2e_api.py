@@ -394,7 +394,7 @@ class APIEndToEnd(UmengServerCase):
         token.
         """
         health = self.call("GET", "/healthz", token=None)
-        self.assertEqual((health.status, health.json()), (200, {"status": "ok"}))
+        self.assertEqual((health.status, health.json()), (200, {"status": "ok", "store": "ok"}))
         alice = self.user("alice")
         self.send_chats(alice, [chat("alice", "bob", 1, "hi")])
         # bob has no device: one push through each app, counted once

@@ -234,11 +234,16 @@ class TakeoverTests(ClusterCase):
         first.wait_closed()
         sender.join(60)
         self.assertEqual([f["type"] for f in alice.frames(count, timeout=60)], ["sent"] * count)
-        before = contents(json.loads(m.payload) for m in list(first.messages.queue))
-        after = contents(second.frames(count - len(before), timeout=60))
-        seen = before + [x for x in after if x not in before]
-        self.assertEqual(seen, [f"m{n}" for n in range(count)])
-        self.assertEqual(after, sorted(set(after), key=after.index), "duplicates on b")
+        before = _drain(first, [])
+        after: list[str] = []
+        expected = {f"m{n}" for n in range(count)}
+        try:
+            wait_for(lambda: expected <= set(before) | set(_drain(second, after)), 60, "chats")
+        except AssertionError:
+            missing = sorted(expected - set(before) - set(after), key=lambda c: int(c[1:]))
+            raise AssertionError(f"missing on b: {missing}; before: {before}") from None
+        _assert_in_order(self, after)
+        self.assertEqual(after, list(dict.fromkeys(after)), "duplicates on b")
         twice = [x for x in after if x in before]
         self.assertLessEqual(len(twice), 32, "more than the in-flight window came twice")
         nothing_more(second)
