@@ -1123,6 +1123,24 @@ class MongoStoreTests(DurableContract, TestCase):
         )
         self.assertEqual(results, [Guarded(REPEATED), Guarded(CONFLICT)])
 
+    async def test_seq_not_reused_after_the_hint_went_back(self) -> None:
+        """
+        A session document whose next_seq went back below seqs already
+        read and dequeued, as FerretDB leaves it when a node's Dequeue and
+        another's Enqueue update it at once, still never gets a seq used
+        twice: the next message goes above every seq used, where a reader
+        past them finds it.
+        """
+        m = Message("t", b"p", 1)
+        await self.store.submit([Enqueue("bob", m), Enqueue("bob", m), Enqueue("bob", m)])
+        await self.store.submit([Dequeue("bob", 2), Dequeue("bob", 3)])
+        pool = ConnectionPool(self.uri)
+        self.addCleanup(pool.disconnect)
+        db = pool[urlsplit(self.uri).path.lstrip("/")]
+        await db.sessions.update_one({"_id": "bob"}, {"$set": {"next_seq": 2}})
+        self.assertEqual(await self.store.submit([Enqueue("bob", m)]), [Queued(4, 0)])
+        self.assertEqual([q.seq for q in await self.store.read_queue("bob", 3, 10)], [4])
+
     async def test_documents_of_an_older_server_upgrade(self) -> None:
         """
         Documents written before the push state and the queue counters

@@ -30,6 +30,16 @@ another process took is a duplicate key, retried above the highest seq in
 the queue, and a message becomes visible only after every one below it that
 was allocated before it.  The hint is raised past them with the batch's
 other session writes, after.
+
+A seq must never be used twice: a message put at a seq already read and
+dequeued is below every reader's cursor, and an acknowledgement of the old
+message still on its way deletes the new one.  The session document's hint
+can go back on FerretDB, which loses one of two updates of a document made
+at once (a node's Dequeue counting down while another raises the hint).
+So the seqs a batch will use are first reserved in a document of their own
+in ``seqs``, which only the processes inserting for that client write, and
+only ever raise, before any of them is inserted: what a reader sees is
+always below it.
 """
 
 from __future__ import annotations
@@ -778,6 +788,8 @@ class MongoStore:
         match ops:
             case [DropSession(client_id)]:
                 await db.sessions.delete_one({"_id": client_id})
+                # Nobody reads a dropped session's queue: its seqs start again.
+                await db.seqs.delete_one({"_id": client_id})
                 for collection in ("queue", "inbound"):
                     await db[collection].delete_many({"client_id": client_id})
                 return [None]
@@ -937,8 +949,10 @@ class MongoStore:
         db = self._writing
         clients = list(dict.fromkeys(e.op.client_id for e in accepted))
         hints = {c: hints.get(c, 1) for c in clients}
+        await self._raise_hints(hints, "seqs", "next")
         pending = list(accepted)
         while pending:
+            await self._reserve_seqs(pending, hints)
             docs = []
             for enq in pending:
                 client_id, op = enq.op.client_id, enq.op
@@ -977,6 +991,7 @@ class MongoStore:
                     limit=1,
                 )
                 hints[client_id] = (top[0]["seq"] if top else 0) + 1
+                await self._raise_hints(hints, "seqs", "next", [client_id])
                 pending = pending[index:]
                 for enq in pending:
                     if enq.op.client_id == client_id and enq.op.seq is None:
@@ -984,6 +999,34 @@ class MongoStore:
                 continue
             pending = []
         return [UpdateOne({"_id": c}, {"$max": {"next_seq": hints[c]}}) for c in clients]
+
+    async def _raise_hints(
+        self,
+        hints: dict[str, int],
+        collection: str,
+        field: str,
+        clients: Collection[str] | None = None,
+    ) -> None:
+        """Raise hints (of clients, or all) to what collection's field holds, if higher."""
+        wanted = list(hints) if clients is None else list(clients)
+        for chunk in _chunks(wanted):
+            for doc in await self._writing[collection].find(
+                {"_id": {"$in": list(chunk)}}, {field: 1}
+            ):
+                hints[doc["_id"]] = max(hints[doc["_id"]], doc.get(field, 1))
+
+    async def _reserve_seqs(self, pending: Sequence[_Enq], hints: dict[str, int]) -> None:
+        """
+        Raise each client's reserved seqs past those pending will take from
+        hints, before any of them is inserted.
+        """
+        top = dict(hints)
+        for enq in pending:
+            client_id, given = enq.op.client_id, enq.op.seq
+            seq = enq.seq if enq.seq is not None else top[client_id] if given is None else given
+            top[client_id] = max(top[client_id], seq + 1)
+        writes = [UpdateOne({"_id": c}, {"$max": {"next": n}}, upsert=True) for c, n in top.items()]
+        await self._writing.seqs.bulk_write(writes, ordered=False)
 
     def _counted(self, plan: _Plan) -> None:
         """Give back the room reserved for what was not stored."""
