@@ -1026,7 +1026,14 @@ class MongoStore:
             seq = enq.seq if enq.seq is not None else top[client_id] if given is None else given
             top[client_id] = max(top[client_id], seq + 1)
         writes = [UpdateOne({"_id": c}, {"$max": {"next": n}}, upsert=True) for c, n in top.items()]
-        await self._writing.seqs.bulk_write(writes, ordered=False)
+        try:
+            await self._writing.seqs.bulk_write(writes, ordered=False)
+        except (BulkWriteError, KeyError):
+            # Two processes made a client's document at once and one upsert
+            # lost with a duplicate key (FerretDB's answer then lacks the
+            # nModified that txmongo reads, a KeyError).  It exists now, and
+            # $max can be applied again.
+            await self._writing.seqs.bulk_write(writes, ordered=False)
 
     def _counted(self, plan: _Plan) -> None:
         """Give back the room reserved for what was not stored."""
