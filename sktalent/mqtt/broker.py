@@ -475,23 +475,6 @@ class Broker:
             if s.connected_since is not None
         ]
 
-    def release(self, client_id: str) -> Deferred[None]:
-        """
-        The client connected to another node: close its connection here as
-        a takeover, which is not an end (nothing is pushed for it: the
-        other node resends what is unacknowledged), and fire once what the
-        client did here (its acknowledgements) is durable.
-        """
-        session = self._registry.get(client_id)
-        if session is not None and session.connection is not None:
-            connection = session.connection
-            session.detach()
-            connection.take_over()
-            self._registry.unload(session)
-            if session.persistent:
-                self._pipeline.later(Detach(client_id, session.sent_through))
-        return self._pipeline.flush()
-
     # -- operators ----------------------------------------------------------
 
     def disconnect(self, client_id: str) -> None:
