@@ -337,10 +337,12 @@ class Broker:
                 logged(log, "Discarding the clean session of {client} failed", client=client_id)
             )
 
-    def _leave(self, session: Session) -> bool:
+    def _leave(self, session: Session, taken: bool = False) -> bool:
         """
         session's connection is gone: the session leaves memory.  True when
-        it is a clean session the store holds, to be discarded now.
+        it is a clean session the store holds, to be discarded now.  taken:
+        another process serves the client now, so what it left
+        unacknowledged is that process's to deliver, not pushed from here.
         """
         session.detach()
         client_id = session.client_id
@@ -349,7 +351,7 @@ class Broker:
         self.gate.closed(client_id)
         if session.persistent:
             self._pipeline.later(Detach(client_id, session.sent_through))
-            if self._queues.watcher is not None:
+            if self._queues.watcher is not None and not taken:
                 self._queues.watcher.detached(client_id)
             return False
         return session.stored
@@ -361,7 +363,7 @@ class Broker:
         session = self._registry.get(client_id)
         if session is not None and session.connection is not None:
             session.connection.take_over()
-            if self._leave(session):
+            if self._leave(session, taken=True):
                 await self._discard(client_id)
         await self.barrier(client_id)
 
