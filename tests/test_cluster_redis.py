@@ -15,8 +15,8 @@ from twisted.trial.unittest import TestCase
 from sktalent.cluster import RedisAddress
 from sktalent.cluster.interfaces import BackendDown, Holder
 from sktalent.cluster.redis import RedisBackend
+from sktalent.testing.cluster import RedisProcess, running_redis
 
-from .clusterprocs import RedisProcess, running_redis
 from .helpers import eventually
 
 A = Holder("a", "i1", 1000)

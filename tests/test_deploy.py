@@ -15,8 +15,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import sktalent
 from sktalent.tap import Options
-
-from .clusterprocs import need
+from sktalent.testing.cluster import need
 
 DEPLOY = FilePath(os.path.abspath(sktalent.__file__)).parent().parent().child("deploy")
 UNIT = DEPLOY.child("sktalent.service")

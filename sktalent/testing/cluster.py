@@ -1,5 +1,5 @@
 """
-Real Redis and HAProxy processes for the cluster tests, on free ports of
+Real Redis and HAProxy processes for cluster tests and benchmarks, on free ports of
 127.0.0.1, each in a directory of its own.
 """
 
