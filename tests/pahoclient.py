@@ -36,6 +36,7 @@ class PahoUser:
         password: str | None = None,
         clean: bool = False,
         tls: ssl.SSLContext | None = None,
+        connack_timeout: float = 10.0,
     ) -> None:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -60,7 +61,7 @@ class PahoUser:
         self.client.reconnect_delay_set(60, 120)
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
-        self.rc, self.session_present = self.connack.get(timeout=10)
+        self.rc, self.session_present = self.connack.get(timeout=connack_timeout)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         """Publish and wait for the publish flow to complete."""

@@ -20,9 +20,9 @@ import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
+from sktalent.testing.cluster import HAProxyProcess, RedisProcess, running_redis
 from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
-from .clusterprocs import HAProxyProcess, RedisProcess, running_redis
 from .helpers import chat, mongo_store, msgid, nothing_more
 from .pahoclient import PahoUser
 
@@ -80,8 +80,11 @@ class Cluster:
         """user logged in on a node (or through HAProxy), closed at the end."""
         port = server.mqtt_port if isinstance(server, ServerProcess) else server.port
         # As the app does: CONNACK 3 (server unavailable) is tried again.
+        # The server answers a login within 10 s (CONNACK 3 when the store
+        # is slower, as FerretDB is while it works off a backlog), so the
+        # CONNACK is awaited a little longer.
         for _ in range(LOGIN_ATTEMPTS):
-            client = PahoUser(port, user, user, sign(SECRET, user))
+            client = PahoUser(port, user, user, sign(SECRET, user), connack_timeout=15)
             self.case.addCleanup(client.drop)
             if client.rc != 3:
                 break
