@@ -324,6 +324,20 @@ class StoreContract(_Mixin):
             ],
         )
 
+    async def test_hundreds_of_updates_in_one_submit(self) -> None:
+        """
+        A batch of 400 updates of one kind (pushes marked) commits, and the
+        store goes on answering: one command of that many statements wedges
+        FerretDB, so they are sent in smaller ones.
+        """
+        m = Message("t", b"p", 1)
+        count = 400
+        await self.store.submit([Enqueue("bob", m, 10, "n") for _ in range(count)])
+        marking = self.store.submit([MarkPushed("bob", seq) for seq in range(1, count + 1)])
+        self.assertEqual(await marking.addTimeout(60, reactor), [None] * count)
+        self.assertEqual(await self.store.pending_pushes(None, 10), [])
+        await self.store.ping()
+
     async def test_pending_pushes(self) -> None:
         """
         The messages with a notice not yet pushed, in (client, seq) order,

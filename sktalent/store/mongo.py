@@ -66,10 +66,8 @@ from twisted.internet import error as netError
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    FirstError,
     TimeoutError,
     ensureDeferred,
-    gatherResults,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -134,6 +132,11 @@ _INDEX_OPTIONS_CONFLICT = 85
 _DUPLICATE_KEY = 11000
 # Bounds the size of one $or query or $in list.
 _CHUNK = 500
+# Statements in one write command.  FerretDB's SQLite handler holds one
+# connection of its pool (100, shared by every client) for each update or
+# delete of a command until the command ends, and waits for ever for one
+# more past that: a few commands of a hundred statements wedge it.
+_BULK = 16
 # Seconds after which a reservation mark can only be a dead batch's: no
 # batch takes that long while the store answers.
 STALE_MARK = 600.0
@@ -196,9 +199,15 @@ def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
             yield (op.sender, op.msgid)
 
 
-def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
+def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+async def _bulk_write(collection: Any, writes: Sequence[_Write], ordered: bool = True) -> None:
+    """writes, _BULK statements a command, one command after the other (in order)."""
+    for chunk in _chunks(writes, _BULK):
+        await collection.bulk_write(list(chunk), ordered=ordered)
 
 
 def _id(*parts: object) -> str:
@@ -705,8 +714,8 @@ class MongoStore:
             c["queued"] += 1
             c["queued_bytes"] += size
             c["notices"] += doc.get("notice") is not None
-        for chunk in _chunks(sizes):
-            await self._q(db.queue.bulk_write(chunk, ordered=False))
+        for chunk in _chunks(sizes, _BULK):
+            await self._q(db.queue.bulk_write(list(chunk), ordered=False))
         # Sessions kept before the flag existed are taken to have connected;
         # what they sent is unknown.
         for field, value in (("has_connected", True), ("clean", False), ("sent_through", None)):
@@ -723,8 +732,8 @@ class MongoStore:
             )
             for client_id, c in counters.items()
         ]
-        for chunk in _chunks(upgrades):
-            await self._q(db.sessions.bulk_write(chunk, ordered=False))
+        for chunk in _chunks(upgrades, _BULK):
+            await self._q(db.sessions.bulk_write(list(chunk), ordered=False))
         await self._q(
             db.sessions.update_many({"next_seq": {"$exists": False}}, {"$set": _COUNTERS})
         )
@@ -818,15 +827,9 @@ class MongoStore:
         # Last (the bulk is ordered): while a mark is on, the counters may
         # be ahead of the queue, and are not put right (_open_session).
         sessions += marked
-        try:
-            await gatherResults(
-                [(db[name].bulk_write(writes)) for name, writes in plan.early.items() if writes],
-                consumeErrors=True,
-            )
-        except FirstError as e:
-            e.subFailure.raiseException()
-        for name, writes in plan.late:
-            await db[name].bulk_write(writes)
+        # One command at a time, so that a store's pool serves every node (_BULK).
+        for name, writes in [*plan.early.items(), *plan.late]:
+            await _bulk_write(db[name], writes)
         return [_result(r) for r in results]
 
     async def _reserve(self, enqueues: list[_Enq]) -> tuple[list[_Write], dict[str, int]]:
@@ -909,7 +912,7 @@ class MongoStore:
             )
             for client_id, group in by_client.items()
         ]
-        await sessions.bulk_write(writes, ordered=False)
+        await _bulk_write(sessions, writes, ordered=False)
         docs: dict[str, dict[str, Any]] = {}
         for chunk in _chunks(list(by_client)):
             found = sessions.find(
@@ -1027,13 +1030,13 @@ class MongoStore:
             top[client_id] = max(top[client_id], seq + 1)
         writes = [UpdateOne({"_id": c}, {"$max": {"next": n}}, upsert=True) for c, n in top.items()]
         try:
-            await self._writing.seqs.bulk_write(writes, ordered=False)
+            await _bulk_write(self._writing.seqs, writes, ordered=False)
         except (BulkWriteError, KeyError):
             # Two processes made a client's document at once and one upsert
             # lost with a duplicate key (FerretDB's answer then lacks the
             # nModified that txmongo reads, a KeyError).  It exists now, and
             # $max can be applied again.
-            await self._writing.seqs.bulk_write(writes, ordered=False)
+            await _bulk_write(self._writing.seqs, writes, ordered=False)
 
     def _counted(self, plan: _Plan) -> None:
         """Give back the room reserved for what was not stored."""
@@ -1243,8 +1246,8 @@ class MongoStore:
             )
             for c, (n, size, notices, above) in removed.items()
         ]
-        for chunk in _chunks(writes):
-            await self._q(db.sessions.bulk_write(chunk, ordered=False))
+        for chunk in _chunks(writes, _BULK):
+            await self._q(db.sessions.bulk_write(list(chunk), ordered=False))
         idle = await self._q(db.sessions.delete_many({"has_connected": False, "queued": 0}))
         return len(old), idle.deleted_count
 
