@@ -230,6 +230,8 @@ class FakeLocal:
     # user -> accepted at (ms)
     users: dict[str, int] = attrs.Factory(dict)
     woken: list[str] = attrs.Factory(list)
+    # user -> the messages wakes carried
+    carried: dict[str, list[Mapping[str, Any]]] = attrs.Factory(dict)
     pushed: list[str] = attrs.Factory(list)
     disconnected: list[str] = attrs.Factory(list)
     released: list[str] = attrs.Factory(list)
@@ -245,8 +247,10 @@ class FakeLocal:
     def is_connected(self, user: str) -> bool:
         return user in self.users
 
-    def wake(self, user: str) -> None:
+    def wake(self, user: str, carried: Sequence[Mapping[str, Any]] | None = None) -> None:
         self.woken.append(user)
+        if carried:
+            self.carried.setdefault(user, []).extend(carried)
 
     def release(self, user: str) -> Deferred[None]:
         self.released.append(user)

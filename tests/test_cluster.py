@@ -9,10 +9,13 @@ import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from sktalent.cluster.carried import MAX_BYTES, MAX_MESSAGES, uncarry
 from sktalent.cluster.interfaces import BackendDown
 from sktalent.cluster.node import ClusterNode
 from sktalent.failures import StartFailure
 from sktalent.mqtt.interfaces import ServiceUnavailable
+from sktalent.mqtt.session import Outgoing
+from sktalent.store.interfaces import Message
 
 from .fakecluster import FakeBackend, FakeLocal, FakeRedis
 
@@ -264,6 +267,33 @@ class RoutingTests(ClusterCase):
         self.turn()
         self.assertEqual(b.local.woken, ["bob"])
         self.assertEqual(pushed, [])
+
+    def test_wake_carries_the_messages(self) -> None:
+        """
+        A wake carries the messages committed for its user, as queued, so
+        that the holding node need not read them back; one too large, or
+        past what one wake carries, makes it a plain wake.
+        """
+        a, b = self.member("a"), self.member("b")
+        for user in ("bob", "carol", "dan"):
+            self.connect(b, user)
+        m = Message("$sktalent/clients/bob", "你好".encode(), 1)
+        first = Outgoing(7, m, queued_at=1_700_000_000_000, notice='{"kind":"order_chat"}')
+        second = Outgoing(8, attrs.evolve(m, retain=True), queued_at=1_700_000_000_001)
+        a.node.queued_elsewhere("bob", first)
+        a.node.queued_elsewhere("bob", second)
+        a.node.queued_elsewhere("carol", Outgoing(1, Message("t", b"x" * (MAX_BYTES + 1), 1)))
+        a.node.queued_elsewhere("dan", Outgoing(1, Message("t", b"\xff", 1)))
+        for seq in range(2, MAX_MESSAGES + 3):
+            a.node.queued_elsewhere("dan", Outgoing(seq, Message("t", b"x", 1)))
+        self.turn()
+        self.assertEqual(sorted(b.local.woken), ["bob", "carol", "dan"])
+        self.assertEqual(
+            [attrs.asdict(uncarry(d)) for d in b.local.carried["bob"]],
+            [attrs.asdict(first), attrs.asdict(second)],
+        )
+        self.assertNotIn("carol", b.local.carried)
+        self.assertNotIn("dan", b.local.carried)
 
     def test_offline_pushed(self) -> None:
         """What is committed for a user connected nowhere is pushed."""

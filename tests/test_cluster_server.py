@@ -10,13 +10,19 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.calltalent.app import CallTalent
+from sktalent.calltalent.delivery import encode_notice
+from sktalent.calltalent.rules import client_topic
 from sktalent.cluster.interfaces import BackendDown
+from sktalent.cluster.local import LocalServer
 from sktalent.cluster.node import ClusterNode
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.plan import Plan
-from sktalent.store.interfaces import Message, SessionRecord
+from sktalent.mqtt.session import Outgoing
+from sktalent.push.interfaces import PushNotice
+from sktalent.store.interfaces import Enqueue, Message, Queued, SessionRecord
 
 from .fakecluster import FakeBackend, FakeLocal, FakeRedis
+from .helpers import msgid
 from .mqttclient import Harness
 from .test_calltalent import PUSH_AFTER, CallTalentCase, chat
 from .test_sessions import RecordingGate
@@ -134,6 +140,36 @@ class PushDecisionTests(ClusterServerCase):
         self.assertEqual(other.woken, ["bob"])
         self.h.clock.pump([0.5] * int(PUSH_AFTER * 4))
         self.assertEqual(self.pusher.pushed, [])
+
+    def test_woken_from_another_node(self) -> None:
+        """
+        A chat another node committed for bob, connected here, reaches bob
+        as its wake carried it, not read back from the store (the store's
+        copy differs here, to tell them apart); left unacknowledged, it is
+        pushed from here after push_after.
+        """
+        self.node.attach(LocalServer(self.h.broker, self.app, self.delivery))
+        other = self.member("b")
+        bob = self.user("bob")
+        # Its presence here, as the broker's gate claims it in a server.
+        self.successResultOf(self.node.before_open("bob"))
+        self.node.opened("bob")
+        topic = client_topic("bob")
+        notice = encode_notice(PushNotice("order_chat", "m1", "o1", msgid=msgid(1)))
+        [queued] = self.successResultOf(
+            self.store.submit([Enqueue("bob", Message(topic, b"as stored", 1), 5, notice)])
+        )
+        assert isinstance(queued, Queued)
+        carried = Message(topic, b"as carried", 1)
+        other.queued_elsewhere("bob", Outgoing(queued.seq, carried, queued_at=5, notice=notice))
+        self.h.clock.advance(0)
+        [delivered] = [out for out in bob.received() if isinstance(out, p.Publish)]
+        self.assertEqual(delivered.payload, b"as carried")
+        self.h.clock.pump([0.5] * int(PUSH_AFTER * 2 + 2))
+        self.assertEqual(
+            [(u, n.reason, n.msgid) for u, n in self.pusher.pushed],
+            [(("bob",), "unacknowledged", msgid(1))],
+        )
 
     def test_redis_down_decided_later(self) -> None:
         """A push decision that needs Redis while it is down is made when it is back."""

@@ -17,6 +17,7 @@ from zope.interface import implementer
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.interfaces import ISessionGate
 from sktalent.mqtt.plan import Plan
+from sktalent.mqtt.session import Outgoing
 from sktalent.store.interfaces import (
     Enqueue,
     Message,
@@ -124,7 +125,7 @@ class RecordingGate:
     def closed(self, client_id: str) -> None:
         self.told.append(("closed", client_id))
 
-    def queued_elsewhere(self, client_id: str) -> None:
+    def queued_elsewhere(self, client_id: str, out: Outgoing | None = None) -> None:
         self.told.append(("queued_elsewhere", client_id))
 
 

@@ -146,6 +146,26 @@ class PushDelivery:
         else:
             self._wait(_Wait(due, client_id, connection, None, int(now * 1000)))
 
+    def woken(self, client_id: str, seqs: Sequence[int] | None = None) -> None:
+        """
+        Another process committed messages for client_id, connected here:
+        those of seqs (None: whatever it was) are waited for like the
+        messages queued here.
+        """
+        session = self._broker.session(client_id)
+        connection = None if session is None else session.connection
+        if connection is None:
+            return
+        now = self._clock.seconds()
+        due = now + self.push_after
+        if seqs is not None:
+            for seq in seqs:
+                self._wait(_Wait(due, client_id, connection, seq))
+        elif (client_id, None) not in self._waits:
+            # One already waiting is kept: replaced at every wake, it
+            # would not come due while messages keep coming.
+            self._wait(_Wait(due, client_id, connection, None, int(now * 1000)))
+
     def detached(self, client_id: str) -> None:
         self._owed(client_id, "connection_lost", lambda _: True)
 

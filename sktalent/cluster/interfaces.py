@@ -114,8 +114,11 @@ class ILocalNode(Protocol):
     def is_connected(self, user: str) -> bool:
         """Whether user has a live connection here."""
 
-    def wake(self, user: str) -> None:
-        """The store has new messages for user: page them in if connected here."""
+    def wake(self, user: str, carried: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """
+        The store has new messages for user: page them in if connected
+        here.  carried: some of them, as the wake carried them (carried.py).
+        """
 
     def release(self, user: str) -> Deferred[None]:
         """

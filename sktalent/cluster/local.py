@@ -5,7 +5,8 @@ application's rate limits and the push delivery.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -13,6 +14,7 @@ from twisted.internet.defer import Deferred
 from ..calltalent.app import CallTalent
 from ..calltalent.delivery import PushDelivery
 from ..mqtt.broker import Broker
+from .carried import uncarry
 
 
 @attrs.define(eq=False)
@@ -27,8 +29,14 @@ class LocalServer:
     def is_connected(self, user: str) -> bool:
         return self._broker.is_online(user)
 
-    def wake(self, user: str) -> None:
-        self._broker.wake(user)
+    def wake(self, user: str, carried: Sequence[Mapping[str, Any]] | None = None) -> None:
+        if carried:
+            outs = [uncarry(doc) for doc in carried]
+            self._broker.arrived(user, outs)
+            self._delivery.woken(user, [o.seq for o in outs if o.notice is not None])
+        else:
+            self._broker.wake(user)
+            self._delivery.woken(user)
 
     def release(self, user: str) -> Deferred[None]:
         return self._broker.release(user)

@@ -40,6 +40,8 @@ from zope.interface import implementer
 
 from ..failures import StartFailure
 from ..mqtt.interfaces import ISessionGate
+from ..mqtt.session import Outgoing
+from .carried import carry, fits
 from .interfaces import BackendDown, Holder, IClusterBackend, ILocalNode
 
 log = Logger()
@@ -109,6 +111,9 @@ class ClusterNode:
     # Routing asked for this reactor turn: user -> (hops, offline callbacks).
     _routes: dict[str, tuple[int, list[Offline]]] = attrs.Factory(dict)
     _routing: IDelayedCall | None = None
+    # The messages committed this turn for users routed, as their wakes
+    # carry them; None for a user with more than one wake carries.
+    _carried: dict[str, list[dict[str, Any]] | None] = attrs.Factory(dict)
     # Routing that waits for Redis to come back.
     _undecided: dict[str, tuple[int, list[Offline]]] = attrs.Factory(dict)
     # Takeovers under way: request id -> the answer awaited.
@@ -361,8 +366,18 @@ class ClusterNode:
                 if user not in self._here:
                     self._release_presence(user)
 
-    def queued_elsewhere(self, user: str) -> None:
-        """Wake the node holding user, if any: the store has new messages for it."""
+    def queued_elsewhere(self, user: str, out: Outgoing | None = None) -> None:
+        """
+        Wake the node holding user, if any: the store has new messages for
+        it, out among them (carried along when it can be).
+        """
+        carried = self._carried.get(user, [])
+        doc = None if out is None else carry(out)
+        if carried is None or doc is None or not fits(carried, doc):
+            self._carried[user] = None
+        else:
+            carried.append(doc)
+            self._carried[user] = carried
         self.deliver(user)
 
     def _revoke(self, user: str) -> Deferred[None] | None:
@@ -402,11 +417,16 @@ class ClusterNode:
     def _flush_routes(self) -> None:
         self._routing = None
         routes, self._routes = self._routes, {}
-        Deferred.fromCoroutine(self._locate(routes)).addErrback(
+        carried, self._carried = self._carried, {}
+        Deferred.fromCoroutine(self._locate(routes, carried)).addErrback(
             lambda f: log.failure("Routing {n} users failed", f, n=len(routes))
         )
 
-    async def _locate(self, routes: dict[str, tuple[int, list[Offline]]]) -> None:
+    async def _locate(
+        self,
+        routes: dict[str, tuple[int, list[Offline]]],
+        carried: Mapping[str, list[dict[str, Any]] | None],
+    ) -> None:
         users = list(routes)
         try:
             if not self._backend.up:
@@ -428,9 +448,13 @@ class ClusterNode:
                 wakes.setdefault(holder.node, []).append(user)
         for node, woken in wakes.items():
             hops = min(routes[user][0] for user in woken)
+            wake: dict[str, Any] = {"k": "wake", "u": woken, "h": hops + 1}
+            messages = {user: m for user in woken if (m := carried.get(user))}
+            if messages:
+                wake["m"] = messages
             # Not heard: the node is gone, and its users are reaped with
             # their queues once its lease runs out.
-            self._backend.send(node, {"k": "wake", "u": woken, "h": hops + 1}).addErrback(
+            self._backend.send(node, wake).addErrback(
                 _log_info, "Waking users on {node} failed: {e}", node=node
             )
 
@@ -447,13 +471,18 @@ class ClusterNode:
                     callback()
 
     def _wake_here(
-        self, user: str, hops: int, offline: list[Offline], looked_up: bool = False
+        self,
+        user: str,
+        hops: int,
+        offline: list[Offline],
+        looked_up: bool = False,
+        carried: list[dict[str, Any]] | None = None,
     ) -> None:
         opening = self._opening.get(user)
         if opening is not None:
             opening.woken = True
         if self.local.is_connected(user):
-            self.local.wake(user)
+            self.local.wake(user, carried)
         elif opening is not None:
             pass  # Replayed once open.
         elif looked_up:
@@ -473,8 +502,9 @@ class ClusterNode:
         kind = message.get("k")
         if kind == "wake":
             hops = int(message.get("h", 1))
+            carried = message.get("m") or {}
             for user in message["u"]:
-                self._wake_here(user, hops, [])
+                self._wake_here(user, hops, [], carried=carried.get(user))
         elif kind == "release":
             Deferred.fromCoroutine(self._release_for(message)).addErrback(
                 lambda f: log.failure("Releasing {user} failed", f, user=message.get("u"))

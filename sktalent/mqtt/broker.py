@@ -7,7 +7,7 @@ pipeline (plan.py), the sessions with their windows (session.py), the router
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 import attrs
@@ -71,7 +71,7 @@ class LocalGate:
     def closed(self, client_id: str) -> None:
         pass
 
-    def queued_elsewhere(self, client_id: str) -> None:
+    def queued_elsewhere(self, client_id: str, out: Outgoing | None = None) -> None:
         pass  # No other process can hold it.
 
 
@@ -419,10 +419,11 @@ class Broker:
                 return
             ticket.seq = result.seq
             session = self._registry.get(client_id)
+            out = Outgoing(result.seq, message, queued_at=at, notice=notice)
             if session is not None:
-                session.arrived(Outgoing(result.seq, message, queued_at=at, notice=notice))
+                session.arrived(out)
             else:
-                self.gate.queued_elsewhere(client_id)
+                self.gate.queued_elsewhere(client_id, out)
             watcher = self._queues.watcher
             if notice is not None and watcher is not None:
                 connection = None if session is None else session.connection
@@ -445,6 +446,17 @@ class Broker:
         session = self._registry.get(client_id)
         if session is not None and session.stored:
             session.wake()
+
+    def arrived(self, client_id: str, outs: Sequence[Outgoing]) -> None:
+        """
+        outs were committed to client_id's queue by another process, which
+        sent them along: taken in without reading them from the store where
+        they follow what was taken in, else read.
+        """
+        session = self._registry.get(client_id)
+        if session is not None and session.stored:
+            for out in outs:
+                session.arrived(out)
 
     def resume(self, session: Session) -> None:
         """

@@ -5,7 +5,7 @@ The seams of the MQTT core: who may do what, and what the application adds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 from twisted.cred.error import UnauthorizedLogin
@@ -15,6 +15,9 @@ from zope.interface import Attribute, Interface
 from ..store.interfaces import Message, PendingPush
 from .packets import Packet, Will
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .session import Outgoing
 
 
 class ServiceUnavailable(Exception):
@@ -174,10 +177,11 @@ class ISessionGate(Interface):
     def closed(client_id: str) -> None:
         """client_id's connection here ended; its session left memory."""
 
-    def queued_elsewhere(client_id: str) -> None:
+    def queued_elsewhere(client_id: str, out: Outgoing | None = None) -> None:
         """
         Messages were committed to the queue of client_id, whose session is
-        not open here: the process that has it open, if any, must read them.
+        not open here: the process that has it open, if any, must read them
+        (out, when given, is one of them, as queued).
         """
 
 

@@ -1,0 +1,304 @@
+"""
+What a cluster's nodes cost: chat within one node next to chat between nodes.
+
+    python bench/cluster.py mongodb://HOST:PORT/DB [--rate 40] [--seconds 20]
+        [--pairs 12] [--warmup 3]
+
+For each layout a fresh cluster (a redis-server of its own and sktalent
+nodes with --cluster, all on 127.0.0.1, a database of its own named DB with
+a random suffix, dropped afterwards) takes a steady RATE chats a second from
+PAIRS user pairs for SECONDS, after WARMUP seconds at that rate that are not
+counted:
+
+- same node: two nodes up, every user on node a;
+- 2 nodes: senders on a, recipients on b;
+- 3 nodes: pair i's sender on node i mod 3, its recipient on the next node.
+
+Printed per layout: the server CPU per chat (utime + stime of every node,
+from /proc, over the measured phase, until every chat was answered ``sent``
+and delivered), each node's share, and the latency from publish to ``sent``
+and to delivery (p50, p99).  RATE must be one the store sustains: the figures
+are the nodes' own cost, not the store's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import attrs
+import pymongo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from loadgen import (  # noqa: E402
+    SERVER_TOPIC,
+    BenchError,
+    Connection,
+    Latencies,
+    Run,
+    ServerProbe,
+    close_all,
+    connect,
+    login,
+)
+
+from sktalent.mqtt import packets as p  # noqa: E402
+from sktalent.mqtt.codec import encode  # noqa: E402
+from sktalent.testing.cluster import RedisProcess  # noqa: E402
+from sktalent.testing.server import ServerProcess  # noqa: E402
+
+SECRET = b"bench-cluster-secret-0123456789abcdef"
+# Chats not yet answered ``sent`` a sender may have: a paced sender stays far below.
+WINDOW = 32
+
+
+@attrs.frozen
+class Layout:
+    name: str
+    nodes: int
+    # Node index of pair i's sender and recipient.
+    sender: int
+    recipient: int
+    # Pair i's nodes are shifted by i times this, modulo the nodes.
+    spread: int
+
+
+LAYOUTS = (
+    Layout("same node", 2, 0, 0, 0),
+    Layout("2 nodes", 2, 0, 1, 0),
+    Layout("3 nodes", 3, 0, 1, 1),
+)
+
+
+@attrs.frozen
+class Figures:
+    chats: int
+    cpu: list[float]
+    to_sent: Latencies
+    to_delivery: Latencies
+    timed_out: bool
+
+    @property
+    def per_chat_us(self) -> float:
+        return sum(self.cpu) / max(self.chats, 1) * 1e6
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """A redis-server and count nodes on one new database, stopped by close()."""
+
+    uri: str
+    count: int
+    redis: RedisProcess = attrs.Factory(RedisProcess)
+    files: Path = attrs.Factory(lambda: Path(tempfile.mkdtemp(prefix="sktalent-bench-")))
+    database: str = attrs.Factory(lambda: f"bench_{uuid.uuid4().hex[:8]}")
+    nodes: list[ServerProcess] = attrs.Factory(list)
+
+    def start(self) -> Cluster:
+        self.redis.start()
+        (self.files / "secret").write_bytes(SECRET)
+        store = f"{self.uri.rsplit('/', 1)[0]}/{self.database}"
+
+        def node(i: int) -> ServerProcess:
+            name = "abcdefgh"[i]
+            args = ["--cluster", self.redis.uri, "--node", name]
+            args += ["--auth-secret-file", str(self.files / "secret"), "--chat-rate", "1000000"]
+            return ServerProcess(args, store=store).start()
+
+        with ThreadPoolExecutor(self.count) as pool:
+            self.nodes = list(pool.map(node, range(self.count)))
+        return self
+
+    def probes(self) -> list[ServerProbe]:
+        return [ServerProbe(n.process.pid) for n in self.nodes if n.process is not None]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            try:
+                node.stop()
+            except AssertionError:
+                print(f"a node ignored SIGTERM and was killed:\n{node.log}", file=sys.stderr)
+            shutil.rmtree(node.directory, ignore_errors=True)
+        self.redis.stop()
+        shutil.rmtree(self.redis.directory, ignore_errors=True)
+        shutil.rmtree(self.files, ignore_errors=True)
+        client: pymongo.MongoClient[dict[str, object]]
+        with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=5000) as client:
+            client.drop_database(self.database)
+
+
+def _chat(i: int, seq: int, packet_id: int) -> tuple[str, bytes]:
+    msgid = f"{i:08x}{seq:016x}"
+    envelope = {
+        "msgid": msgid,
+        "from": f"bench-a{i}",
+        "to": f"bench-b{i}",
+        "type": "order_chat",
+        "payload": {"o_id": f"o{i}", "expert": True, "content": "x" * 40},
+    }
+    body = json.dumps(envelope, separators=(",", ":")).encode()
+    return msgid, encode(p.Publish(SERVER_TOPIC, body, 1, packet_id=packet_id))
+
+
+async def paced(
+    ports: Sequence[tuple[int, int]],
+    rate: float,
+    warmup: float,
+    seconds: float,
+    probes: list[ServerProbe],
+) -> Figures:
+    """
+    Pair i's sender on ports[i][0] chats to its recipient on ports[i][1];
+    together they send rate chats a second for warmup + seconds, each at
+    evenly spaced times.
+    """
+    run = Run(warmup + seconds + 60)
+    run.start()
+    pairs = len(ports)
+    senders: list[Connection] = []
+    recipients: list[Connection] = []
+    try:
+        for i, (there, here) in enumerate(ports):
+            senders.append(await connect(run, there, login(SECRET, f"bench-a{i}")))
+            recipients.append(await connect(run, here, login(SECRET, f"bench-b{i}")))
+        sent_at: dict[str, int] = {}
+        counted: set[str] = set()
+        to_sent, to_delivery = Latencies(), Latencies()
+        answered = delivered = 0
+        total = 0
+        done = run.event()
+        finished_sending = False
+
+        def on_message(publish: p.Publish, now: int) -> None:
+            nonlocal answered, delivered
+            frame = json.loads(publish.payload)
+            msgid = frame.get("msgid")
+            kind = frame.get("type")
+            if kind == "sent":
+                answered += 1
+                if msgid in counted:
+                    to_sent.add(now - sent_at[msgid])
+            elif kind == "order_chat":
+                delivered += 1
+                if msgid in counted:
+                    to_delivery.add(now - sent_at[msgid])
+            else:
+                raise BenchError(f"a chat was answered {frame}")
+            if finished_sending and answered >= total and delivered >= total:
+                done.set()
+
+        for conn in (*senders, *recipients):
+            conn.on_message = on_message
+        interval = pairs / rate
+        start = time.perf_counter()
+        measured_from = start + warmup
+        end = measured_from + seconds
+        cpu_before: list[float] | None = None
+        chats = 0
+
+        async def sender(i: int) -> None:
+            nonlocal total, chats
+            conn = senders[i]
+            # Pairs start spread over one interval, not all at once.
+            due = start + interval * i / pairs
+            seq = 0
+            while due < end and not run.expired:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                msgid, data = _chat(i, seq, conn.packet_id())
+                now = time.perf_counter_ns()
+                sent_at[msgid] = now
+                if due >= measured_from:
+                    counted.add(msgid)
+                    chats += 1
+                conn.write(data)
+                total += 1
+                seq += 1
+                due += interval
+
+        async def meter() -> None:
+            nonlocal cpu_before
+            await asyncio.sleep(max(measured_from - time.perf_counter(), 0))
+            cpu_before = [probe.cpu_seconds() for probe in probes]
+
+        await asyncio.gather(meter(), *(sender(i) for i in range(pairs)))
+        finished_sending = True
+        if answered < total or delivered < total:
+            await done.wait()
+        assert cpu_before is not None
+        cpu = [probe.cpu_seconds() - b for probe, b in zip(probes, cpu_before, strict=True)]
+        return Figures(chats, cpu, to_sent, to_delivery, run.expired)
+    finally:
+        run.cancel()
+        await close_all([*senders, *recipients])
+
+
+def measure(uri: str, layout: Layout, options: argparse.Namespace) -> Figures:
+    cluster = Cluster(uri, layout.nodes).start()
+    try:
+        ports = [
+            (
+                cluster.nodes[(layout.sender + i * layout.spread) % layout.nodes].mqtt_port,
+                cluster.nodes[(layout.recipient + i * layout.spread) % layout.nodes].mqtt_port,
+            )
+            for i in range(options.pairs)
+        ]
+        return asyncio.run(
+            paced(ports, options.rate, options.warmup, options.seconds, cluster.probes())
+        )
+    finally:
+        cluster.close()
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("uri", help="mongodb://HOST:PORT/DB")
+    parser.add_argument("--rate", type=float, default=40.0, help="chats a second, all pairs")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--pairs", type=int, default=12)
+    options = parser.parse_args(argv)
+    print(
+        f"{options.pairs} pairs, {options.rate:g} chats/s for {options.seconds:g} s"
+        f" (after {options.warmup:g} s not counted)\n"
+    )
+    print(
+        "| layout | chats | CPU µs/chat, all nodes | per node"
+        " | sent p50 / p99 ms | delivery p50 / p99 ms |"
+    )
+    print("|" + "---|" * 6)
+    results: dict[str, Figures] = {}
+    for layout in LAYOUTS:
+        figures = results[layout.name] = measure(options.uri, layout, options)
+        shares = " / ".join(f"{c / max(figures.chats, 1) * 1e6:.0f}" for c in figures.cpu)
+        sent, delivery = figures.to_sent, figures.to_delivery
+        print(
+            f"| {layout.name} | {figures.chats} | {figures.per_chat_us:.0f} | {shares} "
+            f"| {sent.percentile_ms(0.5):.1f} / {sent.percentile_ms(0.99):.1f} "
+            f"| {delivery.percentile_ms(0.5):.1f} / {delivery.percentile_ms(0.99):.1f} |"
+            + (" (timed out)" if figures.timed_out else ""),
+            flush=True,
+        )
+    same, two, three = (results[layout.name] for layout in LAYOUTS)
+    print()
+    print(f"cross-node / same-node CPU per chat:   {two.per_chat_us / same.per_chat_us:.2f}x")
+    print(f"3 nodes / 2 nodes CPU per chat:        {three.per_chat_us / two.per_chat_us:.2f}x")
+    gap = two.to_delivery.percentile_ms(0.99) - same.to_delivery.percentile_ms(0.99)
+    print(f"cross-node - same-node delivery p99:   {gap:+.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
