@@ -7,6 +7,7 @@ twistd plugin: options and the service tree of the server.
 from __future__ import annotations
 
 import difflib
+import gc
 import math
 import os
 import re
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 _RETAINED = RetainedLimits()
+# The cyclic collector's thresholds once started (see tune_collector).
+GC_THRESHOLDS = (50_000, 20, 10)
 
 
 def _log_format(value: str) -> str:
@@ -454,6 +457,22 @@ def log_observer(options: Options, reactor: Any) -> ILogObserver | None:
     return json_file_observer(log_file)
 
 
+def tune_collector() -> None:
+    """
+    Keep the cyclic garbage collector off the hot path, once started: what
+    the start loaded (modules, classes: about 100,000 objects) is frozen out
+    of its generations, and the youngest is collected every 50,000 net
+    allocations rather than every 700.  A chat keeps dozens of objects alive
+    until its commit lands, so with the defaults they were traversed over
+    and over, and full collections walked the whole interpreter each time:
+    nearly half the reactor's CPU for a durable chat.  Cycles are still
+    collected, a full collection every 10 million allocations or so.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 @attrs.define(eq=False, repr=False)
 class Core(service.Service):
     """
@@ -472,6 +491,8 @@ class Core(service.Service):
     _delivery: PushDelivery
     _figures: QueueFigures
     _cluster: ClusterNode | None = None
+    # Called once the listeners are open: what is loaded by then stays.
+    _settle: Callable[[], object] = tune_collector
     _starting: Deferred[None] | None = None
     _ports: list[IListeningPort] = attrs.Factory(list)
 
@@ -500,6 +521,7 @@ class Core(service.Service):
         self._retention.start()
         self._figures.start()
         self._delivery.recover().addErrback(logged(log, "Pushing what a restart found owed failed"))
+        self._settle()
         notify_ready()
 
     def _failed(self, failure: Any) -> None:
