@@ -316,6 +316,35 @@ async def publish_window(
     return sent
 
 
+@attrs.frozen
+class Pacing:
+    """A steady rate of messages, all senders together, for a bounded time."""
+
+    rate: float
+    seconds: float
+    # How often the pacer wakes to send what has come due.
+    tick: float = 0.002
+
+    async def drive(self, run: Run, senders: Sequence[Callable[[int], None]]) -> int:
+        """
+        Call senders[i % len(senders)](now_ns) for message i at its due time
+        (i / rate seconds from the start, to within a tick), until seconds
+        have passed or the run expires; answer how many were sent.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        total = int(self.rate * self.seconds)
+        sent = 0
+        while sent < total and not run.expired:
+            due = min(total, int((loop.time() - started) * self.rate) + 1)
+            now = time.perf_counter_ns()
+            for i in range(sent, due):
+                senders[i % len(senders)](now)
+            sent = max(sent, due)
+            await asyncio.sleep(self.tick)
+        return sent
+
+
 # -- results ----------------------------------------------------------------
 
 
@@ -467,6 +496,75 @@ class FanIn:
         )
 
 
+@attrs.define(eq=False)
+class _PairLoad:
+    """
+    QoS 1 publisher/subscriber pairs on topics of their own: the
+    connections, what each publisher sends, and the latencies measured.
+    """
+
+    pairs: int
+    size: int
+    clean: bool
+    subs: list[Connection] = attrs.Factory(list)
+    pubs: list[Connection] = attrs.Factory(list)
+    delivery: Latencies = attrs.Factory(Latencies)
+    ack: Latencies = attrs.Factory(Latencies)
+    received: int = 0
+    expected: int = 0
+    _done: asyncio.Event | None = None
+
+    async def connect(self, run: Run, port: int) -> None:
+        clean = self.clean
+        self.subs = await connect_many(
+            run, port, [_client(f"pair-sub-{i}", clean=clean) for i in range(self.pairs)]
+        )
+        for i, sub in enumerate(self.subs):
+            await sub.subscribe(run, f"bench/pair/{i}", 1)
+            sub.on_message = self._on_message
+        self.pubs = await connect_many(
+            run, port, [_client(f"pair-pub-{i}", clean=clean) for i in range(self.pairs)]
+        )
+        self._done = run.event()
+
+    def _on_message(self, publish: p.Publish, now: int) -> None:
+        self.received += 1
+        self.delivery.add(now - stamp_of(publish))
+        if self.received >= self.expected and self._done is not None:
+            self._done.set()
+
+    def builder(self, i: int) -> Callable[[int, int], bytes]:
+        """build(packet_id, now_ns) for publisher i, which times its PUBACKs."""
+        template = PublishTemplate.of(f"bench/pair/{i}", self.size, 1)
+        sent_at: dict[int, int] = {}
+
+        def build(packet_id: int, now: int) -> bytes:
+            sent_at[packet_id] = now
+            return template.build(packet_id, now)
+
+        def on_ack(packet_id: int, now: int) -> None:
+            self.ack.add(now - sent_at.pop(packet_id))
+
+        self.pubs[i].on_ack = on_ack
+        return build
+
+    async def delivered(self) -> None:
+        """Return once every message expected arrived (or the run expired)."""
+        if self.received < self.expected and self._done is not None:
+            await self._done.wait()
+
+    def figures(self, wall: float, server_cpu: float, probe: ServerProbe) -> dict[str, float]:
+        return {
+            "delivered msg/s": self.received / wall,
+            "ack latency p50 ms": self.ack.percentile_ms(0.5),
+            "ack latency p99 ms": self.ack.percentile_ms(0.99),
+            "delivery latency p50 ms": self.delivery.percentile_ms(0.5),
+            "delivery latency p99 ms": self.delivery.percentile_ms(0.99),
+            "server CPU s per 10k msgs": server_cpu / max(self.received, 1) * 10_000,
+            "server RSS after MiB": probe.rss_bytes() / 2**20,
+        }
+
+
 @attrs.frozen
 class Pairs:
     """
@@ -486,65 +584,62 @@ class Pairs:
         return await _scenario(self.limit, lambda run: self._run(run, port, probe))
 
     async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
-        clean = not self.durable
-        subs = await connect_many(
-            run, port, [_client(f"pair-sub-{i}", clean=clean) for i in range(self.pairs)]
-        )
-        for i, sub in enumerate(subs):
-            await sub.subscribe(run, f"bench/pair/{i}", 1)
-        pubs = await connect_many(
-            run, port, [_client(f"pair-pub-{i}", clean=clean) for i in range(self.pairs)]
-        )
+        load = _PairLoad(self.pairs, self.size, not self.durable)
+        await load.connect(run, port)
         share = self.messages // self.pairs
-        expected = share * self.pairs
-        delivery, ack = Latencies(), Latencies()
-        done = run.event()
-        received = 0
-
-        def on_message(publish: p.Publish, now: int) -> None:
-            nonlocal received
-            received += 1
-            delivery.add(now - stamp_of(publish))
-            if received >= expected:
-                done.set()
+        load.expected = share * self.pairs
 
         def publisher(i: int) -> Awaitable[int]:
-            template = PublishTemplate.of(f"bench/pair/{i}", self.size, 1)
-            sent_at: dict[int, int] = {}
+            return publish_window(run, load.pubs[i], load.builder(i), share, self.window)
 
-            def build(packet_id: int, now: int) -> bytes:
-                sent_at[packet_id] = now
-                return template.build(packet_id, now)
-
-            def on_ack(packet_id: int, now: int) -> None:
-                ack.add(now - sent_at.pop(packet_id))
-
-            pubs[i].on_ack = on_ack
-            return publish_window(run, pubs[i], build, share, self.window)
-
-        for sub in subs:
-            sub.on_message = on_message
         meter = _Meter(probe)
         meter.start()
         await asyncio.gather(*map(publisher, range(self.pairs)))
-        if received < expected:
-            await done.wait()
+        await load.delivered()
         wall, loadgen_cpu, server_cpu = meter.stop()
-        rss = probe.rss_bytes()
-        await close_all([*subs, *pubs])
-        return Result(
-            {
-                "delivered msg/s": received / wall,
-                "ack latency p50 ms": ack.percentile_ms(0.5),
-                "ack latency p99 ms": ack.percentile_ms(0.99),
-                "delivery latency p50 ms": delivery.percentile_ms(0.5),
-                "delivery latency p99 ms": delivery.percentile_ms(0.99),
-                "server CPU s per 10k msgs": server_cpu / max(received, 1) * 10_000,
-                "server RSS after MiB": rss / 2**20,
-            },
-            run.expired,
-            loadgen_cpu,
-        )
+        figures = load.figures(wall, server_cpu, probe)
+        await close_all([*load.subs, *load.pubs])
+        return Result(figures, run.expired, loadgen_cpu)
+
+
+@attrs.frozen
+class PacedPairs:
+    """Pairs at a steady rate (all publishers together): the reference for PacedChat."""
+
+    pacing: Pacing
+    pairs: int = 10
+    size: int = 100
+    limit: float = 60.0
+    durable: bool = True
+
+    async def __call__(self, port: int, probe: ServerProbe) -> Result:
+        return await _scenario(self.limit, lambda run: self._run(run, port, probe))
+
+    async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
+        load = _PairLoad(self.pairs, self.size, not self.durable)
+        await load.connect(run, port)
+        load.expected = int(self.pacing.rate * self.pacing.seconds)
+
+        def sender(i: int) -> Callable[[int], None]:
+            conn, build = load.pubs[i], load.builder(i)
+            return lambda now: conn.write(build(conn.packet_id(), now))
+
+        meter = _Meter(probe)
+        meter.start()
+        load.expected = await self.pacing.drive(run, [sender(i) for i in range(self.pairs)])
+        await load.delivered()
+        wall, loadgen_cpu, server_cpu = meter.stop()
+        figures = _paced(load.figures(wall, server_cpu, probe), load.received, server_cpu)
+        await close_all([*load.subs, *load.pubs])
+        return Result(figures, run.expired, loadgen_cpu)
+
+
+def _paced(figures: dict[str, float], done: int, server_cpu: float) -> dict[str, float]:
+    """A paced run's figures: CPU per message in microseconds, throughput being set."""
+    per_message = {"server CPU us per msg": server_cpu / max(done, 1) * 1e6}
+    return per_message | {
+        name: value for name, value in figures.items() if "CPU s per 10k" not in name
+    }
 
 
 @attrs.frozen
@@ -590,6 +685,95 @@ class Idle:
         )
 
 
+@attrs.define(eq=False)
+class _ChatLoad:
+    """
+    CallTalent users in pairs, each sender chatting with its recipient: the
+    connections, the chats' envelopes, their answers and latencies.
+    """
+
+    secret: bytes
+    pairs: int
+    content_size: int
+    clean: bool
+    senders: list[Connection] = attrs.Factory(list)
+    recipients: list[Connection] = attrs.Factory(list)
+    to_sent: Latencies = attrs.Factory(Latencies)
+    to_delivery: Latencies = attrs.Factory(Latencies)
+    counts: dict[str, int] = attrs.Factory(lambda: {"sent": 0, "order_chat": 0, "other": 0})
+    expected: int = 0
+    _sent_at: dict[str, int] = attrs.Factory(dict)
+    _seq: list[int] = attrs.Factory(list)
+    _done: asyncio.Event | None = None
+
+    async def connect(self, run: Run, port: int) -> None:
+        secret, clean = self.secret, self.clean
+        self.senders = await connect_many(
+            run, port, [login(secret, f"bench-a{i}", clean) for i in range(self.pairs)]
+        )
+        self.recipients = await connect_many(
+            run, port, [login(secret, f"bench-b{i}", clean) for i in range(self.pairs)]
+        )
+        for conn in [*self.senders, *self.recipients]:
+            conn.on_message = self.on_message
+        self._seq = [0] * self.pairs
+        self._done = run.event()
+
+    def on_message(self, publish: p.Publish, now: int) -> None:
+        frame = json.loads(publish.payload)
+        kind = frame.get("type")
+        if kind == "sent":
+            self.to_sent.add(now - self._sent_at[frame["msgid"]])
+        elif kind == "order_chat":
+            self.to_delivery.add(now - self._sent_at[frame["msgid"]])
+        else:
+            kind = "other"
+        self.counts[kind] += 1
+        if self.answered and self._done is not None:
+            self._done.set()
+
+    @property
+    def answered(self) -> bool:
+        """Whether every chat expected was answered `sent` and delivered."""
+        counts = self.counts
+        return counts["sent"] >= self.expected and counts["order_chat"] >= self.expected
+
+    def chat(self, i: int, packet_id: int, now: int) -> bytes:
+        """Sender i's next chat, sent at now_ns."""
+        seq = self._seq[i]
+        self._seq[i] += 1
+        msgid = f"{i:08x}{seq:016x}"
+        self._sent_at[msgid] = now
+        envelope = {
+            "msgid": msgid,
+            "from": f"bench-a{i}",
+            "to": f"bench-b{i}",
+            "type": "order_chat",
+            "payload": {"o_id": f"o{i}", "expert": True, "content": "x" * self.content_size},
+        }
+        body = json.dumps(envelope, separators=(",", ":")).encode()
+        return encode(p.Publish(SERVER_TOPIC, body, 1, packet_id=packet_id))
+
+    async def finished(self) -> None:
+        """Return once every chat expected was answered (or the run expired)."""
+        if not self.answered and self._done is not None:
+            await self._done.wait()
+
+    def figures(self, wall: float, server_cpu: float, probe: ServerProbe) -> dict[str, float]:
+        if self.counts["other"]:
+            raise BenchError(f"{self.counts['other']} chats were refused")
+        return {
+            "acked msg/s": self.counts["sent"] / wall,
+            "delivered msg/s": self.counts["order_chat"] / wall,
+            "ack latency p50 ms": self.to_sent.percentile_ms(0.5),
+            "ack latency p99 ms": self.to_sent.percentile_ms(0.99),
+            "delivery latency p50 ms": self.to_delivery.percentile_ms(0.5),
+            "delivery latency p99 ms": self.to_delivery.percentile_ms(0.99),
+            "server CPU s per 10k msgs": server_cpu / max(self.counts["sent"], 1) * 10_000,
+            "server RSS after MiB": probe.rss_bytes() / 2**20,
+        }
+
+
 @attrs.frozen
 class Chat:
     """
@@ -610,88 +794,72 @@ class Chat:
         return await _scenario(self.limit, lambda run: self._run(run, port, probe))
 
     async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
-        clean = not self.durable
-        senders = await connect_many(
-            run, port, [login(self.secret, f"bench-a{i}", clean) for i in range(self.pairs)]
-        )
-        recipients = await connect_many(
-            run, port, [login(self.secret, f"bench-b{i}", clean) for i in range(self.pairs)]
-        )
+        load = _ChatLoad(self.secret, self.pairs, self.content_size, not self.durable)
+        await load.connect(run, port)
         share = self.messages // self.pairs
-        expected = share * self.pairs
-        sent_at: dict[str, int] = {}
-        to_sent, to_delivery = Latencies(), Latencies()
-        done = run.event()
-        counts = {"sent": 0, "order_chat": 0, "other": 0}
-        content = "x" * self.content_size
-
-        def on_message(publish: p.Publish, now: int) -> None:
-            frame = json.loads(publish.payload)
-            kind = frame.get("type")
-            if kind == "sent":
-                to_sent.add(now - sent_at[frame["msgid"]])
-            elif kind == "order_chat":
-                to_delivery.add(now - sent_at[frame["msgid"]])
-            else:
-                kind = "other"
-            counts[kind] += 1
-            if counts["sent"] >= expected and counts["order_chat"] >= expected:
-                done.set()
+        load.expected = share * self.pairs
 
         def sender(i: int) -> Awaitable[int]:
-            conn = senders[i]
-            seq = 0
+            conn = load.senders[i]
             # The window counts chats, not PUBACKs: a chat is done at "sent".
             outstanding = 0
 
             def chat(packet_id: int, now: int) -> bytes:
-                nonlocal seq, outstanding
-                msgid = f"{i:08x}{seq:016x}"
-                seq += 1
+                nonlocal outstanding
                 outstanding += 1
-                sent_at[msgid] = now
-                envelope = {
-                    "msgid": msgid,
-                    "from": f"bench-a{i}",
-                    "to": f"bench-b{i}",
-                    "type": "order_chat",
-                    "payload": {"o_id": f"o{i}", "expert": True, "content": content},
-                }
-                body = json.dumps(envelope, separators=(",", ":")).encode()
-                return encode(p.Publish(SERVER_TOPIC, body, 1, packet_id=packet_id))
+                return load.chat(i, packet_id, now)
 
             def on_answer(publish: p.Publish, now: int) -> None:
                 nonlocal outstanding
-                on_message(publish, now)
+                load.on_message(publish, now)
                 outstanding -= 1
                 conn.room.set()
 
             conn.on_message = on_answer
             return publish_window(run, conn, chat, share, self.window, lambda: outstanding)
 
-        for conn in recipients:
-            conn.on_message = on_message
         meter = _Meter(probe)
         meter.start()
         await asyncio.gather(*map(sender, range(self.pairs)))
-        if counts["sent"] < expected or counts["order_chat"] < expected:
-            await done.wait()
+        await load.finished()
         wall, loadgen_cpu, server_cpu = meter.stop()
-        rss = probe.rss_bytes()
-        await close_all([*senders, *recipients])
-        if counts["other"]:
-            raise BenchError(f"{counts['other']} chats were refused")
-        return Result(
-            {
-                "acked msg/s": counts["sent"] / wall,
-                "delivered msg/s": counts["order_chat"] / wall,
-                "ack latency p50 ms": to_sent.percentile_ms(0.5),
-                "ack latency p99 ms": to_sent.percentile_ms(0.99),
-                "delivery latency p50 ms": to_delivery.percentile_ms(0.5),
-                "delivery latency p99 ms": to_delivery.percentile_ms(0.99),
-                "server CPU s per 10k msgs": server_cpu / max(counts["sent"], 1) * 10_000,
-                "server RSS after MiB": rss / 2**20,
-            },
-            run.expired,
-            loadgen_cpu,
-        )
+        figures = load.figures(wall, server_cpu, probe)
+        await close_all([*load.senders, *load.recipients])
+        return Result(figures, run.expired, loadgen_cpu)
+
+
+@attrs.frozen
+class PacedChat:
+    """
+    CallTalent order_chat at a steady rate (all senders together), each chat
+    written on its own as the apps send them: the latency and CPU of a chat
+    when the server is not saturated.
+    """
+
+    secret: bytes
+    pacing: Pacing
+    pairs: int = 10
+    content_size: int = 40
+    limit: float = 60.0
+    durable: bool = False
+
+    async def __call__(self, port: int, probe: ServerProbe) -> Result:
+        return await _scenario(self.limit, lambda run: self._run(run, port, probe))
+
+    async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
+        load = _ChatLoad(self.secret, self.pairs, self.content_size, not self.durable)
+        await load.connect(run, port)
+        load.expected = int(self.pacing.rate * self.pacing.seconds)
+
+        def sender(i: int) -> Callable[[int], None]:
+            conn = load.senders[i]
+            return lambda now: conn.write(load.chat(i, conn.packet_id(), now))
+
+        meter = _Meter(probe)
+        meter.start()
+        load.expected = await self.pacing.drive(run, [sender(i) for i in range(self.pairs)])
+        await load.finished()
+        wall, loadgen_cpu, server_cpu = meter.stop()
+        figures = _paced(load.figures(wall, server_cpu, probe), load.counts["sent"], server_cpu)
+        await close_all([*load.senders, *load.recipients])
+        return Result(figures, run.expired, loadgen_cpu)

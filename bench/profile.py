@@ -5,7 +5,7 @@ the server they fall in, with each part's share of a message's CPU time.
 
     python bench/profile.py N [--rate 500] [--raw FILE]
 
-N is a scenario of bench/run.py (1, 2 or 4; 3 is idle).  Needs py-spy
+N is a scenario of bench/run.py (1, 2, 4 or 5; 3 is idle).  Needs py-spy
 (pip install py-spy) and the right to trace the server (root, or
 kernel.yama.ptrace_scope 0).  py-spy stops the server at each sample, so
 the server runs slower than in run.py; the shares are what to read.
@@ -101,7 +101,7 @@ def summarise(lines: Iterable[str]) -> tuple[collections.Counter[str], int]:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("scenario", type=int, choices=(1, 2, 4))
+    parser.add_argument("scenario", type=int, choices=(1, 2, 4, 5))
     parser.add_argument("--rate", type=int, default=500, help="samples a second")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw samples here")
     options = parser.parse_args(argv)
@@ -124,7 +124,12 @@ def main(argv: Sequence[str]) -> int:
         sampler.wait(30)
         parts, total = summarise(raw.read_text().splitlines())
     per_message = next(
-        (value / 10_000 * 1e6 for name, value in result.figures.items() if "CPU" in name), None
+        (
+            value if "us per" in name else value / 10_000 * 1e6
+            for name, value in result.figures.items()
+            if "CPU" in name
+        ),
+        None,
     )
     print(f"scenario {case.name}: {total} samples")
     for name, value in result.figures.items():

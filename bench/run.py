@@ -31,7 +31,18 @@ import attrs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from loadgen import Chat, FanIn, Idle, Pairs, Result, Scenario, ServerProbe  # noqa: E402
+from loadgen import (  # noqa: E402
+    Chat,
+    FanIn,
+    Idle,
+    PacedChat,
+    PacedPairs,
+    Pacing,
+    Pairs,
+    Result,
+    Scenario,
+    ServerProbe,
+)
 
 from sktalent.testing.server import ServerProcess, free_port, listening, wait_for  # noqa: E402
 
@@ -46,11 +57,15 @@ class Sizes:
     pairs: int
     idle: int
     chat: int
+    # Seconds of the paced chat, at PACED_RATE.
+    paced: float
     limit: float
 
 
-FULL = Sizes(fanin=300_000, pairs=200_000, idle=2000, chat=30_000, limit=60.0)
-QUICK = Sizes(fanin=20_000, pairs=10_000, idle=500, chat=2000, limit=10.0)
+FULL = Sizes(fanin=300_000, pairs=200_000, idle=2000, chat=30_000, paced=30.0, limit=60.0)
+QUICK = Sizes(fanin=20_000, pairs=10_000, idle=500, chat=2000, paced=5.0, limit=10.0)
+# Chats a second of scenario 5, all senders together.
+PACED_RATE = 1000.0
 
 
 # -- servers ----------------------------------------------------------------
@@ -123,6 +138,7 @@ class Case:
 
 def cases(sizes: Sizes, persistent_chat: bool = False) -> list[Case]:
     limit = sizes.limit
+    pacing = Pacing(PACED_RATE, sizes.paced)
     return [
         Case("1 fan-in QoS 0, 10 -> 1", lambda _: FanIn(messages=sizes.fanin, limit=limit)),
         Case("2 QoS 1, 50 pairs", lambda _: Pairs(messages=sizes.pairs, limit=limit)),
@@ -133,6 +149,16 @@ def cases(sizes: Sizes, persistent_chat: bool = False) -> list[Case]:
                 Chat(server.secret, messages=sizes.chat, limit=limit, durable=persistent_chat)
                 if server is not None
                 else Pairs(messages=sizes.chat, limit=limit, durable=True)
+            ),
+            anonymous=False,
+            persistence=True,
+        ),
+        Case(
+            f"5 paced chat, 10 pairs, {PACED_RATE:,.0f}/s",
+            lambda server: (
+                PacedChat(server.secret, pacing, limit=limit, durable=persistent_chat)
+                if server is not None
+                else PacedPairs(pacing, limit=limit)
             ),
             anonymous=False,
             persistence=True,
@@ -222,13 +248,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--persistent-chat",
         action="store_true",
-        help="scenario 4's users connect with cleansession=0, as the apps do",
+        help="the chat scenarios' users connect with cleansession=0, as the apps do",
     )
     parser.add_argument(
         "--only",
         type=int,
         action="append",
-        choices=range(1, 5),
+        choices=range(1, 6),
         metavar="N",
         help="run scenario N only (repeatable)",
     )
@@ -260,6 +286,7 @@ def main(argv: Sequence[str]) -> int:
         '4: sktalent CallTalent order_chat on SQLite (ack = "sent"); '
         "mosquitto: QoS 1 pairs, persistence true, cleansession false"
     )
+    print(f"5: the same at a steady {PACED_RATE:,.0f} messages/s for {sizes.paced:g} s")
     print()
     print(table(rows))
     if timed_out:
