@@ -1522,6 +1522,29 @@ class GroupCommitterTests(SynchronousTestCase):
         self.assertEqual(self.backend.land(), [device(1), device(2), device(3)])
         self.assertEqual([self.successResultOf(d) for d in later], [[None]] * 3)
 
+    def test_spacing(self) -> None:
+        """
+        With a spacing, a commit starts no sooner than that after the one
+        before started, and what comes meanwhile joins it; a commit that
+        took longer than the spacing is followed at once.
+        """
+        committer = GroupCommitter(self.backend.commit, self.clock, "hand", spacing=0.01)
+        committer.submit([device(0)])
+        self.clock.advance(0)
+        self.backend.land()
+        committer.submit([device(1)])
+        self.clock.advance(0.004)
+        committer.submit([device(2)])
+        self.clock.advance(0.005)
+        self.assertEqual(self.backend.calls, [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.backend.calls), 1)
+        committer.submit([device(3)])
+        self.clock.advance(0.02)
+        self.assertEqual(self.backend.land(), [device(1), device(2)])
+        self.assertEqual(self.backend.land(), [device(3)])
+        self.assertEqual(committer.commits, 3)
+
     def test_results_sliced_per_submit(self) -> None:
         """Each submit gets the results of its own operations only."""
         c = chat(msgid(1), 1)

@@ -17,6 +17,7 @@ protocol stops reading a connection while its publishes await the store).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -102,6 +103,12 @@ class GroupCommitter:
     _target: float = 1.0
     _first_retry: float = 0.1
     _max_retry: float = 30.0
+    # At least this many seconds between the starts of two commits: at low
+    # rates every submit would otherwise be a commit (and an fsync) of its
+    # own, where waiting a little lets those of the next moments join it.
+    # It bounds the latency it adds; a busy back end, whose commits take
+    # longer, never waits for it.
+    _spacing: float = 0.0
     available: bool = attrs.field(default=True, init=False)
     # True while a commit has waited past patience on a back end that answers.
     slow: bool = attrs.field(default=False, init=False)
@@ -121,6 +128,7 @@ class GroupCommitter:
     _pending: deque[_Submit] = attrs.field(factory=deque, init=False)
     _scheduled: IDelayedCall | None = attrs.field(default=None, init=False)
     _running: bool = attrs.field(default=False, init=False)
+    _last_start: float = attrs.field(default=-math.inf, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _backoff: Deferred[None] | None = attrs.field(default=None, init=False)
     _idle: list[Deferred[None]] = attrs.field(factory=list, init=False)
@@ -136,8 +144,12 @@ class GroupCommitter:
         self._pending.append(_Submit(ops, size, done, self._clock.seconds()))
         if not self._running and self._scheduled is None:
             # Not at once: let the rest of this reactor turn join the batch.
-            self._scheduled = self._clock.callLater(0, self._start)
+            self._scheduled = self._clock.callLater(self._until_spaced(), self._start)
         return done
+
+    def _until_spaced(self) -> float:
+        """Seconds until a commit may start, spacing kept."""
+        return max(0.0, self._last_start + self._spacing - self._clock.seconds())
 
     def stop(self) -> Deferred[None]:
         """
@@ -164,6 +176,10 @@ class GroupCommitter:
 
     async def _run(self) -> None:
         while self._pending:
+            wait = self._until_spaced()
+            if wait > 0 and not self._stopping:
+                await self._wait(wait)
+            self._last_start = self._clock.seconds()
             await self._land(self._take())
         self._running = False
         idle, self._idle = self._idle, []

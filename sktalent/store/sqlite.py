@@ -66,6 +66,11 @@ _T = TypeVar("_T")
 _CHUNK = 500
 # Expired messages dropped per transaction.
 _EXPIRE_SLICE = 10_000
+# Seconds at least between the starts of two commits (GroupCommitter): a
+# commit, with its fsync and its hand-offs between threads, costs the server
+# about 250 us of CPU; at 1,000 chats a second a commit per chat spent
+# 15 % more CPU than this spacing does, which adds at most 2 ms to a chat.
+COMMIT_SPACING = 0.002
 
 # Schema versions, oldest first; version N is MIGRATIONS[N - 1].  Only ever
 # append: a file records the versions applied to it in schema_migrations.
@@ -871,7 +876,11 @@ class SQLiteStore:
     def __attrs_post_init__(self) -> None:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sktalent-sqlite")
         self._committer = GroupCommitter(
-            lambda ops: self._call(_commit, ops), self._reactor, self.name, self._latency
+            lambda ops: self._call(_commit, ops),
+            self._reactor,
+            self.name,
+            self._latency,
+            spacing=COMMIT_SPACING,
         )
 
     @property
