@@ -2,13 +2,12 @@
 What a cluster's nodes cost: chat within one node next to chat between nodes.
 
     python bench/cluster.py mongodb://HOST:PORT/DB [--rate 40] [--seconds 20]
-        [--pairs 12] [--warmup 3]
+        [--pairs 12]
 
 For each layout a fresh cluster (a redis-server of its own and sktalent
 nodes with --cluster, all on 127.0.0.1, a database of its own named DB with
 a random suffix, dropped afterwards) takes a steady RATE chats a second from
-PAIRS user pairs for SECONDS, after WARMUP seconds at that rate that are not
-counted:
+PAIRS user pairs for SECONDS:
 
 - same node: two nodes up, every user on node a;
 - 2 nodes: senders on a, recipients on b;
@@ -25,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,25 +39,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from loadgen import (  # noqa: E402
-    SERVER_TOPIC,
     BenchError,
-    Connection,
+    ChatLoad,
     Latencies,
+    Pacing,
     Run,
     ServerProbe,
     close_all,
-    connect,
-    login,
 )
 
-from sktalent.mqtt import packets as p  # noqa: E402
-from sktalent.mqtt.codec import encode  # noqa: E402
 from sktalent.testing.cluster import RedisProcess  # noqa: E402
 from sktalent.testing.server import ServerProcess  # noqa: E402
 
 SECRET = b"bench-cluster-secret-0123456789abcdef"
-# Chats not yet answered ``sent`` a sender may have: a paced sender stays far below.
-WINDOW = 32
 
 
 @attrs.frozen
@@ -138,111 +129,34 @@ class Cluster:
             client.drop_database(self.database)
 
 
-def _chat(i: int, seq: int, packet_id: int) -> tuple[str, bytes]:
-    msgid = f"{i:08x}{seq:016x}"
-    envelope = {
-        "msgid": msgid,
-        "from": f"bench-a{i}",
-        "to": f"bench-b{i}",
-        "type": "order_chat",
-        "payload": {"o_id": f"o{i}", "expert": True, "content": "x" * 40},
-    }
-    body = json.dumps(envelope, separators=(",", ":")).encode()
-    return msgid, encode(p.Publish(SERVER_TOPIC, body, 1, packet_id=packet_id))
-
-
 async def paced(
-    ports: Sequence[tuple[int, int]],
-    rate: float,
-    warmup: float,
-    seconds: float,
-    probes: list[ServerProbe],
+    ports: Sequence[tuple[int, int]], rate: float, seconds: float, probes: list[ServerProbe]
 ) -> Figures:
     """
     Pair i's sender on ports[i][0] chats to its recipient on ports[i][1];
-    together they send rate chats a second for warmup + seconds, each at
-    evenly spaced times.
+    together they send rate chats a second for seconds.
     """
-    run = Run(warmup + seconds + 60)
+    run = Run(seconds + 60)
     run.start()
-    pairs = len(ports)
-    senders: list[Connection] = []
-    recipients: list[Connection] = []
+    load = ChatLoad(SECRET, len(ports), 40, clean=True)
     try:
-        for i, (there, here) in enumerate(ports):
-            senders.append(await connect(run, there, login(SECRET, f"bench-a{i}")))
-            recipients.append(await connect(run, here, login(SECRET, f"bench-b{i}")))
-        sent_at: dict[str, int] = {}
-        counted: set[str] = set()
-        to_sent, to_delivery = Latencies(), Latencies()
-        answered = delivered = 0
-        total = 0
-        done = run.event()
-        finished_sending = False
+        await load.connect(run, 0, ports)
 
-        def on_message(publish: p.Publish, now: int) -> None:
-            nonlocal answered, delivered
-            frame = json.loads(publish.payload)
-            msgid = frame.get("msgid")
-            kind = frame.get("type")
-            if kind == "sent":
-                answered += 1
-                if msgid in counted:
-                    to_sent.add(now - sent_at[msgid])
-            elif kind == "order_chat":
-                delivered += 1
-                if msgid in counted:
-                    to_delivery.add(now - sent_at[msgid])
-            else:
-                raise BenchError(f"a chat was answered {frame}")
-            if finished_sending and answered >= total and delivered >= total:
-                done.set()
+        def sender(i: int) -> Callable[[int], None]:
+            conn = load.senders[i]
+            return lambda now: conn.write(load.chat(i, conn.packet_id(), now))
 
-        for conn in (*senders, *recipients):
-            conn.on_message = on_message
-        interval = pairs / rate
-        start = time.perf_counter()
-        measured_from = start + warmup
-        end = measured_from + seconds
-        cpu_before: list[float] | None = None
-        chats = 0
-
-        async def sender(i: int) -> None:
-            nonlocal total, chats
-            conn = senders[i]
-            # Pairs start spread over one interval, not all at once.
-            due = start + interval * i / pairs
-            seq = 0
-            while due < end and not run.expired:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                msgid, data = _chat(i, seq, conn.packet_id())
-                now = time.perf_counter_ns()
-                sent_at[msgid] = now
-                if due >= measured_from:
-                    counted.add(msgid)
-                    chats += 1
-                conn.write(data)
-                total += 1
-                seq += 1
-                due += interval
-
-        async def meter() -> None:
-            nonlocal cpu_before
-            await asyncio.sleep(max(measured_from - time.perf_counter(), 0))
-            cpu_before = [probe.cpu_seconds() for probe in probes]
-
-        await asyncio.gather(meter(), *(sender(i) for i in range(pairs)))
-        finished_sending = True
-        if answered < total or delivered < total:
-            await done.wait()
-        assert cpu_before is not None
-        cpu = [probe.cpu_seconds() - b for probe, b in zip(probes, cpu_before, strict=True)]
-        return Figures(chats, cpu, to_sent, to_delivery, run.expired)
+        before = [probe.cpu_seconds() for probe in probes]
+        pacing = Pacing(rate, seconds)
+        load.expected = await pacing.drive(run, [sender(i) for i in range(len(ports))])
+        await load.finished()
+        cpu = [probe.cpu_seconds() - b for probe, b in zip(probes, before, strict=True)]
+        if load.counts["other"]:
+            raise BenchError(f"{load.counts['other']} chats were refused")
+        return Figures(load.expected, cpu, load.to_sent, load.to_delivery, run.expired)
     finally:
         run.cancel()
-        await close_all([*senders, *recipients])
+        await close_all([*load.senders, *load.recipients])
 
 
 def measure(uri: str, layout: Layout, options: argparse.Namespace) -> Figures:
@@ -255,9 +169,7 @@ def measure(uri: str, layout: Layout, options: argparse.Namespace) -> Figures:
             )
             for i in range(options.pairs)
         ]
-        return asyncio.run(
-            paced(ports, options.rate, options.warmup, options.seconds, cluster.probes())
-        )
+        return asyncio.run(paced(ports, options.rate, options.seconds, cluster.probes()))
     finally:
         cluster.close()
 
@@ -267,13 +179,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("uri", help="mongodb://HOST:PORT/DB")
     parser.add_argument("--rate", type=float, default=40.0, help="chats a second, all pairs")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--pairs", type=int, default=12)
     options = parser.parse_args(argv)
-    print(
-        f"{options.pairs} pairs, {options.rate:g} chats/s for {options.seconds:g} s"
-        f" (after {options.warmup:g} s not counted)\n"
-    )
+    print(f"{options.pairs} pairs, {options.rate:g} chats/s for {options.seconds:g} s\n")
     print(
         "| layout | chats | CPU µs/chat, all nodes | per node"
         " | sent p50 / p99 ms | delivery p50 / p99 ms |"

@@ -686,7 +686,7 @@ class Idle:
 
 
 @attrs.define(eq=False)
-class _ChatLoad:
+class ChatLoad:
     """
     CallTalent users in pairs, each sender chatting with its recipient: the
     connections, the chats' envelopes, their answers and latencies.
@@ -706,14 +706,26 @@ class _ChatLoad:
     _seq: list[int] = attrs.Factory(list)
     _done: asyncio.Event | None = None
 
-    async def connect(self, run: Run, port: int) -> None:
+    async def connect(self, run: Run, port: int, ports: Sequence[tuple[int, int]] = ()) -> None:
+        """
+        Log every user in on port, or pair i's sender on ports[i][0] and its
+        recipient on ports[i][1].
+        """
         secret, clean = self.secret, self.clean
-        self.senders = await connect_many(
-            run, port, [login(secret, f"bench-a{i}", clean) for i in range(self.pairs)]
-        )
-        self.recipients = await connect_many(
-            run, port, [login(secret, f"bench-b{i}", clean) for i in range(self.pairs)]
-        )
+        if ports:
+            self.senders, self.recipients = [], []
+            for i, (there, here) in enumerate(ports):
+                self.senders.append(await connect(run, there, login(secret, f"bench-a{i}", clean)))
+                self.recipients.append(
+                    await connect(run, here, login(secret, f"bench-b{i}", clean))
+                )
+        else:
+            self.senders = await connect_many(
+                run, port, [login(secret, f"bench-a{i}", clean) for i in range(self.pairs)]
+            )
+            self.recipients = await connect_many(
+                run, port, [login(secret, f"bench-b{i}", clean) for i in range(self.pairs)]
+            )
         for conn in [*self.senders, *self.recipients]:
             conn.on_message = self.on_message
         self._seq = [0] * self.pairs
@@ -794,7 +806,7 @@ class Chat:
         return await _scenario(self.limit, lambda run: self._run(run, port, probe))
 
     async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
-        load = _ChatLoad(self.secret, self.pairs, self.content_size, not self.durable)
+        load = ChatLoad(self.secret, self.pairs, self.content_size, not self.durable)
         await load.connect(run, port)
         share = self.messages // self.pairs
         load.expected = share * self.pairs
@@ -847,7 +859,7 @@ class PacedChat:
         return await _scenario(self.limit, lambda run: self._run(run, port, probe))
 
     async def _run(self, run: Run, port: int, probe: ServerProbe) -> Result:
-        load = _ChatLoad(self.secret, self.pairs, self.content_size, not self.durable)
+        load = ChatLoad(self.secret, self.pairs, self.content_size, not self.durable)
         await load.connect(run, port)
         load.expected = int(self.pacing.rate * self.pacing.seconds)
 

@@ -327,7 +327,7 @@ class CoreTests(SynchronousTestCase):
             retention,
             delivery,
             figures,
-            self.settle,
+            settle=self.settle,
         )
         return core, reactor
 
