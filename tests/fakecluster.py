@@ -152,6 +152,30 @@ class FakeBackend:
 
         return self._call("locate", locate)
 
+    def route(
+        self,
+        incarnation: str,
+        hops: int,
+        users: Sequence[str],
+        carried: Mapping[str, Sequence[Mapping[str, Any]]],
+    ) -> Deferred[list[Holder | None]]:
+        def route() -> list[Holder | None]:
+            found = [self.redis.presence.get(user) for user in users]
+            holders = [h if self.redis.live(h) else None for h in found]
+            wakes: dict[str, dict[str, Any]] = {}
+            for user, holder in zip(users, holders, strict=True):
+                if holder is None or (holder.node, holder.incarnation) == (self.node, incarnation):
+                    continue
+                wake = wakes.setdefault(holder.node, {"k": "wake", "h": hops, "u": []})
+                wake["u"].append(user)
+                if carried.get(user):
+                    wake.setdefault("m", {})[user] = list(carried[user])
+            for node, wake in wakes.items():
+                self._deliver([b for b in self.redis.backends if b.node == node], wake, node)
+            return holders
+
+        return self._call("route", route)
+
     def reassert(self, incarnation: str, holders: Mapping[str, Holder]) -> Deferred[list[str]]:
         def reassert() -> list[str]:
             r = self.redis
@@ -209,17 +233,17 @@ class FakeBackend:
     def _publish(
         self, to: list[FakeBackend], message: Mapping[str, Any], where: str
     ) -> Deferred[int]:
-        def publish() -> int:
-            # Through JSON, as Redis carries it.
-            text = json.dumps(message)
-            self.sent.append((where, json.loads(text)))
-            heard = [b for b in to if b.up]
-            for backend in heard:
-                assert backend._on_message is not None
-                backend._on_message(json.loads(text))
-            return len(heard)
+        return self._call("publish", lambda: self._deliver(to, message, where))
 
-        return self._call("publish", publish)
+    def _deliver(self, to: list[FakeBackend], message: Mapping[str, Any], where: str) -> int:
+        # Through JSON, as Redis carries it.
+        text = json.dumps(message)
+        self.sent.append((where, json.loads(text)))
+        heard = [b for b in to if b.up]
+        for backend in heard:
+            assert backend._on_message is not None
+            backend._on_message(json.loads(text))
+        return len(heard)
 
 
 @attrs.define(eq=False)

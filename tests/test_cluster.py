@@ -306,8 +306,9 @@ class RoutingTests(ClusterCase):
 
     def test_batched(self) -> None:
         """
-        Everything committed in one reactor turn costs one lookup and one
-        message per node, however many users and messages.
+        Everything committed in one reactor turn costs one round trip to
+        Redis (the lookup, and the wakes published by the same script),
+        however many users, messages and nodes.
         """
         a, b = self.member("a"), self.member("b")
         for user in ("bob", "carol", "dan"):
@@ -316,7 +317,7 @@ class RoutingTests(ClusterCase):
         for user in ("bob", "carol", "dan", "bob", "erin"):
             a.node.deliver(user)
         self.turn()
-        self.assertEqual(a.backend.calls, ["locate", "publish"])
+        self.assertEqual(a.backend.calls, ["route"])
         self.assertEqual(sorted(b.local.woken), ["bob", "carol", "dan"])
 
     def test_woken_while_opening(self) -> None:

@@ -138,6 +138,29 @@ class RedisBackendTests(TestCase):
         )
         self.assertEqual(a_heard, [{"k": "disconnect", "u": "eve"}])
 
+    async def test_route(self) -> None:
+        """
+        route() answers each user's live holder and, in the same call, wakes
+        each other node holding some of them once, with what it carries for
+        each; the caller's own users get no wake.
+        """
+        a = await self.backend("a")
+        a_heard = self.messages
+        b = await self.backend("b")
+        b_heard = self.messages
+        self.assertIsNone(await a.lease("i1", 10_000))
+        self.assertIsNone(await b.lease("j1", 10_000))
+        for user, holder in (("alice", A), ("bob", B), ("小明", B)):
+            await (a if holder is A else b).claim(user, holder)
+        carried = [{"s": 1, "t": "$sktalent/clients/bob", "p": '{"content":"你好\\"/"}', "q": 1}]
+        holders = await a.route("i1", 1, ["bob", "alice", "nobody", "小明"], {"bob": carried})
+        self.assertEqual(holders, [B, A, None, B])
+        await eventually(lambda: len(b_heard) == 1, "the wake")
+        self.assertEqual(
+            b_heard, [{"k": "wake", "h": 1, "u": ["bob", "小明"], "m": {"bob": carried}}]
+        )
+        self.assertEqual(a_heard, [])
+
     async def test_redis_restarted(self) -> None:
         """
         Redis stopping is noticed, calls fail with BackendDown meanwhile, and

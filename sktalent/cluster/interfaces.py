@@ -84,6 +84,19 @@ class IClusterBackend(Protocol):
     def locate(self, users: Sequence[str]) -> Deferred[list[Holder | None]]:
         """The live holder of each user, None for users not connected anywhere."""
 
+    def route(
+        self,
+        incarnation: str,
+        hops: int,
+        users: Sequence[str],
+        carried: Mapping[str, Sequence[Mapping[str, Any]]],
+    ) -> Deferred[list[Holder | None]]:
+        """
+        locate(users), and in the same round trip send each node holding
+        some of them (but this node's incarnation) one wake for them, with
+        hops and the messages carried for each.
+        """
+
     def reassert(self, incarnation: str, holders: Mapping[str, Holder]) -> Deferred[list[str]]:
         """
         Make this node's presences in Redis (its incarnation's) exactly

@@ -427,36 +427,31 @@ class ClusterNode:
         routes: dict[str, tuple[int, list[Offline]]],
         carried: Mapping[str, list[dict[str, Any]] | None],
     ) -> None:
-        users = list(routes)
-        try:
-            if not self._backend.up:
-                raise BackendDown("Redis is unavailable")
-            holders = await self._backend.locate(users)
-        except Exception as e:  # noqa: BLE001 - any failure: decide once Redis is back
-            log.debug("Routing waits for Redis: {e}", e=e)
-            self._wait_for_redis(routes)
-            return
-        wakes: dict[str, list[str]] = {}
-        for user, holder in zip(users, holders, strict=True):
-            hops, offline = routes[user]
-            if holder is None:
-                for callback in offline:
-                    callback()
-            elif holder.node == self.name and holder.incarnation == self.incarnation:
-                self._wake_here(user, hops, offline, looked_up=True)
-            else:
-                wakes.setdefault(holder.node, []).append(user)
-        for node, woken in wakes.items():
-            hops = min(routes[user][0] for user in woken)
-            wake: dict[str, Any] = {"k": "wake", "u": woken, "h": hops + 1}
-            messages = {user: m for user in woken if (m := carried.get(user))}
-            if messages:
-                wake["m"] = messages
-            # Not heard: the node is gone, and its users are reaped with
-            # their queues once its lease runs out.
-            self._backend.send(node, wake).addErrback(
-                _log_info, "Waking users on {node} failed: {e}", node=node
-            )
+        # One round trip for the users of each hop count (almost always one):
+        # looked up, and their holders woken by the same script.
+        by_hops: dict[int, list[str]] = {}
+        for user, (hops, _) in routes.items():
+            by_hops.setdefault(hops, []).append(user)
+        messages = {user: m for user, m in carried.items() if m}
+        for n, (hops, users) in enumerate(by_hops.items()):
+            try:
+                if not self._backend.up:
+                    raise BackendDown("Redis is unavailable")
+                # Not heard: the node is gone, and its users are reaped with
+                # their queues once its lease runs out.
+                holders = await self._backend.route(self.incarnation, hops + 1, users, messages)
+            except Exception as e:  # noqa: BLE001 - any failure: decide once Redis is back
+                log.debug("Routing waits for Redis: {e}", e=e)
+                left = [u for group in list(by_hops.values())[n:] for u in group]
+                self._wait_for_redis({user: routes[user] for user in left})
+                return
+            for user, holder in zip(users, holders, strict=True):
+                offline = routes[user][1]
+                if holder is None:
+                    for callback in offline:
+                        callback()
+                elif holder.node == self.name and holder.incarnation == self.incarnation:
+                    self._wake_here(user, hops, offline, looked_up=True)
 
     def _wait_for_redis(self, routes: dict[str, tuple[int, list[Offline]]]) -> None:
         for user, (hops, offline) in routes.items():

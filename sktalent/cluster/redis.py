@@ -112,6 +112,46 @@ return found
 """
 )
 
+# LOCATE, and a wake published to each node holding one of the users (but
+# the caller's incarnation), in one round trip: ARGV is the prefix, the
+# caller's node and incarnation, the wake's hops, then each user with what
+# its wake carries (a JSON list, or "").
+ROUTE = (
+    _LIVE
+    + """
+local p, me, hops = ARGV[1], ARGV[2] .. '\\31' .. ARGV[3], ARGV[4]
+local found, wakes, order = {}, {}, {}
+for i = 5, #ARGV, 2 do
+  local user, carried = ARGV[i], ARGV[i + 1]
+  local v = redis.call('GET', p .. 'user:' .. user)
+  if live(p, v) then
+    found[#found + 1] = v
+    local node, inc = string.match(v, '^(.-)\\31(.-)\\31')
+    if node .. '\\31' .. inc ~= me then
+      local w = wakes[node]
+      if not w then
+        w = {users = {}, carried = {}}
+        wakes[node] = w
+        order[#order + 1] = node
+      end
+      local name = cjson.encode(user)
+      w.users[#w.users + 1] = name
+      if carried ~= '' then w.carried[#w.carried + 1] = name .. ':' .. carried end
+    end
+  else
+    found[#found + 1] = ''
+  end
+end
+for _, node in ipairs(order) do
+  local w = wakes[node]
+  local m = '{"k":"wake","h":' .. hops .. ',"u":[' .. table.concat(w.users, ',') .. ']'
+  if #w.carried > 0 then m = m .. ',"m":{' .. table.concat(w.carried, ',') .. '}' end
+  redis.call('PUBLISH', p .. 'to:' .. node, m .. '}')
+end
+return found
+"""
+)
+
 REASSERT = (
     _LIVE
     + """
@@ -372,6 +412,32 @@ class RedisBackend:
             found.extend(decode_holder(value) for value in reply)
         return found
 
+    def route(
+        self,
+        incarnation: str,
+        hops: int,
+        users: Sequence[str],
+        carried: Mapping[str, Sequence[Mapping[str, Any]]],
+    ) -> Deferred[list[Holder | None]]:
+        return Deferred.fromCoroutine(self._route(incarnation, hops, users, carried))
+
+    async def _route(
+        self,
+        incarnation: str,
+        hops: int,
+        users: Sequence[str],
+        carried: Mapping[str, Sequence[Mapping[str, Any]]],
+    ) -> list[Holder | None]:
+        found: list[Holder | None] = []
+        for i in range(0, len(users), _CHUNK):
+            args: list[object] = [self.node, incarnation, hops]
+            for user in users[i : i + _CHUNK]:
+                messages = carried.get(user)
+                args += [user, _compact(messages) if messages else ""]
+            reply = await self._script(ROUTE, *args)
+            found.extend(decode_holder(value) for value in reply)
+        return found
+
     def reassert(self, incarnation: str, holders: Mapping[str, Holder]) -> Deferred[list[str]]:
         return Deferred.fromCoroutine(self._reassert(incarnation, holders))
 
@@ -397,5 +463,5 @@ class RedisBackend:
         return self._run("publish", ALL_CHANNEL, _compact(message))
 
 
-def _compact(message: Mapping[str, Any]) -> str:
+def _compact(message: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
     return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
