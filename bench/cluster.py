@@ -15,8 +15,9 @@ PAIRS user pairs for SECONDS:
 
 Printed per layout: the server CPU per chat (utime + stime of every node,
 from /proc, over the measured phase, until every chat was answered ``sent``
-and delivered), each node's share, and the latency from publish to ``sent``
-and to delivery (p50, p99).  RATE must be one the store sustains: the figures
+and delivered), each node's share, the latency from publish to ``sent``
+and to delivery (p50, p99), and the commands the store and Redis served per
+chat (the store's count is its whole server's: give the bench one of its own).  RATE must be one the store sustains: the figures
 are the nodes' own cost, not the store's.
 """
 
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pymongo
@@ -79,6 +82,9 @@ class Figures:
     to_sent: Latencies
     to_delivery: Latencies
     timed_out: bool
+    # Commands the store and Redis served meanwhile.
+    store_commands: int = 0
+    redis_commands: int = 0
 
     @property
     def per_chat_us(self) -> float:
@@ -159,6 +165,28 @@ async def paced(
         await close_all([*load.senders, *load.recipients])
 
 
+def store_commands(uri: str) -> int:
+    """Commands the MongoDB server has served (serverStatus metrics, as FerretDB keeps them)."""
+    client: pymongo.MongoClient[dict[str, Any]]
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+        status = client.admin.command("serverStatus")
+    commands = status.get("metrics", {}).get("commands", {})
+    if not commands:  # MongoDB itself counts them in opcounters.
+        return sum(int(v) for v in status.get("opcounters", {}).values())
+    return sum(int(c.get("total", 0)) for c in commands.values())
+
+
+def redis_commands(port: int) -> int:
+    """Commands redis-server has served (INFO stats)."""
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(b"INFO stats\r\n")
+        data = b""
+        while b"total_commands_processed" not in data or not data.endswith(b"\r\n"):
+            data += s.recv(65536)
+    [line] = [x for x in data.split(b"\r\n") if x.startswith(b"total_commands_processed:")]
+    return int(line.split(b":")[1])
+
+
 def measure(uri: str, layout: Layout, options: argparse.Namespace) -> Figures:
     cluster = Cluster(uri, layout.nodes).start()
     try:
@@ -169,7 +197,14 @@ def measure(uri: str, layout: Layout, options: argparse.Namespace) -> Figures:
             )
             for i in range(options.pairs)
         ]
-        return asyncio.run(paced(ports, options.rate, options.seconds, cluster.probes()))
+        counted = store_commands(uri), redis_commands(cluster.redis.port)
+        figures = asyncio.run(paced(ports, options.rate, options.seconds, cluster.probes()))
+        return attrs.evolve(
+            figures,
+            # Less this count's own INFO.
+            store_commands=store_commands(uri) - counted[0] - 1,
+            redis_commands=redis_commands(cluster.redis.port) - counted[1] - 1,
+        )
     finally:
         cluster.close()
 
@@ -184,18 +219,20 @@ def main(argv: Sequence[str]) -> int:
     print(f"{options.pairs} pairs, {options.rate:g} chats/s for {options.seconds:g} s\n")
     print(
         "| layout | chats | CPU µs/chat, all nodes | per node"
-        " | sent p50 / p99 ms | delivery p50 / p99 ms |"
+        " | sent p50 / p99 ms | delivery p50 / p99 ms | store / Redis commands per chat |"
     )
-    print("|" + "---|" * 6)
+    print("|" + "---|" * 7)
     results: dict[str, Figures] = {}
     for layout in LAYOUTS:
         figures = results[layout.name] = measure(options.uri, layout, options)
         shares = " / ".join(f"{c / max(figures.chats, 1) * 1e6:.0f}" for c in figures.cpu)
         sent, delivery = figures.to_sent, figures.to_delivery
+        chats = max(figures.chats, 1)
         print(
             f"| {layout.name} | {figures.chats} | {figures.per_chat_us:.0f} | {shares} "
             f"| {sent.percentile_ms(0.5):.1f} / {sent.percentile_ms(0.99):.1f} "
-            f"| {delivery.percentile_ms(0.5):.1f} / {delivery.percentile_ms(0.99):.1f} |"
+            f"| {delivery.percentile_ms(0.5):.1f} / {delivery.percentile_ms(0.99):.1f} "
+            f"| {figures.store_commands / chats:.1f} / {figures.redis_commands / chats:.1f} |"
             + (" (timed out)" if figures.timed_out else ""),
             flush=True,
         )
