@@ -18,8 +18,8 @@ from /proc, over the measured phase, until every chat was answered ``sent``
 and delivered), each node's share, the latency from publish to ``sent``
 and to delivery (p50, p99), and the commands the store and Redis served per
 chat (the store's count is its whole server's: give the bench one of its own;
-Redis counts the calls made inside its scripts too).  RATE must be one the store sustains: the figures
-are the nodes' own cost, not the store's.
+Redis counts the calls made inside its scripts too).  RATE must be one the
+store sustains: the figures are the nodes' own cost, not the store's.
 """
 
 from __future__ import annotations

@@ -204,6 +204,22 @@ class OperatorTests(ClusterServerCase):
         self.assertEqual(self.login("bob")[1], [p.ConnAck(5)])
         self.assertFalse(self.successResultOf(self.app.disconnect("nobody", None)))
 
+    def test_just_connected_elsewhere(self) -> None:
+        """
+        A user another node has just let in, whose session that node has not
+        stored yet, has a session and can be disconnected from here.
+        """
+        local = FakeLocal(self.h.clock)
+        other = self.member("b", local)
+        self.successResultOf(other.before_open("carol"))
+        local.users["carol"] = int(self.h.clock.seconds() * 1000)
+        other.opened("carol")
+        info = self.successResultOf(self.app.session_info("carol"))
+        assert info is not None
+        self.assertEqual((info.online, info.node, info.queued), (True, "b", 0))
+        self.assertTrue(self.successResultOf(self.app.disconnect("carol", None)))
+        self.assertEqual(local.disconnected, ["carol"])
+
     def test_redis_down(self) -> None:
         """Presence cannot be told while Redis is down: the call fails, BackendDown."""
         self.redis.go_down()

@@ -542,20 +542,24 @@ class CallTalent:
 
     async def _session_info(self, user_id: str) -> SessionInfo | None:
         status = await self._broker.status(user_id)
-        if status is None:
-            return None
-        device = await self._store.get_device(user_id)
         if self.cluster is not None:
-            # Connected to this node or another: Redis knows.
+            # Connected to this node or another: Redis knows, also of a
+            # session another node opened and has not yet stored.
             holder = await self.cluster.locate(user_id)
+            if status is None and holder is None:
+                return None
+            device = await self._store.get_device(user_id)
             return SessionInfo(
                 online=holder is not None,
                 node=None if holder is None else holder.node,
                 connected_since=None if holder is None else holder.since,
-                queued=status.queued,
-                oldest_queued_at=status.oldest_queued_at,
+                queued=0 if status is None else status.queued,
+                oldest_queued_at=None if status is None else status.oldest_queued_at,
                 platform=None if device is None else device.platform,
             )
+        if status is None:
+            return None
+        device = await self._store.get_device(user_id)
         since = status.connected_since
         return SessionInfo(
             online=status.online,
@@ -570,7 +574,10 @@ class CallTalent:
         return Deferred.fromCoroutine(self._disconnect(user_id, ban_seconds))
 
     async def _disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
-        if await self._broker.status(user_id) is None:
+        if await self._broker.status(user_id) is None and (
+            # In a cluster, one connected elsewhere whose session is not stored yet.
+            self.cluster is None or await self.cluster.locate(user_id) is None
+        ):
             return False
         if ban_seconds is not None:
             self._check_store()
