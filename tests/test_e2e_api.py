@@ -55,6 +55,29 @@ def for_app(app: str) -> Callable[[Received], bool]:
     return lambda r: r.app == app
 
 
+def write_umeng_config(
+    path: Path, stub: UmengStub, delivery: Mapping[str, object] = DELIVERY
+) -> Path:
+    """A --umeng-config file at path whose pushes go to stub; path."""
+    path.write_text(
+        json.dumps(
+            {
+                "endpoint": stub.endpoint,
+                "production_mode": False,
+                "alias_type": ALIAS_TYPE,
+                "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
+                "android": {
+                    "appkey": ANDROID.appkey,
+                    "app_master_secret": ANDROID.app_master_secret,
+                    "activity": ACTIVITY,
+                },
+                "delivery": delivery,
+            }
+        )
+    )
+    return path
+
+
 class UmengServerCase(SynchronousTestCase):
     """A server with API tokens and Umeng pushes to a stand-in, and the calls tests make."""
 
@@ -76,23 +99,7 @@ class UmengServerCase(SynchronousTestCase):
         self.addCleanup(self.stub.close)
         tokens = directory / "tokens"
         tokens.write_text(f"# the order system\n{TOKEN}\n")
-        umeng = directory / "umeng.json"
-        umeng.write_text(
-            json.dumps(
-                {
-                    "endpoint": self.stub.endpoint,
-                    "production_mode": False,
-                    "alias_type": ALIAS_TYPE,
-                    "ios": {"appkey": IOS.appkey, "app_master_secret": IOS.app_master_secret},
-                    "android": {
-                        "appkey": ANDROID.appkey,
-                        "app_master_secret": ANDROID.app_master_secret,
-                        "activity": ACTIVITY,
-                    },
-                    "delivery": self.delivery(),
-                }
-            )
-        )
+        umeng = write_umeng_config(directory / "umeng.json", self.stub, self.delivery())
         args = [
             "--api-token-file",
             str(tokens),

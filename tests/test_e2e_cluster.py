@@ -20,11 +20,15 @@ import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.authsign import sign
+from sktalent.mqtt import packets as p
 from sktalent.testing.cluster import HAProxyProcess, RedisProcess, running_redis
 from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
 from .helpers import chat, mongo_store, msgid, nothing_more
 from .pahoclient import PahoUser
+from .rawclient import RawClient
+from .test_e2e_api import to, write_umeng_config
+from .umengstub import UmengStub
 
 TOKEN = "cluster-test-token"
 SECRET = b"the cluster's shared secret"
@@ -41,6 +45,9 @@ class Cluster:
     store: str
     files: Path = attrs.Factory(lambda: Path(tempfile.mkdtemp(prefix="sktalent-cluster-")))
     nodes: dict[str, ServerProcess] = attrs.Factory(dict)
+    push_after: str = PUSH_AFTER
+    # More options for every node.
+    args: list[str] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
         self.case.addCleanup(shutil.rmtree, self.files, True)
@@ -69,7 +76,8 @@ class Cluster:
                 "--chat-rate",
                 "10000",
                 "--push-after",
-                PUSH_AFTER,
+                self.push_after,
+                *self.args,
             ],
             store=self.store,
         )
@@ -351,12 +359,12 @@ class HAProxyTests(ClusterCase):
         nodes = {self.cluster.api(a, f"/v1/users/{name}/session")[1]["node"] for name in users}
         self.assertEqual(nodes, {"a", "b"})
         pairs = [("u1", "u2"), ("u2", "u3"), ("u3", "u4"), ("u4", "u1")]
-        for i, (sender, to) in enumerate(pairs):
-            users[sender].send(chat(sender, to, i, f"{sender} to {to}"))
-        for sender, to in pairs:
+        for i, (sender, recipient) in enumerate(pairs):
+            users[sender].send(chat(sender, recipient, i, f"{sender} to {recipient}"))
+        for sender, recipient in pairs:
             # Each gets its sent and the chat to it, in either order.
-            frames = users[to].frames(2)
-            self.assertIn(f"{sender} to {to}", contents(frames))
+            frames = users[recipient].frames(2)
+            self.assertIn(f"{sender} to {recipient}", contents(frames))
 
 
 def _sent(user: PahoUser) -> list[str]:
@@ -382,3 +390,80 @@ def _assert_in_order(case: SynchronousTestCase, got: list[str]) -> None:
     """Chats of one sender, m<n>, first seen in the order they were sent."""
     first = list(dict.fromkeys(got))
     case.assertEqual(first, sorted(first, key=lambda c: int(c[1:])), "out of order")
+
+
+class PushTests(SynchronousTestCase):
+    """
+    Section 8's push rules across nodes, with the Umeng stand-in: bob's
+    chats come from alice on another node.
+    """
+
+    def start(self, push_after: float) -> tuple[ServerProcess, ServerProcess]:
+        self.stub = UmengStub()
+        self.addCleanup(self.stub.close)
+        self.cluster = Cluster(self, running_redis(self), mongo_store(), push_after=str(push_after))
+        config = write_umeng_config(self.cluster.files / "umeng.json", self.stub)
+        self.cluster.args = ["--umeng-config", str(config)]
+        a, b = self.cluster.start("a", "b")
+        status, _ = self.cluster.api(
+            a, "/v1/users/bob/device", "PUT", {"platform": "ios", "device_token": "t"}
+        )
+        self.assertEqual(status, 204)
+        return a, b
+
+    def silent_bob(self, server: ServerProcess) -> RawClient:
+        """bob connected to server by a client that acknowledges nothing."""
+        bob = RawClient(server.mqtt_port)
+        self.addCleanup(bob.close)
+        connack = bob.connect("bob", clean=False, password=sign(SECRET, "bob").encode())
+        self.assertEqual(connack.return_code, 0)
+        return bob
+
+    def chat_to_bob(self, a: ServerProcess, bob: RawClient) -> None:
+        """alice, on a, chats to bob, who receives it (and does not acknowledge it)."""
+        alice = self.cluster.user(a, "alice")
+        alice.send(chat("alice", "bob", 1))
+        self.assertEqual(alice.frames(1), [{"msgid": msgid(1), "type": "sent"}])
+        delivered = bob.expect(p.Publish)
+        self.assertEqual(json.loads(delivered.payload)["msgid"], msgid(1))
+
+    def pushed(self) -> list[object]:
+        return [
+            r.body["payload"]["msgid"] for r in self.stub.received(to("bob")) if r.body is not None
+        ]
+
+    def test_acknowledged_elsewhere_not_pushed(self) -> None:
+        """A chat to bob, connected to the other node and acknowledging, is never pushed."""
+        a, b = self.start(push_after=1)
+        bob = self.cluster.user(b, "bob")
+        alice = self.cluster.user(a, "alice")
+        alice.send(chat("alice", "bob", 1))
+        self.assertEqual(len(bob.frames(1)), 1)
+        self.stub.settle(idle=3)
+        self.assertEqual(self.pushed(), [])
+
+    def test_unacknowledged_elsewhere_pushed_once(self) -> None:
+        """
+        bob, connected to the other node, leaves the chat unacknowledged:
+        it is pushed once, --push-after after it reached him.
+        """
+        a, b = self.start(push_after=1)
+        bob = self.silent_bob(b)
+        self.chat_to_bob(a, bob)
+        self.stub.wait(1, to("bob"))
+        self.stub.settle(idle=3)
+        self.assertEqual(self.pushed(), [msgid(1)])
+
+    def test_node_killed_with_the_chat_unacknowledged(self) -> None:
+        """
+        The node holding bob is SIGKILLed with his chat delivered and not
+        acknowledged: once its lease runs out the other node pushes it,
+        once.
+        """
+        a, b = self.start(push_after=60)
+        bob = self.silent_bob(b)
+        self.chat_to_bob(a, bob)
+        b.kill()
+        self.stub.wait(1, to("bob"), timeout=30)
+        self.stub.settle(idle=3)
+        self.assertEqual(self.pushed(), [msgid(1)])
