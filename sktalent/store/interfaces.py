@@ -151,6 +151,53 @@ class Device:
     logged_out: bool = False
 
 
+# What a store holds, as one store's content is copied into another
+# (python -m sktalent.migrate): each record with the key it is stored by.
+
+
+@attrs.frozen
+class StoredSession:
+    """A session with its counters and inbound packet ids; its queue goes separately."""
+
+    record: SessionRecord
+    next_seq: int
+    queued: int
+    queued_bytes: int
+    notices: int
+
+
+@attrs.frozen
+class QueueEntry:
+    """A message of a client's queue."""
+
+    client_id: str
+    queued: QueuedMessage
+
+
+@attrs.frozen
+class StoredChat:
+    """A chat message with what tells a retransmission from a reused msgid."""
+
+    chat: ChatRecord
+    token: str | None
+    digest: str | None
+
+
+@attrs.frozen
+class Receipt:
+    """Recipient received sender's msgid at ``at`` (ms since the epoch)."""
+
+    sender: str
+    msgid: str
+    at: int
+
+
+@attrs.frozen
+class Ban:
+    client_id: str
+    until: int
+
+
 # Operations.  Each commits with the batch it is submitted in; the result list
 # of a submit() has one entry per operation (None unless stated).
 

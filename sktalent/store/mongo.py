@@ -45,7 +45,9 @@ always below it.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 from collections.abc import Awaitable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, assert_never
@@ -70,6 +72,7 @@ from twisted.internet.defer import (
     ensureDeferred,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from txmongo import filter as qf
 from txmongo.connection import ConnectionPool
@@ -77,11 +80,13 @@ from txmongo.database import Database
 from txmongo.errors import TimeExceeded
 from zope.interface import implementer
 
+from ..failures import every
 from .group import GroupCommitter
 from .interfaces import (
     NO_ROOM,
     AddInbound,
     Attach,
+    Ban,
     ChatRecord,
     Dequeue,
     Detach,
@@ -105,19 +110,26 @@ from .interfaces import (
     QueueConflict,
     Queued,
     QueuedMessage,
+    QueueEntry,
     QueueTotals,
+    Receipt,
     Release,
     RemoveInbound,
     SessionRecord,
     SessionSummary,
     SetBan,
     SetRetained,
+    StoredChat,
+    StoredSession,
     StoreUnavailable,
     every_op,
 )
 
 _T = TypeVar("_T")
 _Write = UpdateOne | ReplaceOne | DeleteOne | DeleteMany | InsertOne
+# What MongoStore.copy_in stores; copy_prune clears these collections.
+_PRUNED = ("queue", "inbound")
+Copied = StoredSession | QueueEntry | StoredChat | Receipt | Device | Ban | Message
 _Key = tuple[str, str]
 
 _UNAVAILABLE = (
@@ -142,6 +154,10 @@ _BULK = 16
 STALE_MARK = 600.0
 # The schema version this store writes (the "schema" document of "meta").
 _SCHEMA = 2
+# Every process using the store says so in "servers" this often (seconds),
+# by the database server's clock; one not heard of for LIVE is gone.
+BEAT = 5.0
+LIVE = 3 * BEAT
 
 _CHAT_FIELDS = ("msgid", "sender", "recipient", "o_id", "envelope", "received_at")
 _COUNTERS = {"next_seq": 1, "queued": 0, "queued_bytes": 0, "notices": 0}
@@ -160,7 +176,7 @@ def database_name(uri: str) -> str:
     return str(name)
 
 
-def _where(uri: str) -> str:
+def where(uri: str) -> str:
     """HOST:PORT/DB of a mongodb:// URI, for messages: never its credentials."""
     parsed = parse_uri(uri)
     hosts = ",".join(f"{host}:{port}" for host, port in parsed["nodelist"])
@@ -189,6 +205,68 @@ def _queued(doc: dict[str, Any]) -> QueuedMessage:
         doc.get("notice"),
         doc.get("pushed", False),
     )
+
+
+def _queue_doc(client_id: str, queued: QueuedMessage) -> dict[str, Any]:
+    return {
+        "_id": _id(client_id, queued.seq),
+        "client_id": client_id,
+        "seq": queued.seq,
+        "released": queued.released,
+        "queued_at": queued.queued_at,
+        "notice": queued.notice,
+        "pushed": queued.pushed,
+        "size": len(queued.message.payload),
+    } | _message_doc(queued.message)
+
+
+def _chat_doc(chat: ChatRecord, token: str | None, digest: str | None) -> dict[str, Any]:
+    doc = attrs.asdict(chat) | {"time": _date(chat.received_at), "token": token, "digest": digest}
+    return {"_id": _id(chat.sender, chat.msgid), **doc}
+
+
+def _receipt_doc(sender: str, msgid: str, at: int) -> dict[str, Any]:
+    return {"sender": sender, "msgid": msgid, "at": at, "time": _date(at)}
+
+
+def _device_doc(device: Device) -> dict[str, Any]:
+    return {"platform": device.platform, "token": device.token, "logged_out": device.logged_out}
+
+
+def _session_doc(stored: StoredSession) -> dict[str, Any]:
+    record = stored.record
+    return {
+        "_id": record.client_id,
+        "subscriptions": _stored_subscriptions(record.subscriptions),
+        "has_connected": record.has_connected,
+        "clean": record.clean,
+        "sent_through": record.sent_through,
+        "next_seq": stored.next_seq,
+        "queued": stored.queued,
+        "queued_bytes": stored.queued_bytes,
+        "notices": stored.notices,
+    }
+
+
+def _copied(item: Copied) -> tuple[str, dict[str, Any]]:
+    """The collection and document that item is stored as."""
+    match item:
+        case StoredSession():
+            return "sessions", _session_doc(item)
+        case QueueEntry(client_id, queued):
+            return "queue", _queue_doc(client_id, queued)
+        case StoredChat(chat, token, digest):
+            return "chats", _chat_doc(chat, token, digest)
+        case Receipt(sender, msgid, at):
+            return "receipts", {"_id": _id(sender, msgid), **_receipt_doc(sender, msgid, at)}
+        case Device():
+            return "devices", {"_id": item.user_id, **_device_doc(item)}
+        case Ban(client_id, until):
+            return "bans", {"_id": client_id, "until": until}
+        case Message():
+            return "retained", {"_id": item.topic, **_message_doc(item)}
+        case _:
+            assert_never(item)
 
 
 def _chat_keys(ops: Sequence[Op]) -> Iterator[_Key]:
@@ -379,24 +457,13 @@ class _Plan:
                     "receipts",
                     UpdateOne(
                         {"_id": _id(sender, msgid)},
-                        {
-                            "$setOnInsert": {
-                                "sender": sender,
-                                "msgid": msgid,
-                                "at": at,
-                                "time": _date(at),
-                            }
-                        },
+                        {"$setOnInsert": _receipt_doc(sender, msgid, at)},
                         upsert=True,
                     ),
                 )
                 return Guarded(True, results)
             case PutDevice(device):
-                doc = {
-                    "platform": device.platform,
-                    "token": device.token,
-                    "logged_out": device.logged_out,
-                }
+                doc = _device_doc(device)
                 self._write("devices", ReplaceOne({"_id": device.user_id}, doc, upsert=True))
             case LogOut(user_id):
                 # A user without a device gets one with neither platform nor token.
@@ -436,11 +503,10 @@ class _Plan:
             return Guarded(Inserted.FULL)
         self._chats[key] = _Stored(chat.recipient, op.token, op.digest)
         results = tuple(self.add(inner) for inner in then)
-        doc = attrs.asdict(chat) | {"time": _date(chat.received_at), "token": op.token}
-        doc["digest"] = op.digest
+        doc = _chat_doc(chat, op.token, op.digest)
         self._write_late(
             "chats",
-            UpdateOne({"_id": _id(*key)}, {"$setOnInsert": doc}, upsert=True),
+            UpdateOne({"_id": doc.pop("_id")}, {"$setOnInsert": doc}, upsert=True),
         )
         return Guarded(Inserted.NEW, results)
 
@@ -506,6 +572,10 @@ class MongoStore:
     _retention_days: int = 30
     # Seconds before an unanswered request counts as "store unavailable".
     _timeout: float = 10.0
+    # What this process says of itself in "servers" while it uses the store.
+    _holder: str = attrs.Factory(lambda: f"sktalent on {socket.gethostname()} pid {os.getpid()}")
+    _token: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    _beating: LoopingCall | None = attrs.field(default=None, init=False)
     _database: str = attrs.field(init=False)
     _where: str = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
@@ -518,7 +588,7 @@ class MongoStore:
 
     def __attrs_post_init__(self) -> None:
         self._database = database_name(self._uri)
-        self._where = _where(self._uri)
+        self._where = where(self._uri)
         self._committer = GroupCommitter(
             lambda ops: self._guard(self._commit(ops)),
             self._reactor,
@@ -566,6 +636,11 @@ class MongoStore:
 
     async def _stop(self) -> None:
         await self._committer.stop()
+        if self._beating is not None:
+            self._beating.stop()
+            self._beating = None
+            # Gone at once: no tool need wait for the beat to age.
+            await self._quietly(self._db.servers.delete_one({"_id": self._token}))
         for pool in (self._writes, self._reads):
             if pool is not None:
                 await pool.disconnect()
@@ -640,6 +715,104 @@ class MongoStore:
     async def _start(self) -> None:
         await self._create_indexes()
         await self._upgrade()
+        self._beating = every(
+            self._reactor, BEAT, self._beat, self._log, "Marking the MongoDB store in use stopped"
+        )
+
+    def _beat(self) -> Deferred[None]:
+        """Say in the store that this process uses it, by the database server's clock."""
+        mark = self._db.servers.update_one(
+            {"_id": self._token},
+            {"$set": {"holder": self._holder}, "$currentDate": {"at": True}},
+            upsert=True,
+        )
+        return Deferred.fromCoroutine(self._quietly(mark))
+
+    async def _quietly(self, work: Deferred[Any]) -> None:
+        # While the store is unreachable it cannot be told anything.
+        try:
+            await self._guard(self._q(work))
+        except StoreUnavailable:
+            pass
+
+    def others(self) -> Deferred[list[tuple[str, float]]]:
+        """
+        Every other process that used the store within LIVE seconds: what
+        it says of itself, and how many seconds ago it last said it.
+        """
+        return self._guard(self._others())
+
+    async def _others(self) -> list[tuple[str, float]]:
+        now = (await self._q(self._db.command("isMaster")))["localTime"]
+        found = []
+        for doc in await self._q(self._db.servers.find({"_id": {"$ne": self._token}})):
+            ago = (now - doc["at"]).total_seconds()
+            if ago < LIVE:
+                found.append((str(doc.get("holder")), max(ago, 0.0)))
+        return found
+
+    def copy_in(self, items: Sequence[Copied]) -> Deferred[None]:
+        """
+        Store items as they are, each replacing what is stored under its
+        key.  A session's queue follows as QueueEntry items; copy_prune
+        then removes what else was queued for it.
+        """
+        return self._guard(self._copy_in(items))
+
+    async def _copy_in(self, items: Sequence[Copied]) -> None:
+        docs: dict[str, list[dict[str, Any]]] = {}
+        for item in items:
+            collection, doc = _copied(item)
+            docs.setdefault(collection, []).append(doc)
+            if isinstance(item, StoredSession):
+                client_id = item.record.client_id
+                docs.setdefault("inbound", []).extend(
+                    {"_id": _id(client_id, p), "client_id": client_id, "packet_id": p}
+                    for p in sorted(item.record.inbound)
+                )
+        for collection, all_docs in docs.items():
+            for some in _chunks(all_docs):
+                if collection in _PRUNED:
+                    # Told from what was stored before (copy_prune).
+                    some = [doc | {"copied": self._token} for doc in some]
+                await self._put(collection, some)
+
+    def copy_prune(self, clients: Sequence[str]) -> Deferred[None]:
+        """
+        Once the sessions of clients and their queues are copied in, remove
+        the queued messages and inbound packet ids stored for them before.
+        """
+        return self._guard(self._copy_prune(list(clients)))
+
+    async def _copy_prune(self, clients: list[str]) -> None:
+        db = self._writing
+        for collection in _PRUNED:
+            # Deleted by _id, a bounded number at a time: FerretDB deletes
+            # by any other field many times slower.
+            while found := await db[collection].find(
+                {"client_id": {"$in": clients}, "copied": {"$ne": self._token}},
+                {"_id": 1},
+                limit=10 * _CHUNK,
+            ):
+                for ids in _chunks([doc["_id"] for doc in found]):
+                    await db[collection].delete_many({"_id": {"$in": list(ids)}})
+
+    async def _put(self, collection: str, docs: Sequence[dict[str, Any]]) -> None:
+        """
+        Store docs, each replacing the one with its _id: inserted, which is
+        many times faster where nothing is stored yet, and those whose _id
+        is taken replaced.
+        """
+        try:
+            await self._writing[collection].bulk_write([InsertOne(d) for d in docs], ordered=False)
+        except BulkWriteError as e:
+            errors = e.details["writeErrors"]
+            if any(error.get("code") != _DUPLICATE_KEY for error in errors):
+                raise
+            taken = [docs[error["index"]] for error in errors]
+            await self._writing[collection].bulk_write(
+                [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in taken], ordered=False
+            )
 
     async def _create_indexes(self) -> None:
         db = self._db
@@ -962,18 +1135,10 @@ class MongoStore:
                 if enq.seq is None:
                     enq.seq = hints[client_id] if op.seq is None else op.seq
                 hints[client_id] = max(hints[client_id], enq.seq + 1)
-                doc = {
-                    "_id": _id(client_id, enq.seq),
-                    "client_id": client_id,
-                    "seq": enq.seq,
-                    "released": False,
-                    "queued_at": op.queued_at,
-                    "notice": op.notice,
-                    "pushed": False,
-                    "size": enq.size,
-                    "token": op.token,
-                }
-                docs.append(InsertOne(doc | _message_doc(op.message)))
+                queued = QueuedMessage(
+                    enq.seq, op.message, queued_at=op.queued_at, notice=op.notice
+                )
+                docs.append(InsertOne(_queue_doc(client_id, queued) | {"token": op.token}))
             try:
                 await db.queue.bulk_write(docs)
             except BulkWriteError as e:

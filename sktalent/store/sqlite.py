@@ -6,12 +6,15 @@ that owns the connection; the reactor only sees Deferreds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
+import struct
+import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar, assert_never, cast
+from typing import Any, TypeVar, assert_never, cast
 
 import attrs
 from prometheus_client import Histogram
@@ -27,6 +30,7 @@ from .interfaces import (
     NO_ROOM,
     AddInbound,
     Attach,
+    Ban,
     ChatRecord,
     Dequeue,
     Detach,
@@ -50,13 +54,17 @@ from .interfaces import (
     QueueConflict,
     Queued,
     QueuedMessage,
+    QueueEntry,
     QueueTotals,
+    Receipt,
     Release,
     RemoveInbound,
     SessionRecord,
     SessionSummary,
     SetBan,
     SetRetained,
+    StoredChat,
+    StoredSession,
     StoreUnavailable,
     every_op,
 )
@@ -1020,3 +1028,171 @@ class SQLiteStore:
             # Start afresh next time: the old connection may be wedged.
             self._close()
             raise StoreUnavailable(f"SQLite store {self._path!r}: {e}") from e
+
+
+# -- reading a store to copy it (python -m sktalent.migrate) ----------------
+
+# The byte of a -shm file that every connection to a database in WAL mode
+# holds a read lock on for as long as it is open (SQLite's "DMS" lock).
+_SHM_DMS = 128
+_FLOCK = "hhqqi"  # struct flock: type, whence, start, len, pid
+
+
+def holder(path: str) -> int | None:
+    """
+    The pid of another process that has the store at path open (a running
+    server), or None: found from SQLite's own lock on the -shm file, so a
+    server needs no mark of its own.  Call it before this process opens
+    the file: closing any descriptor of a file drops this process's locks
+    on it.
+    """
+    try:
+        fd = os.open(path + "-shm", os.O_RDONLY)
+    except FileNotFoundError:
+        # The last connection to close removes it.
+        return None
+    try:
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS, 1, 0)
+        kind, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    finally:
+        os.close(fd)
+    return None if kind == fcntl.F_UNLCK else int(pid)
+
+
+_SESSION_COLUMNS = (
+    "subscriptions, has_connected, clean, sent_through, next_seq, queued, queued_bytes, notices"
+)
+
+
+@attrs.define
+class Snapshot:
+    """
+    A store's content as of one moment, read in pages of bounded size over
+    a read-only connection: the file is never written.
+    """
+
+    _conn: sqlite3.Connection
+
+    @classmethod
+    def open(cls, path: str) -> Snapshot:
+        """The store at path; ValueError, in one sentence, if it is not one this server reads."""
+        where = os.path.abspath(path)
+        if not os.path.isfile(where):
+            why = "it is a directory" if os.path.isdir(where) else "there is no such file"
+            raise ValueError(f"the SQLite store {where} cannot be read: {why}")
+        uri = f"file:{urllib.parse.quote(where)}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        try:
+            # One read transaction: every page comes from the same snapshot.
+            conn.execute("BEGIN")
+            (version,) = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        except sqlite3.Error as e:
+            conn.close()
+            if "no such table" in str(e):
+                raise ValueError(f"{where} is an SQLite database but not a sktalent store") from e
+            raise ValueError(
+                f"the SQLite store {where} cannot be read: {_unusable(where, e)}"
+            ) from e
+        if version != len(MIGRATIONS):
+            conn.close()
+            raise ValueError(
+                f"the SQLite store {where} has schema version {version}, and this"
+                f" version reads version {len(MIGRATIONS)} only: "
+                + (
+                    "start and stop a server of this version on it once to bring it up to date"
+                    if (version or 0) < len(MIGRATIONS)
+                    else "use the version of sktalent that wrote it"
+                )
+            )
+        return cls(conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def counts(self) -> dict[str, int]:
+        """How many rows each table holds."""
+        tables = ("sessions", "queue", "chats", "receipts", "devices", "bans", "retained")
+        return {
+            table: self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in tables
+        }
+
+    def _pages(
+        self, table: str, key: Sequence[str], columns: str, size: int
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of table in key order, size at a time, key columns first."""
+        keys = ", ".join(key)
+        after: Sequence[object] = ()
+        while True:
+            where = f"WHERE ({keys}) > ({', '.join('?' * len(key))})" if after else ""
+            rows = self._conn.execute(
+                f"SELECT {keys}, {columns} FROM {table} {where} ORDER BY {keys} LIMIT ?",
+                (*after, size),
+            ).fetchall()
+            if rows:
+                yield rows
+            if len(rows) < size:
+                return
+            after = rows[-1][: len(key)]
+
+    def sessions(self, size: int) -> Iterator[list[StoredSession]]:
+        """Every session (its queue apart), in client id order."""
+        for rows in self._pages("sessions", ("client_id",), _SESSION_COLUMNS, size):
+            inbound: dict[str, set[int]] = {}
+            marks = ",".join("?" * len(rows))
+            for client_id, packet_id in self._conn.execute(
+                f"SELECT client_id, packet_id FROM inbound WHERE client_id IN ({marks})",
+                [row[0] for row in rows],
+            ):
+                inbound.setdefault(client_id, set()).add(packet_id)
+            yield [
+                StoredSession(
+                    SessionRecord(
+                        client_id,
+                        tuple((f, q) for f, q in json.loads(subscriptions)),
+                        (),
+                        frozenset(inbound.get(client_id, ())),
+                        bool(connected),
+                        bool(clean),
+                        sent_through,
+                    ),
+                    *counts,
+                )
+                for client_id, subscriptions, connected, clean, sent_through, *counts in rows
+            ]
+
+    def queue(
+        self, after: tuple[str, int] | None, through: str | None, size: int
+    ) -> list[QueueEntry]:
+        """
+        Up to size queued messages after ``after`` in (client id, seq) order,
+        of clients up to ``through`` when given.
+        """
+        rows = self._conn.execute(
+            f"SELECT client_id, {_QUEUE_COLUMNS} FROM queue"
+            " WHERE (client_id, seq) > (?1, ?2) AND (?3 IS NULL OR client_id <= ?3)"
+            " ORDER BY client_id, seq LIMIT ?4",
+            (*(after or ("", -1)), through, size),
+        )
+        return [QueueEntry(row[0], _queued(row[1:])) for row in rows]
+
+    def chats(self, size: int) -> Iterator[list[StoredChat]]:
+        columns = "msgid, sender, recipient, o_id, envelope, received_at, token, digest"
+        for rows in self._pages("chats", ("id",), columns, size):
+            yield [StoredChat(ChatRecord(*row[1:7]), row[7], row[8]) for row in rows]
+
+    def receipts(self, size: int) -> Iterator[list[Receipt]]:
+        for rows in self._pages("receipts", ("sender", "msgid"), "at", size):
+            yield [Receipt(*row) for row in rows]
+
+    def devices(self, size: int) -> Iterator[list[Device]]:
+        for rows in self._pages("devices", ("user_id",), "platform, token, logged_out", size):
+            yield [Device(u, platform, token, bool(out)) for u, platform, token, out in rows]
+
+    def bans(self, size: int) -> Iterator[list[Ban]]:
+        for rows in self._pages("bans", ("client_id",), "until", size):
+            yield [Ban(*row) for row in rows]
+
+    def retained(self, size: int) -> Iterator[list[Message]]:
+        for rows in self._pages("retained", ("topic",), "payload, qos, retain", size):
+            yield [Message(t, payload, qos, bool(retain)) for t, payload, qos, retain in rows]
