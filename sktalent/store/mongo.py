@@ -810,8 +810,10 @@ class MongoStore:
             if any(error.get("code") != _DUPLICATE_KEY for error in errors):
                 raise
             taken = [docs[error["index"]] for error in errors]
-            await self._writing[collection].bulk_write(
-                [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in taken], ordered=False
+            await _bulk_write(
+                self._writing[collection],
+                [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in taken],
+                ordered=False,
             )
 
     async def _create_indexes(self) -> None:
