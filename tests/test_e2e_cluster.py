@@ -24,10 +24,11 @@ from sktalent.mqtt import packets as p
 from sktalent.testing.cluster import HAProxyProcess, RedisProcess, running_redis
 from sktalent.testing.server import ServerProcess, free_port, running, wait_for
 
-from .helpers import chat, mongo_store, msgid, nothing_more
+from .helpers import chat, mongo_store, msgid, nothing_more, paho_user, raw_user
 from .pahoclient import PahoUser
 from .rawclient import RawClient
 from .test_e2e_api import to, write_umeng_config
+from .test_migrate import migrate
 from .umengstub import UmengStub
 
 TOKEN = "cluster-test-token"
@@ -467,3 +468,34 @@ class PushTests(SynchronousTestCase):
         self.stub.wait(1, to("bob"), timeout=30)
         self.stub.settle(idle=3)
         self.assertEqual(self.pushed(), [msgid(1)])
+
+
+class MigratedTests(SynchronousTestCase):
+    def test_cluster_on_a_migrated_store(self) -> None:
+        """
+        A SQLite store with sessions, queues and history, copied into
+        MongoDB: a cluster started on the copy delivers every queued chat,
+        in order and once, to users on either node, and serves the history.
+        """
+        before = running(self, ServerProcess())
+        for user in ("bob", "carol"):
+            raw_user(self, before, user).disconnect()
+        alice = paho_user(self, before, "alice")
+        for n in range(1, 41):
+            alice.send(chat("alice", "bob" if n % 2 else "carol", n))
+        self.assertEqual({f["type"] for f in alice.frames(40)}, {"sent"})
+        alice.close()
+        self.assertEqual(before.stop(), 0)
+        uri = mongo_store()
+        result = migrate(str(before.directory / "store.sqlite3"), uri)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        cluster = Cluster(self, running_redis(self), uri)
+        a, b = cluster.start("a", "b")
+        for user, node, numbers in (("bob", a, range(1, 41, 2)), ("carol", b, range(2, 41, 2))):
+            client = cluster.user(node, user)
+            frames = client.frames(20)
+            self.assertEqual([f["msgid"] for f in frames], [msgid(n) for n in numbers])
+            nothing_more(client)
+        status, history = cluster.api(b, "/v1/orders/o1/messages?limit=100")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(history["messages"]), 40)
