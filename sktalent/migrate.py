@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
             " receipts, devices, bans and retained messages.  SRC is only read.  What DST"
             " holds under a key SRC has is replaced (SRC wins); the rest of DST is kept, so"
             " the copy can be run again, also after an interrupted run.  Stop every server"
-            " using SRC or DST first: a store in use is refused."
+            " using SRC or DST first: a store in use is refused, and no server starts on DST"
+            " while the copy runs."
         ),
     )
     parser.add_argument("src", metavar="SRC", help="the SQLite store: sqlite:PATH or PATH")
@@ -202,7 +203,7 @@ async def _run(reactor: IReactorTime, path: str, dst: str, batch: int) -> None:
         raise Refused(str(e)) from None
     progress = Progress(sys.stdout)
     me = f"sktalent.migrate on {socket.gethostname()} pid {os.getpid()}"
-    target = MongoStore(reactor, dst, holder=me)
+    target = MongoStore(reactor, dst, holder=me, copying=True)
     try:
         try:
             await target.start()

@@ -40,6 +40,7 @@ from sktalent.store.interfaces import (
     Release,
     SetBan,
     SetRetained,
+    StoreUnavailable,
 )
 from sktalent.store.mongo import Copied, MongoStore
 from sktalent.store.sqlite import Snapshot, SQLiteStore
@@ -275,6 +276,25 @@ class InUseTests(TestCase):
         self.assertLess(ago, 5)
         await server.stop()
         self.assertEqual(await tool.others(), [])
+
+    async def test_no_start_while_a_copy_is_under_way(self) -> None:
+        """
+        A store cannot be started while a copy into it is under way (a
+        server would serve half a store); once the copy stopped, it can.
+        """
+        uri = mongo_store()
+        self.addCleanup(lambda: Deferred.fromCoroutine(drop_database(uri)))
+        tool = MongoStore(reactor, uri, holder="sktalent.migrate pid 7", copying=True)
+        await tool.start()
+        server = MongoStore(reactor, uri)
+        with self.assertRaises(StoreUnavailable) as caught:
+            await server.start()
+        self.assertIn("a copy into it is under way (sktalent.migrate pid 7)", str(caught.exception))
+        await server.stop()
+        await tool.stop()
+        server = MongoStore(reactor, uri)
+        await server.start()
+        await server.stop()
 
 
 def migrate(*args: str) -> subprocess.CompletedProcess[str]:

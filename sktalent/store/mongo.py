@@ -574,6 +574,9 @@ class MongoStore:
     _timeout: float = 10.0
     # What this process says of itself in "servers" while it uses the store.
     _holder: str = attrs.Factory(lambda: f"sktalent on {socket.gethostname()} pid {os.getpid()}")
+    # Opened to copy a store in (python -m sktalent.migrate): while such a
+    # process is heard of, no other may start on the store.
+    _copying: bool = False
     _token: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
     _beating: LoopingCall | None = attrs.field(default=None, init=False)
     _database: str = attrs.field(init=False)
@@ -715,6 +718,13 @@ class MongoStore:
     async def _start(self) -> None:
         await self._create_indexes()
         await self._upgrade()
+        if not self._copying:
+            copies = [who for who, _, copying in await self._heard() if copying]
+            if copies:
+                raise StoreUnavailable(
+                    f"MongoDB store {self._where}: a copy into it is under way ({copies[0]});"
+                    " start once it has finished"
+                )
         self._beating = every(
             self._reactor, BEAT, self._beat, self._log, "Marking the MongoDB store in use stopped"
         )
@@ -723,7 +733,10 @@ class MongoStore:
         """Say in the store that this process uses it, by the database server's clock."""
         mark = self._db.servers.update_one(
             {"_id": self._token},
-            {"$set": {"holder": self._holder}, "$currentDate": {"at": True}},
+            {
+                "$set": {"holder": self._holder, "copying": self._copying},
+                "$currentDate": {"at": True},
+            },
             upsert=True,
         )
         return Deferred.fromCoroutine(self._quietly(mark))
@@ -743,12 +756,16 @@ class MongoStore:
         return self._guard(self._others())
 
     async def _others(self) -> list[tuple[str, float]]:
+        return [(who, ago) for who, ago, _ in await self._heard()]
+
+    async def _heard(self) -> list[tuple[str, float, bool]]:
+        """Every other process heard of within LIVE: holder, seconds ago, copying."""
         now = (await self._q(self._db.command("isMaster")))["localTime"]
         found = []
         for doc in await self._q(self._db.servers.find({"_id": {"$ne": self._token}})):
             ago = (now - doc["at"]).total_seconds()
             if ago < LIVE:
-                found.append((str(doc.get("holder")), max(ago, 0.0)))
+                found.append((str(doc.get("holder")), max(ago, 0.0), bool(doc.get("copying"))))
         return found
 
     def copy_in(self, items: Sequence[Copied]) -> Deferred[None]:
