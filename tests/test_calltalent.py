@@ -12,15 +12,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from sktalent.authsign import sign
-from sktalent.calltalent.app import AppLimits, CallTalent
+from sktalent.calltalent.app import AppLimits, CallTalent, ChatPayload, chat_frame
 from sktalent.calltalent.auth import AuthSignChecker
-from sktalent.calltalent.delivery import PushDelivery
+from sktalent.calltalent.delivery import PushDelivery, chat_notice, encode_notice
 from sktalent.calltalent.interfaces import InvalidRequest, QueueFull
 from sktalent.calltalent.pushtexts import PushTexts, parse_texts
 from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topic
@@ -429,6 +431,55 @@ class ChatTests(CallTalentCase):
         first.lose()
         self.publish(self.user("alice"), chat("alice", "bob", 1))
         self.assertEqual(len(self.frames(second)), 1)
+
+
+# Any text a chat may hold, escapes and characters beyond ASCII included.
+_texts = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=40)
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChatEncodingTests(SynchronousTestCase):
+    """A chat's frame, notice and digest, written directly, are what json writes."""
+
+    @given(_texts, _texts, _texts, _texts, _texts, st.booleans(), st.integers(0, 2**45))
+    def test_frame(
+        self, msgid: str, sender: str, to: str, o_id: str, content: str, expert: bool, at: int
+    ) -> None:
+        """chat_frame is the compact JSON of the documented fields, in their order."""
+        frame = {
+            "msgid": msgid,
+            "from": sender,
+            "to": to,
+            "type": "order_chat",
+            "payload": {"o_id": o_id, "expert": expert, "content": content, "t": str(at)},
+        }
+        self.assertEqual(
+            chat_frame(msgid, sender, to, ChatPayload(o_id, expert, content), at), _compact(frame)
+        )
+
+    @given(_texts, _texts, _texts)
+    def test_notice(self, msgid: str, o_id: str, content: str) -> None:
+        """chat_notice is encode_notice of the push PushTexts makes for the chat."""
+        frame = {
+            "msgid": msgid,
+            "type": "order_chat",
+            "payload": {"o_id": o_id, "expert": False, "content": content},
+        }
+        self.assertEqual(
+            chat_notice(msgid, o_id, content), encode_notice(PushTexts().notice(frame))
+        )
+
+    @given(_texts, _texts, st.booleans())
+    def test_digest(self, o_id: str, content: str, expert: bool) -> None:
+        """The digest is the one stores hold: blake2b-128 of the compact JSON list."""
+        text = _compact([o_id, expert, content]).encode()
+        self.assertEqual(
+            ChatPayload(o_id, expert, content).digest(),
+            hashlib.blake2b(text, digest_size=16).hexdigest(),
+        )
 
 
 class LatencyTests(CallTalentCase):

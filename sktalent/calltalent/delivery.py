@@ -64,6 +64,18 @@ def encode_notice(notice: PushNotice) -> str:
     )
 
 
+def chat_notice(msgid: str, o_id: str, content: str) -> str:
+    """
+    encode_notice of the push for a chat (PushTexts.notice: its alert is its
+    content), written directly: every chat has one.
+    """
+    string = json.encoder.encode_basestring
+    return (
+        f'{{"kind":"order_chat","alert":{string(content)},"o_id":{string(o_id)},'
+        f'"note_id":null,"status":null,"url":null,"msgid":{string(msgid)}}}'
+    )
+
+
 def decode_notice(text: str) -> PushNotice:
     """The notice encode_notice kept (fields it does not know are left out)."""
     fields = json.loads(text)
