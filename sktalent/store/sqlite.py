@@ -20,8 +20,6 @@ import attrs
 from prometheus_client import Histogram
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..failures import StartFailure
@@ -68,6 +66,7 @@ from .interfaces import (
     StoreUnavailable,
     every_op,
 )
+from .worker import Worker
 
 _T = TypeVar("_T")
 # Sessions whose counters one statement reads or writes.
@@ -873,7 +872,7 @@ class SQLiteStore:
     _latency: Histogram | None = None
     _busy_timeout: float = 5.0
     _migrations: Sequence[str] = MIGRATIONS
-    _pool: ThreadPool = attrs.field(init=False)
+    _pool: Worker = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
     # Told, on the worker thread and before any caller hears of it, that the
     # file turned out to be damaged: nothing more it holds can be relied on.
@@ -882,7 +881,8 @@ class SQLiteStore:
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sktalent-sqlite")
+        # The reactor provides IReactorFromThreads as well as IReactorTime.
+        self._pool = Worker(cast(IReactorFromThreads, self._reactor), "sktalent-sqlite")
         self._committer = GroupCommitter(
             lambda ops: self._call(_commit, ops),
             self._reactor,
@@ -1006,8 +1006,7 @@ class SQLiteStore:
         return self._in_thread(self._guarded, f, *args)
 
     def _in_thread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
-        # The reactor provides IReactorFromThreads as well as IReactorTime.
-        return deferToThreadPool(cast(IReactorFromThreads, self._reactor), self._pool, f, *args)
+        return self._pool.call(f, *args)
 
     def _guarded(self, f: Callable[..., _T], *args: object) -> _T:
         """Run f with the connection, on the worker thread."""
