@@ -380,6 +380,38 @@ class ChatTests(CallTalentCase):
         self.assertIn(p.PubAck(1), a.received())
         self.assertEqual(len(self.frames(b)), 1)
 
+    def test_one_commit_and_write_per_read(self) -> None:
+        """
+        Chats read together are one submit to the store; once it is durable
+        the sender gets every PUBACK and `sent` in one write, and the
+        recipient every chat in one.
+        """
+        store = HeldStore(holding=False)
+        self.h = self.harness(store)
+        a, b = self.user("alice"), self.user("bob")
+        store.holding = True
+        a.send(
+            *(
+                p.Publish(
+                    SERVER_TOPIC, json.dumps(chat("alice", "bob", n)).encode(), 1, packet_id=n
+                )
+                for n in range(1, 6)
+            )
+        )
+        self.assertEqual(len(store.held), 1)
+        before = a.transport.writes, b.transport.writes
+        store.release()
+        self.assertEqual((a.transport.writes, b.transport.writes), (before[0] + 1, before[1] + 1))
+        # Each chat's PUBACK, then its `sent`.
+        sent = a.received()
+        self.assertEqual(sent[0::2], [p.PubAck(n) for n in range(1, 6)])
+        frames = [json.loads(packet.payload) for packet in only(p.Publish, sent[1::2])]
+        self.assertEqual(frames, [{"msgid": msgid(n), "type": "sent"} for n in range(1, 6)])
+        delivered = only(p.Publish, b.received())
+        self.assertEqual(
+            [json.loads(d.payload)["msgid"] for d in delivered], [msgid(n) for n in range(1, 6)]
+        )
+
     def test_retransmission(self) -> None:
         """The same msgid again is not delivered twice; sent comes again."""
         a, b = self.user("alice"), self.user("bob")

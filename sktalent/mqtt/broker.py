@@ -33,6 +33,7 @@ from ..store.interfaces import (
     Queued,
     StoreUnavailable,
 )
+from .batch import Batch
 from .interfaces import (
     IAuthorizer,
     IBroker,
@@ -109,6 +110,8 @@ class Broker:
     """
 
     _store: IStore
+    # Shared by every connection (protocol.py) and the commit pipeline.
+    batch: Batch
     _pipeline: Pipeline
     _queues: Queues
     _router: Router
@@ -140,12 +143,14 @@ class Broker:
         gate: ISessionGate | None = None,
         open_timeout: float = 5.0,
     ) -> None:
-        pipeline = Pipeline(store, clock)
+        batch = Batch(metrics.messages_in.labels("mqtt_publish"))
+        pipeline = Pipeline(store, clock, batch)
         queues = Queues(pipeline, store, metrics, clock, max_inflight, limits)
         router = Router(metrics, retained_limits)
         registry = Registry(router, route_offline)
         self.__attrs_init__(
             store,
+            batch,
             pipeline,
             queues,
             router,
@@ -204,6 +209,10 @@ class Broker:
 
     def commit(self, plan: Plan) -> Deferred[None]:
         return self._pipeline.commit(plan)
+
+    def commit_batched(self, plan: Plan) -> Deferred[None]:
+        """commit(), plan's operations submitted with the batch's others (Pipeline.commit)."""
+        return self._pipeline.commit(plan, batched=True)
 
     def apply_now(self, plan: Plan) -> bool:
         """See Pipeline.apply_now."""

@@ -6,7 +6,7 @@ becomes durable before anyone sees it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from ..failures import logged
 from ..store.interfaces import Guarded, IStore, Op, every_op
+from .batch import Batch
 
 log = Logger()
 
@@ -136,36 +137,71 @@ class Pipeline:
 
     _store: IStore
     _clock: IReactorTime
+    # Plans committed while it holds are submitted together at its end, and
+    # the effects of what one submit made durable run inside one: a store
+    # round trip, and a write per connection, for all of them.
+    _batch: Batch
     _pending: deque[_Pending] = attrs.Factory(deque)
+    # Committed in the batch under way, not yet submitted: each with the
+    # number of its operations.
+    _unsent: list[tuple[_Pending, int]] = attrs.Factory(list)
+    _unsent_ops: list[Op] = attrs.Factory(list)
     # Bookkeeping that nobody waits for (acknowledged messages leaving a
     # queue), committed once per reactor turn rather than once each.
     _loose: list[Op] = attrs.Factory(list)
     _loose_flush: IDelayedCall | None = None
 
-    def commit(self, plan: Plan) -> Deferred[None]:
+    def commit(self, plan: Plan, batched: bool = False) -> Deferred[None]:
         """
         Make plan's operations durable, then run its effects; plans complete
         in the order committed.  Fails when the store failed the commit.
+
+        Plan's operations reach the store at once, so a read that follows
+        sees them; ``batched``, when the batch holds, only at its end, with
+        the other plans committed batched meanwhile (for what nothing reads
+        back before then: a publish).
         """
         pending = _Pending(plan, Deferred())
         self._pending.append(pending)
         if plan.empty:
             pending.results = []
             self._drain()
-        else:
+            return pending.done
+        ops = plan.ops
+        if not (batched and self._batch.holding):
+            self._submit([(pending, len(ops))], ops)
+            return pending.done
+        if not self._unsent:
+            self._batch.at_end(self._submit_unsent)
+        self._unsent.append((pending, len(ops)))
+        self._unsent_ops.extend(ops)
+        return pending.done
 
-            def landed(results: list[object]) -> None:
-                pending.results = results
+    def _submit_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        ops, self._unsent_ops = self._unsent_ops, []
+        self._submit(unsent, ops)
+
+    def _submit(self, plans: list[tuple[_Pending, int]], ops: Sequence[Op]) -> None:
+        def landed(results: list[object]) -> None:
+            start = 0
+            for pending, n in plans:
+                pending.results = results[start : start + n]
                 pending.settle()
+                start += n
+            self._batch.hold()
+            try:
                 self._drain()
+            finally:
+                self._batch.release()
 
-            def failed(failure: Any) -> None:
+        def failed(failure: Any) -> None:
+            for pending, _ in plans:
                 pending.failure = failure
                 pending.settle()
-                self._drain()
+            self._drain()
 
-            self._store.submit(plan.ops).addCallbacks(landed, failed)
-        return pending.done
+        self._store.submit(ops).addCallbacks(landed, failed)
 
     def apply_now(self, plan: Plan) -> bool:
         """

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
-from prometheus_client import Counter
 from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
@@ -36,6 +35,7 @@ from ..metrics import Metrics
 from ..store.interfaces import Message, StoreUnavailable
 from . import packets as p
 from .bans import Bans
+from .batch import Batch
 from .broker import Broker, OpenFailed
 from .codec import Decoder, decode, encode_all, encode_puback
 from .interfaces import (
@@ -80,47 +80,6 @@ class Limits:
     max_packet_size: int = 65536
     # Seconds for the CONNECT to arrive, then as long again for its login.
     connect_timeout: float = 10.0
-
-
-@attrs.define(eq=False)
-class Batch:
-    """
-    What the handling of one read holds back until its end, shared by every
-    connection of a factory: each connection's output, written with one
-    transport write however many packets it got (a read of 32 PUBLISHes
-    answers 32 PUBACKs and delivers 32 messages), and the count of routed
-    publishes.  Output outside a batch is written at once.
-    """
-
-    # Publishes routed to subscribers (the application counts its own).
-    _counter: Counter
-    routed: int = 0
-    _depth: int = 0
-    _held: list[MQTTServerProtocol] = attrs.Factory(list)
-
-    @property
-    def holding(self) -> bool:
-        return self._depth > 0
-
-    def hold(self) -> None:
-        self._depth += 1
-
-    def release(self) -> None:
-        """End what hold began; the outermost end writes what was held."""
-        self._depth -= 1
-        if self._depth:
-            return
-        while self._held:
-            held, self._held = self._held, []
-            for protocol in held:
-                protocol.flush()
-        if self.routed:
-            self._counter.inc(self.routed)
-            self.routed = 0
-
-    def held(self, protocol: MQTTServerProtocol) -> None:
-        """protocol has output held: flush it at the end."""
-        self._held.append(protocol)
 
 
 @implementer(IProtocol, ILoggingContext, IConnection)
@@ -537,7 +496,7 @@ class MQTTServerProtocol:
         def failed(failure: Failure) -> None:
             self._unexpected(failure, "Could not commit a publish")
 
-        self._broker.commit(plan).addCallbacks(lambda _: self._track(-1), failed)
+        self._broker.commit_batched(plan).addCallbacks(lambda _: self._track(-1), failed)
 
     def _acknowledge(self, publish: p.Publish) -> None:
         if publish.qos == 1:
@@ -664,11 +623,9 @@ class MQTTFactory(Factory):
     # each, a dict 30 to 50.
     _live: dict[MQTTServerProtocol, None] = attrs.Factory(dict)
     _before_login: ThrottledLog = attrs.field(init=False)
-    _batch: Batch = attrs.field(init=False)
     _keepalives: Keepalives = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._batch = Batch(self._metrics.messages_in.labels("mqtt_publish"))
         self._keepalives = Keepalives(self._clock)
         self._before_login = ThrottledLog(
             log,
@@ -688,7 +645,7 @@ class MQTTFactory(Factory):
             self._limits,
             bans=self._bans,
             before_login=self._before_login,
-            batch=self._batch,
+            batch=self._broker.batch,
             keepalives=self._keepalives,
         )
         protocol.factory = self
