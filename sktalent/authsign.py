@@ -71,6 +71,9 @@ def _looks_reserved(user_id: str) -> bool:
     forms (fullwidth letters), case and invisible (format and default
     ignorable) characters are set aside.
     """
+    if user_id.isascii():
+        # NFKC keeps ASCII as it is, and it holds nothing invisible.
+        return user_id.lower() == RESERVED_USER_ID
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", user_id).casefold())
     visible = "".join(
         c for c in folded if unicodedata.category(c) != "Cf" and not _IGNORABLE.match(c)

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import unicodedata
 from typing import Any
 
 from hypothesis import given
@@ -59,6 +60,19 @@ secrets_ = st.binary(min_size=1, max_size=64)
 
 
 class ValidUserIdTests(SynchronousTestCase):
+    @given(
+        st.text("abcxyzSYTEM019-_.", max_size=12),
+        st.sampled_from(["", "system", "SyStEm", "SYSTEM"]),
+    )
+    def test_ascii_reserved(self, around: str, middle: str) -> None:
+        """
+        An ASCII userID is refused as reserved exactly when its NFKC case
+        fold is "system": the ASCII shortcut agrees with the Unicode rule.
+        """
+        for user_id in {around + middle, middle + around, middle} - {""}:
+            folded = unicodedata.normalize("NFKC", user_id.casefold())
+            self.assertEqual(valid_user_id(user_id), folded != "system", user_id)
+
     def test_accepted(self) -> None:
         """
         Ordinary, non-ASCII, 1- and 128-character userIDs are usable, and so

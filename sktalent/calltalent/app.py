@@ -242,13 +242,15 @@ class CallTalent:
 
     def _parse(self, client_id: str, raw: bytes) -> _Envelope:
         try:
-            parsed = _decode(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
+            parsed = _decode(text)
         except (ValueError, RecursionError):  # RecursionError: absurd nesting
             raise Refusal("bad_json", "the message is not UTF-8 JSON") from None
         written = parsed.get("msgid") if isinstance(parsed, dict) else None
         msgid = written if isinstance(written, str) else ""
         well_formed = _MSGID.fullmatch(msgid) is not None
-        if _lone_surrogate(parsed):
+        # UTF-8 carries no surrogate: only a \\u escape can make one.
+        if "\\u" in text and _lone_surrogate(parsed):
             raise Refusal(
                 "bad_json",
                 "the message holds a lone surrogate, which is not Unicode text",
