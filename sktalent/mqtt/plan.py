@@ -109,8 +109,16 @@ class _Pending:
     def settled(self) -> bool:
         return self.results is not None or self.failure is not None
 
+    # The clients its operations are about, once asked: a busy server asks
+    # of every plan under way at each barrier.
+    _clients: frozenset[str | None] | None = None
+
     def touches(self, client_id: str) -> bool:
-        return any(getattr(op, "client_id", None) == client_id for op in every_op(self.plan.ops))
+        if self._clients is None:
+            self._clients = frozenset(
+                getattr(op, "client_id", None) for op in every_op(self.plan.ops)
+            )
+        return client_id in self._clients
 
     def settle(self) -> None:
         waiting, self.answered = self.answered or [], None
