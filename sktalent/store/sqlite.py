@@ -872,7 +872,7 @@ class SQLiteStore:
     _latency: Histogram | None = None
     _busy_timeout: float = 5.0
     _migrations: Sequence[str] = MIGRATIONS
-    _pool: Worker = attrs.field(init=False)
+    _worker: Worker = attrs.field(init=False)
     _committer: GroupCommitter = attrs.field(init=False)
     # Told, on the worker thread and before any caller hears of it, that the
     # file turned out to be damaged: nothing more it holds can be relied on.
@@ -882,7 +882,7 @@ class SQLiteStore:
 
     def __attrs_post_init__(self) -> None:
         # The reactor provides IReactorFromThreads as well as IReactorTime.
-        self._pool = Worker(cast(IReactorFromThreads, self._reactor), "sktalent-sqlite")
+        self._worker = Worker(cast(IReactorFromThreads, self._reactor), "sktalent-sqlite")
         self._committer = GroupCommitter(
             lambda ops: self._call(_commit, ops),
             self._reactor,
@@ -907,11 +907,11 @@ class SQLiteStore:
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        self._pool.start()
+        self._worker.start()
         try:
             await self._in_thread(self._open)
         except BaseException:
-            self._pool.stop()
+            self._worker.stop()
             raise
 
     def stop(self) -> Deferred[None]:
@@ -919,10 +919,10 @@ class SQLiteStore:
 
     async def _stop(self) -> None:
         await self._committer.stop()
-        if not self._pool.started:
+        if not self._worker.started:
             return
         await self._in_thread(self._close)
-        self._pool.stop()
+        self._worker.stop()
 
     def submit(self, ops: Sequence[Op]) -> Deferred[list[object]]:
         return self._committer.submit(ops)
@@ -1006,7 +1006,7 @@ class SQLiteStore:
         return self._in_thread(self._guarded, f, *args)
 
     def _in_thread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
-        return self._pool.call(f, *args)
+        return self._worker.call(f, *args)
 
     def _guarded(self, f: Callable[..., _T], *args: object) -> _T:
         """Run f with the connection, on the worker thread."""
