@@ -156,7 +156,7 @@ async def paced(
         before = [probe.cpu_seconds() for probe in probes]
         pacing = Pacing(rate, seconds)
         load.expected = await pacing.drive(run, [sender(i) for i in range(len(ports))])
-        await load.finished()
+        await load.done()
         cpu = [probe.cpu_seconds() - b for probe, b in zip(probes, before, strict=True)]
         if load.counts["other"]:
             raise BenchError(f"{load.counts['other']} chats were refused")

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -548,10 +548,19 @@ class _PairLoad:
         self.pubs[i].on_ack = on_ack
         return build
 
-    async def delivered(self) -> None:
+    async def done(self) -> None:
         """Return once every message expected arrived (or the run expired)."""
         if self.received < self.expected and self._done is not None:
             await self._done.wait()
+
+    @property
+    def completed(self) -> int:
+        """Messages done: delivered."""
+        return self.received
+
+    @property
+    def connections(self) -> list[Connection]:
+        return [*self.subs, *self.pubs]
 
     def figures(self, wall: float, server_cpu: float, probe: ServerProbe) -> dict[str, float]:
         return {
@@ -592,14 +601,7 @@ class Pairs:
         def publisher(i: int) -> Awaitable[int]:
             return publish_window(run, load.pubs[i], load.builder(i), share, self.window)
 
-        meter = _Meter(probe)
-        meter.start()
-        await asyncio.gather(*map(publisher, range(self.pairs)))
-        await load.delivered()
-        wall, loadgen_cpu, server_cpu = meter.stop()
-        figures = load.figures(wall, server_cpu, probe)
-        await close_all([*load.subs, *load.pubs])
-        return Result(figures, run.expired, loadgen_cpu)
+        return await _measured(run, probe, load, asyncio.gather(*map(publisher, range(self.pairs))))
 
 
 @attrs.frozen
@@ -624,22 +626,48 @@ class PacedPairs:
             conn, build = load.pubs[i], load.builder(i)
             return lambda now: conn.write(build(conn.packet_id(), now))
 
-        meter = _Meter(probe)
-        meter.start()
-        load.expected = await self.pacing.drive(run, [sender(i) for i in range(self.pairs)])
-        await load.delivered()
-        wall, loadgen_cpu, server_cpu = meter.stop()
-        figures = _paced(load.figures(wall, server_cpu, probe), load.received, server_cpu)
-        await close_all([*load.subs, *load.pubs])
-        return Result(figures, run.expired, loadgen_cpu)
+        drive = self.pacing.drive(run, [sender(i) for i in range(self.pairs)])
+        return await _measured(run, probe, load, drive, paced=True)
 
 
-def _paced(figures: dict[str, float], done: int, server_cpu: float) -> dict[str, float]:
-    """A paced run's figures: CPU per message in microseconds, throughput being set."""
-    per_message = {"server CPU us per msg": server_cpu / max(done, 1) * 1e6}
-    return per_message | {
-        name: value for name, value in figures.items() if "CPU s per 10k" not in name
-    }
+class _Load(Protocol):
+    """The pairs of a scenario, as _measured drives them."""
+
+    expected: int
+
+    async def done(self) -> None: ...
+
+    @property
+    def completed(self) -> int: ...
+
+    @property
+    def connections(self) -> list[Connection]: ...
+
+    def figures(self, wall: float, server_cpu: float, probe: ServerProbe) -> dict[str, float]: ...
+
+
+async def _measured(
+    run: Run, probe: ServerProbe, load: _Load, drive: Awaitable[object], paced: bool = False
+) -> Result:
+    """
+    Drive load (paced: drive answers how many messages it sent), wait
+    until they are done, and close: the figures of the measured phase.
+    """
+    meter = _Meter(probe)
+    meter.start()
+    sent = await drive
+    if paced:
+        assert isinstance(sent, int)
+        load.expected = sent
+    await load.done()
+    wall, loadgen_cpu, server_cpu = meter.stop()
+    figures = load.figures(wall, server_cpu, probe)
+    if paced:
+        # CPU per message in microseconds: the throughput is the pacing's.
+        per_message = {"server CPU us per msg": server_cpu / max(load.completed, 1) * 1e6}
+        figures = per_message | {k: v for k, v in figures.items() if "CPU s per 10k" not in k}
+    await close_all(load.connections)
+    return Result(figures, run.expired, loadgen_cpu)
 
 
 @attrs.frozen
@@ -766,10 +794,19 @@ class ChatLoad:
         body = json.dumps(envelope, separators=(",", ":")).encode()
         return encode(p.Publish(SERVER_TOPIC, body, 1, packet_id=packet_id))
 
-    async def finished(self) -> None:
+    async def done(self) -> None:
         """Return once every chat expected was answered (or the run expired)."""
         if not self.answered and self._done is not None:
             await self._done.wait()
+
+    @property
+    def completed(self) -> int:
+        """Chats done: answered ``sent``."""
+        return self.counts["sent"]
+
+    @property
+    def connections(self) -> list[Connection]:
+        return [*self.senders, *self.recipients]
 
     def figures(self, wall: float, server_cpu: float, probe: ServerProbe) -> dict[str, float]:
         if self.counts["other"]:
@@ -830,14 +867,7 @@ class Chat:
             conn.on_message = on_answer
             return publish_window(run, conn, chat, share, self.window, lambda: outstanding)
 
-        meter = _Meter(probe)
-        meter.start()
-        await asyncio.gather(*map(sender, range(self.pairs)))
-        await load.finished()
-        wall, loadgen_cpu, server_cpu = meter.stop()
-        figures = load.figures(wall, server_cpu, probe)
-        await close_all([*load.senders, *load.recipients])
-        return Result(figures, run.expired, loadgen_cpu)
+        return await _measured(run, probe, load, asyncio.gather(*map(sender, range(self.pairs))))
 
 
 @attrs.frozen
@@ -867,11 +897,5 @@ class PacedChat:
             conn = load.senders[i]
             return lambda now: conn.write(load.chat(i, conn.packet_id(), now))
 
-        meter = _Meter(probe)
-        meter.start()
-        load.expected = await self.pacing.drive(run, [sender(i) for i in range(self.pairs)])
-        await load.finished()
-        wall, loadgen_cpu, server_cpu = meter.stop()
-        figures = _paced(load.figures(wall, server_cpu, probe), load.counts["sent"], server_cpu)
-        await close_all([*load.senders, *load.recipients])
-        return Result(figures, run.expired, loadgen_cpu)
+        drive = self.pacing.drive(run, [sender(i) for i in range(self.pairs)])
+        return await _measured(run, probe, load, drive, paced=True)
