@@ -313,6 +313,22 @@ class ConnectTests(SynchronousTestCase):
         first.lose()
         self.assertTrue(self.h.broker.is_online("a"))
 
+    def test_takeovers_logged_sparingly(self) -> None:
+        """
+        A client connecting again and again takes its session over each
+        time; of 500 takeovers in a moment a few lines and one summary are
+        logged.
+        """
+        with capturedLogs() as events:
+            for _ in range(500):
+                self.h.client().connect("a", clean=False)
+            self.h.clock.advance(1)
+        lines = [formatEvent(e) for e in events if "connected again" in formatEvent(e)]
+        self.assertLessEqual(len(lines), 10, lines)
+        self.assertEqual(lines[0], "Client a connected again; closing its old connection")
+        self.assertTrue(lines[-1].startswith(f"{500 - len(lines)} more clients connected again"))
+        self.assertTrue(self.h.broker.is_online("a"))
+
     def test_flood_before_connack(self) -> None:
         """A client flooding packets while its login is pending is closed."""
         h = Harness(portal=portal_for(NeverAnswers()))

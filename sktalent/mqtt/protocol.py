@@ -157,8 +157,10 @@ class MQTTServerProtocol:
     _paused: bool = False
     # What the CONNECT claimed to be (its username, else its client id).
     _claimed: str | None = None
-    # Shared by every connection: what clients do before a login is logged sparingly.
+    # Shared by every connection: what clients do before a login, and their
+    # takeovers, are logged sparingly.
     _before_login: ThrottledLog = attrs.field(kw_only=True)
+    _takeovers: ThrottledLog = attrs.field(kw_only=True)
 
     # -- transport events ---------------------------------------------------
 
@@ -256,7 +258,7 @@ class MQTTServerProtocol:
         self._close("the server is stopping")
 
     def take_over(self) -> None:
-        log.info(
+        self._takeovers.info(
             "Client {client} connected again; closing its old connection", client=self._client_id
         )
         self._session = None
@@ -623,6 +625,7 @@ class MQTTFactory(Factory):
     # each, a dict 30 to 50.
     _live: dict[MQTTServerProtocol, None] = attrs.Factory(dict)
     _before_login: ThrottledLog = attrs.field(init=False)
+    _takeovers: ThrottledLog = attrs.field(init=False)
     _keepalives: Keepalives = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -632,6 +635,12 @@ class MQTTFactory(Factory):
             self._clock,
             "{count} more refused logins (or connections closed before a login) in {seconds} s,"
             " not logged one by one; sktalent_auth_failures_total counts the logins",
+        )
+        self._takeovers = ThrottledLog(
+            log,
+            self._clock,
+            "{count} more clients connected again, closing their old connections, in"
+            " {seconds} s, not logged one by one",
         )
 
     def buildProtocol(self, addr: object) -> MQTTServerProtocol:
@@ -645,6 +654,7 @@ class MQTTFactory(Factory):
             self._limits,
             bans=self._bans,
             before_login=self._before_login,
+            takeovers=self._takeovers,
             batch=self._broker.batch,
             keepalives=self._keepalives,
         )
@@ -662,4 +672,5 @@ class MQTTFactory(Factory):
         for protocol in list(self._live):
             protocol.server_stopping()
         self._before_login.stop()
+        self._takeovers.stop()
         self._keepalives.stop()
