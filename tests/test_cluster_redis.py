@@ -10,12 +10,14 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from sktalent.cluster import RedisAddress
 from sktalent.cluster.interfaces import BackendDown, Holder
 from sktalent.cluster.redis import RedisBackend
 from sktalent.testing.cluster import RedisProcess, running_redis
+from sktalent.testing.server import free_port
 
 from .helpers import eventually
 
@@ -178,3 +180,24 @@ class RedisBackendTests(TestCase):
         self.assertLess(reactor.seconds() - back, 1.5)
         self.assertEqual(self.ups, [True, False, True])
         self.assertEqual(await a.locate(["alice"]), [None])
+
+
+class RedisDownTests(TestCase):
+    async def test_retries_logged_briefly(self) -> None:
+        """
+        While Redis does not answer the backend tries again twice a second;
+        its log says so in short lines (it logged 250 KB a try, the
+        factory's repr with everything the backend refers to).
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        address = RedisAddress.parse(f"redis://127.0.0.1:{free_port()}/0")
+        backend = RedisBackend(address, "a", reactor)
+        backend.start(lambda m: None, lambda: None, lambda: None)
+        await deferLater(reactor, 1.6, lambda: None)
+        await backend.stop()
+        lines = [formatEvent(e) for e in events]
+        self.assertTrue(any("127.0.0.1" in line for line in lines), lines)
+        self.assertFalse([line for line in lines if "Starting factory" in line])
+        self.assertLess(max(map(len, lines)), 500)

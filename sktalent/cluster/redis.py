@@ -255,10 +255,15 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 class _ProtocolFactory(Factory):
     """Builds txredisapi protocols bound to the backend, on its clock."""
 
-    backend: RedisBackend
+    # Not in the repr: the factory is named in Twisted's log lines, and the
+    # backend's repr holds everything it refers to.
+    backend: RedisBackend = attrs.field(repr=False)
     kind: type[txredisapi.BaseRedisProtocol]
     # What txredisapi's protocol asks of its factory.
     isLazy: bool = True
+    # Not "Starting factory" at every connection attempt: while Redis is
+    # down there are two a second.
+    noisy: bool = False
 
     def buildProtocol(self, addr: object) -> txredisapi.BaseRedisProtocol:
         address = self.backend.address
