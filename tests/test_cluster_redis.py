@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from sktalent.cluster import RedisAddress
@@ -189,14 +189,12 @@ class RedisDownTests(TestCase):
         its log says so in short lines (it logged 250 KB a try, the
         factory's repr with everything the backend refers to).
         """
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         address = RedisAddress.parse(f"redis://127.0.0.1:{free_port()}/0")
         backend = RedisBackend(address, "a", reactor)
-        backend.start(lambda m: None, lambda: None, lambda: None)
-        await deferLater(reactor, 1.6, lambda: None)
-        await backend.stop()
+        with capturedLogs() as events:
+            backend.start(lambda m: None, lambda: None, lambda: None)
+            await deferLater(reactor, 1.6, lambda: None)
+            await backend.stop()
         lines = [formatEvent(e) for e in events]
         self.assertTrue(any("127.0.0.1" in line for line in lines), lines)
         self.assertFalse([line for line in lines if "Starting factory" in line])
