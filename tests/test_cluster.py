@@ -295,6 +295,20 @@ class RoutingTests(ClusterCase):
         self.assertNotIn("carol", b.local.carried)
         self.assertNotIn("dan", b.local.carried)
 
+    def test_cancelled_open_releases(self) -> None:
+        """
+        An open given up after its claim landed (the broker's open timed out
+        while the old node flushed) leaves no presence here behind it.
+        """
+        a, b = self.member("a"), self.member("b")
+        self.connect(b, "bob")
+        b.local.hold_flush = True
+        opening = a.node.before_open("bob")
+        self.assertEqual(self.where(a, "bob"), "a")
+        opening.cancel()
+        self.failureResultOf(opening)
+        self.assertNotEqual(self.where(a, "bob"), "a")
+
     def test_offline_pushed(self) -> None:
         """What is committed for a user connected nowhere is pushed."""
         a = self.member("a")

@@ -287,6 +287,11 @@ class ClusterNode:
 
     def _not_opened(self, failure: Failure, user: str) -> Failure:
         self._end_opening(user)
+        if user not in self._opening and user not in self._here:
+            # Claimed, maybe, before it failed (Redis lost meanwhile, the
+            # open timed out): a presence here with no session would draw
+            # every wake for the user here.
+            self._release_presence(user)
         return failure
 
     def _end_opening(self, user: str) -> _Opening | None:
@@ -477,7 +482,7 @@ class ClusterNode:
         if opening is not None:
             opening.woken = True
         if self.local.is_connected(user):
-            self.local.wake(user, carried)
+            self.local.wake(user, carried, routed=True)
         elif opening is not None:
             pass  # Replayed once open.
         elif looked_up:
