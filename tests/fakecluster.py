@@ -271,7 +271,9 @@ class FakeLocal:
     def is_connected(self, user: str) -> bool:
         return user in self.users
 
-    def wake(self, user: str, carried: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def wake(
+        self, user: str, carried: Sequence[Mapping[str, Any]] | None = None, routed: bool = False
+    ) -> None:
         self.woken.append(user)
         if carried:
             self.carried.setdefault(user, []).extend(carried)

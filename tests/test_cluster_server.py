@@ -171,6 +171,20 @@ class PushDecisionTests(ClusterServerCase):
             [(("bob",), "unacknowledged", msgid(1))],
         )
 
+    def test_sweep_waits_for_nothing(self) -> None:
+        """
+        The safety sweep's wake of a connected user reads its queue and
+        starts no push wait (each would cost a store read later); a wake
+        routed from another node without its messages starts one.
+        """
+        local = LocalServer(self.h.broker, self.app, self.delivery)
+        self.user("bob")
+        before = self.delivery.waiting
+        local.wake("bob")
+        self.assertEqual(self.delivery.waiting, before)
+        local.wake("bob", routed=True)
+        self.assertEqual(self.delivery.waiting, before + 1)
+
     def test_redis_down_decided_later(self) -> None:
         """A push decision that needs Redis while it is down is made when it is back."""
         a = self.user("alice")

@@ -127,10 +127,14 @@ class ILocalNode(Protocol):
     def is_connected(self, user: str) -> bool:
         """Whether user has a live connection here."""
 
-    def wake(self, user: str, carried: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def wake(
+        self, user: str, carried: Sequence[Mapping[str, Any]] | None = None, routed: bool = False
+    ) -> None:
         """
-        The store has new messages for user: page them in if connected
+        The store may have new messages for user: page them in if connected
         here.  carried: some of them, as the wake carried them (carried.py).
+        routed: another node committed them (not a sweep or a catch-up), so
+        they are waited for to be acknowledged, or pushed.
         """
 
     def release(self, user: str) -> Deferred[None]:

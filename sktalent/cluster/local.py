@@ -29,13 +29,17 @@ class LocalServer:
     def is_connected(self, user: str) -> bool:
         return self._broker.is_online(user)
 
-    def wake(self, user: str, carried: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def wake(
+        self, user: str, carried: Sequence[Mapping[str, Any]] | None = None, routed: bool = False
+    ) -> None:
         if carried:
             outs = [uncarry(doc) for doc in carried]
             self._broker.arrived(user, outs)
             self._delivery.woken(user, [o.seq for o in outs if o.notice is not None])
-        else:
-            self._broker.wake(user)
+            return
+        self._broker.wake(user)
+        if routed:
+            # What it was is not known here: whatever was queued until now.
             self._delivery.woken(user)
 
     def release(self, user: str) -> Deferred[None]:
