@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -276,6 +277,26 @@ class InUseTests(TestCase):
         self.assertLess(ago, 5)
         await server.stop()
         self.assertEqual(await tool.others(), [])
+
+    async def test_dead_records_removed(self) -> None:
+        """
+        The record of a process that died without taking it back is not
+        heard of, and is removed when the store looks.
+        """
+        uri = mongo_store()
+        self.addCleanup(lambda: Deferred.fromCoroutine(drop_database(uri)))
+        client: pymongo.MongoClient[dict[str, Any]]
+        with pymongo.MongoClient(uri) as client:
+            long_ago = datetime(2020, 1, 1, tzinfo=UTC)
+            client.get_default_database().servers.insert_one(
+                {"_id": "dead", "holder": "a crashed server", "at": long_ago}
+            )
+        tool = MongoStore(reactor, uri, holder="the tool")
+        await tool.start()
+        self.addCleanup(tool.stop)
+        self.assertEqual(await tool.others(), [])
+        with pymongo.MongoClient(uri) as client:
+            self.assertIsNone(client.get_default_database().servers.find_one({"_id": "dead"}))
 
     async def test_no_start_while_a_copy_is_under_way(self) -> None:
         """

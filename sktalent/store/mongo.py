@@ -761,11 +761,16 @@ class MongoStore:
     async def _heard(self) -> list[tuple[str, float, bool]]:
         """Every other process heard of within LIVE: holder, seconds ago, copying."""
         now = (await self._q(self._db.command("isMaster")))["localTime"]
-        found = []
+        found, gone = [], []
         for doc in await self._q(self._db.servers.find({"_id": {"$ne": self._token}})):
             ago = (now - doc["at"]).total_seconds()
             if ago < LIVE:
                 found.append((str(doc.get("holder")), max(ago, 0.0), bool(doc.get("copying"))))
+            else:
+                gone.append(doc["_id"])
+        if gone:
+            # Processes that died without taking their record back.
+            await self._q(self._db.servers.delete_many({"_id": {"$in": gone}}))
         return found
 
     def copy_in(self, items: Sequence[Copied]) -> Deferred[None]:
