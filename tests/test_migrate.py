@@ -288,15 +288,14 @@ class InUseTests(TestCase):
         client: pymongo.MongoClient[dict[str, Any]]
         with pymongo.MongoClient(uri) as client:
             long_ago = datetime(2020, 1, 1, tzinfo=UTC)
-            client.get_default_database().servers.insert_one(
-                {"_id": "dead", "holder": "a crashed server", "at": long_ago}
-            )
+            db: pymongo.database.Database[dict[str, Any]] = client.get_default_database()
+            db["servers"].insert_one({"_id": "dead", "holder": "a crashed server", "at": long_ago})
         tool = MongoStore(reactor, uri, holder="the tool")
         await tool.start()
         self.addCleanup(tool.stop)
         self.assertEqual(await tool.others(), [])
         with pymongo.MongoClient(uri) as client:
-            self.assertIsNone(client.get_default_database().servers.find_one({"_id": "dead"}))
+            self.assertIsNone(client.get_default_database()["servers"].find_one({"_id": "dead"}))
 
     async def test_no_start_while_a_copy_is_under_way(self) -> None:
         """
