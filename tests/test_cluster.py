@@ -6,11 +6,13 @@ Redis and recording local servers: presence, routing, takeover, failures.
 from __future__ import annotations
 
 import attrs
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sktalent.cluster.carried import MAX_BYTES, MAX_MESSAGES, uncarry
-from sktalent.cluster.interfaces import BackendDown
+from sktalent.cluster.carried import MAX_BYTES, MAX_MESSAGES, Carried, uncarry
+from sktalent.cluster.interfaces import BackendDown, encode_message
 from sktalent.cluster.node import ClusterNode
 from sktalent.failures import StartFailure
 from sktalent.mqtt.interfaces import ServiceUnavailable
@@ -295,6 +297,29 @@ class RoutingTests(ClusterCase):
         self.assertNotIn("carol", b.local.carried)
         self.assertNotIn("dan", b.local.carried)
 
+    def test_wake_bounded_in_bytes(self) -> None:
+        """
+        What one wake carries is bounded in the bytes it takes over Redis,
+        not in characters: Chinese text (three bytes a character) and text
+        that JSON escapes make a wake plain sooner; ASCII text up to the
+        bound is carried.
+        """
+        a, b = self.member("a"), self.member("b")
+        users = {
+            "bob": ["好" * (MAX_BYTES // 4)] * 2,
+            "carol": ['"' * (MAX_BYTES // 3)] * 2,
+            "dan": ["\x01" * (MAX_BYTES // 3)],
+            "eve": ["x" * (MAX_BYTES // 2 - 100)] * 2,
+        }
+        for user, payloads in users.items():
+            self.connect(b, user)
+            for seq, payload in enumerate(payloads, 1):
+                a.node.queued_elsewhere(user, Outgoing(seq, Message("t", payload.encode(), 1)))
+        self.turn()
+        self.assertEqual(sorted(b.local.woken), sorted(users))
+        self.assertEqual(list(b.local.carried), ["eve"])
+        self.assertEqual(len(b.local.carried["eve"]), 2)
+
     def test_cancelled_open_releases(self) -> None:
         """
         An open given up after its claim landed (the broker's open timed out
@@ -396,6 +421,23 @@ class RoutingTests(ClusterCase):
         self.turn()
         self.assertIn("bob", b.local.woken)
         self.assertEqual(pushed, ["carol"])
+
+
+class CarriedTests(SynchronousTestCase):
+    @given(st.lists(st.text(max_size=MAX_BYTES // 2), max_size=MAX_MESSAGES + 2))
+    def test_size_is_what_the_wake_takes(self, payloads: list[str]) -> None:
+        """
+        The size kept of what a wake carries is the UTF-8 bytes of the
+        carried messages in the wake's JSON, never past the bound.
+        """
+        carried = Carried()
+        for seq, payload in enumerate(payloads):
+            if not carried.add(Outgoing(seq, Message("t", payload.encode(), 1))):
+                break
+        encoded = encode_message(carried.docs).encode()
+        # Less the list's brackets and commas.
+        self.assertEqual(carried.size, len(encoded) - max(2, len(carried.docs) + 1))
+        self.assertLessEqual(carried.size, MAX_BYTES)
 
 
 class RecoveryTests(ClusterCase):

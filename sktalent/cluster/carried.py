@@ -6,22 +6,51 @@ the store.  Past the bounds a wake is plain and its node reads the store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+import attrs
 
 from ..mqtt.session import Outgoing
 from ..store.interfaces import Message
+from .interfaces import encode_message
 
-# Messages and payload bytes one wake carries for a user.
+# Messages one wake carries for a user, and the bytes they take in it.
 MAX_MESSAGES = 32
 MAX_BYTES = 16_384
 
 
-def carry(out: Outgoing) -> dict[str, Any] | None:
-    """out as a wake carries it (JSON); None when it is not worth carrying."""
+@attrs.define(eq=False)
+class Carried:
+    """The messages one wake carries for a user."""
+
+    docs: list[dict[str, Any]] = attrs.Factory(list)
+    # What they take in the wake as it goes over Redis: the UTF-8 bytes of
+    # their JSON (encode_message keeps non-ASCII as it is; quotes,
+    # backslashes and control characters count escaped).  Kept as they are
+    # added, so that no payload is encoded twice.
+    size: int = 0
+
+    def add(self, out: Outgoing) -> bool:
+        """Carry out too; False, nothing added, when it is not worth carrying or does not fit."""
+        # The payload's bytes are the least its JSON takes: too many, and it
+        # is not even decoded.
+        if len(self.docs) >= MAX_MESSAGES or self.size + len(out.message.payload) > MAX_BYTES:
+            return False
+        doc = _carry(out)
+        if doc is None:
+            return False
+        size = len(encode_message(doc).encode())
+        if self.size + size > MAX_BYTES:
+            return False
+        self.docs.append(doc)
+        self.size += size
+        return True
+
+
+def _carry(out: Outgoing) -> dict[str, Any] | None:
+    """out as a wake carries it (JSON); None when it is not text."""
     m = out.message
-    if len(m.payload) > MAX_BYTES:
-        return None
     try:
         payload = m.payload.decode()
     except UnicodeDecodeError:
@@ -32,12 +61,6 @@ def carry(out: Outgoing) -> dict[str, Any] | None:
     if out.notice is not None:
         doc["n"] = out.notice
     return doc
-
-
-def fits(carried: Sequence[Mapping[str, Any]], doc: Mapping[str, Any]) -> bool:
-    """Whether doc may join carried in one wake."""
-    size = sum(len(d["p"]) for d in carried) + len(doc["p"])
-    return len(carried) < MAX_MESSAGES and size <= MAX_BYTES
 
 
 def uncarry(doc: Mapping[str, Any]) -> Outgoing:

@@ -5,6 +5,7 @@ what it needs of the server it runs in (ILocalNode).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -12,6 +13,14 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from ..mqtt.interfaces import ServiceUnavailable
+
+
+def encode_message(message: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
+    """
+    JSON as the cluster's messages go over Redis: compact, non-ASCII as it
+    is (UTF-8 on the wire, as the Redis link encodes text), not escaped.
+    """
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
 
 
 @attrs.frozen

@@ -41,7 +41,7 @@ from zope.interface import implementer
 from ..failures import StartFailure
 from ..mqtt.interfaces import ISessionGate
 from ..mqtt.session import Outgoing
-from .carried import carry, fits
+from .carried import Carried
 from .interfaces import BackendDown, Holder, IClusterBackend, ILocalNode
 
 log = Logger()
@@ -113,7 +113,7 @@ class ClusterNode:
     _routing: IDelayedCall | None = None
     # The messages committed this turn for users routed, as their wakes
     # carry them; None for a user with more than one wake carries.
-    _carried: dict[str, list[dict[str, Any]] | None] = attrs.Factory(dict)
+    _carried: dict[str, Carried | None] = attrs.Factory(dict)
     # Routing that waits for Redis to come back.
     _undecided: dict[str, tuple[int, list[Offline]]] = attrs.Factory(dict)
     # Takeovers under way: request id -> the answer awaited.
@@ -376,13 +376,9 @@ class ClusterNode:
         Wake the node holding user, if any: the store has new messages for
         it, out among them (carried along when it can be).
         """
-        carried = self._carried.get(user, [])
-        doc = None if out is None else carry(out)
-        if carried is None or doc is None or not fits(carried, doc):
+        carried = self._carried.setdefault(user, Carried())
+        if carried is None or out is None or not carried.add(out):
             self._carried[user] = None
-        else:
-            carried.append(doc)
-            self._carried[user] = carried
         self.deliver(user)
 
     def _revoke(self, user: str) -> Deferred[None] | None:
@@ -430,14 +426,14 @@ class ClusterNode:
     async def _locate(
         self,
         routes: dict[str, tuple[int, list[Offline]]],
-        carried: Mapping[str, list[dict[str, Any]] | None],
+        carried: Mapping[str, Carried | None],
     ) -> None:
         # One round trip for the users of each hop count (almost always one):
         # looked up, and their holders woken by the same script.
         by_hops: dict[int, list[str]] = {}
         for user, (hops, _) in routes.items():
             by_hops.setdefault(hops, []).append(user)
-        messages = {user: m for user, m in carried.items() if m}
+        messages = {user: c.docs for user, c in carried.items() if c is not None}
         for n, (hops, users) in enumerate(by_hops.items()):
             try:
                 if not self._backend.up:

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import RedisAddress
-from .interfaces import BackendDown, Claimed, Holder
+from .interfaces import BackendDown, Claimed, Holder, encode_message
 
 log = Logger()
 
@@ -438,7 +438,7 @@ class RedisBackend:
             args: list[object] = [self.node, incarnation, hops]
             for user in users[i : i + _CHUNK]:
                 messages = carried.get(user)
-                args += [user, _compact(messages) if messages else ""]
+                args += [user, encode_message(messages) if messages else ""]
             reply = await self._script(ROUTE, *args)
             found.extend(decode_holder(value) for value in reply)
         return found
@@ -462,11 +462,7 @@ class RedisBackend:
         return self._script(REAP, batch).addCallback(list)
 
     def send(self, node: str, message: Mapping[str, Any]) -> Deferred[int]:
-        return self._run("publish", node_channel(node), _compact(message))
+        return self._run("publish", node_channel(node), encode_message(message))
 
     def broadcast(self, message: Mapping[str, Any]) -> Deferred[int]:
-        return self._run("publish", ALL_CHANNEL, _compact(message))
-
-
-def _compact(message: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        return self._run("publish", ALL_CHANNEL, encode_message(message))
