@@ -5,8 +5,11 @@ redis-server: its scripts, and its links going and coming back.
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
 from typing import Any
 
+import txredisapi
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -162,6 +165,41 @@ class RedisBackendTests(TestCase):
             b_heard, [{"k": "wake", "h": 1, "u": ["bob", "小明"], "m": {"bob": carried}}]
         )
         self.assertEqual(a_heard, [])
+
+    async def test_scripts_by_hash(self) -> None:
+        """
+        Scripts are called by their SHA1, computed once, not at every call:
+        Redis is sent each script whole once, and once again after it lost
+        them (SCRIPT FLUSH, as a restart does), the backend working on.
+        """
+        a = await self.backend("a")
+        b = await self.backend("b")
+        hashed: list[object] = []
+
+        def sha1(data: bytes) -> Any:
+            hashed.append(data)
+            return hashlib.sha1(data)
+
+        self.patch(txredisapi, "hashlib", SimpleNamespace(sha1=sha1))
+
+        async def evals() -> int:
+            stats = await b._run("info", "commandstats")
+            # "calls=3,usec=...": EVAL's line, absent before its first call.
+            line = stats.get("cmdstat_eval", "calls=0,")
+            return int(line.split(",")[0].removeprefix("calls="))
+
+        for _ in range(3):
+            self.assertIsNone(await a.lease("i1", 10_000))
+            await a.claim("alice", A)
+            self.assertEqual(await a.locate(["alice"]), [A])
+        self.assertEqual(await evals(), 3)
+        # Behind a's back, as a restarted Redis would be.
+        await b._run("execute_command", "SCRIPT", "FLUSH")
+        for _ in range(2):
+            self.assertEqual(await a.locate(["alice"]), [A])
+            self.assertEqual((await a.claim("alice", A)).previous, A)
+        self.assertEqual(await evals(), 5)
+        self.assertEqual(hashed, [])
 
     async def test_redis_restarted(self) -> None:
         """

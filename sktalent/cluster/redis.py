@@ -22,6 +22,7 @@ it is atomic and costs one round trip for any number of users.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -50,6 +51,23 @@ _RETRY = 0.5
 # Users per script call, so that no call blocks Redis for long.
 _CHUNK = 500
 
+
+@attrs.frozen
+class Script:
+    """
+    A Lua script, called by its SHA1, computed here once: Redis is sent the
+    text only when it does not have the script (its first call, or after a
+    restart or SCRIPT FLUSH).
+    """
+
+    text: str
+    sha: str = attrs.field(init=False)
+
+    @sha.default
+    def _sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()
+
+
 _LIVE = """
 local function live(p, v)
   if not v then return false end
@@ -58,7 +76,8 @@ local function live(p, v)
 end
 """
 
-LEASE = """
+LEASE = Script(
+    """
 local key = ARGV[1] .. 'node:' .. ARGV[2]
 local current = redis.call('GET', key)
 if current and current ~= ARGV[3] then return current end
@@ -70,8 +89,9 @@ redis.call('SET', key, ARGV[3], 'PX', ARGV[4])
 redis.call('SADD', ARGV[1] .. 'incarnations', ARGV[2] .. '\\31' .. ARGV[3])
 return false
 """
+)
 
-CLAIM = (
+CLAIM = Script(
     _LIVE
     + """
 local p, user = ARGV[1], ARGV[2]
@@ -85,7 +105,8 @@ return {old, redis.call('GET', p .. 'rate:' .. user) or ''}
 """
 )
 
-RELEASE = """
+RELEASE = Script(
+    """
 local p, user = ARGV[1], ARGV[2]
 local mine = ARGV[3] .. '\\31' .. ARGV[4]
 local key = p .. 'user:' .. user
@@ -99,8 +120,9 @@ if ARGV[5] ~= '' then
 end
 return 0
 """
+)
 
-LOCATE = (
+LOCATE = Script(
     _LIVE
     + """
 local p, found = ARGV[1], {}
@@ -116,7 +138,7 @@ return found
 # the caller's incarnation), in one round trip: ARGV is the prefix, the
 # caller's node and incarnation, the wake's hops, then each user with what
 # its wake carries (a JSON list, or "").
-ROUTE = (
+ROUTE = Script(
     _LIVE
     + """
 local p, me, hops = ARGV[1], ARGV[2] .. '\\31' .. ARGV[3], ARGV[4]
@@ -152,7 +174,7 @@ return found
 """
 )
 
-REASSERT = (
+REASSERT = Script(
     _LIVE
     + """
 local p, mine = ARGV[1], ARGV[2] .. '\\31' .. ARGV[3]
@@ -172,7 +194,8 @@ return taken
 """
 )
 
-REAP = """
+REAP = Script(
+    """
 local p, batch = ARGV[1], tonumber(ARGV[2])
 local taken = {}
 for _, member in ipairs(redis.call('SMEMBERS', p .. 'incarnations')) do
@@ -195,6 +218,7 @@ for _, member in ipairs(redis.call('SMEMBERS', p .. 'incarnations')) do
 end
 return taken
 """
+)
 
 
 def encode_holder(holder: Holder) -> str:
@@ -389,8 +413,17 @@ class RedisBackend:
 
         return d.addErrback(down)
 
-    def _script(self, script: str, *args: object) -> Deferred[Any]:
-        return self._run("eval", script, [], [PREFIX, *(str(a) for a in args)])
+    def _script(self, script: Script, *args: object) -> Deferred[Any]:
+        argv = [PREFIX, *(str(a) for a in args)]
+
+        def unknown(failure: Failure) -> Deferred[Any]:
+            failure.trap(txredisapi.ScriptDoesNotExist)
+            # Redis lost it (restarted, SCRIPT FLUSH) or never had it: sent
+            # whole, it runs and is kept again.  NOSCRIPT ran none of it.
+            return self._run("execute_command", "EVAL", script.text, 0, *argv)
+
+        # Not txredisapi's eval(): it hashes the text at every call.
+        return self._run("evalsha", script.sha, [], argv).addErrback(unknown)
 
     def lease(self, incarnation: str, milliseconds: int) -> Deferred[str | None]:
         return self._script(LEASE, self.node, incarnation, milliseconds)
