@@ -65,6 +65,9 @@ class FakeBackend:
     cut: bool = False
     calls: list[str] = attrs.Factory(list)
     sent: list[tuple[str, dict[str, Any]]] = attrs.Factory(list)
+    # Calls so named wait, in held, until answer_held().
+    hold: set[str] = attrs.Factory(set)
+    held: list[tuple[Deferred[Any], Callable[[], Any]]] = attrs.Factory(list)
     _on_message: Callable[[Mapping[str, Any]], None] | None = None
     _on_up: Callable[[], None] | None = None
     _on_down: Callable[[], None] | None = None
@@ -98,9 +101,22 @@ class FakeBackend:
 
     def _call(self, name: str, answer: Callable[[], Any]) -> Deferred[Any]:
         self.calls.append(name)
+        if name in self.hold:
+            d: Deferred[Any] = Deferred()
+            self.held.append((d, answer))
+            return d
+        return self._answer(answer)
+
+    def _answer(self, answer: Callable[[], Any]) -> Deferred[Any]:
         if not self.up:
             return fail(BackendDown("down"))
         return succeed(answer())
+
+    def answer_held(self) -> None:
+        """The held calls are answered, as Redis is now."""
+        held, self.held = self.held, []
+        for d, answer in held:
+            self._answer(answer).chainDeferred(d)
 
     def lease(self, incarnation: str, milliseconds: int) -> Deferred[str | None]:
         def lease() -> str | None:

@@ -7,6 +7,9 @@ see of users on other nodes.
 
 from __future__ import annotations
 
+import gc
+
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.calltalent.app import CallTalent
@@ -19,13 +22,24 @@ from sktalent.mqtt import packets as p
 from sktalent.mqtt.plan import Plan
 from sktalent.mqtt.session import Outgoing
 from sktalent.push.interfaces import PushNotice
-from sktalent.store.interfaces import Enqueue, Message, Queued, SessionRecord
+from sktalent.store.interfaces import (
+    Enqueue,
+    Message,
+    Queued,
+    SessionRecord,
+    SessionSummary,
+    StoreUnavailable,
+)
+from sktalent.store.memory import MemoryStore
 
 from .fakecluster import FakeBackend, FakeLocal, FakeRedis
 from .helpers import msgid
 from .mqttclient import Harness
 from .test_calltalent import PUSH_AFTER, CallTalentCase, chat
 from .test_sessions import RecordingGate
+
+# The store's own read, which OperatorLookupTests holds back.
+_SUMMARY = MemoryStore.session_summary
 
 
 class GateTests(SynchronousTestCase):
@@ -239,6 +253,109 @@ class OperatorTests(ClusterServerCase):
         self.redis.go_down()
         self.failureResultOf(self.app.is_online("bob"), BackendDown)
         self.assertEqual(self.successResultOf(self.app.health()), {"store": True, "redis": False})
+
+
+class OperatorLookupTests(ClusterServerCase):
+    """The operator calls that need both the store and Redis ask them at once."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.bob = self.elsewhere("bob")
+        # Store reads of session summaries wait until answer_store().
+        self.summaries: list[tuple[Deferred[SessionSummary | None], MemoryStore, str]] = []
+        self.patch(MemoryStore, "session_summary", lambda *a: self.held_summary(*a))
+        backend = self.node._backend
+        assert isinstance(backend, FakeBackend)
+        self.redis_backend = backend
+        backend.hold = {"locate"}
+
+    def held_summary(self, store: MemoryStore, client_id: str) -> Deferred[SessionSummary | None]:
+        d: Deferred[SessionSummary | None] = Deferred()
+        self.summaries.append((d, store, client_id))
+        return d
+
+    def answer_store(self, failure: Exception | None = None) -> None:
+        """The held store reads are answered, or fail with failure."""
+        held, self.summaries = self.summaries, []
+        for d, store, client_id in held:
+            if failure is None:
+                _SUMMARY(store, client_id).chainDeferred(d)
+            else:
+                d.errback(failure)
+
+    def under_way(self) -> tuple[int, int]:
+        """Store reads and Redis lookups under way."""
+        return len(self.summaries), len(self.redis_backend.held)
+
+    def test_session_info_asks_both_at_once(self) -> None:
+        """
+        A session's details need the store and Redis: both are asked before
+        either answers, whichever answers first.
+        """
+        for redis_first in (True, False):
+            d = self.app.session_info("bob")
+            self.assertEqual(self.under_way(), (1, 1))
+            if redis_first:
+                self.redis_backend.answer_held()
+                self.assertNoResult(d)
+                self.answer_store()
+            else:
+                self.answer_store()
+                self.assertNoResult(d)
+                self.redis_backend.answer_held()
+            info = self.successResultOf(d)
+            assert info is not None
+            self.assertEqual((info.online, info.node), (True, "b"))
+
+    def test_disconnect_asks_both_at_once(self) -> None:
+        """
+        A disconnect asks the store and Redis at once whether the user has a
+        session: one connected elsewhere and not stored yet is found by
+        Redis, the store having answered first.
+        """
+        other = self.member("d", local := FakeLocal(self.h.clock))
+        self.successResultOf(other.before_open("dan"))
+        local.users["dan"] = int(self.h.clock.seconds() * 1000)
+        other.opened("dan")
+        d = self.app.disconnect("dan", None)
+        self.assertEqual(self.under_way(), (1, 1))
+        self.answer_store()
+        self.assertNoResult(d)
+        self.redis_backend.answer_held()
+        self.assertTrue(self.successResultOf(d))
+        self.assertEqual(local.disconnected, ["dan"])
+
+    def test_failures_as_when_asked_in_turn(self) -> None:
+        """
+        Failures answer as when the store was asked before Redis: the
+        store's first, even when Redis failed before it; Redis's when its
+        answer is needed; none of a lookup whose answer is not needed.
+        """
+        d = self.app.session_info("bob")
+        self.redis.go_down()
+        self.redis_backend.answer_held()
+        self.answer_store(StoreUnavailable("down"))
+        self.failureResultOf(d, StoreUnavailable)
+        self.redis.come_back()
+
+        d = self.app.session_info("bob")
+        self.answer_store()
+        self.redis.go_down()
+        self.redis_backend.answer_held()
+        self.failureResultOf(d, BackendDown)
+        self.redis.come_back()
+
+        # bob's session is stored: where he is connected is not needed.
+        disconnected = self.app.disconnect("bob", None)
+        self.redis.go_down()
+        self.redis_backend.answer_held()
+        self.redis.come_back()
+        self.answer_store()
+        self.assertTrue(self.successResultOf(disconnected))
+        self.assertEqual(self.bob.disconnected, ["bob"])
+        # Nothing was left failed and unhandled.
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class RateHandoverTests(CallTalentCase):

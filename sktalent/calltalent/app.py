@@ -22,12 +22,13 @@ from prometheus_client import Counter
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..failures import logged
 from ..metrics import Metrics
 from ..mqtt.bans import Bans
-from ..mqtt.interfaces import IApplication, IBroker, Ticket
+from ..mqtt.interfaces import IApplication, IBroker, SessionStatus, Ticket
 from ..mqtt.plan import Plan
 from ..push.interfaces import IPusher, PushNotice
 from ..store.interfaces import (
@@ -51,6 +52,7 @@ from .pushtexts import PushTexts
 from .rules import SERVER_TOPIC, client_topic
 
 if TYPE_CHECKING:
+    from ..cluster.interfaces import Holder
     from ..cluster.node import ClusterNode
 
 log = Logger()
@@ -557,11 +559,10 @@ class CallTalent:
         return Deferred.fromCoroutine(self._session_info(user_id))
 
     async def _session_info(self, user_id: str) -> SessionInfo | None:
-        status = await self._broker.status(user_id)
+        # Connected to this node or another: in a cluster Redis knows, also
+        # of a session another node opened and has not yet stored.
+        status, holder = await self._status_and_holder(user_id)
         if self.cluster is not None:
-            # Connected to this node or another: Redis knows, also of a
-            # session another node opened and has not yet stored.
-            holder = await self.cluster.locate(user_id)
             if status is None and holder is None:
                 return None
             device = await self._store.get_device(user_id)
@@ -586,14 +587,36 @@ class CallTalent:
             platform=None if device is None else device.platform,
         )
 
+    async def _status_and_holder(
+        self, user_id: str, stored_is_enough: bool = False
+    ) -> tuple[SessionStatus | None, Holder | None]:
+        """
+        The user's session status and, in a cluster, who holds its
+        connection (not looked for when stored_is_enough and the store
+        knows a session).  The store and Redis are asked at once; failures
+        are as if they were asked one after the other: the store's first,
+        Redis's only when its answer is used.
+        """
+        if self.cluster is None:
+            return await self._broker.status(user_id), None
+        located = Deferred.fromCoroutine(self.cluster.locate(user_id))
+        try:
+            status = await self._broker.status(user_id)
+        except BaseException:
+            located.addErrback(_unused)
+            raise
+        if status is not None and stored_is_enough:
+            located.addErrback(_unused)
+            return status, None
+        return status, await located
+
     def disconnect(self, user_id: str, ban_seconds: int | None) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._disconnect(user_id, ban_seconds))
 
     async def _disconnect(self, user_id: str, ban_seconds: int | None) -> bool:
-        if await self._broker.status(user_id) is None and (
-            # In a cluster, one connected elsewhere whose session is not stored yet.
-            self.cluster is None or await self.cluster.locate(user_id) is None
-        ):
+        # In a cluster, also one connected elsewhere whose session is not stored yet.
+        status, holder = await self._status_and_holder(user_id, stored_is_enough=True)
+        if status is None and holder is None:
             return False
         if ban_seconds is not None:
             self._check_store()
@@ -647,3 +670,7 @@ class CallTalent:
             log.info("Health check: the store does not answer: {error!r}", error=e)
             return False
         return True
+
+
+def _unused(failure: Failure) -> None:
+    """A lookup whose answer is not used: its failure changes nothing either."""
