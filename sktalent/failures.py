@@ -22,15 +22,20 @@ def logged(log: Logger, what: str, **fields: object) -> Callable[[Failure], None
 
 
 def every(
-    clock: IReactorTime, interval: float, call: Callable[[], object], log: Logger, what: str
+    clock: IReactorTime,
+    interval: float,
+    call: Callable[[], object],
+    log: Logger,
+    what: str,
+    now: bool = True,
 ) -> LoopingCall:
     """
-    Call now, then every interval seconds; a loop that ends by failing is
-    logged as what.  stop() it when it is running.
+    Call now (unless not now), then every interval seconds; a loop that
+    ends by failing is logged as what.  stop() it when it is running.
     """
     loop = LoopingCall(call)
     loop.clock = clock
-    loop.start(interval).addErrback(logged(log, what))
+    loop.start(interval, now=now).addErrback(logged(log, what))
     return loop
 
 

@@ -316,6 +316,46 @@ class InUseTests(TestCase):
         await server.start()
         await server.stop()
 
+    async def test_copies_started_together(self) -> None:
+        """
+        Two copies that both found the store unused before starting on it
+        each see the other once on record, so both are refused.
+        """
+        uri = mongo_store()
+        self.addCleanup(lambda: Deferred.fromCoroutine(drop_database(uri)))
+        copies = [MongoStore(reactor, uri, holder=f"copy {n}", copying=True) for n in (1, 2)]
+        for c in copies:
+            self.assertEqual(await c.others(forget=False), [])
+            self.addCleanup(c.stop)
+        for c in copies:
+            await c.start()
+        self.assertEqual(
+            [[who for who, _ in await c.others()] for c in copies], [["copy 2"], ["copy 1"]]
+        )
+
+    async def test_server_started_as_a_copy_registers(self) -> None:
+        """
+        A copy that registers just after a starting server looked for
+        copies sees that server, which is on record before it looks.
+        """
+        uri = mongo_store()
+        self.addCleanup(lambda: Deferred.fromCoroutine(drop_database(uri)))
+        copy = MongoStore(reactor, uri, holder="the copy", copying=True)
+        self.addCleanup(copy.stop)
+        seen: list[list[tuple[str, float]]] = []
+
+        class Server(MongoStore):
+            async def _heard(self, forget: bool = True) -> list[tuple[str, float, bool]]:
+                found = await super()._heard(forget)
+                await copy.start()
+                seen.append(await copy.others())
+                return found
+
+        server = Server(reactor, uri, holder="the server")
+        await server.start()
+        self.addCleanup(server.stop)
+        self.assertEqual([[who for who, _ in others] for others in seen], [["the server"]])
+
 
 def migrate(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the command in a process of its own: its status and output."""

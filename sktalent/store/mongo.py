@@ -625,13 +625,18 @@ class MongoStore:
         assert self._writes is not None, "MongoStore used before start()"
         return self._writes[self._database]
 
+    def _connect(self) -> None:
+        # txmongo connects when a pool is made, so not before it is used.
+        # Each pool reconnects on its own: within half the timeout of the
+        # server's return, so that neither waits on the other's backoff.
+        if self._writes is None:
+            self._writes, self._reads = (
+                ConnectionPool(self._uri, w=1, j=True, max_delay=self._timeout / 2)
+                for _ in range(2)
+            )
+
     def start(self) -> Deferred[None]:
-        # txmongo connects when a pool is made, so not before start().  Each
-        # pool reconnects on its own: within half the timeout of the server's
-        # return, so that neither waits on the other's backoff.
-        self._writes, self._reads = (
-            ConnectionPool(self._uri, w=1, j=True, max_delay=self._timeout / 2) for _ in range(2)
-        )
+        self._connect()
         return self._guard(self._start())
 
     def stop(self) -> Deferred[None]:
@@ -639,11 +644,7 @@ class MongoStore:
 
     async def _stop(self) -> None:
         await self._committer.stop()
-        if self._beating is not None:
-            self._beating.stop()
-            self._beating = None
-            # Gone at once: no tool need wait for the beat to age.
-            await self._quietly(self._db.servers.delete_one({"_id": self._token}))
+        await self._unregister()
         for pool in (self._writes, self._reads):
             if pool is not None:
                 await pool.disconnect()
@@ -718,16 +719,32 @@ class MongoStore:
     async def _start(self) -> None:
         await self._create_indexes()
         await self._upgrade()
+        # On record before looking for a copy, as a copy is before looking
+        # for users: of two starting together, at least one sees the other.
+        self._beating = every(
+            self._reactor,
+            BEAT,
+            self._beat,
+            self._log,
+            "Marking the MongoDB store in use stopped",
+            now=False,
+        )
+        await self._beat()
         if not self._copying:
             copies = [who for who, _, copying in await self._heard() if copying]
             if copies:
+                await self._unregister()
                 raise StoreUnavailable(
                     f"MongoDB store {self._where}: a copy into it is under way ({copies[0]});"
                     " start once it has finished"
                 )
-        self._beating = every(
-            self._reactor, BEAT, self._beat, self._log, "Marking the MongoDB store in use stopped"
-        )
+
+    async def _unregister(self) -> None:
+        if self._beating is not None:
+            self._beating.stop()
+            self._beating = None
+            # Gone at once: no tool need wait for the beat to age.
+            await self._quietly(self._db.servers.delete_one({"_id": self._token}))
 
     def _beat(self) -> Deferred[None]:
         """Say in the store that this process uses it, by the database server's clock."""
@@ -748,17 +765,21 @@ class MongoStore:
         except StoreUnavailable:
             pass
 
-    def others(self) -> Deferred[list[tuple[str, float]]]:
+    def others(self, forget: bool = True) -> Deferred[list[tuple[str, float]]]:
         """
         Every other process that used the store within LIVE seconds: what
-        it says of itself, and how many seconds ago it last said it.
+        it says of itself, and how many seconds ago it last said it.  The
+        records of processes gone are removed, unless not forget: then the
+        store is only read, and may be asked before start(), whether to
+        start on it at all.
         """
-        return self._guard(self._others())
+        self._connect()
+        return self._guard(self._others(forget))
 
-    async def _others(self) -> list[tuple[str, float]]:
-        return [(who, ago) for who, ago, _ in await self._heard()]
+    async def _others(self, forget: bool) -> list[tuple[str, float]]:
+        return [(who, ago) for who, ago, _ in await self._heard(forget)]
 
-    async def _heard(self) -> list[tuple[str, float, bool]]:
+    async def _heard(self, forget: bool = True) -> list[tuple[str, float, bool]]:
         """Every other process heard of within LIVE: holder, seconds ago, copying."""
         now = (await self._q(self._db.command("isMaster")))["localTime"]
         found, gone = [], []
@@ -768,7 +789,7 @@ class MongoStore:
                 found.append((str(doc.get("holder")), max(ago, 0.0), bool(doc.get("copying"))))
             else:
                 gone.append(doc["_id"])
-        if gone:
+        if gone and forget:
             # Processes that died without taking their record back.
             await self._q(self._db.servers.delete_many({"_id": {"$in": gone}}))
         return found
