@@ -17,7 +17,8 @@ holds under other keys is left as it is.  So a second run, or one after an
 interrupted run, leaves DST as one uninterrupted run would.
 
 It refuses a SRC that a process (a running server) has open, and a DST
-that a server has used within the last seconds: stop the server first.
+that a server has used within the last seconds, or that another copy is
+going into: stop the server first.  A DST it refuses is only read.
 """
 
 from __future__ import annotations
@@ -190,6 +191,15 @@ def _check_dst(dst: str) -> None:
         raise Refused(f"DST: {e}") from None
 
 
+def _unused(others: Sequence[tuple[str, float]]) -> None:
+    if others:
+        who, ago = others[0]
+        raise Refused(
+            f"DST is in use: {who} used it {ago:.0f} s ago; stop every server using it"
+            f" (one that died is forgotten {LIVE:g} s after it was last heard of)"
+        )
+
+
 async def _run(reactor: IReactorTime, path: str, dst: str, batch: int) -> None:
     pid = holder(path)
     if pid is not None:
@@ -206,16 +216,15 @@ async def _run(reactor: IReactorTime, path: str, dst: str, batch: int) -> None:
     target = MongoStore(reactor, dst, holder=me, copying=True)
     try:
         try:
+            # Only read first: starting on DST writes (indexes, schema, this
+            # run's record), which a server or copy using it must not see.
+            _unused(await target.others(forget=False))
             await target.start()
         except StoreUnavailable as e:
             raise Refused(f"DST cannot be reached: {e}") from None
-        others = await target.others()
-        if others:
-            who, ago = others[0]
-            raise Refused(
-                f"DST is in use: {who} used it {ago:.0f} s ago; stop every server using it"
-                f" (one that died is forgotten {LIVE:g} s after it was last heard of)"
-            )
+        # The final word, now this run is on record: a server or copy that
+        # started since the look above sees this run, or is seen here.
+        _unused(await target.others())
         started = reactor.seconds()
         progress.say(f"Copying {os.path.abspath(path)} into {where(dst)}")
         copied = await copy(source, target, batch, progress)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+import bson
 import pymongo
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -120,6 +121,52 @@ def raw(uri: str) -> dict[str, list[dict[str, Any]]]:
         return {c: list(db[c].find({}, sort=[("_id", 1)])) for c in COLLECTIONS}
     finally:
         client.close()
+
+
+def listing(uri: str) -> dict[str, Any]:
+    """
+    The whole database as stored: each collection's indexes and documents
+    (BSON), but the times of the records in "servers", which their processes
+    renew while they run.
+    """
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri)
+    try:
+        db = client.get_default_database()
+        found: dict[str, Any] = {}
+        for name in sorted(db.list_collection_names()):
+            docs = list(db[name].find({}, sort=[("_id", 1)]))
+            if name == "servers":
+                docs = [{k: v for k, v in doc.items() if k != "at"} for doc in docs]
+            found[name] = (db[name].index_information(), [bson.encode(doc) for doc in docs])
+        return found
+    finally:
+        client.close()
+
+
+def check_in(uri: str, token: str, holder: str, copying: bool = False, live: bool = True) -> None:
+    """Put in "servers" what a process using the store says there: now, or long ago."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri)
+    try:
+        servers = client.get_default_database()["servers"]
+        said: dict[str, Any] = {"holder": holder, "copying": copying}
+        if live:
+            update = {"$set": said, "$currentDate": {"at": True}}
+        else:
+            update = {"$set": said | {"at": datetime(2020, 1, 1, tzinfo=UTC)}}
+        servers.update_one({"_id": token}, update, upsert=True)
+    finally:
+        client.close()
+
+
+def dropped(case: SynchronousTestCase, uri: str) -> None:
+    """uri's database is dropped once case ends."""
+
+    def drop() -> None:
+        client: pymongo.MongoClient[dict[str, Any]]
+        with pymongo.MongoClient(uri) as client:
+            client.drop_database(client.get_default_database())
+
+    case.addCleanup(drop)
 
 
 class Stopped(Exception):
@@ -477,3 +524,63 @@ class EndToEndTests(SynchronousTestCase):
         frames = bob.frames(30)
         self.assertEqual([f["msgid"] for f in frames], [msgid(n) for n in range(1, 31)])
         nothing_more(bob)
+
+
+class RefusedUntouchedTests(SynchronousTestCase):
+    """A run refused because DST is in use leaves DST as it found it."""
+
+    def test_live_server(self) -> None:
+        """
+        DST a running server uses is refused with nothing written: no record
+        of the run, and the record of a process that died stays for the
+        server to remove; the server's own record is as it was.
+        """
+        uri = mongo_store()
+        dropped(self, uri)
+        path = stopped_store(self)
+        server = running(self, ServerProcess(store=uri))
+        check_in(uri, "dead", "a crashed server", live=False)
+        before = listing(uri)
+        self.assertEqual(len(before["servers"][1]), 2)
+        refused(self, migrate(path, uri), 1, "DST is in use", "sktalent on")
+        self.assertEqual(listing(uri), before)
+        server.stop()
+
+    def test_live_node_on_an_empty_database(self) -> None:
+        """
+        A database where only a node has checked in is refused without a
+        collection, index or schema document made.
+        """
+        uri = mongo_store()
+        dropped(self, uri)
+        check_in(uri, "node", "sktalent on node-2 pid 9")
+        before = listing(uri)
+        refused(self, migrate(stopped_store(self), uri), 1, "DST is in use", "node-2 pid 9")
+        self.assertEqual(listing(uri), before)
+        self.assertEqual(list(before), ["servers"])
+
+    def test_copy_under_way(self) -> None:
+        """A copy into DST under way refuses a second one, which writes nothing."""
+        uri = mongo_store()
+        dropped(self, uri)
+        path = stopped_store(self)
+        self.assertEqual(migrate(path, uri).returncode, 0)
+        check_in(uri, "copy", "sktalent.migrate on host-1 pid 7", copying=True)
+        check_in(uri, "dead", "an interrupted copy", copying=True, live=False)
+        before = listing(uri)
+        refused(self, migrate(path, uri), 1, "DST is in use", "sktalent.migrate on host-1 pid 7")
+        self.assertEqual(listing(uri), before)
+
+    def test_new_database_copied(self) -> None:
+        """A DST that does not exist yet is made by the copy, as ever, and left unused."""
+        uri = mongo_store()
+        dropped(self, uri)
+        self.assertEqual(listing(uri), {})
+        result = migrate(stopped_store(self), uri)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Done in", result.stdout)
+        after = listing(uri)
+        self.assertIn("sessions", after)
+        self.assertIn(("client_id_1_seq_1"), after["queue"][0])
+        self.assertEqual(after["servers"][1], [])
+        self.assertEqual(after["meta"][1], [bson.encode({"_id": "schema", "version": 2})])
