@@ -34,6 +34,7 @@ from ..logs import ThrottledLog
 from ..metrics import Metrics
 from ..store.interfaces import Message, StoreUnavailable
 from . import packets as p
+from . import send
 from .bans import Bans
 from .batch import Batch
 from .broker import Broker, OpenFailed
@@ -276,7 +277,7 @@ class MQTTServerProtocol:
         if self.transport is None:
             return
         if not self._batch.holding:
-            self.transport.write(data)
+            send.write(self.transport, data)
         elif self._out is None:
             self._out = [data]
             self._batch.held(self)
@@ -287,7 +288,7 @@ class MQTTServerProtocol:
         """Write the output the batch held."""
         out, self._out = self._out, None
         if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+            send.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def _close(self, why: str | None) -> None:
         if why is not None and self._user is None:
