@@ -13,7 +13,7 @@ from typing import cast
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTCP, ITransport
+from twisted.internet.interfaces import IAddress, IReactorTCP, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -21,6 +21,10 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sktalent.mqtt import send
+from sktalent.mqtt.protocol import MQTTServerProtocol
+
+from .helpers import eventually
+from .mqttclient import Harness
 
 
 class _Held(Protocol):
@@ -111,6 +115,38 @@ class SendTests(TestCase):
             send.write(transport, b"x" * 1000)
         (reason,) = await held.lost
         self.assertIsInstance(reason, Failure)
+
+
+class NoDelayTests(TestCase):
+    async def test_nagle_off(self) -> None:
+        """
+        The MQTT listener's connections have Nagle's algorithm off: a batch
+        is already one write, and must not wait for the one before it to be
+        acknowledged.
+        """
+        factory = Harness().factory
+        built: list[MQTTServerProtocol] = []
+        build = factory.buildProtocol
+
+        def building(address: IAddress) -> MQTTServerProtocol:
+            protocol = build(address)
+            built.append(protocol)
+            return protocol
+
+        factory.buildProtocol = building  # type: ignore[method-assign,assignment]
+        port = cast(IReactorTCP, reactor).listenTCP(
+            0,
+            factory,  # type: ignore[arg-type]
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
+        self.addCleanup(peer.close)
+        await eventually(lambda: bool(built) and built[0].transport is not None, "a connection")
+        transport = built[0].transport
+        assert isinstance(transport, tcp.Connection)
+        self.assertTrue(transport.getTcpNoDelay())
+        self.addCleanup(transport.loseConnection)
 
 
 class OtherTransportTests(SynchronousTestCase):

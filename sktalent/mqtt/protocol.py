@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IPushProducer,
     IReactorTime,
+    ITCPTransport,
     ITransport,
 )
 from twisted.internet.protocol import Factory
@@ -173,6 +174,10 @@ class MQTTServerProtocol:
         self.connectionMade()
 
     def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            # Output is already one write per batch: Nagle's algorithm would
+            # only hold a batch back until the one before is acknowledged.
+            cast(ITCPTransport, self.transport).setTcpNoDelay(True)
         self._metrics.connections.inc()
         if isinstance(self.factory, MQTTFactory):
             self.factory.opened(self)
