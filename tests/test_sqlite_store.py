@@ -21,12 +21,15 @@ from twisted.trial.unittest import TestCase
 import sktalent
 from sktalent.store.interfaces import (
     ChatRecord,
+    Dequeue,
     Device,
+    DropSession,
     Enqueue,
     Guarded,
     InsertChat,
     Inserted,
     LogOut,
+    MarkPushed,
     Message,
     PutDevice,
     Queued,
@@ -319,6 +322,29 @@ class SQLiteStoreTests(TestCase):
         formats = [e.get("log_format", "") for e in events]
         self.assertEqual(len([f for f in formats if "unavailable" in f]), 1)
         self.assertEqual(len([f for f in formats if "is back" in f]), 1)
+
+    async def test_rows_held_back_are_seen(self) -> None:
+        """
+        The queue rows of a commit are written together, yet what follows
+        an Enqueue in the commit sees its row: a Dequeue of it, a
+        MarkPushed, a DropSession of its client.
+        """
+        store = await self.started()
+        m = Message("t", b"abc", 1)
+        results = await store.submit(
+            [
+                Enqueue("a", m, 1, "n"),
+                Enqueue("a", m, 2, "n"),
+                Dequeue("a", 1),
+                MarkPushed("a", 2),
+                Enqueue("b", m, 3),
+                DropSession("b"),
+            ]
+        )
+        self.assertEqual(results, [Queued(1, 1), Queued(2, 2), None, None, Queued(1, 0), None])
+        self.assertEqual(await store.session_summary("a"), SessionSummary(1, 3, 2, 2))
+        self.assertIsNone(await store.session_summary("b"))
+        self.assertEqual(self.query("SELECT client_id, seq, pushed FROM queue"), [("a", 2, 1)])
 
     async def test_bad_batch_fails_alone(self) -> None:
         """A batch the database rejects fails its submitters; the next one commits."""

@@ -338,6 +338,40 @@ class StoreContract(_Mixin):
         self.assertEqual(await self.store.pending_pushes(None, 10), [])
         await self.store.ping()
 
+    async def test_queue_rows_in_runs(self) -> None:
+        """
+        Messages queued, and taken off, in runs longer than one statement
+        holds and mixed with other operations, leave each queue and its
+        counters as applying them one by one would: one taken off twice or
+        never queued counts once or not at all.
+        """
+        m = Message("t", b"12345", 1)
+        count = 250
+        queued = await self.store.submit(
+            [Enqueue(c, m, 10, "n" if c == "bob" else None) for c in ["bob", "ann"] * count]
+        )
+        self.assertEqual(
+            [r.seq for r in queued if isinstance(r, Queued)],
+            [n for seq in range(1, count + 1) for n in (seq, seq)],
+        )
+        results = await self.store.submit(
+            [
+                *[Dequeue("bob", seq) for seq in range(1, count + 1)],
+                Dequeue("bob", 1),  # Already gone.
+                Dequeue("carol", 1),  # Never queued.
+                Enqueue("ann", m, 20),
+                *[Dequeue("ann", seq) for seq in range(2, count + 1)],
+            ]
+        )
+        self.assertEqual(
+            results, [None] * (count + 2) + [Queued(count + 1, 0)] + [None] * (count - 1)
+        )
+        summary = self.store.session_summary
+        self.assertEqual(await summary("bob"), SessionSummary(0, 0, None, count))
+        self.assertEqual(await summary("ann"), SessionSummary(2, 10, 10, count + 1))
+        self.assertEqual([q.seq for q in await self.store.read_queue("ann", 0, 10)], [1, count + 1])
+        self.assertEqual(await self.store.pending_pushes(None, 10), [])
+
     async def test_pending_pushes(self) -> None:
         """
         The messages with a notice not yet pushed, in (client, seq) order,

@@ -7,6 +7,7 @@ that owns the connection; the reactor only sees Deferreds.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import sqlite3
@@ -71,6 +72,8 @@ from .worker import Worker
 _T = TypeVar("_T")
 # Sessions whose counters one statement reads or writes.
 _CHUNK = 500
+# Queue rows one statement writes or deletes.
+_ROWS = 100
 # Expired messages dropped per transaction.
 _EXPIRE_SLICE = 10_000
 # Seconds at least between the starts of two commits (GroupCommitter): a
@@ -320,6 +323,9 @@ def _unavailable(error: sqlite3.Error) -> bool:
 
 
 _QUEUE_COLUMNS = "seq, topic, payload, qos, retain, released, queued_at, notice, pushed"
+# A queue row as an Enqueue writes it: its fields, then the rest as new.
+_QUEUE_INSERT = "client_id, seq, topic, payload, qos, retain, queued_at, notice, released, pushed"
+_QUEUE_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
 
 
 def _queued(row: Sequence[object]) -> QueuedMessage:
@@ -361,14 +367,40 @@ class _Writer:
     """
     One transaction's operations.  The counters of the sessions it queues
     in or dequeues from are read in one statement before (prefetch) and
-    written back in one after (flush), however many messages it moves: each
-    statement costs the reactor thread a hand-over of the GIL.
+    written back in one after (flush), however many messages it moves; the
+    messages it queues are written in one statement, and a run of them
+    taken off in another: each statement costs both threads a hand-over of
+    the GIL, and SQLite its own work per statement.
     """
 
     conn: sqlite3.Connection
     # client id -> its counters, read and changed in this transaction.
     _counts: dict[str, _Counts] = attrs.Factory(dict)
     _changed: set[str] = attrs.Factory(set)
+    # Rows of Enqueues whose seq the counters chose, not yet written: they
+    # go in one statement, before anything else reads or changes the queue.
+    _rows: list[tuple[object, ...]] = attrs.Factory(list)
+
+    def write_rows(self) -> None:
+        """Write the queue rows held back."""
+        rows, self._rows = self._rows, []
+        for i in range(0, len(rows), _ROWS):
+            chunk = rows[i : i + _ROWS]
+            try:
+                self.conn.execute(
+                    f"INSERT INTO queue ({_QUEUE_INSERT}) VALUES "
+                    + ",".join([_QUEUE_VALUES] * len(chunk)),
+                    [field for row in chunk for field in row],
+                )
+            except sqlite3.IntegrityError as e:
+                if e.sqlite_errorcode != sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+                    raise
+                taken = (
+                    f"seq {chunk[0][1]} of {chunk[0][0]}"
+                    if len(chunk) == 1
+                    else f"a seq of {sorted({str(row[0]) for row in chunk})}"
+                )
+                raise QueueConflict(f"{taken} is taken") from e
 
     def prefetch(self, clients: Iterable[str]) -> None:
         """Read the counters of these clients' sessions (those that have one)."""
@@ -436,42 +468,44 @@ class _Writer:
             return NO_ROOM
         message = op.message
         seq = counts.next_seq if op.seq is None else op.seq
-        try:
-            self.conn.execute(
-                "INSERT INTO queue (client_id, seq, topic, payload, qos, retain,"
-                " released, queued_at, notice, pushed) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 0)",
-                (
-                    op.client_id,
-                    seq,
-                    message.topic,
-                    message.payload,
-                    message.qos,
-                    message.retain,
-                    op.queued_at,
-                    op.notice,
-                ),
-            )
-        except sqlite3.IntegrityError as e:
-            if e.sqlite_errorcode != sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
-                raise
-            raise QueueConflict(f"seq {seq} of {op.client_id} is taken") from e
+        row = (
+            op.client_id,
+            seq,
+            message.topic,
+            message.payload,
+            message.qos,
+            message.retain,
+            op.queued_at,
+            op.notice,
+        )
+        self._rows.append(row)
+        if op.seq is not None:
+            # A seq chosen elsewhere may be taken: written now, a conflict
+            # fails this operation, not a later one.
+            self.write_rows()
         counts.next_seq = max(counts.next_seq, seq + 1)
         counts.add(len(message.payload), op.notice is not None)
         self._changed.add(op.client_id)
         return Queued(seq, counts.notices)
 
-    def dequeue(self, client_id: str, seq: int) -> None:
-        # Not "notice IS NOT NULL": SQLite 3.40 answers it wrongly in a
-        # RETURNING clause here (the partial index on that condition).
-        row = self.conn.execute(
-            "DELETE FROM queue WHERE client_id = ? AND seq = ?"
-            " RETURNING length(payload), length(notice)",
-            (client_id, seq),
-        ).fetchone()
-        counts = None if row is None else self._peek(client_id)
-        if counts is not None:
-            counts.add(row[0], row[1] is not None, -1)
-            self._changed.add(client_id)
+    def dequeue(self, ops: Sequence[Dequeue]) -> None:
+        """Take these messages off their queues (those still there)."""
+        self.write_rows()
+        for i in range(0, len(ops), _ROWS):
+            chunk = ops[i : i + _ROWS]
+            # Not "notice IS NOT NULL": SQLite 3.40 answers it wrongly in a
+            # RETURNING clause here (the partial index on that condition).
+            rows = self.conn.execute(
+                "DELETE FROM queue WHERE "
+                + " OR ".join(["client_id = ? AND seq = ?"] * len(chunk))
+                + " RETURNING client_id, length(payload), length(notice)",
+                [field for op in chunk for field in (op.client_id, op.seq)],
+            ).fetchall()
+            for client_id, size, notice in rows:
+                counts = self._peek(client_id)
+                if counts is not None:
+                    counts.add(size, notice is not None, -1)
+                    self._changed.add(client_id)
 
     def _full(self, then: Sequence[Op]) -> bool | None:
         """
@@ -513,6 +547,7 @@ class _Writer:
         if full is False:
             return tuple(self.apply(inner) for inner in then)
         # Decided only by applying: under a savepoint.
+        self.write_rows()
         self.conn.execute("SAVEPOINT chat")
         counts = {c: attrs.evolve(n) for c, n in self._counts.items()}
         changed = set(self._changed)
@@ -520,17 +555,22 @@ class _Writer:
         for inner in then:
             result = self.apply(inner)
             if result is NO_ROOM and isinstance(inner, Enqueue) and inner.required:
+                self._rows.clear()  # Made under the savepoint, and not written.
                 self.conn.execute("ROLLBACK TO chat")
                 self.conn.execute("RELEASE chat")
                 self._counts, self._changed = counts, changed
                 self.conn.execute("DELETE FROM chats WHERE id = ?", (chat_row,))
                 return None
             results.append(result)
+        self.write_rows()
         self.conn.execute("RELEASE chat")
         return tuple(results)
 
     def apply(self, op: Op) -> object:
         conn = self.conn
+        if not isinstance(op, Enqueue | InsertChat):
+            # Every other operation may read or change the queue.
+            self.write_rows()
         match op:
             case PutSession(client_id, subscriptions):
                 conn.execute(
@@ -581,8 +621,8 @@ class _Writer:
                     "UPDATE queue SET released = 1 WHERE client_id = ? AND seq = ?",
                     (client_id, seq),
                 )
-            case Dequeue(client_id, seq):
-                self.dequeue(client_id, seq)
+            case Dequeue():
+                self.dequeue([op])
             case AddInbound(client_id, packet_id):
                 self._touch(client_id)
                 conn.execute(
@@ -674,7 +714,16 @@ def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
     with _transaction(conn, "IMMEDIATE"):
         writer = _Writer(conn)
         writer.prefetch(op.client_id for op in every_op(ops) if isinstance(op, Enqueue | Dequeue))
-        results = [writer.apply(op) for op in ops]
+        results: list[object] = []
+        # The acknowledgements of a turn come in a run: one statement for it.
+        for dequeues, run in itertools.groupby(ops, lambda op: isinstance(op, Dequeue)):
+            if dequeues:
+                taken = cast("list[Dequeue]", list(run))
+                writer.dequeue(taken)
+                results.extend([None] * len(taken))
+            else:
+                results.extend(writer.apply(op) for op in run)
+        writer.write_rows()
         writer.flush()
         return results
 
@@ -763,13 +812,10 @@ def _expire_some(
         ).fetchall()
         writer = _Writer(conn)
         writer.prefetch(client_id for client_id, _ in rows)
-        gone = 0
-        for client_id, seq in rows:
-            if (client_id, seq) not in keep and gone < limit:
-                writer.dequeue(client_id, seq)
-                gone += 1
+        gone = [Dequeue(c, seq) for c, seq in rows if (c, seq) not in keep][:limit]
+        writer.dequeue(gone)
         writer.flush()
-        return gone, len(rows)
+        return len(gone), len(rows)
 
 
 def _drop_idle(conn: sqlite3.Connection) -> int:
