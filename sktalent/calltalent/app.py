@@ -128,6 +128,36 @@ class _Sender:
     warned: float = -math.inf
 
 
+def _is_new(outcome: object) -> bool:
+    return outcome is Inserted.NEW
+
+
+# The effects made for each chat are objects, not closures, as in the broker.
+
+
+@attrs.define(eq=False)
+class _Counted:
+    _app: CallTalent
+    _ticket: Ticket
+    _counter: Counter
+    _since: float | None
+
+    def __call__(self, _: object) -> None:
+        self._app._counted(self._ticket, self._counter, self._since)
+
+
+@attrs.define(eq=False)
+class _NotNew:
+    _app: CallTalent
+    _sender: str
+    _echo: str
+    _sent: bytes
+    _arrived: float
+
+    def __call__(self, found: Inserted) -> None:
+        self._app._not_new(found, self._sender, self._echo, self._sent, self._arrived)
+
+
 @attrs.frozen
 class ChatPayload:
     o_id: str
@@ -383,18 +413,18 @@ class CallTalent:
             plan, user_id, message, headroom=own, notice=notice, required=required
         )
         counter = self._counter(self.metrics.messages_out, kind)
-
-        def sent(_: object) -> None:
-            if ticket.full:
-                return
-            counter.inc()
-            if since is not None:
-                # The queueing effect before this one has written the frame,
-                # unless the client's window is full.
-                self.metrics.sent_latency.observe(self._clock.seconds() - since)
-
-        plan.add(None, sent)
+        plan.add(None, _Counted(self, ticket, counter, since))
         return ticket
+
+    def _counted(self, ticket: Ticket, counter: Counter, since: float | None) -> None:
+        """A frame's plan is durable: count it, unless it was refused."""
+        if ticket.full:
+            return
+        counter.inc()
+        if since is not None:
+            # The queueing effect before this one has written the frame,
+            # unless the client's window is full.
+            self.metrics.sent_latency.observe(self._clock.seconds() - since)
 
     def _counter(self, family: Counter, label: str) -> Counter:
         # Looking a label up costs more than counting: keep what was found.
@@ -456,34 +486,35 @@ class CallTalent:
         notice = chat_notice(envelope.msgid, payload.o_id, payload.content)
         self._send(inner, to, body, "order_chat", notice, required=True)
         self._send(inner, sender, sent, "sent", since=arrived)
-
-        def not_new(found: Inserted) -> None:
-            """Answer the sender for a chat not stored now, by what is stored."""
-            if found is Inserted.REPEATED:
-                # A retransmission: the sender did not see the first `sent`.
-                self._send_later(sender, sent, "sent", arrived)
-                return
-            if found is Inserted.CONFLICT:
-                refusal = Refusal(
-                    "duplicate_msgid",
-                    "you sent another message with this msgid; use a new msgid",
-                    envelope.echo,
-                )
-            else:
-                # FULL: nothing is stored, so the chat is taken when sent again later.
-                refusal = Refusal(
-                    "queue_full",
-                    "the recipient's queue is full; send it again later",
-                    envelope.echo,
-                )
-            self._send_later(sender, self._refusal(sender, refusal), "error")
-
         plan.add_guarded(
             InsertChat(chat, inner.ops, digest=payload.digest()),
             inner,
-            not_new,
-            passed=lambda result: result is Inserted.NEW,
+            _NotNew(self, sender, envelope.echo, sent, arrived),
+            passed=_is_new,
         )
+
+    def _not_new(
+        self, found: Inserted, sender: str, echo: str, sent: bytes, arrived: float
+    ) -> None:
+        """Answer the sender for a chat not stored now, by what is stored."""
+        if found is Inserted.REPEATED:
+            # A retransmission: the sender did not see the first `sent`.
+            self._send_later(sender, sent, "sent", arrived)
+            return
+        if found is Inserted.CONFLICT:
+            refusal = Refusal(
+                "duplicate_msgid",
+                "you sent another message with this msgid; use a new msgid",
+                echo,
+            )
+        else:
+            # FULL: nothing is stored, so the chat is taken when sent again later.
+            refusal = Refusal(
+                "queue_full",
+                "the recipient's queue is full; send it again later",
+                echo,
+            )
+        self._send_later(sender, self._refusal(sender, refusal), "error")
 
     def _received(self, plan: Plan, envelope: _Envelope) -> None:
         msgid, recipient, sender = envelope.msgid, envelope.sender, envelope.to

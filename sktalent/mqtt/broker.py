@@ -85,6 +85,22 @@ class OpenFailed(Exception):
         self.reason = reason
 
 
+@attrs.define(eq=False)
+class _Landed:
+    """
+    The effect of a message's Enqueue: an object rather than a closure, which
+    would cost a function and a cell per variable for each message in flight,
+    all traversed by every young collection until its commit lands.
+    """
+
+    _broker: Broker
+    _op: Enqueue
+    _ticket: Ticket
+
+    def __call__(self, result: object) -> None:
+        self._broker._landed(self._op, self._ticket, result)
+
+
 @implementer(IBroker)
 @attrs.define(eq=False, init=False)
 class Broker:
@@ -413,33 +429,34 @@ class Broker:
         at = int(self._clock.seconds() * 1000)
         room = self._queues.limits.room(headroom)
         op = Enqueue(client_id, message, at, notice, room, required)
-
-        def landed(result: Queued | object) -> None:
-            if result is NO_ROOM:
-                ticket.full = True
-                if not required:
-                    self._overflowed(client_id)
-                return
-            if not isinstance(result, Queued):
-                # Committed by an earlier attempt whose answer was lost.
-                self.wake(client_id)
-                if self._registry.get(client_id) is None:
-                    self.gate.queued_elsewhere(client_id)
-                return
-            ticket.seq = result.seq
-            session = self._registry.get(client_id)
-            out = Outgoing(result.seq, message, queued_at=at, notice=notice)
-            if session is not None:
-                session.arrived(out)
-            else:
-                self.gate.queued_elsewhere(client_id, out)
-            watcher = self._queues.watcher
-            if notice is not None and watcher is not None:
-                connection = None if session is None else session.connection
-                watcher.queued(client_id, result.seq, notice, result.notices, connection)
-
-        plan.add(op, landed)
+        plan.add(op, _Landed(self, op, ticket))
         return ticket
+
+    def _landed(self, op: Enqueue, ticket: Ticket, result: Queued | object) -> None:
+        """op is durable (or refused): tell its ticket, and send the message on."""
+        client_id = op.client_id
+        if result is NO_ROOM:
+            ticket.full = True
+            if not op.required:
+                self._overflowed(client_id)
+            return
+        if not isinstance(result, Queued):
+            # Committed by an earlier attempt whose answer was lost.
+            self.wake(client_id)
+            if self._registry.get(client_id) is None:
+                self.gate.queued_elsewhere(client_id)
+            return
+        ticket.seq = result.seq
+        session = self._registry.get(client_id)
+        out = Outgoing(result.seq, op.message, queued_at=op.queued_at, notice=op.notice)
+        if session is not None:
+            session.arrived(out)
+        else:
+            self.gate.queued_elsewhere(client_id, out)
+        watcher = self._queues.watcher
+        if op.notice is not None and watcher is not None:
+            connection = None if session is None else session.connection
+            watcher.queued(client_id, result.seq, op.notice, result.notices, connection)
 
     def _overflowed(self, client_id: str) -> None:
         self._metrics.dropped.labels("queue_full").inc()

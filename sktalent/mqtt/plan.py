@@ -58,16 +58,7 @@ class Plan:
         passes (``passed(outcome)``); otherwise inner is abandoned and
         ``otherwise(outcome)`` called.
         """
-
-        def decided(result: Guarded) -> None:
-            if passed(result.outcome):
-                inner.apply(result.then)
-                return
-            inner.abandon()
-            if otherwise is not None:
-                otherwise(result.outcome)
-
-        self.add(op, decided)
+        self.add(op, _Decided(inner, otherwise, passed))
         self.on_abandon(inner.abandon)
 
     def on_abandon(self, undo: Callable[[], object]) -> None:
@@ -94,6 +85,26 @@ class Plan:
             result = next(it) if op is not None else None
             if effect is not None:
                 effect(result)
+
+
+@attrs.define(eq=False)
+class _Decided:
+    """
+    A guarded operation's effect (Plan.add_guarded): an object, not a
+    closure, as are the effects made for each message (see Broker).
+    """
+
+    _inner: Plan
+    _otherwise: Callable[[Any], object] | None
+    _passed: Callable[[Any], bool]
+
+    def __call__(self, result: Guarded) -> None:
+        if self._passed(result.outcome):
+            self._inner.apply(result.then)
+            return
+        self._inner.abandon()
+        if self._otherwise is not None:
+            self._otherwise(result.outcome)
 
 
 @attrs.define(eq=False)

@@ -478,7 +478,7 @@ class MQTTServerProtocol:
         if publish.qos:
             # First among the effects: the publisher hears PUBACK/PUBREC before
             # anything its publish causes (such as a `sent` frame).
-            plan.add(None, lambda _: self._acknowledge(publish))
+            plan.add(None, _Acknowledge(self, publish))
         pid = publish.packet_id
         if publish.qos == 2 and pid in session.inbound:
             pass  # A resent QoS 2 publish: answered, never delivered twice.
@@ -500,11 +500,13 @@ class MQTTServerProtocol:
         if self._broker.apply_now(plan):
             return
         self._track(+1)
+        self._broker.commit_batched(plan).addCallbacks(self._committed, self._not_committed)
 
-        def failed(failure: Failure) -> None:
-            self._unexpected(failure, "Could not commit a publish")
+    def _committed(self, _: object) -> None:
+        self._track(-1)
 
-        self._broker.commit_batched(plan).addCallbacks(lambda _: self._track(-1), failed)
+    def _not_committed(self, failure: Failure) -> None:
+        self._unexpected(failure, "Could not commit a publish")
 
     def _acknowledge(self, publish: p.Publish) -> None:
         if publish.qos == 1:
@@ -610,6 +612,20 @@ class MQTTServerProtocol:
         p.Connect: _on_connect_again,
         p.Disconnect: _on_disconnect,
     }
+
+
+@attrs.define(eq=False)
+class _Acknowledge:
+    """
+    A publish's first effect: an object, not a closure, as are the effects
+    made for each message in flight (see Broker).
+    """
+
+    _protocol: MQTTServerProtocol
+    _publish: p.Publish
+
+    def __call__(self, _: object) -> None:
+        self._protocol._acknowledge(self._publish)
 
 
 @attrs.define(eq=False, repr=False)
