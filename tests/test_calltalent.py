@@ -34,7 +34,7 @@ from sktalent.mqtt.router import NOTHING_RETAINED
 from sktalent.mqtt.session import QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice, Wanted
-from sktalent.store.interfaces import Device, Message, SetRetained, StoreUnavailable
+from sktalent.store.interfaces import Dequeue, Device, Message, SetRetained, StoreUnavailable
 from sktalent.store.memory import MemoryStore
 
 from .helpers import DEFAULT_PUSH_TEXTS, chat, msgid
@@ -411,6 +411,25 @@ class ChatTests(CallTalentCase):
         self.assertEqual(
             [json.loads(d.payload)["msgid"] for d in delivered], [msgid(n) for n in range(1, 6)]
         )
+
+    def test_acknowledgements_of_a_read_in_one_submit(self) -> None:
+        """
+        The PUBACKs of one read take their messages off the queue in one
+        submit, made as the read ends: no reactor turn waits for it.
+        """
+        store = HeldStore(holding=False)
+        self.h = self.harness(store)
+        a, b = self.user("alice"), self.user("bob")
+        for n in range(1, 6):
+            self.publish(a, chat("alice", "bob", n), n)
+        self.h.clock.advance(0)
+        delivered = only(p.Publish, b.received())
+        self.assertEqual(len(delivered), 5)
+        store.holding = True
+        b.send(*(p.PubAck(d.packet_id) for d in delivered if d.packet_id is not None))
+        self.assertEqual(len(store.held), 1)
+        [(_, ops)] = store.held
+        self.assertEqual(list(ops), [Dequeue("bob", seq) for seq in range(1, 6)])
 
     def test_retransmission(self) -> None:
         """The same msgid again is not delivered twice; sent comes again."""

@@ -166,7 +166,8 @@ class Pipeline:
     _unsent: list[tuple[_Pending, int]] = attrs.Factory(list)
     _unsent_ops: list[Op] = attrs.Factory(list)
     # Bookkeeping that nobody waits for (acknowledged messages leaving a
-    # queue), committed once per reactor turn rather than once each.
+    # queue), committed once per batch (a read of many acknowledgements), or
+    # per reactor turn outside one, rather than once each.
     _loose: list[Op] = attrs.Factory(list)
     _loose_flush: IDelayedCall | None = None
 
@@ -241,9 +242,7 @@ class Pipeline:
         the store (durable, or failed), whatever else is still under way:
         what the store then answers about that session is current.
         """
-        if self._loose_flush is not None:
-            self._loose_flush.cancel()
-            self._flush_loose()
+        self._flush_loose()
         if client_id is None:
             return self.commit(Plan())
         waits: list[Deferred[None]] = []
@@ -256,21 +255,22 @@ class Pipeline:
 
     def later(self, op: Op) -> None:
         """
-        Commit op with this reactor turn's other bookkeeping: for what nobody
-        waits for, so a failure is only logged.
+        Commit op with the other bookkeeping of this batch (or reactor turn):
+        for what nobody waits for, so a failure is only logged.
         """
         self._loose.append(op)
-        if self._loose_flush is None:
+        if len(self._loose) > 1:
+            return  # Already due.
+        if self._batch.holding:
+            self._batch.at_end(self._flush_loose)
+        else:
             self._loose_flush = self._clock.callLater(0, self._flush_loose)
 
     def flush(self) -> Deferred[None]:
         """
-        Commit the bookkeeping of this turn now; fire once it and everything
+        Commit the bookkeeping held now; fire once it and everything
         committed before it has completed.
         """
-        if self._loose_flush is not None:
-            self._loose_flush.cancel()
-            self._flush_loose()
         return self.barrier()
 
     def _drain(self) -> None:
@@ -290,7 +290,12 @@ class Pipeline:
             head.done.callback(None)
 
     def _flush_loose(self) -> None:
-        self._loose_flush = None
+        if self._loose_flush is not None:
+            if self._loose_flush.active():  # Not when it is what calls.
+                self._loose_flush.cancel()
+            self._loose_flush = None
+        if not self._loose:
+            return  # Flushed early, by a barrier.
         plan = Plan()
         for op in self._loose:
             plan.add(op)
