@@ -20,11 +20,13 @@ from twisted.python.failure import Failure
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from sktalent.mqtt import packets as p
 from sktalent.mqtt import send
+from sktalent.mqtt.codec import encode
 from sktalent.mqtt.protocol import MQTTServerProtocol
 
 from .helpers import eventually
-from .mqttclient import Harness
+from .mqttclient import Harness, HeldStore
 
 
 class _Held(Protocol):
@@ -147,6 +149,60 @@ class NoDelayTests(TestCase):
         assert isinstance(transport, tcp.Connection)
         self.assertTrue(transport.getTcpNoDelay())
         self.addCleanup(transport.loseConnection)
+
+
+class AnswersTests(TestCase):
+    async def test_read_answers_wait_commit_output_goes_at_once(self) -> None:
+        """
+        What answers a read waits for the reactor's write pass, as every
+        connection's answers do (sent at once, a fast publisher's PUBACKs
+        would let it run ever further ahead of its subscribers); what a
+        commit makes durable is sent in the call that lands it.
+        """
+        store = HeldStore(holding=False)
+        factory = Harness(store=store).factory
+        built: list[MQTTServerProtocol] = []
+        build = factory.buildProtocol
+
+        def building(address: IAddress) -> MQTTServerProtocol:
+            protocol = build(address)
+            built.append(protocol)
+            return protocol
+
+        factory.buildProtocol = building  # type: ignore[method-assign,assignment]
+        port = cast(IReactorTCP, reactor).listenTCP(
+            0,
+            factory,  # type: ignore[arg-type]
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
+        peer.settimeout(10)
+        self.addCleanup(peer.close)
+        await eventually(lambda: bool(built) and built[0].transport is not None, "a connection")
+        protocol = built[0]
+        transport = protocol.transport
+        assert isinstance(transport, tcp.Connection)
+        self.addCleanup(transport.loseConnection)
+
+        def unsent() -> int:
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+        # A read, as the reactor would deliver it: its answers are held.
+        protocol.dataReceived(
+            encode(p.Connect("c", clean_session=False)) + encode(p.Subscribe(1, (("t", 1),)))
+        )
+        self.assertEqual(unsent(), 4 + 5)  # CONNACK and SUBACK, not yet sent
+        await eventually(lambda: unsent() == 0, "the write pass")
+        store.holding = True
+        protocol.dataReceived(encode(p.Publish("t", b"x", 1, packet_id=7)))
+        self.assertEqual((unsent(), len(store.held)), (0, 1))
+        # The commit lands (outside any read): PUBACK and delivery go at once.
+        store.release()
+        self.assertEqual(unsent(), 0)
+        answers = encode(p.ConnAck(p.ACCEPTED)) + encode(p.SubAck(1, (1,)))
+        self.assertEqual(_recv_exactly(peer, len(answers)), answers)
+        self.assertEqual(_recv_exactly(peer, 4), encode(p.PubAck(7)))
 
 
 class OtherTransportTests(SynchronousTestCase):

@@ -33,6 +33,10 @@ class Batch:
     # Publishes routed to subscribers (the application counts its own).
     _counter: Counter
     routed: int = 0
+    # Whether the batch under way answers a read.  Its output then waits
+    # for the reactor's write pass, as the other connections' answers do;
+    # a commit's output is sent at once (see send.py).
+    reading: bool = False
     _depth: int = 0
     _held: list[Flushes] = attrs.Factory(list)
     _ends: list[Callable[[], object]] = attrs.Factory(list)
@@ -41,7 +45,9 @@ class Batch:
     def holding(self) -> bool:
         return self._depth > 0
 
-    def hold(self) -> None:
+    def hold(self, reading: bool = False) -> None:
+        if not self._depth:
+            self.reading = reading
         self._depth += 1
 
     def release(self) -> None:
@@ -56,6 +62,7 @@ class Batch:
             held, self._held = self._held, []
             for protocol in held:
                 protocol.flush()
+        self.reading = False
         if self.routed:
             self._counter.inc(self.routed)
             self.routed = 0

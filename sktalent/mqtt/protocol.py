@@ -186,7 +186,7 @@ class MQTTServerProtocol:
     def dataReceived(self, data: bytes) -> None:
         if self._state == CLOSED:
             return
-        self._batch.hold()
+        self._batch.hold(reading=True)
         try:
             self._received(data)
         finally:
@@ -293,7 +293,11 @@ class MQTTServerProtocol:
         """Write the output the batch held."""
         out, self._out = self._out, None
         if out and self.transport is not None:
-            send.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self._batch.reading:
+                self.transport.write(data)
+            else:
+                send.write(self.transport, data)
 
     def _close(self, why: str | None) -> None:
         if why is not None and self._user is None:

@@ -4,11 +4,15 @@ waiting to go out before it.
 
 A Twisted TCP transport buffers every write and sends it once epoll next
 says the socket is writable: an epoll registration, a reactor turn and an
-unregistration for each write.  The server answers most reads and commits
-with one small write per connection, which an idle socket takes whole; so
-it sends such a write itself and leaves the transport only what the socket
-did not take (or an error, which the transport then meets and reports as
-the connection's loss).
+unregistration for each write.  What a commit makes durable (PUBACKs,
+`sent` frames, deliveries) is one small write per connection, which an
+idle socket takes whole; so the server sends such a write itself and leaves
+the transport only what the socket did not take (or an error, which the
+transport then meets and reports as the connection's loss).
+
+The answers to a read still go through the transport's write pass: sent at
+once, a fast publisher's PUBACKs would let it run ever further ahead of the
+subscribers it publishes to, whose deliveries wait on their own reads.
 """
 
 from __future__ import annotations
