@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from sktalent.calltalent.app import CallTalent
-from sktalent.calltalent.delivery import encode_notice
+from sktalent.calltalent.delivery import WIDE_SPAN, encode_notice
 from sktalent.calltalent.rules import client_topic
 from sktalent.cluster.interfaces import BackendDown
 from sktalent.cluster.local import LocalServer
@@ -184,6 +184,53 @@ class PushDecisionTests(ClusterServerCase):
             [(u, n.reason, n.msgid) for u, n in self.pusher.pushed],
             [(("bob",), "unacknowledged", msgid(1))],
         )
+
+    def committed_elsewhere(self, local: LocalServer, n: int) -> None:
+        """Chat n queued for bob by another node, which woke him without carrying it."""
+        notice = encode_notice(PushNotice("order_chat", f"m{n}", "o1", msgid=msgid(n)))
+        at = int(self.h.clock.seconds() * 1000)
+        message = Message(client_topic("bob"), f"m{n}".encode(), 1)
+        self.successResultOf(self.store.submit([Enqueue("bob", message, at, notice)]))
+        local.wake("bob", routed=True)
+        self.h.clock.advance(0)
+
+    def test_plain_wakes_each_waited_for(self) -> None:
+        """
+        Messages another node committed for bob, connected here, and woke
+        him for without carrying them are each pushed push_after after their
+        wake if left unacknowledged: a wake during the wait of an earlier
+        one waits on its own, as the earlier covers only what came before it.
+        """
+        local = LocalServer(self.h.broker, self.app, self.delivery)
+        bob = self.user("bob")
+        self.committed_elsewhere(local, 1)
+        self.h.clock.advance(1)
+        self.committed_elsewhere(local, 2)
+        delivered = [out.payload for out in bob.received() if isinstance(out, p.Publish)]
+        self.assertEqual(delivered, [b"m1", b"m2"])
+        self.h.clock.pump([0.25] * int((PUSH_AFTER - 1 + 0.5) * 4))
+        self.assertEqual([n.msgid for _, n in self.pusher.pushed], [msgid(1)])
+        # Within the coalescing window of the first push: sent at its end.
+        self.h.clock.pump([0.25] * 16)
+        self.assertEqual([n.msgid for _, n in self.pusher.pushed], [msgid(1), msgid(2)])
+
+    def test_fast_wakes_share_waits(self) -> None:
+        """
+        Wakes coming faster than WIDE_SPAN share a wait, so a client has a
+        bounded number; a steady stream of them does not put off the push
+        of what came first by more than WIDE_SPAN.
+        """
+        local = LocalServer(self.h.broker, self.app, self.delivery)
+        self.user("bob")
+        before = self.delivery.waiting
+        self.committed_elsewhere(local, 1)
+        started = self.h.clock.seconds()
+        while not self.pusher.pushed and self.h.clock.seconds() < started + 2 * PUSH_AFTER:
+            self.h.clock.advance(0.02)
+            local.wake("bob", routed=True)
+            self.assertLessEqual(self.delivery.waiting - before, PUSH_AFTER / WIDE_SPAN + 1)
+        self.assertEqual([n.msgid for _, n in self.pusher.pushed], [msgid(1)])
+        self.assertLessEqual(self.h.clock.seconds() - started, PUSH_AFTER + WIDE_SPAN + 0.05)
 
     def test_sweep_waits_for_nothing(self) -> None:
         """

@@ -84,6 +84,14 @@ def decode_notice(text: str) -> PushNotice:
 
 # Pushes still owed read from the store at a time.
 PAGE = 500
+# Seconds during which the waits for a whole queue (see woken) made for one
+# client are one wait, moved later at each: so many at most per push_after,
+# and what each covers is pushed at most this much after its own due time.
+WIDE_SPAN = 0.1
+
+# A wait's key: (client id, seq) for a message, (client id, None, n) for the
+# n-th wait for a client's whole queue.
+_Key = tuple[str, int | None] | tuple[str, None, int]
 
 
 @attrs.frozen
@@ -119,9 +127,13 @@ class PushDelivery:
     push_after: float = 5.0
     # In a cluster: a client not connected here may be connected to another node.
     cluster: ClusterNode | None = None
-    # In order of due time (every wait is push_after long), by (client id,
-    # seq), the seq None for the rest of a queue handed over.
-    _waits: OrderedDict[tuple[str, int | None], _Wait] = attrs.Factory(OrderedDict)
+    # In order of due time (every wait is push_after long), by _Key: a
+    # message's, or one for the rest of a queue handed over or woken for.
+    _waits: OrderedDict[_Key, _Wait] = attrs.Factory(OrderedDict)
+    # client id -> the key of its latest wait for its whole queue, and when
+    # that wait was first made.
+    _wide: dict[str, tuple[_Key, float]] = attrs.Factory(dict)
+    _wide_made: int = 0
     _timer: IDelayedCall | None = None
     # (client id, seq) decided for a push and not yet marked pushed in the
     # store: decided again, it would be pushed twice.
@@ -153,10 +165,12 @@ class PushDelivery:
         client_id = session.client_id
         for seq in session.awaiting():
             self._wait(_Wait(due, client_id, connection, seq))
-        if session.complete:
-            self._waits.pop((client_id, None), None)
-        else:
-            self._wait(_Wait(due, client_id, connection, None, int(now * 1000)))
+        # Those of the earlier connection are void.
+        wide = self._wide.pop(client_id, None)
+        if wide is not None:
+            self._waits.pop(wide[0], None)
+        if not session.complete:
+            self._wait_wide(client_id, connection, now)
 
     def woken(self, client_id: str, seqs: Sequence[int] | None = None) -> None:
         """
@@ -173,10 +187,8 @@ class PushDelivery:
         if seqs is not None:
             for seq in seqs:
                 self._wait(_Wait(due, client_id, connection, seq))
-        elif (client_id, None) not in self._waits:
-            # One already waiting is kept: replaced at every wake, it
-            # would not come due while messages keep coming.
-            self._wait(_Wait(due, client_id, connection, None, int(now * 1000)))
+        else:
+            self._wait_wide(client_id, connection, now)
 
     def detached(self, client_id: str) -> None:
         self._owed(client_id, "connection_lost", lambda _: True)
@@ -236,24 +248,42 @@ class PushDelivery:
             self._timer.cancel()
         self._timer = None
         self._waits.clear()
+        self._wide.clear()
         if self._marker is not None and self._marker.active():
             self._marker.cancel()
             self._mark()
 
     @property
     def waiting(self) -> int:
-        """The waits held: at most one for each message taken in, and one a client."""
+        """The waits held: at most one for each message taken in, and a few a client."""
         return len(self._waits)
 
-    def _wait(self, wait: _Wait) -> None:
+    def _wait(self, wait: _Wait, key: _Key | None = None) -> None:
         if self._stopped:
             return
-        key = (wait.client_id, wait.seq)
+        if key is None:
+            key = (wait.client_id, wait.seq)
         # Sent again: the wait on the earlier connection is replaced, not kept.
         self._waits.pop(key, None)
         self._waits[key] = wait
         if self._timer is None:
             self._timer = self._clock.callLater(self.push_after, self._expired)
+
+    def _wait_wide(self, client_id: str, connection: IConnection, now: float) -> None:
+        """
+        Wait for whatever client_id's queue holds until now.  Each such wait
+        comes due push_after after it was made: one made at every wake and
+        replacing the last would never come due while messages keep coming,
+        and one kept instead would not cover what came after it.
+        """
+        latest = self._wide.get(client_id)
+        if latest is not None and now - latest[1] < WIDE_SPAN and latest[0] in self._waits:
+            key = latest[0]
+        else:
+            self._wide_made += 1
+            key = (client_id, None, self._wide_made)
+            self._wide[client_id] = key, now
+        self._wait(_Wait(now + self.push_after, client_id, connection, None, int(now * 1000)), key)
 
     def _expired(self) -> None:
         self._timer = None
@@ -262,7 +292,9 @@ class PushDelivery:
         # client id -> (its session, the seqs due, the latest time all before is due)
         due: dict[str, tuple[SessionView, set[int], int]] = {}
         while waits and next(iter(waits.values())).due <= now:
-            _, wait = waits.popitem(last=False)
+            key, wait = waits.popitem(last=False)
+            if wait.seq is None and self._wide.get(wait.client_id, (None,))[0] == key:
+                del self._wide[wait.client_id]
             session = self._broker.session(wait.client_id)
             # Resent on another connection since: that one's wait counts.
             if session is None or session.connection is not wait.connection:
