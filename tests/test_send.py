@@ -54,20 +54,48 @@ def _recv_exactly(peer: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def _peer(case: TestCase, factory: object) -> socket.socket:
+    """factory listening on 127.0.0.1, and a client's blocking socket connected to it."""
+    port = cast(IReactorTCP, reactor).listenTCP(
+        0,
+        factory,  # type: ignore[arg-type]
+        interface="127.0.0.1",
+    )
+    case.addCleanup(port.stopListening)
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
+    peer.settimeout(10)
+    case.addCleanup(peer.close)
+    return peer
+
+
+async def _served(
+    case: TestCase, harness: Harness
+) -> tuple[MQTTServerProtocol, tcp.Connection, socket.socket]:
+    """A connection to harness's MQTT factory: its protocol and transport, the client's socket."""
+    factory = harness.factory
+    built: list[MQTTServerProtocol] = []
+    build = factory.buildProtocol
+
+    def building(address: IAddress) -> MQTTServerProtocol:
+        protocol = build(address)
+        built.append(protocol)
+        return protocol
+
+    factory.buildProtocol = building  # type: ignore[method-assign,assignment]
+    peer = _peer(case, factory)
+    await eventually(lambda: bool(built) and built[0].transport is not None, "a connection")
+    protocol = built[0]
+    transport = protocol.transport
+    assert isinstance(transport, tcp.Connection)
+    case.addCleanup(transport.loseConnection)
+    return protocol, transport, peer
+
+
 class SendTests(TestCase):
     async def connected(self) -> tuple[tcp.Connection, _Held, socket.socket]:
         """The server's transport and protocol, and the client's blocking socket."""
         made: Deferred[_Held] = Deferred()
-        factory = ServerFactory.forProtocol(lambda: _Held(made))
-        port = cast(IReactorTCP, reactor).listenTCP(
-            0,
-            factory,  # type: ignore[arg-type]
-            interface="127.0.0.1",
-        )
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
-        peer.settimeout(10)
-        self.addCleanup(peer.close)
+        peer = _peer(self, ServerFactory.forProtocol(lambda: _Held(made)))
         held = await made
         transport = held.transport
         assert isinstance(transport, tcp.Connection)
@@ -126,29 +154,8 @@ class NoDelayTests(TestCase):
         is already one write, and must not wait for the one before it to be
         acknowledged.
         """
-        factory = Harness().factory
-        built: list[MQTTServerProtocol] = []
-        build = factory.buildProtocol
-
-        def building(address: IAddress) -> MQTTServerProtocol:
-            protocol = build(address)
-            built.append(protocol)
-            return protocol
-
-        factory.buildProtocol = building  # type: ignore[method-assign,assignment]
-        port = cast(IReactorTCP, reactor).listenTCP(
-            0,
-            factory,  # type: ignore[arg-type]
-            interface="127.0.0.1",
-        )
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
-        self.addCleanup(peer.close)
-        await eventually(lambda: bool(built) and built[0].transport is not None, "a connection")
-        transport = built[0].transport
-        assert isinstance(transport, tcp.Connection)
+        _, transport, _ = await _served(self, Harness())
         self.assertTrue(transport.getTcpNoDelay())
-        self.addCleanup(transport.loseConnection)
 
 
 class AnswersTests(TestCase):
@@ -160,30 +167,7 @@ class AnswersTests(TestCase):
         commit makes durable is sent in the call that lands it.
         """
         store = HeldStore(holding=False)
-        factory = Harness(store=store).factory
-        built: list[MQTTServerProtocol] = []
-        build = factory.buildProtocol
-
-        def building(address: IAddress) -> MQTTServerProtocol:
-            protocol = build(address)
-            built.append(protocol)
-            return protocol
-
-        factory.buildProtocol = building  # type: ignore[method-assign,assignment]
-        port = cast(IReactorTCP, reactor).listenTCP(
-            0,
-            factory,  # type: ignore[arg-type]
-            interface="127.0.0.1",
-        )
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
-        peer.settimeout(10)
-        self.addCleanup(peer.close)
-        await eventually(lambda: bool(built) and built[0].transport is not None, "a connection")
-        protocol = built[0]
-        transport = protocol.transport
-        assert isinstance(transport, tcp.Connection)
-        self.addCleanup(transport.loseConnection)
+        protocol, transport, peer = await _served(self, Harness(store=store))
 
         def unsent() -> int:
             return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
