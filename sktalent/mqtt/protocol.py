@@ -293,7 +293,7 @@ class MQTTServerProtocol:
         """Write the output the batch held."""
         out, self._out = self._out, None
         if out and self.transport is not None:
-            data = out[0] if len(out) == 1 else b"".join(out)
+            data = b"".join(out)
             if self._batch.reading:
                 self.transport.write(data)
             else:

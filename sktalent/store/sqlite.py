@@ -383,6 +383,8 @@ class _Writer:
 
     def write_rows(self) -> None:
         """Write the queue rows held back."""
+        if not self._rows:
+            return  # Asked before every operation that may touch the queue.
         rows, self._rows = self._rows, []
         for i in range(0, len(rows), _ROWS):
             chunk = rows[i : i + _ROWS]
