@@ -5,7 +5,7 @@ the server they fall in, with each part's share of a message's CPU time.
 
     python bench/profile.py N [--rate 500] [--raw FILE]
 
-N is a scenario of bench/run.py (1, 2, 4 or 5; 3 is idle).  Needs py-spy
+N is a scenario of bench/run.py (1, 2, 4, 5 or 6; 3 is idle).  Needs py-spy
 (pip install py-spy) and the right to trace the server (root, or
 kernel.yama.ptrace_scope 0).  py-spy stops the server at each sample, so
 the server runs slower than in run.py; the shares are what to read.
@@ -101,7 +101,7 @@ def summarise(lines: Iterable[str]) -> tuple[collections.Counter[str], int]:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("scenario", type=int, choices=(1, 2, 4, 5))
+    parser.add_argument("scenario", type=int, choices=(1, 2, 4, 5, 6))
     parser.add_argument("--rate", type=int, default=500, help="samples a second")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw samples here")
     options = parser.parse_args(argv)

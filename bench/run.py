@@ -163,6 +163,13 @@ def cases(sizes: Sizes, persistent_chat: bool = False) -> list[Case]:
             anonymous=False,
             persistence=True,
         ),
+        # Scenario 5's pacing through both servers as plain brokers (clean
+        # sessions, no store): what the reads, writes and wake-ups of a
+        # message cost at this rate, before any chat or commit work.
+        Case(
+            f"6 paced QoS 1, 10 pairs, {PACED_RATE:,.0f}/s",
+            lambda _: PacedPairs(pacing, limit=limit, durable=False),
+        ),
     ]
 
 
@@ -254,7 +261,7 @@ def main(argv: Sequence[str]) -> int:
         "--only",
         type=int,
         action="append",
-        choices=range(1, 6),
+        choices=range(1, 7),
         metavar="N",
         help="run scenario N only (repeatable)",
     )
@@ -287,6 +294,7 @@ def main(argv: Sequence[str]) -> int:
         "mosquitto: QoS 1 pairs, persistence true, cleansession false"
     )
     print(f"5: the same at a steady {PACED_RATE:,.0f} messages/s for {sizes.paced:g} s")
+    print("6: QoS 1 pairs (cleansession true) at 5's pace: both servers as plain brokers")
     print()
     print(table(rows))
     if timed_out:

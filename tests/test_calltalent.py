@@ -29,12 +29,19 @@ from sktalent.calltalent.rules import SERVER_TOPIC, CallTalentRules, client_topi
 from sktalent.metrics import Metrics, QueueFigures
 from sktalent.mqtt import packets as p
 from sktalent.mqtt.auth import portal_for
-from sktalent.mqtt.plan import Plan
+from sktalent.mqtt.plan import LOOSE_WAIT, Plan
 from sktalent.mqtt.router import NOTHING_RETAINED
 from sktalent.mqtt.session import QueueLimits
 from sktalent.push.disabled import DisabledPusher
 from sktalent.push.interfaces import IPusher, PushNotice, Wanted
-from sktalent.store.interfaces import Dequeue, Device, Message, SetRetained, StoreUnavailable
+from sktalent.store.interfaces import (
+    Dequeue,
+    Device,
+    InsertChat,
+    Message,
+    SetRetained,
+    StoreUnavailable,
+)
 from sktalent.store.memory import MemoryStore
 
 from .helpers import DEFAULT_PUSH_TEXTS, chat, msgid
@@ -412,10 +419,11 @@ class ChatTests(CallTalentCase):
             [json.loads(d.payload)["msgid"] for d in delivered], [msgid(n) for n in range(1, 6)]
         )
 
-    def test_acknowledgements_of_a_read_in_one_submit(self) -> None:
+    def test_acknowledgements_share_a_submit(self) -> None:
         """
-        The PUBACKs of one read take their messages off the queue in one
-        submit, made as the read ends: no reactor turn waits for it.
+        PUBACKs read one at a time take their messages off the queue
+        together, in one submit LOOSE_WAIT after the first, not in a submit
+        each.
         """
         store = HeldStore(holding=False)
         self.h = self.harness(store)
@@ -426,10 +434,34 @@ class ChatTests(CallTalentCase):
         delivered = only(p.Publish, b.received())
         self.assertEqual(len(delivered), 5)
         store.holding = True
-        b.send(*(p.PubAck(d.packet_id) for d in delivered if d.packet_id is not None))
+        for d in delivered:
+            b.send(p.PubAck(d.packet_id or 0))
+            self.h.clock.advance(LOOSE_WAIT / 10)
+        self.assertEqual(store.held, [])
+        self.h.clock.advance(LOOSE_WAIT)
         self.assertEqual(len(store.held), 1)
         [(_, ops)] = store.held
         self.assertEqual(list(ops), [Dequeue("bob", seq) for seq in range(1, 6)])
+
+    def test_acknowledgements_ride_with_a_chat(self) -> None:
+        """
+        A chat published while acknowledgements wait carries them in its own
+        submit, ahead of its operations; nothing is left to commit after.
+        """
+        store = HeldStore(holding=False)
+        self.h = self.harness(store)
+        a, b = self.user("alice"), self.user("bob")
+        self.publish(a, chat("alice", "bob", 1), 1)
+        self.h.clock.advance(0)
+        [delivered] = only(p.Publish, b.received())
+        store.holding = True
+        b.send(p.PubAck(delivered.packet_id or 0))
+        self.publish(a, chat("alice", "bob", 2), 2)
+        [(_, ops)] = store.held
+        self.assertEqual(ops[0], Dequeue("bob", 1))
+        self.assertIsInstance(ops[1], InsertChat)
+        self.h.clock.advance(LOOSE_WAIT)
+        self.assertEqual(len(store.held), 1)
 
     def test_retransmission(self) -> None:
         """The same msgid again is not delivered twice; sent comes again."""
@@ -581,10 +613,10 @@ class LatencyTests(CallTalentCase):
         queued = only(p.Publish, packets[1:])
         self.assertEqual(len(queued), 2)
         b.send(p.PubAck(queued[0].packet_id or 0))
-        self.h.clock.advance(0)
-        self.assertEqual(age(), 15)
+        self.h.clock.advance(LOOSE_WAIT)
+        self.assertAlmostEqual(age(), 15 + LOOSE_WAIT, places=6)
         b.send(p.PubAck(queued[1].packet_id or 0))
-        self.h.clock.advance(0)
+        self.h.clock.advance(LOOSE_WAIT)
         self.assertEqual(age(), 0)
 
 

@@ -18,6 +18,7 @@ from sktalent.calltalent import delivery
 from sktalent.calltalent.app import AppLimits
 from sktalent.calltalent.delivery import PushDelivery, decode_notice, encode_notice
 from sktalent.mqtt import packets as p
+from sktalent.mqtt.plan import LOOSE_WAIT
 from sktalent.push.coalesce import WINDOW, Coalescer
 from sktalent.push.interfaces import PushNotice
 from sktalent.store.interfaces import MarkPushed, Op
@@ -405,7 +406,7 @@ class CleanSessionTests(DeliveryCase):
         self.chats(a, "bob", range(1, 3))
         [first, _] = self.unacknowledged(b)
         b.send(p.PubAck(first))
-        self.h.clock.advance(0)
+        self.h.clock.advance(LOOSE_WAIT)
         self.assertEqual(self.stored("bob"), [2])
         b.lose()
         self.assertEqual(self.pushes(), [("bob", msgid(2), 1, "connection_lost")])

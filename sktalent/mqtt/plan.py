@@ -22,6 +22,12 @@ log = Logger()
 
 Effect = Callable[[Any], object]
 
+# Seconds bookkeeping nobody waits for (Pipeline.later) may wait for more to
+# join it.  At low rates each read is one acknowledgement, and committed
+# each on its own it cost a submit and its landing a read; a barrier still
+# commits what waits at once.
+LOOSE_WAIT = 0.002
+
 
 @attrs.define(eq=False)
 class Plan:
@@ -166,8 +172,8 @@ class Pipeline:
     _unsent: list[tuple[_Pending, int]] = attrs.Factory(list)
     _unsent_ops: list[Op] = attrs.Factory(list)
     # Bookkeeping that nobody waits for (acknowledged messages leaving a
-    # queue), committed once per batch (a read of many acknowledgements), or
-    # per reactor turn outside one, rather than once each.
+    # queue), committed LOOSE_WAIT after the first of it, with what came
+    # meanwhile, rather than once each.
     _loose: list[Op] = attrs.Factory(list)
     _loose_flush: IDelayedCall | None = None
 
@@ -181,6 +187,10 @@ class Pipeline:
         the other plans committed batched meanwhile (for what nothing reads
         back before then: a publish).
         """
+        if self._loose and not plan.empty:
+            # Ahead of it, in the same submit: room an acknowledgement made
+            # is free for what follows it.
+            self._flush_loose(batched)
         pending = _Pending(plan, Deferred())
         self._pending.append(pending)
         if plan.empty:
@@ -255,16 +265,12 @@ class Pipeline:
 
     def later(self, op: Op) -> None:
         """
-        Commit op with the other bookkeeping of this batch (or reactor turn):
-        for what nobody waits for, so a failure is only logged.
+        Commit op, within LOOSE_WAIT, with the other bookkeeping of that
+        time: for what nobody waits for, so a failure is only logged.
         """
         self._loose.append(op)
-        if len(self._loose) > 1:
-            return  # Already due.
-        if self._batch.holding:
-            self._batch.at_end(self._flush_loose)
-        else:
-            self._loose_flush = self._clock.callLater(0, self._flush_loose)
+        if self._loose_flush is None:
+            self._loose_flush = self._clock.callLater(LOOSE_WAIT, self._flush_loose)
 
     def flush(self) -> Deferred[None]:
         """
@@ -289,7 +295,7 @@ class Pipeline:
                 log.failure("Applying a committed plan failed")
             head.done.callback(None)
 
-    def _flush_loose(self) -> None:
+    def _flush_loose(self, batched: bool = False) -> None:
         if self._loose_flush is not None:
             if self._loose_flush.active():  # Not when it is what calls.
                 self._loose_flush.cancel()
@@ -300,4 +306,4 @@ class Pipeline:
         for op in self._loose:
             plan.add(op)
         self._loose = []
-        self.commit(plan).addErrback(logged(log, "Committing queue bookkeeping failed"))
+        self.commit(plan, batched).addErrback(logged(log, "Committing queue bookkeeping failed"))
