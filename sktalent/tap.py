@@ -554,6 +554,8 @@ class Core(service.Service):
         self._pusher.stop()
         if self._cluster is not None:
             await self._cluster.stop()
+        # Acknowledgements read last wait to be committed with others.
+        self._broker.flush_later()
         await self._store.stop()
 
     def stopService(self) -> Deferred[None]:

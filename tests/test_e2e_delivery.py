@@ -204,6 +204,27 @@ class SQLiteRestartTests(DeliveryCase):
         self.stub.settle(idle=3)
         self.assertEqual(self.bob_pushes(), [push])
 
+    def test_acknowledged_just_before_sigterm(self) -> None:
+        """
+        bob acknowledges his chat and the server is stopped (SIGTERM) at
+        once: the acknowledgement is kept, so the restarted server neither
+        delivers the chat again nor pushes it.
+        """
+        self.register("bob", "ios")
+        bob = self.raw_user("bob")
+        self.chats_to_bob(self.user("alice"), range(1, 2))
+        delivered = bob.expect(p.Publish)
+        bob.send(p.PubAck(delivered.packet_id or 0), p.PingReq())
+        bob.expect(p.PingResp)
+        self.assertEqual(self.server.stop(), 0)
+        again = self.server.restarted()
+        self.addCleanup(again.stop)
+        bob = raw_user(self, again, "bob")
+        bob.send(p.PingReq())
+        self.assertEqual(bob.until(lambda packet: isinstance(packet, p.PingResp)), [])
+        self.stub.settle(idle=3)
+        self.assertEqual(self.bob_pushes(), [])
+
     def test_sigkill_with_a_push_held(self) -> None:
         """
         The server dies (SIGKILL) with a push held in bob's coalescing

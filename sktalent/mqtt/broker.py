@@ -237,6 +237,10 @@ class Broker:
     def barrier(self, client_id: str | None = None) -> Deferred[None]:
         return self._pipeline.barrier(client_id)
 
+    def flush_later(self) -> None:
+        """Commit, without waiting, what Pipeline.later holds back."""
+        self._pipeline.flush_loose()
+
     # -- sessions (IBroker and the protocol) ----------------------------------
 
     def session(self, client_id: str) -> Session | None:

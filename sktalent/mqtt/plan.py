@@ -190,7 +190,7 @@ class Pipeline:
         if self._loose and not plan.empty:
             # Ahead of it, in the same submit: room an acknowledgement made
             # is free for what follows it.
-            self._flush_loose(batched)
+            self.flush_loose(batched)
         pending = _Pending(plan, Deferred())
         self._pending.append(pending)
         if plan.empty:
@@ -252,7 +252,7 @@ class Pipeline:
         the store (durable, or failed), whatever else is still under way:
         what the store then answers about that session is current.
         """
-        self._flush_loose()
+        self.flush_loose()
         if client_id is None:
             return self.commit(Plan())
         waits: list[Deferred[None]] = []
@@ -270,7 +270,7 @@ class Pipeline:
         """
         self._loose.append(op)
         if self._loose_flush is None:
-            self._loose_flush = self._clock.callLater(LOOSE_WAIT, self._flush_loose)
+            self._loose_flush = self._clock.callLater(LOOSE_WAIT, self.flush_loose)
 
     def flush(self) -> Deferred[None]:
         """
@@ -295,7 +295,11 @@ class Pipeline:
                 log.failure("Applying a committed plan failed")
             head.done.callback(None)
 
-    def _flush_loose(self, batched: bool = False) -> None:
+    def flush_loose(self, batched: bool = False) -> None:
+        """
+        Commit the bookkeeping waiting now (a stop must not leave it behind),
+        ``batched`` as for commit().
+        """
         if self._loose_flush is not None:
             if self._loose_flush.active():  # Not when it is what calls.
                 self._loose_flush.cancel()
