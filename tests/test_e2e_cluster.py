@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,17 @@ class Cluster:
     ) -> Any:
         status, raw = server.api(path, method, body, token=TOKEN)
         return status, json.loads(raw) if raw else None
+
+    def wait_for(self, condition: Callable[[], object], timeout: float, what: str) -> None:
+        """wait_for, the end of every node's log in its error: a rare failure's only trace."""
+        try:
+            wait_for(condition, timeout, what)
+        except AssertionError as e:
+            logs = "".join(
+                f"\n--- node {name}:\n" + "\n".join(node.log.splitlines()[-40:])
+                for name, node in self.nodes.items()
+            )
+            raise AssertionError(f"{e}{logs}") from None
 
 
 def contents(frames: Iterable[dict[str, Any]]) -> list[str]:
@@ -241,7 +252,7 @@ class TakeoverTests(ClusterCase):
 
         sender = threading.Thread(target=send)
         sender.start()
-        wait_for(lambda: first.messages.qsize() >= 20, 30, "chats to reach bob on a")
+        self.cluster.wait_for(lambda: first.messages.qsize() >= 20, 30, "chats to reach bob on a")
         second = self.cluster.user(b, "bob")
         first.wait_closed()
         sender.join(60)
@@ -250,10 +261,12 @@ class TakeoverTests(ClusterCase):
         after: list[str] = []
         expected = {f"m{n}" for n in range(count)}
         try:
-            wait_for(lambda: expected <= set(before) | set(_drain(second, after)), 60, "chats")
-        except AssertionError:
+            self.cluster.wait_for(
+                lambda: expected <= set(before) | set(_drain(second, after)), 60, "chats"
+            )
+        except AssertionError as e:
             missing = sorted(expected - set(before) - set(after), key=lambda c: int(c[1:]))
-            raise AssertionError(f"missing on b: {missing}; before: {before}") from None
+            raise AssertionError(f"missing on b: {missing}; before: {before}\n{e}") from None
         _assert_in_order(self, after)
         self.assertEqual(after, list(dict.fromkeys(after)), "duplicates on b")
         twice = [x for x in after if x in before]
