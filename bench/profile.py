@@ -32,6 +32,9 @@ from run import FULL, cases, measure, raise_fd_limit, sktalent  # noqa: E402
 
 # Frames of the worker threads waiting for work.
 _IDLE = ("threading.py", "queue.py")
+# Innermost frames that are waits in C, which py-spy samples as busy: the
+# reactor in epoll_wait, the SQLite thread waiting for its next call.
+_WAITING = re.compile(r"^(EPollReactor\.doPoll \(.*epollreactor\.py|Worker\._work \(.*worker\.py)")
 # The transport's side of writing: from transport.write to the send call.
 _WRITES = frozenset(
     (
@@ -54,6 +57,8 @@ def part(stack: Sequence[str]) -> str | None:
     if any(idle in frame for frame in stack for idle in _IDLE) and not any(
         "sktalent" in frame for frame in stack
     ):
+        return None
+    if stack and _WAITING.match(stack[-1]):
         return None
     for frame in reversed(stack):
         match = _FRAME.match(frame)
