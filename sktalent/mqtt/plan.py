@@ -272,13 +272,6 @@ class Pipeline:
         if self._loose_flush is None:
             self._loose_flush = self._clock.callLater(LOOSE_WAIT, self.flush_loose)
 
-    def flush(self) -> Deferred[None]:
-        """
-        Commit the bookkeeping held now; fire once it and everything
-        committed before it has completed.
-        """
-        return self.barrier()
-
     def _drain(self) -> None:
         while self._pending and (
             self._pending[0].results is not None or self._pending[0].failure is not None

@@ -717,7 +717,7 @@ def _commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> list[object]:
         writer = _Writer(conn)
         writer.prefetch(op.client_id for op in every_op(ops) if isinstance(op, Enqueue | Dequeue))
         results: list[object] = []
-        # The acknowledgements of a turn come in a run: one statement for it.
+        # Acknowledgements come in runs (at a submit's front): one statement a run.
         for dequeues, run in itertools.groupby(ops, lambda op: isinstance(op, Dequeue)):
             if dequeues:
                 taken = cast("list[Dequeue]", list(run))
