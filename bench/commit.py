@@ -5,7 +5,7 @@ inserted with its delivery and its `sent` frame queued, and the messages
 the commit before queued taken off the queues as their PUBACKs would),
 for several K.
 
-    python bench/commit.py [--chats 1,2,3,4,8,16,32] [--commits 2000]
+    python bench/commit.py [--chats 1,2,3,4,8,16,32] [--commits 2000] [--pause 0]
 
 It calls the store's transaction code directly (sktalent/store/sqlite.py,
 the same function its worker thread runs) on a fresh file in a temporary
@@ -14,7 +14,9 @@ server's settings (WAL, synchronous=FULL).  CPU is the calling thread's
 (time.thread_time: user and system, the fsync's included); wall is the
 time a commit takes.  A fit of CPU per commit = fixed + K * per chat is
 printed at the end: what grouping more chats in a commit can and cannot
-save.
+save.  ``--pause S`` sleeps S seconds before each commit, as the store's
+thread waits between the commits of a paced load: the same commit then
+costs more CPU, its code and data no longer in the processor's caches.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def chat_ops(n: int, first: int) -> list[Op]:
     return ops
 
 
-def measure(path: str, chats: int, commits: int) -> tuple[float, float]:
-    """(CPU, wall) seconds per commit of chats chats on a new store at path."""
+def measure(path: str, chats: int, commits: int, pause: float) -> tuple[float, float]:
+    """
+    (CPU, wall) seconds per commit of chats chats on a new store at path,
+    pause seconds of sleep before each.
+    """
     conn = sqlite.connect(path)
     try:
         sqlite.migrate(conn, path, sqlite.MIGRATIONS)
@@ -74,6 +79,8 @@ def measure(path: str, chats: int, commits: int) -> tuple[float, float]:
         cpu = wall = 0.0
         for n in range(commits):
             ops = chat_ops(chats, n * chats)
+            if pause:
+                time.sleep(pause)
             started, started_cpu = time.perf_counter(), time.thread_time()
             results = sqlite._commit(conn, [*ops, *acknowledged])
             cpu += time.thread_time() - started_cpu
@@ -96,16 +103,23 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--chats", default="1,2,3,4,8,16,32", help="chats per commit, K")
     parser.add_argument("--commits", type=int, default=2000, help="commits per K")
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds of sleep before each commit"
+    )
     options = parser.parse_args(argv)
     sizes = [int(k) for k in options.chats.split(",")]
     if not sizes or min(sizes) < 1 or options.commits < 1:
         parser.error("--chats takes positive numbers, --commits a positive count")
+    if not 0 <= options.pause <= 1:
+        parser.error("--pause takes seconds from 0 to 1")
     points: list[tuple[int, float]] = []
     print(f"{'K':>4} {'CPU us/commit':>14} {'CPU us/chat':>12} {'wall us/commit':>15}")
     for k in sizes:
         directory = tempfile.mkdtemp(prefix="sktalent-commit-")
         try:
-            cpu, wall = measure(str(Path(directory) / "store.db"), k, options.commits)
+            cpu, wall = measure(
+                str(Path(directory) / "store.db"), k, options.commits, options.pause
+            )
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         points.append((k, cpu))
