@@ -285,7 +285,7 @@ def main(argv: Sequence[str]) -> int:
             if result.timed_out
         ]
     print(
-        f"sktalent vs {version}; Python {platform.python_version()}; "
+        f"sktalent vs {version}; Python {platform.python_version()} ({sys.executable}); "
         f"{len(os.sched_getaffinity(0))} CPUs; sizes {attrs.asdict(sizes)}"
     )
     print("ratio = sktalent / mosquitto; msg/s: higher is better, the rest: lower is better")
