@@ -298,7 +298,7 @@ class Pipeline:
                 self._loose_flush.cancel()
             self._loose_flush = None
         if not self._loose:
-            return  # Flushed early, by a barrier.
+            return  # Already committed: by a barrier, a commit or a stop.
         plan = Plan()
         for op in self._loose:
             plan.add(op)
